@@ -1,0 +1,45 @@
+"""Root pytest configuration.
+
+Without a CUDA GPU, Triton kernels run on the CPU under Triton's interpreter: TRITON_INTERPRET=1
+must be set before any ``@triton.jit`` decorator runs, so it is set here, before any unif2ace
+kernel module is imported, and the interpreter is patched to compute bf16 faithfully.
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    from unif2ace.testing import patch_interpreter_bf16
+
+    patch_interpreter_bf16()
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(__file__), ".cache", "inductor"))
+
+import pytest  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none found)")
+    skip_slow = pytest.mark.skip(reason="slow: pass --runslow to run")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def gpu_device():
+    return torch.device("cuda")

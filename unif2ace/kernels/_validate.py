@@ -1,0 +1,123 @@
+"""Input checks at the API boundary: clear errors naming the op, the argument, what was expected
+and what was given -- never an index error from inside a kernel.
+
+Shape, dtype and device checks are free (metadata only) and always run. Value checks (index
+ranges such as ``0 <= target < V``) need to read the tensor, which is a host sync on a GPU; they run
+by default, are skipped while ``torch.compile`` traces, and can be switched off for sync-free
+production use (CUDA graphs) with ``UNIF2ACE_CHECK_VALUES=0`` or :func:`set_value_checks`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INT_DTYPES = (torch.int32, torch.int64)
+
+_value_checks: Optional[bool] = None
+
+
+def set_value_checks(enabled: Optional[bool]) -> None:
+    """Enable/disable value checks globally (None: follow ``UNIF2ACE_CHECK_VALUES``, default on)."""
+    global _value_checks
+    _value_checks = enabled
+
+
+def value_checks_enabled() -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    if _value_checks is not None:
+        return _value_checks
+    return os.environ.get("UNIF2ACE_CHECK_VALUES", "1") != "0"
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    op: str,
+    name: str,
+    t,
+    *,
+    ndim: Optional[int | Sequence[int]] = None,
+    dtypes: Optional[Sequence[torch.dtype]] = None,
+    shape: Optional[Sequence[Optional[int]]] = None,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """Check one tensor argument. ``shape`` entries that are None match any size."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            want = " or ".join(f"{d}-D" for d in allowed)
+            raise ValueError(f"{op}: argument '{name}' must be {want}, got shape {tuple(t.shape)}")
+    if shape is not None:
+        ok = t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape))
+        if not ok:
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise ValueError(f"{op}: argument '{name}' must have shape {want}, got {list(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(
+            f"{op}: argument '{name}' must have dtype in ({_dtype_names(dtypes)}), got {t.dtype}"
+        )
+    if device is not None and t.device != device:
+        raise ValueError(f"{op}: argument '{name}' must be on {device}, got {t.device}")
+    return t
+
+
+def check_same_device(op: str, **tensors) -> torch.device:
+    """All given (non-None) tensors on one device; returns it."""
+    dev = None
+    first = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if dev is None:
+            dev, first = t.device, name
+        elif t.device != dev:
+            raise ValueError(
+                f"{op}: all tensors must be on one device; '{first}' is on {dev} but '{name}' is on {t.device}"
+            )
+    return dev if dev is not None else torch.device("cpu")
+
+
+def check_range(
+    op: str, name: str, t: torch.Tensor, low: int, high: int, *, allow: Optional[int] = None
+) -> None:
+    """Value check: every element in [low, high) (elements equal to ``allow`` are exempt)."""
+    if not value_checks_enabled() or t.numel() == 0:
+        return
+    vals = t if allow is None else t[t != allow]
+    if vals.numel() == 0:
+        return
+    lo, hi = int(vals.min()), int(vals.max())
+    if lo < low or hi >= high:
+        extra = f" (or {allow})" if allow is not None else ""
+        raise ValueError(
+            f"{op}: argument '{name}' must hold values in [{low}, {high}){extra}, got values in [{lo}, {hi}]"
+        )
+
+
+def check_float_range(
+    op: str, name: str, t: torch.Tensor, low: float, high: float, *, low_open: bool = False
+) -> None:
+    """Value check for float tensors: low <= t <= high (low < t when ``low_open``); no NaN."""
+    if not value_checks_enabled() or t.numel() == 0:
+        return
+    tf = t.float()
+    bad = torch.isnan(tf) | (tf > high) | ((tf <= low) if low_open else (tf < low))
+    if bool(bad.any()):
+        lb = "(" if low_open else "["
+        raise ValueError(
+            f"{op}: argument '{name}' must hold values in {lb}{low}, {high}], got values in "
+            f"[{float(tf.min())}, {float(tf.max())}]" + (" with NaN" if bool(torch.isnan(tf).any()) else "")
+        )
+
+
+def check_choice(op: str, name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{op}: argument '{name}' must be one of {list(choices)}, got {value!r}")
