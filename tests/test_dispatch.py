@@ -122,3 +122,17 @@ def test_info_lists_backends_per_op():
     for name in D.registered_ops():
         if not name.startswith("_test"):
             assert name in text
+
+
+def test_select_is_traceable_by_torch_compile(op, monkeypatch):
+    monkeypatch.delenv(D.ENV_VAR, raising=False)
+    picked = []
+
+    def f(x):
+        be = op.select(x.device)
+        picked.append(be)
+        return x + (1.0 if be == "cpu" else 2.0)
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(3))
+    assert torch.equal(out, torch.ones(3)) and picked == ["cpu"]

@@ -171,7 +171,16 @@ class Op:
         return backend_usable(backend, device)
 
     def select(self, device: torch.device, backend: Optional[str] = None) -> str:
-        """Resolve the backend for a call on ``device`` (see the module docstring)."""
+        """Resolve the backend for a call on ``device`` (see the module docstring).
+
+        Under ``torch.compile`` the choice is made once, at trace time, and baked into the graph
+        (changing ``use_backend``/the environment afterwards needs a recompile).
+        """
+        if torch.compiler.is_compiling():
+            return _select_at_trace_time(self.name, device.type, backend)
+        return self._select(device, backend)
+
+    def _select(self, device: torch.device, backend: Optional[str]) -> str:
         source = None
         if backend is not None:
             source = "the backend= argument"
@@ -194,6 +203,13 @@ class Op:
             if self.availability(be, device)[0]:
                 return be
         return "reference"
+
+
+@torch.compiler.assume_constant_result
+def _select_at_trace_time(op_name: str, device_type: str, backend: Optional[str]) -> str:
+    # Selection reads Python state (registry, env, context, extension loading) that dynamo cannot
+    # trace; run it eagerly while tracing and treat the result as a constant.
+    return OPS[op_name]._select(torch.device(device_type), backend)
 
 
 def device_of(*tensors) -> torch.device:
