@@ -1,0 +1,1 @@
+"""unif2ace benchmarks: ``python benchmarks/run.py --help`` (see benchmarks/README.md)."""
