@@ -18,6 +18,6 @@ from ._dispatch import (  # noqa: F401
     use_backend,
 )
 from ._validate import set_value_checks  # noqa: F401
-from .d3diff_loss import *  # noqa: F401,F403
+from .d3diff import *  # noqa: F401,F403
 from .moe import *  # noqa: F401,F403
 from .sampling import *  # noqa: F401,F403

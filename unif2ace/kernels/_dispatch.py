@@ -126,7 +126,11 @@ def backend_usable(backend: str, device: torch.device) -> Tuple[bool, str]:
         ok, err = _ext.triton_status()
         if not ok:
             return False, f"triton is not importable ({err})"
-        if dev == "cuda" or (dev == "cpu" and triton_interpreter_enabled()):
+        if dev == "cuda":
+            if not torch.cuda.is_available():
+                return False, "no CUDA device is available"
+            return True, ""
+        if dev == "cpu" and triton_interpreter_enabled():
             return True, ""
         return False, f"triton runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {dev}"
     raise ValueError(f"unknown backend {backend!r}")
