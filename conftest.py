@@ -20,6 +20,11 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(__
 
 import pytest  # noqa: E402
 
+# Under pytest-xdist each worker gets its share of the cores (2 workers x 2 threads on a 2-core
+# machine oversubscribe and slow everything down several-fold).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")

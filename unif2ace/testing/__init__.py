@@ -11,4 +11,5 @@ from .parity import (  # noqa: F401
     randn,
     tolerance,
 )
+from .stats import chi2_pvalue, chi2_sf  # noqa: F401
 from .triton_interp import patch_interpreter_bf16  # noqa: F401
