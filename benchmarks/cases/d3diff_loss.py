@@ -67,6 +67,7 @@ def _cases_for(device, label, N, D, V, rate, alpha, dtype):
     # from logits
     impls = {"reference": _call(False, "reference", alpha), "cpu": _call(False, "cpu", alpha)}
     impls["triton"] = _call(False, "triton", alpha) if device.type == "cuda" else _interpreter_too_slow
+    impls["cuda"] = _call(False, "cuda", alpha)  # skipped by the runner where the CUDA extension is absent
     out.append(Case(
         family=FAMILY, op="d3diff_loss_from_logits", name=f"{label} N={N} V={V}", shape=dict(shape), dtype=dtype,
         setup=_inputs(device, dtype, N, D, V, 256, rate, alpha, fused=False), impls=impls,
@@ -74,6 +75,7 @@ def _cases_for(device, label, N, D, V, rate, alpha, dtype):
     ))
     # fused with the head
     impls = {"reference": _call(True, "reference", alpha), "cpu": _call(True, "cpu", alpha)}
+    impls["triton"] = _call(True, "triton", alpha) if device.type == "cuda" else _interpreter_too_slow
     out.append(Case(
         family=FAMILY, op="d3diff_loss", name=f"{label} N={N} D={D} V={V}", shape=dict(shape), dtype=dtype,
         setup=_inputs(device, dtype, N, D, V, 256, rate, alpha, fused=True), impls=impls,

@@ -1,7 +1,7 @@
 // D3Diff loss, C++ CPU row kernels: per-row log-sum-exp and target logit (forward) and the
 // softmax/one-hot gradient (backward). The whole D3Diff loss (mask CE + SEDD score entropy, every
 // parametrisation and reduction) is assembled in PyTorch from these two [N] vectors; see
-// unif2ace/kernels/d3diff_loss.py.
+// unif2ace/kernels/d3diff.py.
 //
 //   lse_gather(logits [N, V] float/half/bf16, target [N] int64, ignore_index)
 //       -> (lse [N] fp32, tgt [N] fp32)       rows with target == ignore_index: 0, 0;
@@ -9,6 +9,7 @@
 //   lse_gather_backward(logits, target, lse, grad_lse, grad_tgt, ignore_index)
 //       -> grad_logits [N, V] (logits' dtype) = grad_lse_i * softmax(l_i)_v + grad_tgt_i * [v == t_i]
 //                                             (0 on ignored rows)
+//   lse_gather_backward_(logits, ...) -> ()   the same, written over logits in place
 //
 // fp32 math on every input dtype, 64-bit indexing, at::parallel_for over rows. The hot loops are
 // compiled twice -- baseline x86-64 and AVX2+FMA -- and picked at run time; exp is a polynomial
@@ -160,22 +161,12 @@ std::tuple<at::Tensor, at::Tensor> lse_gather(const at::Tensor& logits_in, const
   return {lse, tgt};
 }
 
-at::Tensor lse_gather_backward(const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& lse_in,
-                               const at::Tensor& grad_lse_in, const at::Tensor& grad_tgt_in, int64_t ignore_index) {
-  const char* op = "unif2ace_cpu::lse_gather_backward";
-  check_inputs(op, logits_in, target_in);
-  const int64_t N = logits_in.size(0), V = logits_in.size(1);
-  for (const at::Tensor* v : {&lse_in, &grad_lse_in, &grad_tgt_in}) {
-    TORCH_CHECK(v->dim() == 1 && v->size(0) == N && v->scalar_type() == at::kFloat, op,
-                ": lse, grad_lse and grad_tgt must be fp32 [N] with N = ", N, ", got ", v->sizes(), " ",
-                v->scalar_type());
-  }
-  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
-  const at::Tensor target = target_in.contiguous();
-  const at::Tensor lse = lse_in.contiguous(), gl = grad_lse_in.contiguous(), gt = grad_tgt_in.contiguous();
-  const int64_t ld = logits.stride(0);
-  at::Tensor grad = at::empty({N, V}, logits.options());
-  if (N == 0 || V == 0) return grad;
+// grad rows into out (row stride ldo; out may alias logits when ldo == ld: each element is read
+// once, before it is written, by the same thread).
+void lse_gather_backward_into(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
+                              const at::Tensor& gl, const at::Tensor& gt, int64_t ignore_index, at::Tensor& grad) {
+  const int64_t N = logits.size(0), V = logits.size(1), ld = logits.stride(0), ldo = grad.stride(0);
+  if (N == 0 || V == 0) return;
   const bool avx2 = have_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "lse_gather_backward", [&] {
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
@@ -186,25 +177,59 @@ at::Tensor lse_gather_backward(const at::Tensor& logits_in, const at::Tensor& ta
     scalar_t* g = grad.data_ptr<scalar_t>();
     at::parallel_for(0, N, grain_rows(V), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
-        scalar_t* out = g + i * V;
+        scalar_t* out = g + i * ldo;
         const int64_t ti = t[i];
         if (ti == ignore_index) {
           std::memset(static_cast<void*>(out), 0, sizeof(scalar_t) * V);
           continue;
         }
         const scalar_t* row = x + i * ld;
+        // the target logit, read before the row is overwritten (in-place use)
+        const float xt = (ti >= 0 && ti < V) ? to_f32(row[ti]) : 0.0f;
         if (avx2) {
           row_grad_avx2(row, out, V, lse_p[i], gl_p[i]);
         } else {
           row_grad_base(row, out, V, lse_p[i], gl_p[i]);
         }
         if (ti >= 0 && ti < V) {
-          out[ti] = static_cast<scalar_t>(gl_p[i] * fast_exp(to_f32(row[ti]) - lse_p[i]) + gt_p[i]);
+          out[ti] = static_cast<scalar_t>(gl_p[i] * fast_exp(xt - lse_p[i]) + gt_p[i]);
         }
       }
     });
   });
+}
+
+void check_row_vectors(const char* op, int64_t N, const at::Tensor& lse, const at::Tensor& gl, const at::Tensor& gt) {
+  for (const at::Tensor* v : {&lse, &gl, &gt}) {
+    TORCH_CHECK(v->dim() == 1 && v->size(0) == N && v->scalar_type() == at::kFloat, op,
+                ": lse, grad_lse and grad_tgt must be fp32 [N] with N = ", N, ", got ", v->sizes(), " ",
+                v->scalar_type());
+  }
+}
+
+at::Tensor lse_gather_backward(const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& lse_in,
+                               const at::Tensor& grad_lse_in, const at::Tensor& grad_tgt_in, int64_t ignore_index) {
+  const char* op = "unif2ace_cpu::lse_gather_backward";
+  check_inputs(op, logits_in, target_in);
+  const int64_t N = logits_in.size(0), V = logits_in.size(1);
+  check_row_vectors(op, N, lse_in, grad_lse_in, grad_tgt_in);
+  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  at::Tensor grad = at::empty({N, V}, logits.options());
+  lse_gather_backward_into(logits, target_in.contiguous(), lse_in.contiguous(), grad_lse_in.contiguous(),
+                           grad_tgt_in.contiguous(), ignore_index, grad);
   return grad;
+}
+
+// In place: logits (unit column stride) is overwritten with its gradient. Used by the fused head's
+// chunk loop on its own fp32 chunk buffer (no [chunk, V] allocation per chunk).
+void lse_gather_backward_inplace(at::Tensor& logits, const at::Tensor& target_in, const at::Tensor& lse_in,
+                                 const at::Tensor& grad_lse_in, const at::Tensor& grad_tgt_in, int64_t ignore_index) {
+  const char* op = "unif2ace_cpu::lse_gather_backward_";
+  check_inputs(op, logits, target_in);
+  TORCH_CHECK(logits.stride(1) == 1, op, ": logits must have unit column stride");
+  check_row_vectors(op, logits.size(0), lse_in, grad_lse_in, grad_tgt_in);
+  lse_gather_backward_into(logits, target_in.contiguous(), lse_in.contiguous(), grad_lse_in.contiguous(),
+                           grad_tgt_in.contiguous(), ignore_index, logits);
 }
 
 }  // namespace
@@ -215,4 +240,8 @@ TORCH_LIBRARY_FRAGMENT(unif2ace_cpu, m) {
       "lse_gather_backward(Tensor logits, Tensor target, Tensor lse, Tensor grad_lse, Tensor grad_tgt, "
       "int ignore_index) -> Tensor",
       &lse_gather_backward);
+  m.def(
+      "lse_gather_backward_(Tensor(a!) logits, Tensor target, Tensor lse, Tensor grad_lse, Tensor grad_tgt, "
+      "int ignore_index) -> ()",
+      &lse_gather_backward_inplace);
 }
