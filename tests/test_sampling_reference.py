@@ -22,6 +22,15 @@ NEG_INF = float("-inf")
 FLT_MAX = torch.finfo(torch.float32).max
 
 
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend():
+    """This file tests the reference oracle; fast backends have their own test files."""
+    with use_backend(masked_sample_step="reference", ar_sample="reference"):
+        yield
+
+
 # ------------------------------------------------------------------ helpers
 
 
@@ -609,7 +618,7 @@ def test_ar_neg_inf_never_sampled():
 # ------------------------------------------------------------------ dispatch and validation
 
 
-def test_dispatch_reference_only():
+def test_dispatch_forced_backends():
     ops = K.registered_ops()
     assert "reference" in ops["masked_sample_step"].impls and "reference" in ops["ar_sample"].impls
     cond, _, tokens, is_masked, mid = make_inputs(1, 4, 5)
@@ -618,10 +627,11 @@ def test_dispatch_reference_only():
     with use_backend(masked_sample_step="reference"):
         b = masked_sample_step(cond, tokens, is_masked, **kw)
     assert torch.equal(a.tokens, b.tokens)
-    with pytest.raises(BackendUnavailableError, match="masked_sample_step"):
-        masked_sample_step(cond, tokens, is_masked, backend="cpu", **kw)
-    with pytest.raises(BackendUnavailableError, match="ar_sample"):
-        ar_sample(cond[0], seed=0, position=0, backend="triton")
+    # the cuda backend exists but cannot take CPU tensors: a clear error, never a silent fallback
+    with pytest.raises(BackendUnavailableError, match="masked_sample_step: backend 'cuda'.*CUDA tensors"):
+        masked_sample_step(cond, tokens, is_masked, backend="cuda", **kw)
+    with pytest.raises(BackendUnavailableError, match="ar_sample: backend 'cuda'.*CUDA tensors"):
+        ar_sample(cond[0], seed=0, position=0, backend="cuda")
     with pytest.raises(ValueError, match="unknown backend"):
         ar_sample(cond[0], seed=0, position=0, backend="fast")
     assert isinstance(a, S.MaskedStepOutput) and isinstance(ar_sample(cond[0], seed=0, position=0), S.ARSample)

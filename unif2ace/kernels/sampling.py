@@ -13,15 +13,17 @@ Randomness is a stateless counter-based RNG keyed by (seed, sample id, position,
 nothing is captured from a generator, and the noise has 64 random bits (no fp32 tail truncation).
 The exact semantics are in :mod:`unif2ace.kernels.reference.sampling`.
 
-Backends: only ``reference`` for now (fused Triton / CUDA / C++ kernels come later and register
-here). Inputs are checked at the boundary with errors naming the argument.
+Backends: ``reference``; ``cpu`` (C++/OpenMP, csrc/cpu/sampling.cpp: bit-identical RNG, sampled
+codes equal to the reference's); ``triton`` and ``cuda`` (fused kernels,
+unif2ace/kernels/triton/sampling.py and csrc/cuda/sampling.cu) run behind the custom ops
+``unif2ace::masked_sample_step`` / ``unif2ace::ar_sample``, so they work under torch.compile. Inputs are checked at the boundary with errors naming the argument.
 """
 from __future__ import annotations
 
 import math
 import numbers
 import operator
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -65,6 +67,128 @@ AR_SAMPLE = Op(
     doc="autoregressive temperature / top-k / top-p sampling",
 )
 AR_SAMPLE.register("reference", _ref.ar_sample_ref)
+
+
+# cpu backend (csrc/cpu/sampling.cpp, torch.ops.unif2ace_cpu): host-side scalars here, the rest in C++
+
+
+def _cpu_masked_sample_step(cond_logits, tokens, is_masked, *, step, num_steps, seed, mask_token_id,
+                            uncond_logits=None, guidance_scale=0.0, temperature=1.0, confidence_noise=4.5,
+                            schedule="cosine", schedule_exponent=2.0, top_k=None, sample_ids=None):
+    from . import _ext
+
+    B, L, _ = cond_logits.shape
+    unc = uncond_logits if uncond_logits is not None and guidance_scale != 0.0 else None
+    if unc is not None and unc.dtype != cond_logits.dtype:  # mixed dtypes: both to fp32 (exact)
+        cond_logits, unc = cond_logits.float(), unc.float()
+    ids = torch.arange(B, device=cond_logits.device) if sample_ids is None else sample_ids.long()
+    # n = max(0, min(n_cap, masked_count - 1)) per row; n_cap = 0 at the last step
+    n_cap = 0 if step == num_steps - 1 else max(num_to_keep_masked(L, step, num_steps, schedule, schedule_exponent), 1)
+    tau = confidence_noise * (1.0 - (step + 1) / num_steps)  # float64 on the host, as the reference
+    return MaskedStepOutput(*_ext.cpu_ops().masked_sample_step(
+        cond_logits, unc, tokens.long(), is_masked, ids, seed & 0xFFFFFFFF, seed >> 32, float(guidance_scale),
+        float(temperature), float(tau), top_k or 0, n_cap, mask_token_id))
+
+
+def _cpu_ar_sample(logits, *, seed, position, temperature=1.0, top_k=None, top_p=None, sample_ids=None):
+    from . import _ext
+
+    B = logits.shape[0]
+    ids = torch.arange(B, device=logits.device) if sample_ids is None else sample_ids.long()
+    if isinstance(position, Tensor):
+        pos = position.long().expand(B).contiguous()
+    else:
+        pos = torch.full((B,), int(position), dtype=torch.int64, device=logits.device)
+    return ARSample(*_ext.cpu_ops().ar_sample(logits, ids, pos, seed & 0xFFFFFFFF, seed >> 32, float(temperature),
+                                              top_k or 0, 1.0 if top_p is None else float(top_p)))
+
+
+MASKED_SAMPLE_STEP.register("cpu", _cpu_masked_sample_step)
+AR_SAMPLE.register("cpu", _cpu_ar_sample)
+
+
+# triton / cuda backends (unif2ace/kernels/triton/sampling.py, csrc/cuda/sampling.cu); imported
+# lazily so that importing unif2ace does not import triton
+
+
+def _triton_masked_sample_step(*args, **kwargs):
+    from .triton import sampling as _ts
+
+    return _ts.masked_sample_step(*args, **kwargs)
+
+
+def _triton_ar_sample(*args, **kwargs):
+    from .triton import sampling as _ts
+
+    return _ts.ar_sample(*args, **kwargs)
+
+
+def _cuda_masked_sample_step(*args, **kwargs):
+    from .triton import sampling as _ts  # the host-side pre-passes live there
+
+    return _ts.masked_sample_step_cuda(*args, **kwargs)
+
+
+def _cuda_ar_sample(*args, **kwargs):
+    from .triton import sampling as _ts
+
+    return _ts.ar_sample_cuda(*args, **kwargs)
+
+
+MASKED_SAMPLE_STEP.register("triton", _triton_masked_sample_step)
+MASKED_SAMPLE_STEP.register("cuda", _cuda_masked_sample_step)
+AR_SAMPLE.register("triton", _triton_ar_sample)
+AR_SAMPLE.register("cuda", _cuda_ar_sample)
+
+
+# custom ops: every non-reference backend runs behind one opaque op per public function, so the
+# public functions work under torch.compile(fullgraph=True). No autograd (integer / confidence
+# outputs). The 64-bit seed travels as two 32-bit halves (op ints are int64).
+
+
+@torch.library.custom_op("unif2ace::masked_sample_step", mutates_args=())
+def _masked_sample_step_op(
+    cond_logits: Tensor, tokens: Tensor, is_masked: Tensor, uncond_logits: Optional[Tensor],
+    sample_ids: Optional[Tensor], step: int, num_steps: int, seed_lo: int, seed_hi: int, mask_token_id: int,
+    guidance_scale: float, temperature: float, confidence_noise: float, schedule: str,
+    schedule_exponent: float, top_k: Optional[int], backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(tokens int64, is_masked bool, sampled int64, confidence fp32), all [B, L]."""
+    out = MASKED_SAMPLE_STEP.impl(backend)(
+        cond_logits, tokens, is_masked, step=step, num_steps=num_steps, seed=(seed_hi << 32) | seed_lo,
+        mask_token_id=mask_token_id, uncond_logits=uncond_logits, guidance_scale=guidance_scale,
+        temperature=temperature, confidence_noise=confidence_noise, schedule=schedule,
+        schedule_exponent=schedule_exponent, top_k=top_k, sample_ids=sample_ids,
+    )
+    return tuple(out)
+
+
+@_masked_sample_step_op.register_fake
+def _(cond_logits, tokens, is_masked, uncond_logits, sample_ids, step, num_steps, seed_lo, seed_hi,
+      mask_token_id, guidance_scale, temperature, confidence_noise, schedule, schedule_exponent, top_k, backend):
+    B, L = tokens.shape
+    new = cond_logits.new_empty
+    return (new((B, L), dtype=torch.int64), new((B, L), dtype=torch.bool), new((B, L), dtype=torch.int64),
+            new((B, L), dtype=torch.float32))
+
+
+@torch.library.custom_op("unif2ace::ar_sample", mutates_args=())
+def _ar_sample_op(
+    logits: Tensor, position_t: Optional[Tensor], position: int, sample_ids: Optional[Tensor], seed_lo: int,
+    seed_hi: int, temperature: float, top_k: Optional[int], top_p: Optional[float], backend: str,
+) -> Tuple[Tensor, Tensor]:
+    """(tokens [B] int64, logprobs [B] fp32); ``position_t`` (a [B] tensor) wins over ``position``."""
+    out = AR_SAMPLE.impl(backend)(
+        logits, seed=(seed_hi << 32) | seed_lo, position=position if position_t is None else position_t,
+        temperature=temperature, top_k=top_k, top_p=top_p, sample_ids=sample_ids,
+    )
+    return tuple(out)
+
+
+@_ar_sample_op.register_fake
+def _(logits, position_t, position, sample_ids, seed_lo, seed_hi, temperature, top_k, top_p, backend):
+    B = logits.shape[0]
+    return logits.new_empty((B,), dtype=torch.int64), logits.new_empty((B,), dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,8 +326,14 @@ def masked_sample_step(
     sample_ids = _sample_ids_arg(op, sample_ids, B, device)
 
     be = MASKED_SAMPLE_STEP.select(device, backend)
-    fn = _ref.masked_sample_step_ref if be == "reference" else MASKED_SAMPLE_STEP.impl(be)
-    out = fn(
+    if be != "reference":
+        out = _masked_sample_step_op(
+            cond_logits, tokens, is_masked, uncond_logits, sample_ids, step, num_steps, seed & 0xFFFFFFFF,
+            seed >> 32, mask_token_id, guidance_scale, temperature, confidence_noise, schedule,
+            schedule_exponent, top_k, be,
+        )
+        return MaskedStepOutput(*out)
+    out = _ref.masked_sample_step_ref(
         cond_logits, tokens, is_masked, step=step, num_steps=num_steps, seed=seed,
         mask_token_id=mask_token_id, uncond_logits=uncond_logits, guidance_scale=guidance_scale,
         temperature=temperature, confidence_noise=confidence_noise, schedule=schedule,
@@ -263,7 +393,12 @@ def ar_sample(
     sample_ids = _sample_ids_arg(op, sample_ids, B, device)
 
     be = AR_SAMPLE.select(device, backend)
-    fn = _ref.ar_sample_ref if be == "reference" else AR_SAMPLE.impl(be)
-    out = fn(logits, seed=seed, position=position, temperature=temperature, top_k=top_k, top_p=top_p,
-             sample_ids=sample_ids)
+    if be != "reference":
+        pos_t = position if isinstance(position, Tensor) else None
+        pos_i = 0 if isinstance(position, Tensor) else position
+        out = _ar_sample_op(logits, pos_t, pos_i, sample_ids, seed & 0xFFFFFFFF, seed >> 32, temperature, top_k,
+                            top_p, be)
+        return ARSample(*out)
+    out = _ref.ar_sample_ref(logits, seed=seed, position=position, temperature=temperature, top_k=top_k,
+                             top_p=top_p, sample_ids=sample_ids)
     return ARSample(*out)
