@@ -19,7 +19,6 @@ from unif2ace.testing import assert_all_written, assert_close, fwd_bwd_parity, p
 import unif2ace.kernels.d3diff as d3mod
 
 # the interpreter's runtime loop bounds trip a numpy deprecation warning on every launch
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
 CPU = torch.device("cpu")
 BACKENDS = [
