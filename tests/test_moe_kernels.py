@@ -153,14 +153,13 @@ def test_mlp_custom_op_path_matches_reference(activation, bias):
     fwd_bwd_parity(ref_fn, op_fn, inputs, names=["x", "w1", "w2", "gates", "b1", "b2"])
 
 
-def test_gating_and_mlp_have_no_fast_backend_yet():
+def test_forcing_a_backend_without_a_kernel_is_a_clear_error():
     logits, gid = randn(4, 4), torch.zeros(4, dtype=torch.long)
-    assert M.MOE_GATING.select(logits.device) == "reference"
-    with pytest.raises(BackendUnavailableError, match="moe_gating.*cpu"):
-        moe_gating(logits, gid, [4], 2, backend="cpu")
-    with pytest.raises(BackendUnavailableError, match="moe_expert_mlp.*cpu"):
+    with pytest.raises(BackendUnavailableError, match="moe_gating: backend 'cuda'.*no 'cuda' kernel"):
+        moe_gating(logits, gid, [4], 2, backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="moe_expert_mlp: backend 'cuda'.*no 'cuda' kernel"):
         moe_expert_mlp(randn(2, 3), randn(1, 3, 2), randn(1, 2, 3), torch.zeros(2, 1, dtype=torch.long),
-                       torch.ones(2, 1), backend="cpu")
+                       torch.ones(2, 1), backend="cuda")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -34,8 +34,9 @@ def _routing_cases(tag: str, device, T: int, sizes: List[int], k: int, dtype) ->
     def align(be):
         return lambda inp: moe_align(inp["expert_ids"], E, BLOCK_M, backend=be)
 
-    gating_impls = {"reference": gating("reference")}
-    align_impls = {"reference": align("reference"), "cpu": align("cpu"), "cuda": align("cuda")}
+    gating_impls = {"reference": gating("reference"), "cpu": gating("cpu"), "triton": gating("triton")}
+    align_impls = {"reference": align("reference"), "cpu": align("cpu"), "cuda": align("cuda"),
+                   "triton": align("triton")}
     shape = {"T": T, "groups": sizes, "k": k, "block_m": BLOCK_M}
     nbytes_align = T * k * 4 * 2 + (T * k + E * (BLOCK_M - 1)) * 4
     return [
@@ -68,7 +69,8 @@ def _mlp_case(tag: str, device, T: int, D: int, F: int, E: int, k: int, dtype, a
     return Case(
         family="moe_mlp", op="moe_expert_mlp", name=f"{tag} T={T} D={D} F={F} E={E} k={k} {activation}",
         shape={"T": T, "D": D, "F": F, "E": E, "k": k, "activation": activation}, dtype=dtype, setup=setup,
-        impls={"reference": mlp("reference")}, backward=lambda out: out.float().square().mean(),
+        impls={"reference": mlp("reference"), "cpu": mlp("cpu"), "triton": mlp("triton")},
+        backward=lambda out: out.float().square().mean(),
         flops=float(2 * T * k * D * F * mult),
         bytes=float(esz * (2 * T * D + E * D * F1 + E * F * D) + T * k * 8),
     )

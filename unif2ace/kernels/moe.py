@@ -6,12 +6,12 @@ Routing never crosses groups.
 
 Ops and backends (see :mod:`unif2ace.kernels._dispatch` for how one is chosen):
 
-=======================  ==========================================================
-moe_gating               reference (fast backends later)
-moe_align                reference, cpu (C++ counting sort), cuda (E <= 1024)
+=======================  =====================================================================================
+moe_gating               reference, cpu (C++, deterministic statistics), triton (fused top-k + statistics)
+moe_align                reference, cpu (C++ counting sort), cuda (E <= 1024), triton (cuda's fallback)
 moe_expert_histogram     reference, cpu, cuda
-moe_expert_mlp           reference (fast backends later)
-=======================  ==========================================================
+moe_expert_mlp           reference, cpu (C++ counting sort + per-expert oneDNN GEMMs), triton (gather-GEMM)
+=======================  =====================================================================================
 
 The reference (plain PyTorch, fp32) in :mod:`unif2ace.kernels.reference.moe` defines the
 semantics. Every non-reference backend runs through a ``torch.library`` custom op
@@ -69,7 +69,7 @@ class MoEAlignment(NamedTuple):
 
 MOE_GATING = Op("moe_gating", cpu_order=("cpu",), cuda_order=("triton", "cuda"),
                 doc="grouped top-k gating + per-group balance statistics")
-MOE_ALIGN = Op("moe_align", cpu_order=("cpu",), cuda_order=("cuda",),
+MOE_ALIGN = Op("moe_align", cpu_order=("cpu",), cuda_order=("cuda", "triton"),
                doc="expert ids -> block-padded per-expert index lists")
 MOE_HISTOGRAM = Op("moe_expert_histogram", cpu_order=("cpu",), cuda_order=("cuda",),
                    doc="assignments per expert")
@@ -83,6 +83,10 @@ MOE_MLP = Op("moe_expert_mlp", cpu_order=("cpu",), cuda_order=("triton", "cuda")
 
 MOE_GATING.register("reference", types.SimpleNamespace(forward=ref.moe_gating_ref, backward=ref.moe_gating_backward_ref))
 MOE_MLP.register("reference", types.SimpleNamespace(forward=ref.moe_expert_mlp_ref, backward=ref.moe_expert_mlp_backward_ref))
+MOE_GATING.register("cpu", types.SimpleNamespace(forward=lambda *a: tuple(_ext.cpu_ops().moe_gating(*a)),
+                                                 backward=lambda *a: _ext.cpu_ops().moe_gating_backward(*a)))
+MOE_MLP.register("cpu", types.SimpleNamespace(forward=lambda *a: _ext.cpu_ops().moe_expert_mlp(*a),
+                                              backward=lambda *a: tuple(_ext.cpu_ops().moe_expert_mlp_backward(*a))))
 
 MOE_HISTOGRAM.register("reference", ref.moe_expert_histogram_ref)
 MOE_HISTOGRAM.register("cpu", lambda ids, num_experts: _ext.cpu_ops().moe_expert_histogram(ids, num_experts))
@@ -98,6 +102,19 @@ def _align_cuda(ids, num_experts, block_size):
     if num_experts > CUDA_ALIGN_MAX_EXPERTS:
         return ref.moe_align_ref(ids, num_experts, block_size)
     return tuple(_ext.cuda_ops().moe_align(ids, num_experts, block_size))
+
+
+def _triton_moe():
+    from .triton import moe as k  # imported on first use (Triton's import and JIT decorators are not free)
+
+    return k
+
+
+MOE_GATING.register("triton", types.SimpleNamespace(forward=lambda *a: _triton_moe().gating_forward(*a),
+                                                    backward=lambda *a: _triton_moe().gating_backward(*a)))
+MOE_MLP.register("triton", types.SimpleNamespace(forward=lambda *a: _triton_moe().expert_mlp_forward(*a),
+                                                 backward=lambda *a: _triton_moe().expert_mlp_backward(*a)))
+MOE_ALIGN.register("triton", lambda ids, e, bs: _triton_moe().align(ids, e, bs))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,712 @@
+// Routed expert MLP on the CPU, forward and backward (the `cpu` backend of moe_expert_mlp).
+//
+// Contract: unif2ace/kernels/reference/moe.py (moe_expert_mlp_ref, moe_expert_mlp_backward_ref).
+//
+//   moe_expert_mlp(x [T, D], w1 [E, D, F1], w2 [E, F, D], expert_ids [T, k] int32/int64,
+//                  gates [T, k], b1 [E, F1]?, b2 [E, D]?, activation) -> out [T, D] (x's dtype)
+//   moe_expert_mlp_backward(grad_out [T, D], x, w1, w2, expert_ids, gates, b1?, b2?, activation)
+//       -> [dx, dw1, dw2, dgates, db1, db2] each in its input's dtype; db1/db2 are undefined
+//          (None in Python) when the bias is absent.
+//   F1 = F for "gelu" (exact erf) / "gelu_tanh", 2F for "swiglu" (h = silu(h[:F]) * h[F:]).
+//
+// Float inputs may be fp32, fp16 or bf16 (mixed); all math is fp32. Ids outside [0, E)
+// contribute nothing (and get dgates = 0).
+//
+// Algorithm ("sort indices, not activations"):
+//   1. counting sort of the T*k assignment slots by expert (ascending slot index within an
+//      expert, the moe_align order): per-expert segments of a packed row space;
+//   2. per expert (for_each_expert: experts run in parallel, one per OpenMP task, when the load is
+//      balanced; one after another with threaded GEMMs and row loops when one expert dominates):
+//      gather its x rows into an fp32 buffer X_e, H_e = X_e w1[e] (GEMM), bias + activation in one
+//      vectorised pass over the rows, O_e = A_e w2[e] (GEMM);
+//   3. combine per token in fp32 in the fixed order j = 0..k-1: out[t] = sum_j g[t,j] (O[p] + b2),
+//      p = the packed row of slot (t, j). No atomics anywhere and every expert's work is
+//      independent of the thread that ran it, so results are bitwise identical run to run.
+// The GEMMs go through oneDNN (see mm_nt), at::mm as the fallback.
+// Backward recomputes H (the custom op saves only its inputs; nothing per assignment is kept
+// between forward and backward) and uses, per expert,
+//   dAr = G_e w2[e]^T                (G_e = grad_out gathered to the expert's rows, unscaled)
+//   dgates[t,j] = <dAr_p, A_p> + <G_p, b2[e]>  (= <grad_out[t], expert_out_{t,j}>, without
+//                                              recomputing O: one GEMM fewer)
+//   dO_p = g * G_p ; dH = act'(H) * g * dAr ; dw2[e] = A_e^T dO_e ; db2[e] = sum dO_e ;
+//   dw1[e] = X_e^T dH_e ; db1[e] = sum dH_e ; dX_e = dH_e w1[e]^T ; dx[t] = sum_j dX_p
+//   (fixed order j = 0..k-1). Five GEMMs per expert; the bias sums are column sums in row order.
+// Activations use a branch-free polynomial exp (|rel err| < 2e-7) and, for erf, the
+// Abramowitz-Stegun 7.1.26 form PyTorch's vectorised CPU gelu uses (|abs err| < 1.5e-7), so the
+// row loops vectorise; they are compiled for baseline x86-64, AVX2+FMA and AVX-512, picked at run
+// time.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+// The clamped polynomial exp in the activation loops only if-converts (vectorises) without
+// -ftrapping-math; no code here relies on FP traps. Functions from headers included above (std::
+// math, <algorithm>) were compiled without this option and GCC will not inline them into code with
+// it, so the hot loops below call none of them.
+#pragma GCC optimize("no-trapping-math")
+
+namespace unif2ace_cpu {
+namespace {
+
+#define U2A_INLINE inline __attribute__((always_inline))
+
+enum class Act { kGelu, kGeluTanh, kSwiglu };
+
+Act parse_act(const char* op, c10::string_view s) {
+  if (s == "gelu") return Act::kGelu;
+  if (s == "gelu_tanh") return Act::kGeluTanh;
+  if (s == "swiglu") return Act::kSwiglu;
+  TORCH_CHECK(false, op, ": activation must be 'gelu', 'gelu_tanh' or 'swiglu', got '", std::string(s), "'");
+  return Act::kGelu;  // unreachable
+}
+
+// exp(x), x clamped to [-87, 88]: Cody-Waite reduction + degree-6 polynomial (branch-free).
+// fast_exp_core: the same for x already in [-87, 88].
+U2A_INLINE float fast_exp_core(float x);
+U2A_INLINE float fast_exp(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  return fast_exp_core(x);
+}
+// exp(x) for x <= 0. The clamp to -87 is an unsigned-integer min on the bits (for x <= 0, larger
+// magnitude = larger bit pattern): GCC 12 jump-threads a float select here, which blocks the
+// vectorisation of the erf loop.
+U2A_INLINE float fast_exp_nonpos(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof(b));
+  b = b < 0xC2AE0000u ? b : 0xC2AE0000u;  // bits of -87.0f
+  std::memcpy(&x, &b, sizeof(x));
+  return fast_exp_core(x);
+}
+U2A_INLINE float fast_exp_core(float x) {
+  const float kf = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - kf * 0.693145751953125f;
+  r = r - kf * 1.428606765330187045e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// erf, Abramowitz-Stegun 7.1.26 (what at::vec::Vectorized<float>::erf computes)
+U2A_INLINE float fast_erf(float x) {
+  uint32_t xb;
+  std::memcpy(&xb, &x, sizeof(xb));
+  const uint32_t ab = xb & 0x7FFFFFFFu;  // |x| by bits (std::fabs would not inline, see the pragma)
+  float ax;
+  std::memcpy(&ax, &ab, sizeof(ax));
+  const float t = 1.0f / (0.3275911f * ax + 1.0f);
+  float r = 1.061405429f;
+  r = r * t - 1.453152027f;
+  r = r * t + 1.421413741f;
+  r = r * t - 0.284496736f;
+  r = r * t + 0.254829592f;
+  float y = 1.0f - r * t * fast_exp_nonpos(-ax * ax);
+  uint32_t yb;  // y takes x's sign (bit ops: a select here gets jump-threaded, blocking vectorisation)
+  std::memcpy(&yb, &y, sizeof(yb));
+  yb |= xb & 0x80000000u;
+  std::memcpy(&y, &yb, sizeof(y));
+  return y;
+}
+
+U2A_INLINE float fast_tanh(float u) { return 1.0f - 2.0f / (1.0f + fast_exp(2.0f * u)); }
+
+constexpr float kSqrt1_2 = 0.7071067811865476f;
+constexpr float kInvSqrt2Pi = 0.3989422804014327f;
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+constexpr float kTanhC = 0.044715f;
+
+// Forward activation of one packed row: h (F1 wide, bias not yet added; bias F1 wide, a zero
+// row when there is none, so the loops have no branch) -> a (F wide). a may alias h (F1 == F).
+template <Act A>
+U2A_INLINE void act_row_impl(const float* h, const float* bias, float* a, int64_t F) {
+  if constexpr (A == Act::kGelu) {
+#pragma omp simd
+    for (int64_t f = 0; f < F; ++f) {
+      const float v = h[f] + bias[f];
+      a[f] = 0.5f * v * (1.0f + fast_erf(v * kSqrt1_2));
+    }
+  } else if constexpr (A == Act::kGeluTanh) {
+#pragma omp simd
+    for (int64_t f = 0; f < F; ++f) {
+      const float v = h[f] + bias[f];
+      a[f] = 0.5f * v * (1.0f + fast_tanh(kSqrt2OverPi * (v + kTanhC * v * v * v)));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t f = 0; f < F; ++f) {
+      const float g = h[f] + bias[f];
+      const float u = h[F + f] + bias[F + f];
+      a[f] = g / (1.0f + fast_exp(-g)) * u;
+    }
+  }
+}
+
+// Backward of one packed row: reads h (pre-bias, F1 wide; bias as above) and dar (= grad wrt a before the gate
+// scale, F wide); writes a (F wide), overwrites h with dh (F1 wide) = act'(h) * gate * dar;
+// returns <dar, a>.
+template <Act A>
+U2A_INLINE float act_bwd_row_impl(float* h, const float* bias, const float* dar, float* a, float gate,
+                                  int64_t F) {
+  float dot = 0.f;
+  if constexpr (A == Act::kGelu) {
+#pragma omp simd reduction(+ : dot)
+    for (int64_t f = 0; f < F; ++f) {
+      const float v = h[f] + bias[f];
+      const float cdf = 0.5f * (1.0f + fast_erf(v * kSqrt1_2));
+      const float pdf = fast_exp_nonpos(-0.5f * v * v) * kInvSqrt2Pi;
+      const float av = v * cdf;
+      a[f] = av;
+      dot += dar[f] * av;
+      h[f] = gate * dar[f] * (cdf + v * pdf);
+    }
+  } else if constexpr (A == Act::kGeluTanh) {
+#pragma omp simd reduction(+ : dot)
+    for (int64_t f = 0; f < F; ++f) {
+      const float v = h[f] + bias[f];
+      const float t = fast_tanh(kSqrt2OverPi * (v + kTanhC * v * v * v));
+      const float av = 0.5f * v * (1.0f + t);
+      a[f] = av;
+      dot += dar[f] * av;
+      const float d = 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kTanhC * v * v);
+      h[f] = gate * dar[f] * d;
+    }
+  } else {
+#pragma omp simd reduction(+ : dot)
+    for (int64_t f = 0; f < F; ++f) {
+      const float g = h[f] + bias[f];
+      const float u = h[F + f] + bias[F + f];
+      const float sig = 1.0f / (1.0f + fast_exp(-g));
+      const float silu = g * sig;
+      const float av = silu * u;
+      a[f] = av;
+      dot += dar[f] * av;
+      const float da = gate * dar[f];
+      h[f] = da * u * sig * (1.0f + g * (1.0f - sig));
+      h[F + f] = da * silu;
+    }
+  }
+  return dot;
+}
+
+// The row loops compiled three times (baseline x86-64, AVX2+FMA, AVX-512) and picked at run time.
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+Isa cpu_isa() {
+  static const Isa isa = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+                             ? Isa::kAvx512
+                         : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? Isa::kAvx2
+                                                                                              : Isa::kBase;
+  return isa;
+}
+
+#define U2A_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")))
+#define U2A_AVX2 __attribute__((target("avx2,fma")))
+
+template <Act A>
+U2A_AVX512 void act_row_avx512(const float* h, const float* b, float* a, int64_t F) {
+  act_row_impl<A>(h, b, a, F);
+}
+template <Act A>
+U2A_AVX2 void act_row_avx2(const float* h, const float* b, float* a, int64_t F) {
+  act_row_impl<A>(h, b, a, F);
+}
+template <Act A>
+void act_row_base(const float* h, const float* b, float* a, int64_t F) {
+  act_row_impl<A>(h, b, a, F);
+}
+template <Act A>
+void act_row(Isa isa, const float* h, const float* b, float* a, int64_t F) {
+  if (isa == Isa::kAvx512) return act_row_avx512<A>(h, b, a, F);
+  if (isa == Isa::kAvx2) return act_row_avx2<A>(h, b, a, F);
+  act_row_base<A>(h, b, a, F);
+}
+
+template <Act A>
+U2A_AVX512 float act_bwd_row_avx512(float* h, const float* b, const float* dar, float* a, float g, int64_t F) {
+  return act_bwd_row_impl<A>(h, b, dar, a, g, F);
+}
+template <Act A>
+U2A_AVX2 float act_bwd_row_avx2(float* h, const float* b, const float* dar, float* a, float g, int64_t F) {
+  return act_bwd_row_impl<A>(h, b, dar, a, g, F);
+}
+template <Act A>
+float act_bwd_row_base(float* h, const float* b, const float* dar, float* a, float g, int64_t F) {
+  return act_bwd_row_impl<A>(h, b, dar, a, g, F);
+}
+template <Act A>
+float act_bwd_row_isa(Isa isa, float* h, const float* b, const float* dar, float* a, float g, int64_t F) {
+  if (isa == Isa::kAvx512) return act_bwd_row_avx512<A>(h, b, dar, a, g, F);
+  if (isa == Isa::kAvx2) return act_bwd_row_avx2<A>(h, b, dar, a, g, F);
+  return act_bwd_row_base<A>(h, b, dar, a, g, F);
+}
+
+// ------------------------------------------------------------------------------------------------
+// routing: counting sort of the slots by expert
+
+struct Routing {
+  int64_t T = 0, k = 0, E = 0, n = 0;  // n = valid slots
+  std::vector<int64_t> seg;             // [E + 1] segment starts in the packed row space
+  std::vector<int64_t> src;             // [n] packed row -> slot t*k + j (ascending within an expert)
+  std::vector<int64_t> pos;             // [T*k] slot -> packed row, -1 for an invalid id
+  std::vector<int64_t> row_expert;      // [n] packed row -> expert
+};
+
+Routing route(const at::Tensor& ids, int64_t E) {
+  Routing r;
+  r.T = ids.size(0);
+  r.k = ids.size(1);
+  r.E = E;
+  const int64_t N = r.T * r.k;
+  r.pos.assign(N, -1);
+  std::vector<int64_t> eid(N);
+  AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "moe_mlp_route", [&] {
+    const index_t* p = ids.const_data_ptr<index_t>();
+    const int64_t s0 = ids.stride(0), s1 = ids.stride(1);
+    for (int64_t t = 0; t < r.T; ++t)
+      for (int64_t j = 0; j < r.k; ++j) eid[t * r.k + j] = static_cast<int64_t>(p[t * s0 + j * s1]);
+  });
+  r.seg.assign(E + 1, 0);
+  for (int64_t i = 0; i < N; ++i)
+    if (eid[i] >= 0 && eid[i] < E) ++r.seg[eid[i] + 1];
+  for (int64_t e = 0; e < E; ++e) r.seg[e + 1] += r.seg[e];
+  r.n = r.seg[E];
+  r.src.resize(r.n);
+  r.row_expert.resize(r.n);
+  std::vector<int64_t> cur(r.seg.begin(), r.seg.end() - 1);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t e = eid[i];
+    if (e < 0 || e >= E) continue;
+    const int64_t p = cur[e]++;
+    r.src[p] = i;
+    r.pos[i] = p;
+    r.row_expert[p] = e;
+  }
+  return r;
+}
+
+// ------------------------------------------------------------------------------------------------
+// helpers
+
+template <typename T>
+U2A_INLINE float to_f32(T v) {
+  return static_cast<float>(v);
+}
+
+// grain (rows per task) for row loops of width W
+inline int64_t row_grain(int64_t W) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(W, 1)); }
+
+// out [p1 - p0, D] fp32 = rows (slot / k) of src [*, D] (contiguous, any float) for packed rows [p0, p1)
+void gather_rows(const at::Tensor& src, const Routing& r, int64_t p0, int64_t p1, float* out, int64_t D) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "moe_mlp_gather", [&] {
+    const scalar_t* s = src.const_data_ptr<scalar_t>();
+    at::parallel_for(p0, p1, row_grain(D), [&](int64_t a, int64_t b) {
+      for (int64_t p = a; p < b; ++p) {
+        const scalar_t* row = s + (r.src[p] / r.k) * D;
+        float* o = out + (p - p0) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = to_f32(row[d]);
+      }
+    });
+  });
+}
+
+// a += g * y ; a += g * (y + b)  (vectorised row updates)
+U2A_INLINE void axpy(float* __restrict__ a, const float* __restrict__ y, float g, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) a[d] += g * y[d];
+}
+U2A_INLINE void axpy_bias(float* __restrict__ a, const float* __restrict__ y, const float* __restrict__ b, float g,
+                          int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) a[d] += g * (y[d] + b[d]);
+}
+
+U2A_INLINE float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t D) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t d = 0; d < D; ++d) acc += a[d] * b[d];
+  return acc;
+}
+U2A_INLINE void scale(float* __restrict__ a, float g, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) a[d] *= g;
+}
+
+// out [C] = column sums of the first `rows` rows of m (width C), in row order (deterministic)
+void colsum(const float* m, int64_t rows, int64_t C, float* out) {
+  for (int64_t c = 0; c < C; ++c) out[c] = 0.f;
+  for (int64_t p = 0; p < rows; ++p) axpy(out, m + p * C, 1.0f, C);
+}
+
+// ------------------------------------------------------------------------------------------------
+// GEMM: mm_nt(a [M, K], w [N, K]) = a @ w^T (fp32; a and w may be strided views, e.g. transposes).
+// oneDNN's fp32 matmul (mkldnn::_linear_pointwise, what inductor's CPU linear uses) runs about 2x
+// faster than MKL sgemm on the expert-sized GEMMs here on an AMD EPYC (MKL takes its generic AVX2
+// path there, oneDNN its AVX-512 brgemm); at::mm (MKL/OpenBLAS) is the fallback when torch has no
+// oneDNN, and UNIF2ACE_MOE_GEMM=aten forces it.
+
+using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                            c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>);
+
+const std::optional<c10::TypedOperatorHandle<LinearFn>>& onednn_linear() {
+  static const std::optional<c10::TypedOperatorHandle<LinearFn>> handle =
+      []() -> std::optional<c10::TypedOperatorHandle<LinearFn>> {
+    try {
+      auto op = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
+      if (!op || !op->hasKernelForDispatchKey(c10::DispatchKey::CPU)) return std::nullopt;
+      return op->typed<LinearFn>();
+    } catch (const std::exception&) {
+      return std::nullopt;
+    }
+  }();
+  return handle;
+}
+
+enum class GemmPath { kOneDnn, kAten };
+
+GemmPath gemm_path() {
+  const char* env = std::getenv("UNIF2ACE_MOE_GEMM");
+  if (env && std::string(env) == "aten") return GemmPath::kAten;
+  return onednn_linear() ? GemmPath::kOneDnn : GemmPath::kAten;
+}
+
+at::Tensor mm_nt(GemmPath path, const at::Tensor& a, const at::Tensor& w) {
+  if (path == GemmPath::kOneDnn) {
+    return onednn_linear()->call(a, w, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+  }
+  return at::mm(a, w.t());
+}
+
+// float copy of a tensor (no copy when already fp32 contiguous)
+at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// Runs fn(e) once for every expert with rows. With balanced experts they run in parallel, one
+// expert per task (each task's GEMMs and row loops are single-threaded: one parallel region per
+// phase, not one per GEMM, which also keeps 2-thread runs robust on a loaded machine); when one
+// expert holds most rows (skew), experts run one after another and parallelism moves inside them
+// (threaded BLAS, parallel row loops). Each expert's computation reads and writes only its own
+// rows/weights, so the result never depends on which thread ran it.
+template <typename Fn>
+void for_each_expert(const Routing& r, Fn&& fn) {
+  std::vector<int64_t> order;
+  int64_t max_c = 0;
+  for (int64_t e = 0; e < r.E; ++e) {
+    const int64_t c = r.seg[e + 1] - r.seg[e];
+    if (c) order.push_back(e);
+    max_c = std::max(max_c, c);
+  }
+  const int64_t nt = at::get_num_threads();
+  const int64_t ne = static_cast<int64_t>(order.size());
+  // expert-parallel when the largest expert is at most ~1/nt of the rows (plus slack) and there
+  // are enough experts to share out
+  const bool expert_parallel = nt > 1 && ne >= nt && !at::in_parallel_region() && max_c * nt <= r.n * 3 / 2;
+  if (!expert_parallel) {
+    for (int64_t e : order) fn(e);
+    return;
+  }
+  // largest first, pulled from a shared counter (dynamic balance)
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return r.seg[a + 1] - r.seg[a] > r.seg[b + 1] - r.seg[b];
+  });
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t w0, int64_t w1) {
+    // OpenMP workers do not inherit the caller's dispatch TLS: without this, a GEMM on a worker
+    // would go through autograd and reject mm_out on inputs that require grad
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t i = next++; i < ne; i = next++) fn(order[i]);
+    }
+  });
+}
+
+struct Shapes {
+  int64_t T, D, E, F1, F, k;
+  Act act;
+};
+
+Shapes check_inputs(const char* op, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+                    const at::Tensor& ids, const at::Tensor& gates, const std::optional<at::Tensor>& b1,
+                    const std::optional<at::Tensor>& b2, c10::string_view activation) {
+  auto is_float = [](const at::Tensor& t) {
+    const auto s = t.scalar_type();
+    return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
+  };
+  Shapes s;
+  s.act = parse_act(op, activation);
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && is_float(x), op,
+              ": x must be a 2-D float32/float16/bfloat16 CPU tensor [T, D], got ", x.sizes(), " ", x.scalar_type());
+  s.T = x.size(0);
+  s.D = x.size(1);
+  TORCH_CHECK(w1.device().is_cpu() && w1.dim() == 3 && is_float(w1) && w1.size(1) == s.D, op,
+              ": w1 must be a float CPU tensor [E, D=", s.D, ", F1], got ", w1.sizes());
+  s.E = w1.size(0);
+  s.F1 = w1.size(2);
+  TORCH_CHECK(w2.device().is_cpu() && w2.dim() == 3 && is_float(w2) && w2.size(0) == s.E && w2.size(2) == s.D, op,
+              ": w2 must be a float CPU tensor [E=", s.E, ", F, D=", s.D, "], got ", w2.sizes());
+  s.F = w2.size(1);
+  TORCH_CHECK(s.F1 == (s.act == Act::kSwiglu ? 2 * s.F : s.F), op, ": w1 must be [", s.E, ", ", s.D, ", ",
+              (s.act == Act::kSwiglu ? 2 * s.F : s.F), "] for activation '", std::string(activation), "', got ",
+              w1.sizes());
+  TORCH_CHECK(ids.device().is_cpu() && ids.dim() == 2 && ids.size(0) == s.T &&
+                  (ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong),
+              op, ": expert_ids must be an int32/int64 CPU tensor [T=", s.T, ", k], got ", ids.sizes(), " ",
+              ids.scalar_type());
+  s.k = ids.size(1);
+  TORCH_CHECK(gates.device().is_cpu() && gates.dim() == 2 && gates.size(0) == s.T && gates.size(1) == s.k &&
+                  is_float(gates),
+              op, ": gates must be a float CPU tensor [", s.T, ", ", s.k, "], got ", gates.sizes());
+  if (b1) {
+    TORCH_CHECK(b1->device().is_cpu() && is_float(*b1) && b1->dim() == 2 && b1->size(0) == s.E &&
+                    b1->size(1) == s.F1,
+                op, ": b1 must be a float CPU tensor [", s.E, ", ", s.F1, "], got ", b1->sizes());
+  }
+  if (b2) {
+    TORCH_CHECK(b2->device().is_cpu() && is_float(*b2) && b2->dim() == 2 && b2->size(0) == s.E &&
+                    b2->size(1) == s.D,
+                op, ": b2 must be a float CPU tensor [", s.E, ", ", s.D, "], got ", b2->sizes());
+  }
+  return s;
+}
+
+// rows [0, rows): H (F1 wide) -> A (F wide), bias + activation
+void activation_rows(Act act, const float* H, const float* b1, float* A, int64_t rows, int64_t F1, int64_t F) {
+  const Isa isa = cpu_isa();
+  at::parallel_for(0, rows, row_grain(F1), [&](int64_t a0, int64_t a1) {
+    for (int64_t p = a0; p < a1; ++p) {
+      const float* h = H + p * F1;
+      float* a = A + p * F;
+      switch (act) {
+        case Act::kGelu: act_row<Act::kGelu>(isa, h, b1, a, F); break;
+        case Act::kGeluTanh: act_row<Act::kGeluTanh>(isa, h, b1, a, F); break;
+        case Act::kSwiglu: act_row<Act::kSwiglu>(isa, h, b1, a, F); break;
+      }
+    }
+  });
+}
+
+float act_bwd_row(Act act, Isa isa, float* h, const float* b, const float* dar, float* a, float g, int64_t F) {
+  switch (act) {
+    case Act::kGelu: return act_bwd_row_isa<Act::kGelu>(isa, h, b, dar, a, g, F);
+    case Act::kGeluTanh: return act_bwd_row_isa<Act::kGeluTanh>(isa, h, b, dar, a, g, F);
+    case Act::kSwiglu: return act_bwd_row_isa<Act::kSwiglu>(isa, h, b, dar, a, g, F);
+  }
+  return 0.f;
+}
+
+at::Tensor cast_like(const at::Tensor& f32, const at::Tensor& like) {
+  return like.scalar_type() == at::kFloat ? f32 : f32.to(like.scalar_type());
+}
+
+// ------------------------------------------------------------------------------------------------
+// ops
+
+at::Tensor moe_expert_mlp(const at::Tensor& x_in, const at::Tensor& w1_in, const at::Tensor& w2_in,
+                          const at::Tensor& expert_ids, const at::Tensor& gates_in,
+                          const std::optional<at::Tensor>& b1_in, const std::optional<at::Tensor>& b2_in,
+                          c10::string_view activation) {
+  const char* op = "unif2ace_cpu::moe_expert_mlp";
+  // internal ATen calls run below autograd, as in a custom op's kernel, whatever key this op was
+  // called through (OpenMP workers set the same guard in for_each_expert)
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Shapes s = check_inputs(op, x_in, w1_in, w2_in, expert_ids, gates_in, b1_in, b2_in, activation);
+  const Routing r = route(expert_ids, s.E);
+  const int64_t D = s.D, k = s.k, F = s.F, F1 = s.F1;
+  at::Tensor out = at::empty({s.T, D}, x_in.options());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor w1 = as_f32(w1_in), w2 = as_f32(w2_in), gates = as_f32(gates_in);
+  const at::Tensor b1 = b1_in ? as_f32(*b1_in) : at::Tensor();
+  const at::Tensor b2 = b2_in ? as_f32(*b2_in) : at::Tensor();
+  auto f32 = x_in.options().dtype(at::kFloat);
+  const float* b1_p = b1.defined() ? b1.const_data_ptr<float>() : nullptr;
+  const std::vector<float> zero_bias(F1, 0.f);
+  const GemmPath gp = gemm_path();
+
+  // per expert: Xe (gathered rows), He = Xe w1[e] (activation in place for gelu), Oe = Ae w2[e]
+  std::vector<at::Tensor> O(s.E);
+  for_each_expert(r, [&](int64_t e) {
+    const int64_t p0 = r.seg[e], c = r.seg[e + 1] - p0;
+    at::Tensor Xe = at::empty({c, D}, f32);
+    gather_rows(x, r, p0, p0 + c, Xe.mutable_data_ptr<float>(), D);
+    at::Tensor He = mm_nt(gp, Xe, w1.select(0, e).t());
+    at::Tensor Ae = s.act == Act::kSwiglu ? at::empty({c, F}, f32) : He;
+    activation_rows(s.act, He.const_data_ptr<float>(), b1_p ? b1_p + e * F1 : zero_bias.data(),
+                    Ae.mutable_data_ptr<float>(), c, F1, F);
+    O[e] = mm_nt(gp, Ae, w2.select(0, e).t());
+  });
+
+  // combine, fp32, fixed order j = 0..k-1
+  std::vector<const float*> O_p(s.E, nullptr);
+  for (int64_t e = 0; e < s.E; ++e)
+    if (O[e].defined()) O_p[e] = O[e].const_data_ptr<float>();
+  const float* g_p = gates.const_data_ptr<float>();
+  const float* b2_p = b2.defined() ? b2.const_data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "moe_mlp_combine", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, s.T, row_grain(D * k), [&](int64_t t0, int64_t t1) {
+      std::vector<float> acc(D);
+      for (int64_t t = t0; t < t1; ++t) {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t p = r.pos[t * k + j];
+          if (p < 0) continue;
+          const int64_t e = r.row_expert[p];
+          const float* y = O_p[e] + (p - r.seg[e]) * D;
+          if (b2_p) {
+            axpy_bias(acc.data(), y, b2_p + e * D, g_p[t * k + j], D);
+          } else {
+            axpy(acc.data(), y, g_p[t * k + j], D);
+          }
+        }
+        scalar_t* orow = o + t * D;
+        for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<scalar_t>(acc[d]);
+      }
+    });
+  });
+  return out;
+}
+
+std::vector<at::Tensor> moe_expert_mlp_backward(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                                                const at::Tensor& w1_in, const at::Tensor& w2_in,
+                                                const at::Tensor& expert_ids, const at::Tensor& gates_in,
+                                                const std::optional<at::Tensor>& b1_in,
+                                                const std::optional<at::Tensor>& b2_in, c10::string_view activation) {
+  const char* op = "unif2ace_cpu::moe_expert_mlp_backward";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // see moe_expert_mlp
+  const Shapes s = check_inputs(op, x_in, w1_in, w2_in, expert_ids, gates_in, b1_in, b2_in, activation);
+  TORCH_CHECK(grad_out_in.device().is_cpu() && grad_out_in.dim() == 2 && grad_out_in.size(0) == s.T &&
+                  grad_out_in.size(1) == s.D,
+              op, ": grad_out must be a CPU tensor [", s.T, ", ", s.D, "], got ", grad_out_in.sizes());
+  const Routing r = route(expert_ids, s.E);
+  const int64_t T = s.T, D = s.D, k = s.k, E = s.E, F = s.F, F1 = s.F1;
+  const at::Tensor x = x_in.contiguous(), go = grad_out_in.contiguous();
+  const at::Tensor w1 = as_f32(w1_in), w2 = as_f32(w2_in), gates = as_f32(gates_in);
+  const at::Tensor b1 = b1_in ? as_f32(*b1_in) : at::Tensor();
+  const at::Tensor b2 = b2_in ? as_f32(*b2_in) : at::Tensor();
+  auto f32 = x_in.options().dtype(at::kFloat);
+  const GemmPath gp = gemm_path();
+
+  at::Tensor dw1 = at::empty({E, D, F1}, f32), dw2 = at::empty({E, F, D}, f32);
+  at::Tensor db1 = b1.defined() ? at::empty({E, F1}, f32) : at::Tensor();
+  at::Tensor db2 = b2.defined() ? at::empty({E, D}, f32) : at::Tensor();
+  for (int64_t e = 0; e < E; ++e) {
+    if (r.seg[e + 1] > r.seg[e]) continue;  // experts without rows get zero gradients
+    dw1.select(0, e).zero_();
+    dw2.select(0, e).zero_();
+    if (db1.defined()) db1.select(0, e).zero_();
+    if (db2.defined()) db2.select(0, e).zero_();
+  }
+  std::vector<float> dg_rows(r.n);
+  std::vector<at::Tensor> dX(E);
+  const float* g_p = gates.const_data_ptr<float>();
+  const float* b1_p = b1.defined() ? b1.const_data_ptr<float>() : nullptr;
+  const float* b2_p = b2.defined() ? b2.const_data_ptr<float>() : nullptr;
+  float* db1_p = db1.defined() ? db1.mutable_data_ptr<float>() : nullptr;
+  float* db2_p = db2.defined() ? db2.mutable_data_ptr<float>() : nullptr;
+  const Isa isa = cpu_isa();
+  const std::vector<float> zero_bias(F1, 0.f);
+
+  // per expert: Xe, Ge (gathered x and grad_out rows; Ge becomes dO = g * Ge), He = Xe w1[e]
+  // (becomes dH in place), dAe = Ge w2[e]^T, Ae = act(He)
+  for_each_expert(r, [&](int64_t e) {
+    const int64_t p0 = r.seg[e], c = r.seg[e + 1] - p0;
+    at::Tensor Xe = at::empty({c, D}, f32), Ge = at::empty({c, D}, f32), Ae = at::empty({c, F}, f32);
+    gather_rows(x, r, p0, p0 + c, Xe.mutable_data_ptr<float>(), D);
+    gather_rows(go, r, p0, p0 + c, Ge.mutable_data_ptr<float>(), D);
+    const at::Tensor w1e = w1.select(0, e), w2e = w2.select(0, e);
+    at::Tensor He = mm_nt(gp, Xe, w1e.t());
+    const at::Tensor dAe = mm_nt(gp, Ge, w2e);
+    float* H_p = He.mutable_data_ptr<float>();
+    float* A_p = Ae.mutable_data_ptr<float>();
+    float* G_p = Ge.mutable_data_ptr<float>();
+    const float* dA_p = dAe.const_data_ptr<float>();
+    const float* b1e = b1_p ? b1_p + e * F1 : zero_bias.data();
+    const float* b2e = b2_p ? b2_p + e * D : nullptr;
+    at::parallel_for(0, c, row_grain(F1 + D), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t p = p0 + i;
+        const float g = g_p[r.src[p]];
+        float dg = act_bwd_row(s.act, isa, H_p + i * F1, b1e, dA_p + i * F, A_p + i * F, g, F);
+        float* grow = G_p + i * D;
+        if (b2e) dg += dot(grow, b2e, D);
+        dg_rows[p] = dg;
+        scale(grow, g, D);
+      }
+    });
+    dw2.select(0, e).copy_(mm_nt(gp, Ae.t(), Ge.t()));  // dw2[e] = A_e^T dO_e
+    if (db2_p) colsum(G_p, c, D, db2_p + e * D);
+    dw1.select(0, e).copy_(mm_nt(gp, Xe.t(), He.t()));  // dw1[e] = X_e^T dH_e
+    if (db1_p) colsum(H_p, c, F1, db1_p + e * F1);
+    dX[e] = mm_nt(gp, He, w1e);  // dX_e = dH_e w1[e]^T
+  });
+
+  at::Tensor dx = at::empty({T, D}, x_in.options());
+  at::Tensor dgates = at::empty({T, k}, gates_in.options());
+  std::vector<const float*> dX_p(E, nullptr);
+  for (int64_t e = 0; e < E; ++e)
+    if (dX[e].defined()) dX_p[e] = dX[e].const_data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "moe_mlp_dx", [&] {
+    scalar_t* o = dx.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, T, row_grain(D * k), [&](int64_t t0, int64_t t1) {
+      std::vector<float> acc(D);
+      for (int64_t t = t0; t < t1; ++t) {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t p = r.pos[t * k + j];
+          if (p < 0) continue;
+          const int64_t e = r.row_expert[p];
+          axpy(acc.data(), dX_p[e] + (p - r.seg[e]) * D, 1.0f, D);
+        }
+        scalar_t* orow = o + t * D;
+        for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<scalar_t>(acc[d]);
+      }
+    });
+  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dgates.scalar_type(), "moe_mlp_dgates", [&] {
+    scalar_t* o = dgates.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < T * k; ++i) {
+      const int64_t p = r.pos[i];
+      o[i] = static_cast<scalar_t>(p < 0 ? 0.f : dg_rows[p]);
+    }
+  });
+  return {dx, cast_like(dw1, w1_in), cast_like(dw2, w2_in), dgates,
+          db1.defined() ? cast_like(db1, *b1_in) : at::Tensor(), db2.defined() ? cast_like(db2, *b2_in) : at::Tensor()};
+}
+
+}  // namespace
+}  // namespace unif2ace_cpu
+
+TORCH_LIBRARY_FRAGMENT(unif2ace_cpu, m) {
+  m.def(
+      "moe_expert_mlp(Tensor x, Tensor w1, Tensor w2, Tensor expert_ids, Tensor gates, Tensor? b1, Tensor? b2, "
+      "str activation) -> Tensor",
+      &unif2ace_cpu::moe_expert_mlp);
+  m.def(
+      "moe_expert_mlp_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor expert_ids, Tensor gates, "
+      "Tensor? b1, Tensor? b2, str activation) -> Tensor[]",
+      &unif2ace_cpu::moe_expert_mlp_backward);
+}
