@@ -1,0 +1,563 @@
+"""Tests of the model layer (unif2ace/model) on the tiny preset, CPU."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unif2ace.kernels import moe_expert_mlp, use_backend
+from unif2ace.model import (
+    IGNORE_INDEX,
+    Batch,
+    Sample,
+    UniF2ace,
+    collate,
+    load_checkpoint,
+    load_phi_state_dict,
+    mask_image_tokens,
+    mmu_sequence,
+    omni_attention_mask,
+    preset,
+    save_checkpoint,
+    t2i_sequence,
+)
+from unif2ace.model.checkpoint import CheckpointError
+from unif2ace.model.modules import KVCache, SequenceMoE, TokenMoE, image_span_mask
+from unif2ace.testing import TOLERANCES
+
+FP32_ATOL, FP32_RTOL = TOLERANCES[torch.float32]
+
+
+def assert_close(actual, expected, atol=FP32_ATOL, rtol=FP32_RTOL, name=""):
+    torch.testing.assert_close(actual.float() if actual.is_floating_point() else actual,
+                               expected.float() if expected.is_floating_point() else expected,
+                               atol=atol, rtol=rtol, msg=(lambda m: f"{name}: {m}") if name else None)
+
+CFG = preset("tiny")
+L = CFG.image_tokens
+
+
+def make_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = preset("tiny", **overrides) if overrides else CFG
+    m = UniF2ace(cfg)
+    # non-trivial biases/norms so that every parameter matters in the parity checks
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("bias") or ".b1" in n or ".b2" in n or "shared_b" in n:
+                p.normal_(0, 0.02)
+    return m
+
+
+def make_batch(cfg=CFG, tasks=("t2i", "mmu", "t2i", "mmu"), seed=0, features=True):
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for i, t in enumerate(tasks):
+        codes = torch.randint(0, cfg.codebook_size, (cfg.image_tokens,), generator=g)
+        text = torch.randint(0, cfg.text_vocab_size - 2, (3 + i,), generator=g).tolist()
+        ans = torch.randint(0, cfg.text_vocab_size - 2, (2 + i,), generator=g).tolist() if t == "mmu" else None
+        feats = dict(clip_features=torch.randn(cfg.clip_tokens, cfg.clip_dim, generator=g),
+                     face_embedding=torch.randn(cfg.face_dim, generator=g)) if features and t == "mmu" else {}
+        samples.append(Sample(t, codes, text, ans, **feats))
+    b = collate(cfg, samples, generator=g, drop_caption_prob=0.0)
+    b.noise_features = torch.randn(len(tasks), cfg.noise_tokens, cfg.noise_dim, generator=g)
+    return b
+
+
+# ------------------------------------------------------------------------------------------------
+# config
+
+
+def test_presets_and_vocabulary_layout():
+    paper = preset("paper")
+    assert paper.vocab_size == 58498 and paper.mask_token_id == 58497
+    assert paper.image_token_offset == 50305 and paper.image_tokens == 256
+    assert (paper.hidden_size, paper.num_layers, paper.num_heads, paper.head_dim) == (2048, 24, 32, 64)
+    assert paper.expert_width == 1024 and paper.rotary_dim == 32
+    with torch.device("meta"):
+        n = UniF2ace(paper).num_parameters()
+    print(f"paper preset: {n / 1e9:.3f} B parameters")
+    assert 1.0e9 < n < 3.0e9
+    assert CFG.seq_len == CFG.text_len + L + 2 and CFG.hidden_size == 128 and CFG.image_grid == 8
+    assert preset("small").seq_len == 32 + 256 + 2
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="top_k"):
+        preset("tiny", top_k=9)
+    with pytest.raises(ValueError, match="parametrization"):
+        preset("tiny", parametrization="nope")
+    with pytest.raises(ValueError, match="seq_experts_gen"):
+        preset("tiny", seq_experts_gen=("copy", "bogus", "noise", "copy"))
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge")
+    assert preset("tiny").to_json() == type(CFG).from_json(CFG.to_json()).to_json()
+
+
+# ------------------------------------------------------------------------------------------------
+# sequence layouts and corruption
+
+
+def test_sequence_layouts_by_hand():
+    c = CFG
+    img = list(range(c.image_token_offset, c.image_token_offset + L))
+    ids, valid = t2i_sequence(c, [5, 6], img)
+    t2i, soi, eoi, pad, mmu = (c.special_token_id(s) for s in ("<|t2i|>", "<|soi|>", "<|eoi|>", "[PAD]", "<|mmu|>"))
+    npad = c.text_len - 3 - 2
+    assert ids == [t2i] + [pad] * npad + [c.bos_token_id, 5, 6, c.eos_token_id, soi] + img + [eoi]
+    assert valid == [True] + [False] * npad + [True] * (len(ids) - 1 - npad)
+    assert len(ids) == c.seq_len
+
+    ids, valid, labels = mmu_sequence(c, img, [7, 8], [9, 10, 11])
+    head = [mmu, soi] + img + [eoi, c.bos_token_id, 7, 8]
+    assert ids[: len(head) + 4] == head + [9, 10, 11, c.eos_token_id]
+    assert ids[len(head) + 4:] == [pad] * (c.seq_len - len(head) - 4) and len(ids) == c.seq_len
+    assert labels == [IGNORE_INDEX] * len(head) + [9, 10, 11, c.eos_token_id] + [IGNORE_INDEX] * (c.seq_len - len(head) - 4)
+    assert valid == [True] * (len(head) + 4) + [False] * (c.seq_len - len(head) - 4)
+    with pytest.raises(ValueError, match="caption"):
+        t2i_sequence(c, [1] * c.text_len, img)
+    with pytest.raises(ValueError, match="question"):
+        mmu_sequence(c, img, [c.text_vocab_size], [1])
+
+
+def test_mask_image_tokens_cosine_exact_count():
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, CFG.codebook_size, (200, L), generator=g)
+    tokens, masked, m, dm = mask_image_tokens(CFG, codes, generator=g)
+    assert masked.dtype == torch.bool and m.shape == dm.shape == (200,)
+    assert bool((m >= 1.0 / L - 1e-7).all()) and bool((m <= 1).all())
+    n = torch.round(L * m.double()).clamp(min=1)
+    assert torch.equal(masked.sum(1).double(), n)
+    # m = cos(πu/2), m' = (π/2) sin(πu/2)  =>  m'^2 + (π/2)^2 m^2 = (π/2)^2 for unclamped rows
+    unclamped = m > 1.0 / L
+    assert_close((dm[unclamped] ** 2 + (math.pi / 2 * m[unclamped]) ** 2), torch.full_like(m[unclamped], (math.pi / 2) ** 2))
+    assert torch.equal(tokens[masked], torch.full_like(tokens[masked], CFG.mask_token_id))
+    assert torch.equal(tokens[~masked], codes[~masked] + CFG.image_token_offset)
+    # positions are chosen uniformly: every position masked at a similar rate
+    rate = masked.float().mean(0)
+    assert float(rate.std()) < 0.1 and masked.float().mean() > 0.2
+
+
+def test_mask_image_tokens_loglinear():
+    cfg = preset("tiny", train_schedule="loglinear")
+    codes = torch.randint(0, cfg.codebook_size, (400, L), generator=torch.Generator().manual_seed(1))
+    _, masked, m, dm = mask_image_tokens(cfg, codes, generator=torch.Generator().manual_seed(2))
+    eps = cfg.loglinear_eps
+    assert bool((m >= (1 - eps) * eps).all()) and bool((m <= 1 - eps).all())
+    assert torch.allclose(dm, torch.full_like(dm, 1 - eps))
+    # Bernoulli(m) per position: the masked fraction tracks m
+    assert float((masked.float().mean(1) - m).abs().mean()) < 0.08
+
+
+# ------------------------------------------------------------------------------------------------
+# omni-attention masks
+
+
+def test_omni_attention_mask_by_hand():
+    # T2I-like row: [t2i, pad, cap, cap, soi, img, img, eoi]; MMU-like row: [mmu, soi, img, img, eoi, txt, txt, pad]
+    valid = torch.tensor([[1, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    span = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    m = omni_attention_mask(valid, span)[:, 0].int()
+    t2i = torch.tensor([
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 0, 0, 0, 0, 0, 0, 0],  # pad row: sees the valid past only
+        [1, 0, 1, 0, 0, 0, 0, 0],  # caption: causal, never the pad
+        [1, 0, 1, 1, 0, 0, 0, 0],
+        [1, 0, 1, 1, 1, 1, 1, 1],  # image span: every non-pad position
+        [1, 0, 1, 1, 1, 1, 1, 1],
+        [1, 0, 1, 1, 1, 1, 1, 1],
+        [1, 0, 1, 1, 1, 1, 1, 1]])
+    mmu = torch.tensor([
+        [1, 0, 0, 0, 0, 0, 0, 0],  # task token: causal
+        [1, 1, 1, 1, 1, 0, 0, 0],  # image prefix: bidirectional within the span, not the text after
+        [1, 1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1, 0, 0],  # text: causal
+        [1, 1, 1, 1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1, 1, 1, 0]])  # trailing pad never attended
+    assert torch.equal(m[0], t2i) and torch.equal(m[1], mmu)
+
+
+def test_batch_masks_follow_layout():
+    b = make_batch()
+    span = image_span_mask(b.image_positions, CFG.seq_len)
+    m = omni_attention_mask(b.valid, span)[:, 0]
+    assert not bool(m[:, :, ~b.valid[0]][0].any())  # no row of sample 0 sees its pads
+    for i in range(b.size):
+        assert not bool(m[i][:, ~b.valid[i]].any())
+        img = b.image_positions[i]
+        # every image row sees the whole image span
+        assert bool(m[i][img][:, img].all())
+    # T2I: the first image row sees the caption and the last image token; MMU: image rows don't see the text
+    assert bool(m[0, b.image_positions[0, 0], b.image_positions[0, -1]])
+    txt = CFG.image_tokens + 4
+    assert not bool(m[1, b.image_positions[1, 0], txt])
+    assert bool(m[1, txt + 1, txt]) and not bool(m[1, txt, txt + 1])
+
+
+# ------------------------------------------------------------------------------------------------
+# MoE modules
+
+
+def test_token_moe_routes_within_groups_and_matches_hand_computation():
+    torch.manual_seed(1)
+    moe = TokenMoE(CFG)
+    with torch.no_grad():
+        moe.b1.normal_(0, 0.1), moe.b2.normal_(0, 0.1), moe.shared_b1.normal_(0, 0.1), moe.shared_b2.normal_(0, 0.1)
+        moe.router.normal_(0, 1.0)
+    T, D, N, k = 13, CFG.hidden_size, CFG.num_routed_experts, CFG.top_k
+    x = torch.randn(T, D)
+    group = torch.tensor([0, 1] * 6 + [1])
+    out, bal = moe(x, group)
+
+    def mlp(x, w1, b1, w2, b2):
+        return F.gelu(x @ w1 + b1) @ w2 + b2
+
+    want = torch.empty_like(out)
+    chosen = []
+    for t in range(T):
+        g = int(group[t])
+        probs = torch.softmax(x[t] @ moe.router[g * N:(g + 1) * N].t(), -1)
+        p, e = probs.topk(k)
+        chosen.append(e + g * N)
+        y = mlp(x[t], moe.shared_w1[g], moe.shared_b1[g], moe.shared_w2[g], moe.shared_b2[g])
+        for pj, ej in zip(p, e + g * N):
+            y = y + pj * mlp(x[t], moe.w1[ej], moe.b1[ej], moe.w2[ej], moe.b2[ej])
+        want[t] = y
+    assert_close(out, want.detach(), atol=1e-5, rtol=1e-4)
+    assert bal.shape == (2,) and bool((bal > 0).all())
+    # the gating the module used never leaves the token's group
+    from unif2ace.kernels import moe_gating
+
+    ids = moe_gating(x @ moe.router.t(), group, [N, N], k).expert_ids
+    assert bool(((ids // N) == group[:, None]).all())
+
+
+def _seq_moe_with_route(bias_gen, bias_und):
+    torch.manual_seed(2)
+    moe = SequenceMoE(CFG)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.bias.copy_(torch.tensor(bias_gen + bias_und, dtype=torch.float32))
+    return moe
+
+
+def test_sequence_moe_copy_and_zero_are_exact():
+    # gen experts: copy, zero, noise, copy. Force (copy0, zero): output = gate_copy * x exactly
+    moe = _seq_moe_with_route([5.0, 5.0, -5.0, -5.0], [0.0, 0.0, 0.0, 0.0])
+    B, S, D = 3, 7, CFG.hidden_size
+    x = torch.randn(B, S, D)
+    valid = torch.ones(B, S, dtype=torch.bool)
+    group = torch.zeros(B, dtype=torch.int64)
+    r = moe.route(x, valid, group)
+    assert sorted(r.expert_ids[0].tolist()) == [0, 1]
+    feats = {"noise": torch.randn(B, CFG.noise_tokens, CFG.noise_dim)}
+    y = moe(x, group, r.expert_ids, r.gates, feats)
+    g_copy = torch.where(r.expert_ids == 0, r.gates, 0).sum(1)
+    assert torch.equal(y, torch.zeros_like(x) + g_copy[:, None, None] * x)
+    # both copies chosen: (g0 + g3) * x
+    moe = _seq_moe_with_route([5.0, -5.0, -5.0, 5.0], [0.0] * 4)
+    r = moe.route(x, valid, group)
+    y = moe(x, group, r.expert_ids, r.gates, feats)
+    assert_close(y, r.gates.sum(1)[:, None, None] * x, atol=1e-6, rtol=1e-6)
+
+
+def test_sequence_moe_feature_experts_and_groups():
+    # und experts: clip, face, copy, copy; force (clip, face) for und sequences
+    moe = _seq_moe_with_route([0.0] * 4, [5.0, 5.0, -5.0, -5.0])
+    B, S, D = 2, 5, CFG.hidden_size
+    x = torch.randn(B, S, D)
+    group = torch.ones(B, dtype=torch.int64)
+    r = moe.route(x, torch.ones(B, S, dtype=torch.bool), group)
+    assert bool((r.expert_ids >= 4).all())  # und sequences never use gen experts
+    clip = torch.randn(B, CFG.clip_tokens, CFG.clip_dim)
+    face = torch.randn(B, 1, CFG.face_dim)
+    y = moe(x, group, r.expert_ids, r.gates, {"clip": clip, "face": face})
+    want = torch.zeros_like(x)
+    for e, f in ((4, clip), (5, face)):
+        ex = moe.experts[str(e)]
+        w = torch.softmax(ex.mix(x), -1)
+        s = ex.resampler(f, x)  # [B, 1, D] pooled, broadcast
+        assert s.shape == (B, 1, D)
+        gate = torch.where(r.expert_ids == e, r.gates, 0).sum(1)[:, None, None]
+        want = want + gate * (w[..., :1] * x + w[..., 1:] * s)
+    assert_close(y, want.detach(), atol=1e-6, rtol=1e-5)
+    # features change the output; missing features -> w0 * x only
+    y2 = moe(x, group, r.expert_ids, r.gates, {"clip": clip + 1, "face": face})
+    assert not torch.allclose(y, y2)
+    y0 = moe(x, group, r.expert_ids, r.gates, {})
+    w4 = torch.softmax(moe.experts["4"].mix(x), -1)[..., :1]
+    w5 = torch.softmax(moe.experts["5"].mix(x), -1)[..., :1]
+    g = lambda e: torch.where(r.expert_ids == e, r.gates, 0).sum(1)[:, None, None]  # noqa: E731
+    assert_close(y0, (g(4) * w4 * x + g(5) * w5 * x).detach(), atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# losses
+
+
+def test_loss_parts_match_explicit_computation():
+    model = make_model()
+    b = make_batch()
+    with use_backend("reference"):
+        out = model(b)
+        h, tb, sb = model.hidden(b.input_ids, b.valid, b.task, span=image_span_mask(b.image_positions, CFG.seq_len),
+                                 features=model.batch_features(b))
+    assert_close(out.loss, out.mmu_loss + out.d3diff_loss + out.token_balance.sum() + out.seq_balance.sum())
+    assert_close(out.d3diff_loss, out.mask_loss + CFG.alpha * out.score_loss)
+    logits = model.lm_head(h).double()
+    # MMU: shifted next-token CE over the answer labels
+    lp = torch.log_softmax(logits[:, :-1], -1)
+    tgt = b.labels[:, 1:]
+    keep = tgt != IGNORE_INDEX
+    assert int(keep.sum()) == (2 + 1 + 1) + (2 + 3 + 1)  # answers + eos of samples 1 and 3
+    mmu = -lp[keep].gather(1, tgt[keep][:, None]).mean()
+    assert_close(out.mmu_loss.double(), mmu, atol=1e-5, rtol=1e-5)
+    # D3Diff: codebook-restricted CE at masked image tokens of T2I samples
+    off = CFG.image_token_offset
+    ce_sum, score = 0.0, 0.0
+    for i in range(b.size):
+        if b.task[i] != 0:
+            continue
+        lc = torch.log_softmax(logits[i, b.image_positions[i], off:off + CFG.codebook_size], -1)
+        ce = -lc.gather(1, b.image_codes[i][:, None])[:, 0][b.is_masked[i]]
+        m, dm = b.mask_rate[i].double(), b.mask_rate_deriv[i].double()
+        r, sigma = (1 - m) / m, -torch.log1p(-m)
+        ce_sum = ce_sum + ce.sum()
+        score = score + (dm / (1 - m) * (r * ce + 1 - r * sigma)).sum()  # σ'·DSE, posterior
+    n_masked = int(b.is_masked.sum())
+    assert_close(out.mask_loss.double(), ce_sum / n_masked, atol=1e-5, rtol=1e-5)
+    assert_close(out.score_loss.double(), score / 2, atol=1e-4, rtol=1e-5)
+    assert bool((out.token_balance > 0).all()) and bool((out.seq_balance > 0).all())
+
+
+def ModelOutputDetached(out):
+    return type(out)(*(t.detach() for t in out))
+
+
+def test_single_task_batches_have_zero_other_loss():
+    model = make_model()
+    out = model(make_batch(tasks=("t2i", "t2i")))
+    out = ModelOutputDetached(out)
+    assert float(out.mmu_loss) == 0.0 and float(out.d3diff_loss) > 0
+    assert float(out.token_balance[1]) == 0.0 and float(out.token_balance[0]) > 0
+    out = ModelOutputDetached(model(make_batch(tasks=("mmu",))))
+    assert float(out.d3diff_loss) == 0.0 and float(out.mmu_loss) > 0
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"parametrization": "raw", "d3diff_vocab": "full", "train_schedule": "loglinear"},
+    {"expert_activation": "swiglu", "gate_renormalize": True, "block_layout": "parallel",
+     "seq_router_pool": "prefix", "resampler_mode": "per_position"},
+])
+def test_backend_parity_loss_and_gradients(overrides):
+    """Same parameters and batch: every op on reference vs the fastest backends -> same loss and grads."""
+    model = make_model(**overrides)
+    b = make_batch(model.cfg)
+    results = []
+    for be in ("reference", "auto"):
+        model.set_backend(be)
+        model.zero_grad(set_to_none=True)
+        out = model(b)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (o_ref, g_ref), (o_fast, g_fast) = results
+    for a, c in zip(o_ref, o_fast):
+        assert_close(c, a)
+    assert g_ref.keys() == g_fast.keys() and len(g_ref) == len(list(model.parameters()))
+    for n in g_ref:
+        assert_close(g_fast[n], g_ref[n], name=n)
+    with pytest.raises(ValueError, match="name"):
+        model.set_backend("fastest")
+
+
+# ------------------------------------------------------------------------------------------------
+# generation and understanding
+
+
+def test_kv_cache_matches_full_recompute():
+    model = make_model().eval()
+    B, P, extra = 2, 12, 4
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, CFG.vocab_size - 1, (B, P + extra), generator=g)
+    valid = torch.ones(B, P + extra, dtype=torch.bool)
+    valid[0, 3] = False  # a pad inside the prompt
+    span = torch.zeros_like(valid)
+    span[:, 1:6] = True
+    task = torch.tensor([1, 1])
+    route = valid.clone()
+    route[:, P:] = False
+    feats = {"clip": torch.randn(B, CFG.clip_tokens, CFG.clip_dim), "face": torch.randn(B, 1, CFG.face_dim),
+             "noise": torch.randn(B, CFG.noise_tokens, CFG.noise_dim)}
+    with torch.no_grad():
+        full, _, _ = model.hidden(ids, valid, task, span=span, route_mask=route, features=feats)
+        cache = KVCache(CFG, B, P + extra, "cpu", torch.float32)
+        pre, _, _ = model.hidden(ids[:, :P], valid[:, :P], task, span=span[:, :P], route_mask=route[:, :P],
+                                 features=feats, cache=cache)
+        steps = [pre]
+        for p in range(P, P + extra):
+            pos = torch.full((B, 1), p)
+            h, _, _ = model.hidden(ids[:, p:p + 1], valid[:, p:p + 1], task, positions=pos, features=feats, cache=cache)
+            steps.append(h)
+    inc = torch.cat(steps, 1)
+    keep = valid
+    assert_close(inc[keep], full[keep], atol=1e-5, rtol=1e-4)
+
+
+def test_answer_cache_and_no_cache_agree():
+    model = make_model().eval()
+    g = torch.Generator().manual_seed(6)
+    codes = torch.randint(0, CFG.codebook_size, (3, L), generator=g)
+    qs = [[1, 2, 3], [4], [5, 6]]
+    clip = torch.randn(3, CFG.clip_tokens, CFG.clip_dim, generator=g)
+    face = torch.randn(3, CFG.face_dim, generator=g)
+    kw = dict(max_new_tokens=6, clip_features=clip, face_embeddings=face)
+    for temp in (0.0, 1.0):
+        a = model.answer(codes, qs, temperature=temp, seed=3, use_cache=True, **kw)
+        b = model.answer(codes, qs, temperature=temp, seed=3, use_cache=False, **kw)
+        assert a == b
+        assert all(0 <= t < CFG.text_vocab_size for row in a for t in row)
+    # a batch answer equals the answers decoded one at a time
+    single = [model.answer(codes[i:i + 1], qs[i:i + 1], temperature=0.0, max_new_tokens=6,
+                           clip_features=clip[i:i + 1], face_embeddings=face[i:i + 1])[0] for i in range(3)]
+    assert single == model.answer(codes, qs, temperature=0.0, **kw)
+
+
+def test_generate_images_deterministic_and_backend_independent():
+    model = make_model().eval()
+    caps = [[1, 2, 3], [4, 5]]
+    a = model.generate_images(caps, steps=4, temperature=1.0, seed=11)
+    b = model.generate_images(caps, steps=4, temperature=1.0, seed=11)
+    c = model.generate_images(caps, steps=4, temperature=1.0, seed=12)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (2, L) and bool(((a >= 0) & (a < CFG.codebook_size)).all())
+    model.set_backend("reference")
+    r = model.generate_images(caps, steps=4, temperature=0.0, seed=5)
+    model.set_backend("auto")
+    f = model.generate_images(caps, steps=4, temperature=0.0, seed=5)
+    assert torch.equal(r, f)
+    # no guidance works without the unconditional rows
+    assert model.generate_images(caps, steps=2, guidance=0.0, seed=1).shape == (2, L)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad batches
+
+
+def test_bad_batches_raise_clear_errors():
+    model = make_model()
+    b = make_batch()
+    bad = Batch(**{**b.__dict__, "input_ids": b.input_ids[:, :-1]})
+    with pytest.raises(ValueError, match=r"batch\.input_ids.*shape"):
+        model(bad)
+    ids = b.input_ids.clone()
+    ids[1, 5] = CFG.vocab_size
+    with pytest.raises(ValueError, match=r"batch\.input_ids.*\[0, 171\)"):
+        model(Batch(**{**b.__dict__, "input_ids": ids}))
+    with pytest.raises(ValueError, match=r"batch\.task"):
+        model(Batch(**{**b.__dict__, "task": torch.tensor([0, 1, 2, 0])}))
+    with pytest.raises(ValueError, match=r"batch\.task.*'vqa'"):
+        collate(CFG, [Sample("vqa", [0] * L, [1])])
+    with pytest.raises(ValueError, match=r"batch\.labels"):
+        lab = b.labels.clone()
+        lab[0, 0] = -5
+        model(Batch(**{**b.__dict__, "labels": lab}))
+    with pytest.raises(ValueError, match=r"batch\.image_codes"):
+        collate(CFG, [Sample("t2i", [0] * (L - 1), [1])])
+    with pytest.raises(ValueError, match=r"batch\.mask_rate"):
+        model(Batch(**{**b.__dict__, "mask_rate": torch.zeros(4)}))
+    with pytest.raises(ValueError, match=r"batch\.clip_features"):
+        model(Batch(**{**b.__dict__, "clip_features": torch.randn(4, 3, 3)}))
+    with pytest.raises(ValueError, match=r"batch\.labels.*no answer"):
+        collate(CFG, [Sample("mmu", [0] * L, [1])])
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def test_safetensors_roundtrip(tmp_path):
+    model = make_model(seed=3)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(model, path)
+    loaded = load_checkpoint(path)
+    assert loaded.cfg == model.cfg
+    b = make_batch()
+    assert_close(loaded(b).loss, model(b).loss, atol=0, rtol=0)
+    # missing / unexpected / mismatched keys are listed
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(path))
+    sd.pop("blocks.0.attn.q_proj.bias")
+    sd["extra.weight"] = torch.zeros(2)
+    sd["ln_f.weight"] = torch.zeros(3)
+    save_file(sd, str(tmp_path / "bad.safetensors"), metadata={"config": model.cfg.to_json()})
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(tmp_path / "bad.safetensors")
+    msg = str(e.value)
+    assert "blocks.0.attn.q_proj.bias" in msg and "extra.weight" in msg and "ln_f.weight" in msg
+
+
+def _random_phi(cfg, vocab_rows, mlp, layers):
+    D = cfg.hidden_size
+    sd = {"model.embed_tokens.weight": torch.randn(vocab_rows, D), "lm_head.weight": torch.randn(vocab_rows, D),
+          "lm_head.bias": torch.randn(vocab_rows), "model.final_layernorm.weight": torch.randn(D),
+          "model.final_layernorm.bias": torch.randn(D)}
+    for i in range(layers):
+        s = f"model.layers.{i}."
+        sd[s + "input_layernorm.weight"], sd[s + "input_layernorm.bias"] = torch.randn(D), torch.randn(D)
+        for p in ("q_proj", "k_proj", "v_proj", "dense"):
+            sd[f"{s}self_attn.{p}.weight"], sd[f"{s}self_attn.{p}.bias"] = torch.randn(D, D), torch.randn(D)
+        sd[s + "mlp.fc1.weight"], sd[s + "mlp.fc1.bias"] = torch.randn(mlp, D), torch.randn(mlp)
+        sd[s + "mlp.fc2.weight"], sd[s + "mlp.fc2.bias"] = torch.randn(D, mlp), torch.randn(D)
+    return sd
+
+
+def test_phi_import_upcycles_dense_mlp(tmp_path):
+    from safetensors.torch import save_file
+
+    cfg = preset("tiny", expert_activation="gelu_tanh")
+    model = UniF2ace(cfg)
+    sd = _random_phi(cfg, 100, cfg.mlp_width, cfg.num_layers)  # Phi-like: padded text vocabulary
+    save_file({f"showo.{k}": v for k, v in sd.items()}, str(tmp_path / "phi.safetensors"))
+    report = load_phi_state_dict(model, tmp_path / "phi.safetensors")
+    assert "blocks.0.ln3.weight" in report["initialised"] and "blocks.1.token_moe.w1" in report["loaded"]
+    T = cfg.text_vocab_size
+    assert torch.equal(model.embed.weight[:T], sd["model.embed_tokens.weight"][:T])
+    assert torch.equal(model.blocks[1].ln2.bias, sd["model.layers.1.input_layernorm.bias"])
+    assert torch.equal(model.blocks[0].attn.dense.weight, sd["model.layers.0.self_attn.dense.weight"])
+    # Σ_e routed_e(x) + dense fc2 bias == the dense MLP, for both groups
+    moe = model.blocks[0].token_moe
+    s = "model.layers.0.mlp."
+    x = torch.randn(5, cfg.hidden_size) * 0.1
+    dense = F.gelu(x @ sd[s + "fc1.weight"].t() + sd[s + "fc1.bias"], approximate="tanh") @ sd[s + "fc2.weight"].t() \
+        + sd[s + "fc2.bias"]
+    N = cfg.num_routed_experts
+    for g in (0, 1):
+        ids = torch.arange(g * N, (g + 1) * N).expand(5, N)
+        with torch.no_grad():
+            y = moe_expert_mlp(x, moe.w1, moe.w2, ids, torch.ones(5, N), b1=moe.b1, b2=moe.b2, activation="gelu_tanh")
+        assert_close(y + sd[s + "fc2.bias"], dense, atol=1e-4, rtol=1e-4)
+    # full-vocabulary (Show-o) rows are copied whole
+    m2 = UniF2ace(cfg)
+    full = _random_phi(cfg, cfg.vocab_size, cfg.mlp_width, cfg.num_layers)
+    load_phi_state_dict(m2, full)
+    assert torch.equal(m2.lm_head.weight, full["lm_head.weight"])
+
+
+def test_phi_import_errors_list_keys():
+    cfg = preset("tiny")
+    sd = _random_phi(cfg, 100, cfg.mlp_width, cfg.num_layers)
+    sd.pop("model.layers.1.mlp.fc2.bias")
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(4)
+    sd["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError) as e:
+        load_phi_state_dict(UniF2ace(cfg), sd)
+    msg = str(e.value)
+    assert "model.layers.1.mlp.fc2.bias" in msg and "rotary_emb.inv_freq" in msg and "q_proj.weight" in msg
+    with pytest.raises(CheckpointError, match="dense MLP width"):
+        load_phi_state_dict(UniF2ace(cfg), _random_phi(cfg, 100, 96, cfg.num_layers))

@@ -1,0 +1,233 @@
+"""Model configuration: one dataclass, every [choice] of model-spec.md a field, three presets.
+
+Vocabulary layout (model-spec §1), ids in this order::
+
+    [0, text_vocab_size)                      text tokens (bos/eos among them)
+    text_vocab_size + i, i < 10               special tokens, SPECIAL_TOKENS[i]
+    image_token_offset + c, c < codebook_size image code c
+    vocab_size - 1                            [MASK]
+
+so ``vocab_size = text_vocab_size + 10 + codebook_size + 1`` (58,498 for the paper preset).
+
+Sequence layout (both tasks have the same length ``seq_len = text_len + image_tokens + 2``)::
+
+    T2I: <|t2i|> [PAD]... <bos> caption <eos> <|soi|> image... <|eoi|>   (text_len tokens before <|soi|>)
+    MMU: <|mmu|> <|soi|> image... <|eoi|> <bos> question answer <eos> [PAD]...
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Tuple
+
+__all__ = ["SPECIAL_TOKENS", "TASKS", "UniF2aceConfig", "preset", "PRESETS"]
+
+SPECIAL_TOKENS = ("<|soi|>", "<|eoi|>", "<|sov|>", "<|eov|>", "<|t2i|>", "<|mmu|>", "<|t2v|>", "<|v2v|>",
+                  "<|lvg|>", "[PAD]")
+TASKS = ("t2i", "mmu")
+"""Task of a sample; its index is also the MoE group: 0 = generation (t2i), 1 = understanding (mmu)."""
+
+SEQ_EXPERT_KINDS = ("copy", "zero", "noise", "clip", "face")
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"UniF2aceConfig: field '{name}' must be one of {list(allowed)}, got {value!r}")
+
+
+@dataclass
+class UniF2aceConfig:
+    # -- vocabulary (model-spec §1)
+    text_vocab_size: int = 50295
+    codebook_size: int = 8192
+    bos_token_id: int = 50256  # Phi's <|endoftext|> is both bos and eos
+    eos_token_id: int = 50256
+    # -- sequence layout
+    text_len: int = 128  # tokens before <|soi|> in T2I (incl. <|t2i|>); MMU text part is text_len - 1
+    image_grid: int = 16  # image tokens = image_grid ** 2 (256 at 256 px with 16x down-sampling) [choice]
+    # -- backbone (Phi-1.5-like)
+    hidden_size: int = 2048
+    num_layers: int = 24
+    num_heads: int = 32
+    mlp_width: int = 8192  # width of the dense MLP the experts are carved from
+    rotary_fraction: float = 0.5  # partial rotary: this fraction of each head dim
+    rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    block_layout: str = "sequential"  # [choice] "sequential" (LN1/LN2/LN3, the paper figure) | "parallel" (Phi)
+    # -- token-level MoE (model-spec §3), per group
+    num_routed_experts: int = 8
+    top_k: int = 4
+    routed_width: int = 0  # 0 -> mlp_width // num_routed_experts [choice]
+    shared_width: int = 0  # 0 -> mlp_width // num_routed_experts [choice]
+    expert_activation: str = "gelu"  # [choice] "gelu" | "gelu_tanh" | "swiglu"
+    expert_bias: bool = True
+    gate_renormalize: bool = False  # [choice] gates = softmax probs (False) or renormalised over top-k
+    router_score: str = "softmax"
+    balance_coef: float = 0.01  # λ [choice]
+    # -- sequence-level MoE (model-spec §3)
+    seq_moe: bool = True
+    seq_experts_gen: Tuple[str, ...] = ("copy", "zero", "noise", "copy")
+    seq_experts_und: Tuple[str, ...] = ("clip", "face", "copy", "copy")
+    seq_top_k: int = 2
+    seq_balance_coef: float = 0.01  # [choice]
+    seq_router_pool: str = "nonpad"  # [choice] "nonpad": mean over non-pad positions; "prefix": MMU image prefix only
+    resampler_queries: int = 16
+    resampler_dim: int = 512
+    resampler_heads: int = 8
+    resampler_mode: str = "pooled"  # [choice] "pooled" (queries mean-pooled, broadcast) | "per_position"
+    clip_dim: int = 1024  # precomputed CLIP image features [B, clip_tokens, clip_dim]
+    clip_tokens: int = 257
+    face_dim: int = 512  # face-identity embedding [B, face_dim] (ArcFace / AntelopeV2)
+    noise_tokens: int = 16  # Gaussian "features" of the Noise expert [B, noise_tokens, noise_dim]
+    noise_dim: int = 512
+    # -- D3Diff loss (model-spec §2)
+    alpha: float = 0.01
+    parametrization: str = "posterior"  # "posterior" | "raw" | "radd"
+    train_schedule: str = "cosine"  # [choice] "cosine" (exact count) | "loglinear" (Bernoulli)
+    loglinear_eps: float = 1e-3
+    clamp_mask_rate: bool = True  # [choice] cosine m clamped to >= 1/L
+    d3diff_vocab: str = "codebook"  # [choice] "codebook" | "full" (full vocabulary for the mask term only)
+    cond_dropout_prob: float = 0.1  # caption dropped -> unconditional branch for CFG
+    # -- generation defaults (model-spec §4, §5) [choice]
+    gen_steps: int = 18
+    guidance_scale: float = 1.75
+    temperature: float = 1.0
+    confidence_noise: float = 4.5
+    gen_schedule: str = "cosine"
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self):
+        self.seq_experts_gen = tuple(self.seq_experts_gen)
+        self.seq_experts_und = tuple(self.seq_experts_und)
+        self.validate()
+
+    # -- derived quantities
+    @property
+    def num_special_tokens(self) -> int:
+        return len(SPECIAL_TOKENS)
+
+    @property
+    def image_token_offset(self) -> int:
+        return self.text_vocab_size + len(SPECIAL_TOKENS)
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.vocab_size - 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_vocab_size + len(SPECIAL_TOKENS) + self.codebook_size + 1
+
+    @property
+    def image_tokens(self) -> int:
+        return self.image_grid ** 2
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_len + self.image_tokens + 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_fraction) // 2 * 2
+
+    @property
+    def expert_width(self) -> int:
+        return self.routed_width or self.mlp_width // self.num_routed_experts
+
+    @property
+    def shared_expert_width(self) -> int:
+        return self.shared_width or self.mlp_width // self.num_routed_experts
+
+    def special_token_id(self, name: str) -> int:
+        return self.text_vocab_size + SPECIAL_TOKENS.index(name)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.special_token_id("[PAD]")
+
+    def validate(self) -> None:
+        c = "UniF2aceConfig"
+        for f in ("text_vocab_size", "codebook_size", "text_len", "image_grid", "hidden_size", "num_layers",
+                  "num_heads", "mlp_width", "num_routed_experts", "top_k", "seq_top_k", "resampler_queries",
+                  "resampler_dim", "resampler_heads", "clip_dim", "clip_tokens", "face_dim", "noise_tokens",
+                  "noise_dim", "gen_steps"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{c}: field '{f}' must be an int >= 1, got {v!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"{c}: hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
+        if self.resampler_dim % self.resampler_heads:
+            raise ValueError(f"{c}: resampler_dim={self.resampler_dim} must be divisible by "
+                             f"resampler_heads={self.resampler_heads}")
+        if self.text_len < 4:
+            raise ValueError(f"{c}: field 'text_len' must be >= 4 (<|t2i|> <bos> <eos> + 1), got {self.text_len}")
+        for f in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, f)
+            if not 0 <= v < self.text_vocab_size:
+                raise ValueError(f"{c}: field '{f}'={v} must be a text token id in [0, {self.text_vocab_size})")
+        if self.top_k > self.num_routed_experts:
+            raise ValueError(f"{c}: top_k={self.top_k} exceeds num_routed_experts={self.num_routed_experts}")
+        if len(self.seq_experts_gen) != len(self.seq_experts_und):
+            raise ValueError(f"{c}: seq_experts_gen and seq_experts_und must have the same length, got "
+                             f"{self.seq_experts_gen} and {self.seq_experts_und}")
+        for f in ("seq_experts_gen", "seq_experts_und"):
+            for kind in getattr(self, f):
+                _choice(f, kind, SEQ_EXPERT_KINDS)
+        if self.seq_top_k > len(self.seq_experts_gen):
+            raise ValueError(f"{c}: seq_top_k={self.seq_top_k} exceeds the {len(self.seq_experts_gen)} sequence experts")
+        _choice("block_layout", self.block_layout, ("sequential", "parallel"))
+        _choice("expert_activation", self.expert_activation, ("gelu", "gelu_tanh", "swiglu"))
+        _choice("router_score", self.router_score, ("softmax", "sigmoid"))
+        _choice("seq_router_pool", self.seq_router_pool, ("nonpad", "prefix"))
+        _choice("resampler_mode", self.resampler_mode, ("pooled", "per_position"))
+        _choice("parametrization", self.parametrization, ("posterior", "raw", "radd"))
+        _choice("train_schedule", self.train_schedule, ("cosine", "loglinear"))
+        _choice("d3diff_vocab", self.d3diff_vocab, ("codebook", "full"))
+        _choice("gen_schedule", self.gen_schedule, ("cosine", "linear", "pow", "sigmoid"))
+        if not 0.0 < self.rotary_fraction <= 1.0:
+            raise ValueError(f"{c}: field 'rotary_fraction' must be in (0, 1], got {self.rotary_fraction}")
+        if not 0.0 <= self.cond_dropout_prob <= 1.0:
+            raise ValueError(f"{c}: field 'cond_dropout_prob' must be in [0, 1], got {self.cond_dropout_prob}")
+        if not 0.0 < self.loglinear_eps < 1.0:
+            raise ValueError(f"{c}: field 'loglinear_eps' must be in (0, 1), got {self.loglinear_eps}")
+
+    # -- (de)serialisation for checkpoints
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "UniF2aceConfig":
+        d = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"UniF2aceConfig.from_json: unknown fields {unknown}")
+        return cls(**d)
+
+
+PRESETS = {
+    # CPU tests and the demo: S = 16 + 64 + 2 = 82 tokens, ~1.3M parameters
+    "tiny": dict(text_vocab_size=96, codebook_size=64, bos_token_id=94, eos_token_id=95, text_len=16,
+                 image_grid=8, hidden_size=128, num_layers=2, num_heads=4, mlp_width=512, resampler_queries=4,
+                 resampler_dim=64, resampler_heads=4, clip_dim=32, clip_tokens=5, noise_tokens=4, noise_dim=32,
+                 gen_steps=8),
+    # CPU benchmarks: S = 32 + 256 + 2 = 290 tokens
+    "small": dict(text_vocab_size=2048, codebook_size=1024, bos_token_id=2046, eos_token_id=2047, text_len=32,
+                  image_grid=16, hidden_size=512, num_layers=6, num_heads=8, mlp_width=2048,
+                  resampler_queries=8, resampler_dim=256, resampler_heads=4, clip_dim=256, clip_tokens=17,
+                  noise_tokens=8, noise_dim=128),
+    # model-spec §1: Phi-1.5 backbone, 256 image tokens, 8192 codes, 58,498-token vocabulary
+    "paper": dict(),
+}
+
+
+def preset(name: str, **overrides) -> UniF2aceConfig:
+    """``preset("tiny" | "small" | "paper", **field_overrides)``."""
+    if name not in PRESETS:
+        raise ValueError(f"preset: unknown preset {name!r}; expected one of {list(PRESETS)}")
+    return UniF2aceConfig(**{**PRESETS[name], **overrides, "name": name})

@@ -1,0 +1,157 @@
+"""Generation (model-spec §4) and understanding (§5).
+
+:func:`generate_images`: MaskGIT decoding of the image span of T2I sequences, one forward pass
+per step over the conditional and (with guidance) the empty-caption rows together, then the fused
+:func:`unif2ace.kernels.masked_sample_step` (guidance combine, sampling, confidence, re-masking).
+The Noise sequence expert gets Gaussian features drawn once from ``seed`` (shared by all steps
+and by the cond/uncond rows), so a seed fixes the whole run.
+
+:func:`answer`: autoregressive decoding of an MMU answer with :func:`unif2ace.kernels.ar_sample`
+over the text vocabulary, with or without a KV cache. The sequence-MoE route of every layer is
+computed from the prompt and frozen for the decoded tokens (in both modes), so cached and
+uncached decoding compute the same thing. Decoding stops at <eos> or ``max_new_tokens``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from unif2ace.kernels import ar_sample, masked_sample_step
+
+from .batch import mmu_sequence, t2i_sequence
+from .modules import KVCache, image_span_mask
+
+__all__ = ["generate_images", "answer"]
+
+
+def _noise(cfg, B: int, seed: int, device) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, cfg.noise_tokens, cfg.noise_dim, generator=g).to(device)
+
+
+@torch.no_grad()
+def generate_images(model, captions: Sequence[Sequence[int]], *, steps: Optional[int] = None,
+                    guidance: Optional[float] = None, temperature: Optional[float] = None, seed: int = 0,
+                    confidence_noise: Optional[float] = None, schedule: Optional[str] = None,
+                    top_k: Optional[int] = None) -> Tensor:
+    """Image codes ``[B, L]`` int64 in [0, codebook_size) for ``B`` captions (text-token id lists).
+
+    steps / guidance / temperature / confidence_noise / schedule default to the config's
+    generation fields (T = 18, s = 1.75, 1.0, 4.5, cosine). Guidance uses the empty caption as the
+    unconditional branch. Deterministic for a given seed (the sampling RNG is keyed by seed, row
+    and position); temperature 0 is greedy.
+    """
+    cfg = model.cfg
+    steps = cfg.gen_steps if steps is None else steps
+    guidance = cfg.guidance_scale if guidance is None else guidance
+    temperature = cfg.temperature if temperature is None else temperature
+    confidence_noise = cfg.confidence_noise if confidence_noise is None else confidence_noise
+    schedule = schedule or cfg.gen_schedule
+    dev = model.embed.weight.device
+    B, L = len(captions), cfg.image_tokens
+    if B == 0:
+        raise ValueError("generate_images: argument 'captions' is empty")
+    masks = [cfg.mask_token_id] * L
+    rows = [t2i_sequence(cfg, c, masks) for c in captions]
+    if guidance != 0:
+        rows += [t2i_sequence(cfg, [], masks)] * B
+    ids = torch.tensor([r[0] for r in rows], device=dev)
+    valid = torch.tensor([r[1] for r in rows], device=dev)
+    R = ids.shape[0]
+    task = torch.zeros(R, dtype=torch.int64, device=dev)
+    img_pos = torch.arange(cfg.text_len + 1, cfg.text_len + 1 + L, device=dev)
+    span = image_span_mask(img_pos.expand(R, L), cfg.seq_len)
+    noise = _noise(cfg, B, seed, dev)
+    features = {"noise": noise.repeat(R // B, 1, 1)}
+    w, b = model.code_head()
+    tokens = torch.zeros(B, L, dtype=torch.int64, device=dev)
+    is_masked = torch.ones(B, L, dtype=torch.bool, device=dev)
+    with model.backend_scope():
+        for step in range(steps):
+            img = torch.where(is_masked, cfg.mask_token_id, tokens + cfg.image_token_offset)
+            ids[:, img_pos] = img.repeat(R // B, 1)
+            h, _, _ = model.hidden(ids, valid, task, span=span, features=features)
+            logits = torch.addmm(b, h[:, img_pos].reshape(R * L, -1), w.t()).view(R, L, -1)
+            out = masked_sample_step(
+                logits[:B], tokens, is_masked, step=step, num_steps=steps, seed=seed,
+                mask_token_id=cfg.mask_token_id, uncond_logits=logits[B:] if guidance != 0 else None,
+                guidance_scale=guidance, temperature=temperature, confidence_noise=confidence_noise,
+                schedule=schedule, top_k=top_k)
+            tokens, is_masked = out.tokens, out.is_masked
+    return tokens
+
+
+@torch.no_grad()
+def answer(model, image_codes, questions: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
+           temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
+           seed: int = 0, use_cache: bool = True, clip_features: Optional[Tensor] = None,
+           face_embeddings: Optional[Tensor] = None) -> List[List[int]]:
+    """Decode an answer for each (image, question): text-token ids, without the final <eos>.
+
+    image_codes ``[B, L]`` int codes; questions: B lists of text-token ids; clip_features
+    ``[B, Nc, Dc]`` / face_embeddings ``[B, Df]`` feed the CLIP / Face sequence experts.
+    Sampling over the text vocabulary with temperature (default ``cfg.temperature``; 0 = greedy),
+    top-k and top-p, keyed by (seed, row, step).
+    """
+    cfg = model.cfg
+    dev = model.embed.weight.device
+    image_codes = torch.as_tensor(image_codes, device=dev)
+    B = len(questions)
+    if image_codes.dim() != 2 or tuple(image_codes.shape) != (B, cfg.image_tokens):
+        raise ValueError(f"answer: argument 'image_codes' must have shape [{B}, {cfg.image_tokens}], "
+                         f"got {list(image_codes.shape)}")
+    if bool(((image_codes < 0) | (image_codes >= cfg.codebook_size)).any()):
+        raise ValueError(f"answer: argument 'image_codes' must hold codes in [0, {cfg.codebook_size})")
+    if max_new_tokens < 1:
+        raise ValueError(f"answer: argument 'max_new_tokens' must be >= 1, got {max_new_tokens}")
+    temperature = cfg.temperature if temperature is None else temperature
+    rows = [mmu_sequence(cfg, (c + cfg.image_token_offset).tolist(), q) for c, q in zip(image_codes, questions)]
+    prompt_len = torch.tensor([sum(r[1]) for r in rows], device=dev)
+    P = int(prompt_len.max())
+    cap = P + max_new_tokens
+    ids = torch.full((B, cap), cfg.pad_token_id, dtype=torch.int64, device=dev)
+    valid = torch.zeros(B, cap, dtype=torch.bool, device=dev)
+    ids[:, :P] = torch.tensor([r[0][:P] for r in rows], device=dev)
+    valid[:, :P] = torch.tensor([r[1][:P] for r in rows], device=dev)
+    task = torch.ones(B, dtype=torch.int64, device=dev)
+    img_pos = torch.arange(2, 2 + cfg.image_tokens, device=dev).expand(B, -1)
+    span = image_span_mask(img_pos, cap)
+    route_mask = model.route_mask(valid, task, span).clone()  # the prompt only: frozen for the decoded tokens
+    features = {"clip": clip_features, "face": None if face_embeddings is None else face_embeddings[:, None, :]}
+    b = torch.arange(B, device=dev)
+    pos = prompt_len.clone()  # where the next token goes
+    out = torch.full((B, max_new_tokens), -1, dtype=torch.int64, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    V = cfg.text_vocab_size
+    with model.backend_scope():
+        if use_cache:
+            cache = KVCache(cfg, B, cap, dev, model.embed.weight.dtype)
+            h, _, _ = model.hidden(ids[:, :P], valid[:, :P], task, span=span[:, :P], route_mask=route_mask[:, :P],
+                                   features=features, cache=cache)
+            last = h[b, pos - 1]
+        for i in range(max_new_tokens):
+            if not use_cache:
+                T = int(pos.max())
+                h, _, _ = model.hidden(ids[:, :T], valid[:, :T], task, span=span[:, :T], route_mask=route_mask[:, :T],
+                                       features=features)
+                last = h[b, pos - 1]
+            logits = torch.addmm(model.lm_head.bias[:V], last, model.lm_head.weight[:V].t())
+            tok = ar_sample(logits, seed=seed, position=i, temperature=temperature, top_k=top_k, top_p=top_p).tokens
+            out[:, i] = torch.where(done, -1, tok)
+            done |= tok == cfg.eos_token_id
+            if bool(done.all()) or i == max_new_tokens - 1:
+                break
+            ids[b, pos] = tok
+            valid[b, pos] = True
+            if use_cache:
+                h, _, _ = model.hidden(tok[:, None], torch.ones(B, 1, dtype=torch.bool, device=dev), task,
+                                       positions=pos[:, None], features=features, cache=cache)
+                last = h[:, 0]
+            pos = pos + 1
+    result = []
+    for row in out.tolist():
+        toks = [t for t in row if t >= 0]
+        result.append(toks[:-1] if toks and toks[-1] == cfg.eos_token_id else toks)
+    return result

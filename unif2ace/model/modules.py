@@ -1,0 +1,344 @@
+"""The building blocks of a UniF²ace layer (model-spec §1, §3), readable top to bottom.
+
+    h = x + Attn(LN1(x))          omni-attention: causal text, bidirectional image span, pads never attended
+    h = h + TokenMoE_g(LN2(h))    per task group g: 1 shared expert + top-k of N routed experts
+    h = h + SeqMoE_g(LN3(h))      per task group g: one top-2 route per sequence over copy/zero/noise/CLIP/face
+
+Every hot spot calls :mod:`unif2ace.kernels` (gating, routed/shared expert MLPs, sequence gating),
+so whichever backend :func:`unif2ace.kernels.use_backend` selects is used.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unif2ace.kernels import moe_expert_mlp, moe_gating, moe_sequence_gating
+
+from .config import TASKS, UniF2aceConfig
+
+__all__ = ["attention_mask", "omni_attention_mask", "image_span_mask", "rotary_tables", "KVCache", "Attention",
+           "TokenMoE", "PerceiverResampler", "FeatureExpert", "SequenceMoE", "Block"]
+
+NUM_GROUPS = len(TASKS)  # 0 = generation (t2i), 1 = understanding (mmu)
+
+
+# ------------------------------------------------------------------------------------------------
+# omni-attention masks
+
+
+def attention_mask(q_pos: Tensor, q_span: Tensor, k_valid: Tensor, k_span: Tensor) -> Tensor:
+    """Boolean SDPA mask ``[B, 1, Tq, Tk]`` (True = may attend) for keys at positions ``0..Tk-1``.
+
+    Query at position p (``q_pos [B, Tq]``) sees key k iff the key is not padding and either
+    ``k <= p`` (causal) or both lie in the sequence's bidirectional image span
+    (``q_span [B, Tq]``, ``k_span [B, Tk]``: <|soi|> image... <|eoi|>).
+    """
+    k_pos = torch.arange(k_valid.shape[1], device=k_valid.device)
+    causal = k_pos[None, None, :] <= q_pos[:, :, None]
+    bidir = q_span[:, :, None] & k_span[:, None, :]
+    return (k_valid[:, None, :] & (causal | bidir))[:, None]
+
+
+def omni_attention_mask(valid: Tensor, span: Tensor) -> Tensor:
+    """``[B, 1, S, S]`` omni-attention mask of whole sequences (``valid``, ``span``: ``[B, S]`` bool).
+
+    T2I (image span last): caption rows causal, image rows see every non-pad position.
+    MMU (image span first): image prefix bidirectional, text after it causal.
+    """
+    pos = torch.arange(valid.shape[1], device=valid.device).expand(valid.shape[0], -1)
+    return attention_mask(pos, span, valid, span)
+
+
+def image_span_mask(image_positions: Tensor, seq_len: int) -> Tensor:
+    """``[B, seq_len]`` bool: the image tokens plus the <|soi|> before and <|eoi|> after them."""
+    pos = torch.arange(seq_len, device=image_positions.device)
+    lo = image_positions[:, :1] - 1
+    hi = image_positions[:, -1:] + 1
+    return (pos >= lo) & (pos <= hi)
+
+
+# ------------------------------------------------------------------------------------------------
+# attention (Phi-1.5: separate q/k/v projections with bias, partial rotary, output "dense")
+
+
+def rotary_tables(positions: Tensor, rotary_dim: int, theta: float) -> Tuple[Tensor, Tensor]:
+    """cos, sin ``[B, 1, T, rotary_dim]`` for ``positions [B, T]`` (HF Phi / GPT-NeoX convention)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32) / rotary_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+def _apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    r = cos.shape[-1]
+    xr, xp = x[..., :r], x[..., r:]
+    x1, x2 = xr.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return torch.cat(((xr * cos + rotated * sin).to(x.dtype), xp), dim=-1)
+
+
+class KVCache:
+    """Per-layer keys/values ``[B, H, capacity, head_dim]`` written at absolute positions, the
+    validity and image span of every cached position, and each layer's frozen sequence route."""
+
+    def __init__(self, cfg: UniF2aceConfig, batch: int, capacity: int, device, dtype):
+        shape = (batch, cfg.num_heads, capacity, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.span = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.routes: List[Optional[Tuple[Tensor, Tensor]]] = [None] * cfg.num_layers
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+    def write(self, layer: int, positions: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        b = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[layer][b, :, positions] = k.transpose(1, 2)
+        self.v[layer][b, :, positions] = v.transpose(1, 2)
+        return self.k[layer], self.v[layer]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: UniF2aceConfig):
+        super().__init__()
+        D = cfg.hidden_size
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.dense = nn.Linear(D, D)
+
+    def forward(self, x: Tensor, mask: Tensor, cos: Tensor, sin: Tensor, *, cache: Optional[KVCache] = None,
+                layer: int = 0, positions: Optional[Tensor] = None) -> Tensor:
+        B, T, D = x.shape
+
+        def heads(t):
+            return t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q = _apply_rotary(heads(self.q_proj(x)), cos, sin)
+        k = _apply_rotary(heads(self.k_proj(x)), cos, sin)
+        v = heads(self.v_proj(x))
+        if cache is not None:
+            k, v = cache.write(layer, positions, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.dense(y.transpose(1, 2).reshape(B, T, D))
+
+
+# ------------------------------------------------------------------------------------------------
+# token-level grouped MoE
+
+
+class TokenMoE(nn.Module):
+    """Per group: one always-on shared expert + top-k of N routed experts (model-spec §3).
+
+    Experts of both groups share one global index space (group g owns ``[g·N, (g+1)·N)``), so one
+    :func:`moe_gating` and one :func:`moe_expert_mlp` call serve the whole micro-batch, and routing
+    never crosses groups. The shared experts are a second :func:`moe_expert_mlp` call with the
+    token's group as its (only) expert and gate 1. Weights are stored as the kernels take them:
+    ``w1 [E, D, F]`` (``[E, D, 2F]`` for swiglu), ``w2 [E, F, D]``.
+    """
+
+    def __init__(self, cfg: UniF2aceConfig):
+        super().__init__()
+        D, N, G = cfg.hidden_size, cfg.num_routed_experts, NUM_GROUPS
+        mult = 2 if cfg.expert_activation == "swiglu" else 1
+        F_, Fs = cfg.expert_width, cfg.shared_expert_width
+        self.cfg = cfg
+        self.router = nn.Parameter(torch.empty(G * N, D))
+        self.w1 = nn.Parameter(torch.empty(G * N, D, mult * F_))
+        self.w2 = nn.Parameter(torch.empty(G * N, F_, D))
+        self.shared_w1 = nn.Parameter(torch.empty(G, D, mult * Fs))
+        self.shared_w2 = nn.Parameter(torch.empty(G, Fs, D))
+        if cfg.expert_bias:
+            self.b1 = nn.Parameter(torch.zeros(G * N, mult * F_))
+            self.b2 = nn.Parameter(torch.zeros(G * N, D))
+            self.shared_b1 = nn.Parameter(torch.zeros(G, mult * Fs))
+            self.shared_b2 = nn.Parameter(torch.zeros(G, D))
+        else:
+            self.b1 = self.b2 = self.shared_b1 = self.shared_b2 = None
+        for w in (self.router, self.w1, self.w2, self.shared_w1, self.shared_w2):
+            nn.init.normal_(w, std=0.02)
+
+    def forward(self, x: Tensor, group: Tensor) -> Tuple[Tensor, Tensor]:
+        """x ``[T, D]``, group ``[T]`` -> (output ``[T, D]``, balance loss per group ``[G]``)."""
+        cfg = self.cfg
+        route = moe_gating(x @ self.router.t().to(x.dtype), group, [cfg.num_routed_experts] * NUM_GROUPS,
+                           cfg.top_k, score=cfg.router_score, renormalize=cfg.gate_renormalize,
+                           balance_coef=cfg.balance_coef)
+        routed = moe_expert_mlp(x, self.w1, self.w2, route.expert_ids, route.gates, b1=self.b1, b2=self.b2,
+                                activation=cfg.expert_activation)
+        ones = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
+        shared = moe_expert_mlp(x, self.shared_w1, self.shared_w2, group[:, None], ones, b1=self.shared_b1,
+                                b2=self.shared_b2, activation=cfg.expert_activation)
+        return shared + routed, route.balance_loss
+
+
+# ------------------------------------------------------------------------------------------------
+# sequence-level grouped MoE
+
+
+class PerceiverResampler(nn.Module):
+    """Learned queries cross-attend to projected features, then project to the model width.
+
+    mode "pooled": ``[B, Nf, in_dim] -> [B, 1, D]`` (queries mean-pooled, broadcast to every
+    position); mode "per_position": the tokens themselves are the queries, ``-> [B, S, D]``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, dim: int, num_queries: int, heads: int, mode: str):
+        super().__init__()
+        self.mode, self.heads = mode, heads
+        self.proj_in = nn.Linear(in_dim, dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        if mode == "pooled":
+            self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
+        else:
+            self.query_proj = nn.Linear(out_dim, dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.proj_out = nn.Linear(dim, out_dim)
+        self.norm_out = nn.LayerNorm(out_dim)
+
+    def forward(self, feats: Tensor, x: Tensor) -> Tensor:
+        B = feats.shape[0]
+        kv = self.norm_kv(self.proj_in(feats.to(x.dtype)))
+        q_in = self.queries.expand(B, -1, -1) if self.mode == "pooled" else self.query_proj(x)
+        dim = kv.shape[-1]
+
+        def heads(t):
+            return t.view(B, t.shape[1], self.heads, dim // self.heads).transpose(1, 2)
+
+        k, v = self.to_kv(kv).chunk(2, dim=-1)
+        y = F.scaled_dot_product_attention(heads(self.to_q(q_in)), heads(k), heads(v))
+        y = self.norm_out(self.proj_out(y.transpose(1, 2).reshape(B, -1, dim)))
+        return y.mean(dim=1, keepdim=True) if self.mode == "pooled" else y
+
+
+class FeatureExpert(nn.Module):
+    """MoE++ constant expert with the constant replaced by resampled features:
+    ``E(x) = w0·x + w1·S(f)``, ``[w0, w1] = softmax(W x)`` per token. Missing features -> S(f) = 0."""
+
+    def __init__(self, cfg: UniF2aceConfig, in_dim: int):
+        super().__init__()
+        self.mix = nn.Linear(cfg.hidden_size, 2, bias=False)
+        self.resampler = PerceiverResampler(in_dim, cfg.hidden_size, cfg.resampler_dim, cfg.resampler_queries,
+                                            cfg.resampler_heads, cfg.resampler_mode)
+
+    def forward(self, x: Tensor, feats: Optional[Tensor]) -> Tensor:
+        w = torch.softmax(self.mix(x).float(), dim=-1).to(x.dtype)
+        out = w[..., :1] * x
+        if feats is not None:
+            out = out + w[..., 1:] * self.resampler(feats, x)
+        return out
+
+
+class SequenceMoE(nn.Module):
+    """One top-k route per sequence over each group's experts (model-spec §3).
+
+    Global expert e < n belongs to the generation group (``cfg.seq_experts_gen[e]``), e >= n to the
+    understanding group. Router input: the masked mean of LN3(h) over ``route_mask`` (computed by
+    :func:`moe_sequence_gating`). The output is ``Σ_e G[b, e] · E_e(x)`` with the dense per-sequence
+    gate matrix G (zero for experts not chosen); copy/zero are exact (``x`` and nothing).
+    """
+
+    def __init__(self, cfg: UniF2aceConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.kinds = tuple(cfg.seq_experts_gen) + tuple(cfg.seq_experts_und)
+        self.router = nn.Linear(cfg.hidden_size, len(self.kinds))
+        nn.init.normal_(self.router.weight, std=0.02)
+        nn.init.zeros_(self.router.bias)
+        dims = {"clip": cfg.clip_dim, "face": cfg.face_dim, "noise": cfg.noise_dim}
+        self.experts = nn.ModuleDict({str(e): FeatureExpert(cfg, dims[k]) for e, k in enumerate(self.kinds)
+                                      if k in dims})
+
+    def route(self, x: Tensor, route_mask: Tensor, group: Tensor):
+        n = len(self.cfg.seq_experts_gen)
+        return moe_sequence_gating(x, route_mask, self.router.weight, group, [n] * NUM_GROUPS, self.cfg.seq_top_k,
+                                   router_bias=self.router.bias, balance_coef=self.cfg.seq_balance_coef)
+
+    def forward(self, x: Tensor, group: Tensor, expert_ids: Tensor, gates: Tensor,
+                features: Dict[str, Optional[Tensor]]) -> Tensor:
+        """x ``[B, S, D]``; the route (expert_ids, gates ``[B, k]``) from :meth:`route`."""
+        G = torch.zeros(x.shape[0], len(self.kinds), dtype=gates.dtype, device=x.device)
+        G = G.scatter(1, expert_ids.long(), gates).to(x.dtype)[:, :, None, None]
+        out = torch.zeros_like(x)
+        for e, kind in enumerate(self.kinds):
+            if kind == "zero":
+                continue
+            y = x if kind == "copy" else self.experts[str(e)](x, features.get(kind))
+            out = out + G[:, e] * y
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the block
+
+
+class Block(nn.Module):
+    """``h = x + Attn(LN1 x); h = h + TokenMoE(LN2 h); h = h + SeqMoE(LN3 h)`` (sequential layout) or
+    ``h = x + Attn(a) + TokenMoE(a) + SeqMoE(a), a = LN1 x`` (parallel, Phi's own layout)."""
+
+    def __init__(self, cfg: UniF2aceConfig, index: int):
+        super().__init__()
+        self.cfg, self.index = cfg, index
+        D, eps = cfg.hidden_size, cfg.layer_norm_eps
+        self.ln1 = nn.LayerNorm(D, eps=eps)
+        self.attn = Attention(cfg)
+        sequential = cfg.block_layout == "sequential"
+        if sequential:
+            self.ln2 = nn.LayerNorm(D, eps=eps)
+        self.token_moe = TokenMoE(cfg)
+        if cfg.seq_moe:
+            if sequential:
+                self.ln3 = nn.LayerNorm(D, eps=eps)
+            self.seq_moe = SequenceMoE(cfg)
+
+    def _token_moe(self, a: Tensor, ctx: "BlockContext") -> Tuple[Tensor, Tensor]:
+        # only non-pad tokens are routed (pads would skew the balance statistics); pads get 0
+        B, T, D = a.shape
+        y, bal = self.token_moe(a.reshape(B * T, D).index_select(0, ctx.token_index), ctx.token_group)
+        out = torch.zeros(B * T, D, dtype=y.dtype, device=y.device).index_copy(0, ctx.token_index, y)
+        return out.view(B, T, D), bal
+
+    def _seq_moe(self, a: Tensor, ctx: "BlockContext") -> Tuple[Tensor, Tensor]:
+        bal = a.new_zeros(NUM_GROUPS, dtype=torch.float32)
+        cache = ctx.cache
+        if cache is not None and cache.routes[self.index] is not None:
+            ids, gates = cache.routes[self.index]  # decoding: the route frozen at prefill
+        else:
+            r = self.seq_moe.route(a, ctx.route_mask, ctx.group)
+            ids, gates, bal = r.expert_ids, r.gates, r.balance_loss
+            if cache is not None:
+                cache.routes[self.index] = (ids, gates)
+        return self.seq_moe(a, ctx.group, ids, gates, ctx.features), bal
+
+    def forward(self, x: Tensor, ctx: "BlockContext") -> Tuple[Tensor, Tensor, Tensor]:
+        """-> (h, token balance ``[G]``, sequence balance ``[G]``)."""
+        attn = lambda a: self.attn(a, ctx.mask, ctx.cos, ctx.sin, cache=ctx.cache, layer=self.index,  # noqa: E731
+                                   positions=ctx.positions)
+        zero = x.new_zeros(NUM_GROUPS, dtype=torch.float32)
+        if self.cfg.block_layout == "parallel":
+            a = self.ln1(x)
+            t, tb = self._token_moe(a, ctx)
+            s, sb = self._seq_moe(a, ctx) if self.cfg.seq_moe else (0, zero)
+            return x + attn(a) + t + s, tb, sb
+        h = x + attn(self.ln1(x))
+        t, tb = self._token_moe(self.ln2(h), ctx)
+        h = h + t
+        if not self.cfg.seq_moe:
+            return h, tb, zero
+        s, sb = self._seq_moe(self.ln3(h), ctx)
+        return h + s, tb, sb
+
+
+class BlockContext:
+    """What every block of one forward pass shares (masks, rotary tables, routing inputs, cache)."""
+
+    def __init__(self, *, mask, cos, sin, positions, token_index, token_group, group, route_mask, features, cache):
+        self.mask, self.cos, self.sin, self.positions = mask, cos, sin, positions
+        self.token_index, self.token_group, self.group = token_index, token_group, group
+        self.route_mask, self.features, self.cache = route_mask, features, cache
