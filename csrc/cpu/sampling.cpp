@@ -65,55 +65,21 @@
 #include <vector>
 
 #include "rng.h"
+#include "vec_math.h"
 
 namespace {
 
 using namespace u2a::rng;
 
+#ifndef U2A_INLINE
 #define U2A_INLINE inline __attribute__((always_inline))
+#endif
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kFltMax = std::numeric_limits<float>::max();
 
-U2A_INLINE float to_f32(float v) { return v; }
-U2A_INLINE float to_f32(c10::BFloat16 v) {
-  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-U2A_INLINE float to_f32(c10::Half v) { return static_cast<float>(v); }
-
-// exp(x) for x in [-87, 88] (Cody-Waite + degree-6 Taylor, |rel err| < 2e-7; as in
-// d3diff_loss.cpp); callers map x < -87 to 0 themselves.
-U2A_INLINE float fast_exp(float x) {
-  int32_t ix;
-  std::memcpy(&ix, &x, sizeof(ix));
-  constexpr int32_t LO = static_cast<int32_t>(0xC2AE0000u);  // -87.0f
-  constexpr int32_t HI = 0x42B00000;                          // 88.0f
-  const int32_t lo_m = -static_cast<int32_t>(static_cast<uint32_t>(ix) > static_cast<uint32_t>(LO));
-  ix = (ix & ~lo_m) | (LO & lo_m);
-  const int32_t hi_m = -static_cast<int32_t>(ix > HI);
-  ix = (ix & ~hi_m) | (HI & hi_m);
-  std::memcpy(&x, &ix, sizeof(x));
-  const float t = x * 1.44269504088896341f + 12582912.0f;
-  int32_t tb;
-  std::memcpy(&tb, &t, sizeof(tb));
-  const float kf = t - 12582912.0f;
-  float r = x - kf * 0.693145751953125f;
-  r = r - kf * 1.428606765330187045e-06f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (tb - 0x4B400000 + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
+using u2a_cpu::fast_exp;  // exp for x in [-87, 88]; callers map x < -87 to 0 themselves
+using u2a_cpu::to_f32;
 
 U2A_INLINE float exp_or_zero(float d) {
   const float e = fast_exp(d);  // computed unconditionally: a select, not a branch, so it vectorises
