@@ -34,7 +34,7 @@ def _routing_cases(tag: str, device, T: int, sizes: List[int], k: int, dtype) ->
     def align(be):
         return lambda inp: moe_align(inp["expert_ids"], E, BLOCK_M, backend=be)
 
-    gating_impls = {"reference": gating("reference"), "cpu": gating("cpu"), "triton": gating("triton")}
+    gating_impls = {"reference": gating("reference"), "cpu": gating("cpu"), "triton": gating("triton"), "cuda": gating("cuda")}
     align_impls = {"reference": align("reference"), "cpu": align("cpu"), "cuda": align("cuda"),
                    "triton": align("triton")}
     shape = {"T": T, "groups": sizes, "k": k, "block_m": BLOCK_M}

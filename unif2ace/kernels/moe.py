@@ -7,7 +7,8 @@ Routing never crosses groups.
 Ops and backends (see :mod:`unif2ace.kernels._dispatch` for how one is chosen):
 
 =======================  =====================================================================================
-moe_gating               reference, cpu (C++, deterministic statistics), triton (fused top-k + statistics)
+moe_gating               reference, cpu (C++, deterministic statistics), triton (fused top-k + statistics),
+                         cuda (warp per token; groups > 128 experts or > 255 groups run the reference)
 moe_align                reference, cpu (C++ counting sort), cuda (E <= 1024), triton (cuda's fallback)
 moe_expert_histogram     reference, cpu, cuda
 moe_expert_mlp           reference, cpu (C++ counting sort + per-expert oneDNN GEMMs), triton (gather-GEMM)
@@ -115,6 +116,35 @@ MOE_GATING.register("triton", types.SimpleNamespace(forward=lambda *a: _triton_m
 MOE_MLP.register("triton", types.SimpleNamespace(forward=lambda *a: _triton_moe().expert_mlp_forward(*a),
                                                  backward=lambda *a: _triton_moe().expert_mlp_backward(*a)))
 MOE_ALIGN.register("triton", lambda ids, e, bs: _triton_moe().align(ids, e, bs))
+
+
+CUDA_GATING_MAX_GROUP_EXPERTS = 128  # csrc/cuda/moe_gating.cuh kMaxGroupExperts (one warp, 4 columns per lane)
+CUDA_GATING_MAX_GROUPS = 255  # csrc/cuda/moe_gating.cuh kMaxGroups (group table passed by value)
+
+
+def _gating_cuda_fits(group_sizes) -> bool:
+    return len(group_sizes) <= CUDA_GATING_MAX_GROUPS and max(group_sizes) <= CUDA_GATING_MAX_GROUP_EXPERTS
+
+
+def _gating_cuda_forward(router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef):
+    # the warp-per-token kernel holds a group's scores in registers (<= 128 experts per group);
+    # larger groups (or more than 255 groups) run the reference
+    if not _gating_cuda_fits(group_sizes):
+        return ref.moe_gating_ref(router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef)
+    return tuple(_ext.cuda_ops().moe_gating(router_logits, group_ids, group_sizes, top_k, score, renormalize,
+                                            balance_coef))
+
+
+def _gating_cuda_backward(grad_gates, grad_prob, grad_loss, router_logits, group_ids, group_sizes, top_k, score,
+                          renormalize, balance_coef):
+    if not _gating_cuda_fits(group_sizes):
+        return ref.moe_gating_backward_ref(grad_gates, grad_prob, grad_loss, router_logits, group_ids, group_sizes,
+                                           top_k, score, renormalize, balance_coef)
+    return _ext.cuda_ops().moe_gating_backward(grad_gates, grad_prob, grad_loss, router_logits, group_ids,
+                                               group_sizes, top_k, score, renormalize, balance_coef)
+
+
+MOE_GATING.register("cuda", types.SimpleNamespace(forward=_gating_cuda_forward, backward=_gating_cuda_backward))
 
 
 # ------------------------------------------------------------------------------------------------
