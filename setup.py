@@ -88,7 +88,7 @@ setup(
     "masked token sampling and the D3Diff score loss",
     packages=find_packages(include=["unif2ace", "unif2ace.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy"],
+    install_requires=["torch>=2.6", "numpy", "tqdm"],
     extras_require={"triton": ["triton>=3.6"], "checkpoints": ["safetensors"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

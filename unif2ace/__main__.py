@@ -1,4 +1,5 @@
-"""Command line: ``python -m unif2ace info`` (also the ``unif2ace`` console script)."""
+"""Command line: ``python -m unif2ace info | train | generate | answer | demo`` (also the ``unif2ace``
+console script)."""
 from __future__ import annotations
 
 import argparse
@@ -63,9 +64,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="unif2ace", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions and the backends built/usable per op")
+    from unif2ace.train.cli import COMMANDS, add_subcommands, run_subcommand
+
+    add_subcommands(sub)
     args = parser.parse_args(argv)
     if args.cmd == "info":
         return info()
+    if args.cmd in COMMANDS:
+        return run_subcommand(args)
     return 2
 
 

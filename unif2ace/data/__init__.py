@@ -1,0 +1,1 @@
+"""Data: the built-in synthetic face set, its tokenizers, and the pre-tokenized shard format."""

@@ -1,0 +1,173 @@
+"""``unif2ace train | generate | answer | demo`` (subcommands of the ``unif2ace`` console script)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+__all__ = ["add_subcommands", "run_subcommand", "COMMANDS"]
+
+COMMANDS = ("train", "generate", "answer", "demo")
+
+
+def add_subcommands(sub) -> None:
+    p = sub.add_parser("train", help="train a model (preset or JSON config) on the synthetic set or a shard directory",
+                       description="Train with AdamW + warmup/cosine. Multi-process: torchrun --nproc-per-node N "
+                                   "-m unif2ace train ... (DDP; gloo on CPU, nccl on GPU).")
+    p.add_argument("--config", help="JSON file with TrainConfig fields (command-line flags override it)")
+    p.add_argument("--preset", help="model preset: tiny | small | paper")
+    p.add_argument("--model", help="JSON object of UniF2aceConfig overrides, e.g. '{\"num_layers\": 4}'")
+    p.add_argument("--data", help="'synthetic' (default) or a pre-tokenized shard directory")
+    p.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, loss_curve.png)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--grad-accum", type=int, dest="grad_accum")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup-steps", type=int, dest="warmup_steps")
+    p.add_argument("--grad-clip", type=float, dest="grad_clip")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--backend", help="auto (fused ops) | reference | cpu | triton | cuda")
+    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--amp", help="auto | bf16 | none")
+    p.add_argument("--ckpt-every", type=int, dest="ckpt_every")
+    p.add_argument("--log-every", type=int, dest="log_every")
+    p.add_argument("--max-minutes", type=float, dest="max_minutes")
+    p.add_argument("--no-progress", action="store_false", dest="progress", default=None)
+    p.add_argument("--resume", help="checkpoint file or run directory to continue from ('auto': the --out directory)")
+
+    g = sub.add_parser("generate", help="generate faces from captions into a PNG grid")
+    g.add_argument("run", help="run directory, model.safetensors or a training checkpoint")
+    g.add_argument("captions", nargs="+", help="captions (words of the run's tokenizer)")
+    g.add_argument("--out", default="generated.png")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int)
+    g.add_argument("--guidance", type=float)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--per-caption", type=int, default=1, dest="per_caption")
+    g.add_argument("--backend", default="auto")
+
+    a = sub.add_parser("answer", help="answer a question about an image")
+    a.add_argument("run", help="run directory, model.safetensors or a training checkpoint")
+    src = a.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="a PNG of the tokenizer's size")
+    src.add_argument("--codes", help="a .npy file with the [L] image code grid")
+    src.add_argument("--attributes", help="synthetic face attributes, e.g. 'hair_color=red,hat=blue' (rest random)")
+    a.add_argument("question", nargs="+")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--max-new-tokens", type=int, default=8, dest="max_new_tokens")
+    a.add_argument("--backend", default="auto")
+
+    d = sub.add_parser("demo", help="the main job: train tiny on the synthetic faces, generate, answer, report")
+    d.add_argument("--out", default="results/demo")
+    d.add_argument("--steps", type=int, default=None)
+    d.add_argument("--max-minutes", type=float, default=5.0, dest="max_minutes",
+                   help="training time budget; the step count is cut to fit it (measured speed)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    d.add_argument("--no-progress", action="store_false", dest="progress", default=True)
+
+
+def _train(args) -> int:
+    from .config import TrainConfig
+    from .trainer import train
+
+    flags = {k: getattr(args, k) for k in ("preset", "data", "out", "steps", "batch_size", "grad_accum", "lr",
+                                           "warmup_steps", "grad_clip", "seed", "backend", "device", "amp",
+                                           "ckpt_every", "log_every", "max_minutes", "progress")}
+    if args.model is not None:
+        try:
+            flags["model"] = json.loads(args.model)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"train: --model must be a JSON object of config overrides: {e}") from None
+    flags = {k: v for k, v in flags.items() if v is not None}
+    cfg = TrainConfig.from_file(args.config, **flags) if args.config else TrainConfig.from_dict(flags, where="flags")
+    resume = args.resume
+    if resume == "auto":
+        from .checkpoint import latest_checkpoint
+
+        resume = latest_checkpoint(cfg.out)
+        if resume is None:
+            print(f"train: no checkpoint in {cfg.out}, starting fresh")
+    try:
+        s = train(cfg, resume=resume)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            # tear the process group down before exit (an undestroyed gloo group can abort at exit)
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in s.items() if k != "history"}))
+    return 0
+
+
+def _generate(args) -> int:
+    from unif2ace.data.png import image_grid, write_png
+
+    from .evaluate import generate_faces, load_run
+
+    run = load_run(args.run, backend=args.backend)
+    caps = [c for c in args.captions for _ in range(args.per_caption)]
+    codes, imgs = generate_faces(run, caps, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                                 temperature=args.temperature)
+    if imgs is None:
+        import numpy as np
+
+        path = os.path.splitext(args.out)[0] + ".npy"
+        np.save(path, codes)
+        print(f"wrote image codes {list(codes.shape)} to {path} (this run has no image decoder)")
+    else:
+        write_png(args.out, image_grid(imgs, cols=max(1, args.per_caption) if len(args.captions) > 1 else min(8, len(caps))))
+        print(f"wrote {len(caps)} faces to {args.out}")
+    return 0
+
+
+def _answer(args) -> int:
+    import numpy as np
+
+    from unif2ace.data import faces
+
+    from .evaluate import load_run
+
+    run = load_run(args.run, backend=args.backend)
+    if args.codes:
+        codes = np.load(args.codes).reshape(1, -1)
+    else:
+        if run.vq is None:
+            raise ValueError("answer: this run has no image tokenizer; pass --codes")
+        if args.image:
+            from unif2ace.data.png import read_png
+
+            img = read_png(args.image)
+        else:
+            rng = np.random.default_rng(args.seed)
+            attrs = faces.sample_attributes(rng)
+            for kv in args.attributes.split(","):
+                k, _, v = kv.partition("=")
+                if k.strip() not in faces.ATTRIBUTES or v.strip() not in faces.ATTRIBUTES[k.strip()]:
+                    raise ValueError(f"answer: --attributes: bad item {kv!r}; attributes and values: {faces.ATTRIBUTES}")
+                attrs[k.strip()] = v.strip()
+            print("face:", attrs)
+            img = faces.render(attrs)
+        codes = run.vq.encode(img[None])
+    q = run.encode_text(" ".join(args.question))
+    ans = run.model.answer(codes, [q], max_new_tokens=args.max_new_tokens, temperature=0.0, seed=args.seed)[0]
+    print(run.tokenizer.decode(ans) if run.tokenizer is not None else ans)
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import DEMO_STEPS, run_demo
+
+    run_demo(args.out, steps=args.steps or DEMO_STEPS, max_minutes=args.max_minutes, seed=args.seed,
+             threads=args.threads, progress=args.progress)
+    return 0
+
+
+def run_subcommand(args) -> int:
+    fn = {"train": _train, "generate": _generate, "answer": _answer, "demo": _demo}[args.cmd]
+    try:
+        return fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"unif2ace {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
