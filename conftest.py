@@ -4,6 +4,7 @@ Without a CUDA GPU, Triton kernels run on the CPU under Triton's interpreter: TR
 must be set before any ``@triton.jit`` decorator runs, so it is set here, before any unif2ace
 kernel module is imported, and the interpreter is patched to compute bf16 faithfully.
 """
+
 import os
 
 import torch

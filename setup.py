@@ -11,11 +11,12 @@
 Environment knobs: ``UNIF2ACE_NO_CUDA=1`` skips the CUDA extension; ``TORCH_CUDA_ARCH_LIST``
 (default "9.0") picks the GPU architectures.
 """
+
 import glob
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -81,17 +82,10 @@ def extensions():
     return exts
 
 
+# Package metadata (name, version, dependencies, entry points) lives in pyproject.toml; this file
+# only declares the compiled extensions.
 setup(
-    name="unif2ace",
-    version="0.1.0",
-    description="Fused Triton/CUDA/C++ kernels for UniF2ace-style models: grouped MoE routing, "
-    "masked token sampling and the D3Diff score loss",
-    packages=find_packages(include=["unif2ace", "unif2ace.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy", "tqdm"],
-    extras_require={"triton": ["triton>=3.6"], "checkpoints": ["safetensors"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["unif2ace=unif2ace.__main__:main"]},
     zip_safe=False,
 )

@@ -18,6 +18,7 @@ Peak memory
     first (warm-up) call of an eager implementation, when freshly allocated pages are most
     visible, and during an extra call after warm-up for ``torch.compile``.
 """
+
 from __future__ import annotations
 
 import gc
@@ -34,17 +35,17 @@ import torch
 
 @dataclass
 class Case:
-    family: str                   # run.py's OP filter matches this or `op`, e.g. "moe_routing"
-    op: str                       # public op name, e.g. "d3diff_loss_from_logits"
-    name: str                     # short case label, e.g. "(c) N=2048 D=512 V=8192"
-    shape: dict                   # recorded in the JSON
+    family: str  # run.py's OP filter matches this or `op`, e.g. "moe_routing"
+    op: str  # public op name, e.g. "d3diff_loss_from_logits"
+    name: str  # short case label, e.g. "(c) N=2048 D=512 V=8192"
+    shape: dict  # recorded in the JSON
     dtype: torch.dtype
-    setup: Callable[[], dict]     # fresh inputs on the device (tensors needing grads: requires_grad=True)
-    impls: dict                   # backend name -> fn(inputs) -> tensor or tuple; must include "reference"
+    setup: Callable[[], dict]  # fresh inputs on the device (tensors needing grads: requires_grad=True)
+    impls: dict  # backend name -> fn(inputs) -> tensor or tuple; must include "reference"
     backward: Optional[Callable] = None  # fn(output) -> scalar tensor to .backward(); times fwd+bwd too
     flops: Optional[float] = None  # per forward call, for TFLOP/s
     bytes: Optional[float] = None  # per forward call, for GB/s
-    compile: bool = True          # the runner also times torch.compile(impls["reference"])
+    compile: bool = True  # the runner also times torch.compile(impls["reference"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,10 +62,10 @@ class Timing:
 
 @dataclass(frozen=True)
 class TimingPolicy:
-    warmup: int      # untimed calls before timing (on top of the runner's first call)
+    warmup: int  # untimed calls before timing (on top of the runner's first call)
     target_s: float  # stop once this much time was measured ...
-    min_reps: int    # ... and at least this many reps were made,
-    max_reps: int    # or at this many reps,
+    min_reps: int  # ... and at least this many reps were made,
+    max_reps: int  # or at this many reps,
     budget_s: float  # or once this much time was spent (a slow case cannot eat the run; >= 1 rep)
 
 

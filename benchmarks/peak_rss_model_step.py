@@ -7,6 +7,7 @@ instead: build the model and batch, run one warm-up step, then one measured step
     .venv/bin/python benchmarks/peak_rss_model_step.py reference
     .venv/bin/python benchmarks/peak_rss_model_step.py auto
 """
+
 import os
 import resource
 import sys

@@ -16,6 +16,7 @@ listed as skipped rows. Speedups are against the reference and torch.compile row
 run. Exit status: 0 (also with skipped or failed rows; ``--strict`` makes failed rows exit 1),
 2 for bad arguments.
 """
+
 from __future__ import annotations
 
 import os
@@ -262,7 +263,6 @@ def measure_impl(case: Case, label: str, fn, device: torch.device, quick: bool) 
     if label == COMPILE and mb.status == "error":
         mb = Measured("skipped", "torch.compile failed: " + (mb.reason or ""))
     out["fwd+bwd"] = mb
-    del inputs
     return out
 
 
@@ -288,10 +288,22 @@ def run_case(case: Case, device: torch.device, env: dict, opts) -> List[dict]:
         for mode, m in results[label].items():
             r = {k: None for k in FIELDS}
             r.update(
-                op=case.op, family=case.family, case=case.name, backend=label, shape=dict(case.shape),
-                dtype=dtype_name(case.dtype), device=device.type, device_name=env["device_name"],
-                threads=env["threads"], torch=env["torch"], triton=env["triton"], date=env["date"],
-                quick=bool(opts.quick), mode=mode, status=m.status, reason=m.reason,
+                op=case.op,
+                family=case.family,
+                case=case.name,
+                backend=label,
+                shape=dict(case.shape),
+                dtype=dtype_name(case.dtype),
+                device=device.type,
+                device_name=env["device_name"],
+                threads=env["threads"],
+                torch=env["torch"],
+                triton=env["triton"],
+                date=env["date"],
+                quick=bool(opts.quick),
+                mode=mode,
+                status=m.status,
+                reason=m.reason,
             )
             if m.status == "ok":
                 t = m.timing
@@ -486,14 +498,16 @@ def main(argv=None) -> int:
     widths = {
         "op_w": max([2] + [len(c.op) for _, c in selected]),
         "case_w": max([4] + [len(c.name) for _, c in selected]),
-        "backend_w": max([7] + [len(k) for _, c in selected for k in c.impls] + [len(COMPILE) if env["compile"] else 0]),
+        "backend_w": max(
+            [7] + [len(k) for _, c in selected for k in c.impls] + [len(COMPILE) if env["compile"] else 0]
+        ),
     }
     cols = table_columns(cuda, **widths)
     print("  ".join(n.ljust(w) for n, w in cols).rstrip())
     print("  ".join("-" * w for _, w in cols))
     sys.stdout.flush()
 
-    for stem, case in selected:
+    for _stem, case in selected:
         if opts.time_limit is not None and time.perf_counter() - t_start > opts.time_limit:
             recs = []
             for label in ["reference"] + [k for k in case.impls if k != "reference"]:

@@ -7,6 +7,7 @@ provides it. Exits 0 with a printed reason when nvcc is absent, 1 if any file fa
 
     python scripts/check_cuda_compile.py [--arch 90] [-j 2] [files...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,10 +70,20 @@ def main(argv=None) -> int:
     out_dir = tempfile.mkdtemp(prefix="u2a_cuda_obj_")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     base = [
-        nvcc, "-c", f"-gencode=arch=compute_{args.arch},code=sm_{args.arch}", "-std=c++20",
-        "--expt-relaxed-constexpr", "-O2", "-Xcompiler", "-fPIC",
-        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=_C_cuda", "-DTORCH_API_INCLUDE_EXTENSION_H",
-        "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        nvcc,
+        "-c",
+        f"-gencode=arch=compute_{args.arch},code=sm_{args.arch}",
+        "-std=c++20",
+        "--expt-relaxed-constexpr",
+        "-O2",
+        "-Xcompiler",
+        "-fPIC",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        "-DTORCH_EXTENSION_NAME=_C_cuda",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        "-D__CUDA_NO_HALF_OPERATORS__",
+        "-D__CUDA_NO_HALF_CONVERSIONS__",
+        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
     ] + [f"-I{p}" for p in incs]
 
     def compile_one(path):

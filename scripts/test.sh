@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: environment + build, CUDA compile check, pytest.
+# The whole test suite on a fresh machine: environment + build, lint, CUDA compile check, pytest.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k d3diff).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$(date +%s)
 bash scripts/bootstrap.sh
+echo "== lint"
+bash scripts/lint.sh
 echo "== python -m unif2ace info"
 .venv/bin/python -m unif2ace info
 echo "== CUDA compile check"

@@ -1,4 +1,5 @@
 """The benchmark runner (benchmarks/run.py) on its self-test cases (benchmarks/cases/_selftest.py)."""
+
 import json
 import os
 import subprocess

@@ -33,8 +33,11 @@ def _target(N, V, device, masked_frac=0.6):
 
 
 def _schedule(N, B, device):
-    return (torch.randint(0, B, (N,), device=device), torch.rand(B, device=device) * 0.8 + 0.1,
-            torch.rand(B, device=device) + 0.1)
+    return (
+        torch.randint(0, B, (N,), device=device),
+        torch.rand(B, device=device) * 0.8 + 0.1,
+        torch.rand(B, device=device) + 0.1,
+    )
 
 
 def _parity(logits, target, *, dtype=torch.float32, **kw):
@@ -52,8 +55,16 @@ def test_cuda_parity(dev, dtype, N, V, parametrization):
     logits = _randn(N, V, device=dev, dtype=dtype, scale=2.0)
     target = _target(N, V, dev)
     si, m, dm = _schedule(N, 3, dev)
-    _parity(logits, target, dtype=dtype, sample_index=si, mask_rate=m, mask_rate_deriv=dm, alpha=0.3,
-            parametrization=parametrization)
+    _parity(
+        logits,
+        target,
+        dtype=dtype,
+        sample_index=si,
+        mask_rate=m,
+        mask_rate_deriv=dm,
+        alpha=0.3,
+        parametrization=parametrization,
+    )
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
@@ -61,8 +72,9 @@ def test_cuda_reductions_nonuniform_upstream(dev, reduction):
     N, V = 57, 333
     logits, target = _randn(N, V, device=dev), _target(N, V, dev)
     si, m, dm = _schedule(N, 4, dev)
-    _parity(logits, target, sample_index=si, mask_rate=m, mask_rate_deriv=dm, reduction=reduction,
-            parametrization="raw")
+    _parity(
+        logits, target, sample_index=si, mask_rate=m, mask_rate_deriv=dm, reduction=reduction, parametrization="raw"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -76,8 +88,11 @@ def test_cuda_misaligned_rows(dev, dtype, offset):
     si, m, dm = _schedule(N, 2, dev)
 
     def run(be):
-        return lambda w: tuple(d3diff_loss_from_logits(w[:, offset : offset + V], target, sample_index=si,
-                                                       mask_rate=m, mask_rate_deriv=dm, backend=be))
+        return lambda w: tuple(
+            d3diff_loss_from_logits(
+                w[:, offset : offset + V], target, sample_index=si, mask_rate=m, mask_rate_deriv=dm, backend=be
+            )
+        )
 
     fwd_bwd_parity(run("reference"), run("cuda"), [wide.requires_grad_()], dtype=dtype)
 
@@ -88,8 +103,9 @@ def test_cuda_all_rows_ignored(dev):
     target = torch.full((N,), -100, device=dev)
     si, m, dm = _schedule(N, 2, dev)
     for red in ("mean", "sum", "none"):
-        o = d3diff_loss_from_logits(logits, target, sample_index=si, mask_rate=m, mask_rate_deriv=dm,
-                                    reduction=red, backend="cuda")
+        o = d3diff_loss_from_logits(
+            logits, target, sample_index=si, mask_rate=m, mask_rate_deriv=dm, reduction=red, backend="cuda"
+        )
         for t in o:
             assert torch.isfinite(t).all() and (t == 0).all()
         (g,) = torch.autograd.grad(o.loss.sum(), logits)

@@ -6,11 +6,10 @@ the in-place C++ row gradient they use."""
 import pytest
 import torch
 
+import unif2ace.kernels.d3diff as d3mod
 from unif2ace.kernels import d3diff_loss
 from unif2ace.kernels._dispatch import backend_usable
 from unif2ace.testing import assert_close, fwd_bwd_parity, randn
-
-import unif2ace.kernels.d3diff as d3mod
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not backend_usable("cpu", CPU)[0], reason="C++ extension missing")
@@ -70,10 +69,20 @@ def test_eager_grad_parity_all_outputs(small_chunks, monkeypatch, reduction, par
     target = _target(N, V)
     si, m, dm = _schedule(N, B)
     spy = _Spy(monkeypatch)
-    kw = dict(sample_index=si, mask_rate=m, mask_rate_deriv=dm, alpha=0.3, parametrization=parametrization,
-              reduction=reduction)
-    fwd_bwd_parity(_run("reference", target, **kw), _run("cpu", target, **kw),
-                   [h.requires_grad_(), w.requires_grad_(), b.requires_grad_()], names=["hidden", "weight", "bias"])
+    kw = dict(
+        sample_index=si,
+        mask_rate=m,
+        mask_rate_deriv=dm,
+        alpha=0.3,
+        parametrization=parametrization,
+        reduction=reduction,
+    )
+    fwd_bwd_parity(
+        _run("reference", target, **kw),
+        _run("cpu", target, **kw),
+        [h.requires_grad_(), w.requires_grad_(), b.requires_grad_()],
+        names=["hidden", "weight", "bias"],
+    )
     assert spy.eager == 1 and spy.recompute == 1
 
 
@@ -85,8 +94,7 @@ def test_eager_grad_loss_only_skips_recompute(small_chunks, monkeypatch, reducti
     b = randn(V) if with_bias else None
     target = _target(N, V)
     si, m, dm = _schedule(N, B)
-    kw = dict(sample_index=si, mask_rate=m, mask_rate_deriv=dm, alpha=0.5, reduction=reduction,
-              parametrization="raw")
+    kw = dict(sample_index=si, mask_rate=m, mask_rate_deriv=dm, alpha=0.5, reduction=reduction, parametrization="raw")
     spy = _Spy(monkeypatch)
     leaves = [h, w] + ([b] if with_bias else [])
     grads = {}
@@ -111,9 +119,13 @@ def test_eager_grad_bf16(small_chunks, monkeypatch):
     si, m, dm = _schedule(N, B)
     spy = _Spy(monkeypatch)
     kw = dict(sample_index=si, mask_rate=m, mask_rate_deriv=dm)
-    fwd_bwd_parity(_run("reference", target, **kw), _run("cpu", target, **kw),
-                   [h.requires_grad_(), w.requires_grad_(), b.requires_grad_()], dtype=dt,
-                   names=["hidden", "weight", "bias"])
+    fwd_bwd_parity(
+        _run("reference", target, **kw),
+        _run("cpu", target, **kw),
+        [h.requires_grad_(), w.requires_grad_(), b.requires_grad_()],
+        dtype=dt,
+        names=["hidden", "weight", "bias"],
+    )
     assert spy.eager == 1
     x = h.detach().clone().requires_grad_()
     o = d3diff_loss(x, w.detach(), target, backend="cpu", **kw)
@@ -128,12 +140,18 @@ def test_eager_grad_three_d_and_frozen_weight(small_chunks, monkeypatch):
     spy = _Spy(monkeypatch)
     kw = dict(mask_rate=m, mask_rate_deriv=dm, parametrization="posterior")
     # weight frozen: only dhidden is computed in the forward
-    fwd_bwd_parity(lambda h: tuple(d3diff_loss(h, w, target, backend="reference", **kw)),
-                   lambda h: tuple(d3diff_loss(h, w, target, backend="cpu", **kw)), [h.requires_grad_()])
+    fwd_bwd_parity(
+        lambda h: tuple(d3diff_loss(h, w, target, backend="reference", **kw)),
+        lambda h: tuple(d3diff_loss(h, w, target, backend="cpu", **kw)),
+        [h.requires_grad_()],
+    )
     assert spy.eager == 1
     # hidden frozen
-    fwd_bwd_parity(lambda w: tuple(d3diff_loss(h.detach(), w, target, backend="reference", **kw)),
-                   lambda w: tuple(d3diff_loss(h.detach(), w, target, backend="cpu", **kw)), [w.requires_grad_()])
+    fwd_bwd_parity(
+        lambda w: tuple(d3diff_loss(h.detach(), w, target, backend="reference", **kw)),
+        lambda w: tuple(d3diff_loss(h.detach(), w, target, backend="cpu", **kw)),
+        [w.requires_grad_()],
+    )
     assert spy.eager == 2
 
 
@@ -144,8 +162,14 @@ def test_recompute_path(small_chunks, monkeypatch, mode):
     target = _target(N, V)
     si, m, dm = _schedule(N, B)
     spy = _Spy(monkeypatch)
-    kw = dict(sample_index=si, mask_rate=m, mask_rate_deriv=dm, parametrization="raw", alpha=0.2,
-              reduction="none" if mode == "reduction_none" else "mean")
+    kw = dict(
+        sample_index=si,
+        mask_rate=m,
+        mask_rate_deriv=dm,
+        parametrization="raw",
+        alpha=0.2,
+        reduction="none" if mode == "reduction_none" else "mean",
+    )
     if mode == "switched_off":
         monkeypatch.setattr(d3mod, "FUSED_EAGER_GRAD", False)
     if mode == "no_grad":
@@ -157,8 +181,12 @@ def test_recompute_path(small_chunks, monkeypatch, mode):
         assert spy.eager == 0
         return
     # non-uniform upstream gradients (per row for reduction none)
-    fwd_bwd_parity(_run("reference", target, **kw), _run("cpu", target, **kw),
-                   [h.requires_grad_(), w.requires_grad_()], names=["hidden", "weight"])
+    fwd_bwd_parity(
+        _run("reference", target, **kw),
+        _run("cpu", target, **kw),
+        [h.requires_grad_(), w.requires_grad_()],
+        names=["hidden", "weight"],
+    )
     assert spy.eager == 0 and spy.recompute == 1
 
 
@@ -167,8 +195,17 @@ def test_eager_grad_all_rows_ignored(reduction):
     N, D, V = 9, 8, 21
     h, w, b = (randn(N, D).requires_grad_(), randn(V, D).requires_grad_(), randn(V).requires_grad_())
     m, dm = torch.tensor([0.4]), torch.tensor([1.0])
-    o = d3diff_loss(h, w, torch.full((N,), -100), bias=b, sample_index=torch.zeros(N, dtype=torch.long),
-                    mask_rate=m, mask_rate_deriv=dm, reduction=reduction, backend="cpu")
+    o = d3diff_loss(
+        h,
+        w,
+        torch.full((N,), -100),
+        bias=b,
+        sample_index=torch.zeros(N, dtype=torch.long),
+        mask_rate=m,
+        mask_rate_deriv=dm,
+        reduction=reduction,
+        backend="cpu",
+    )
     assert (torch.stack(list(o)) == 0).all()
     for g in torch.autograd.grad(o.loss + o.mask_loss + o.score_loss, [h, w, b]):
         assert (g == 0).all()
@@ -185,8 +222,11 @@ def test_eager_grad_torch_compile_fullgraph(small_chunks):
         return o.loss, o.mask_loss, o.score_loss
 
     torch._dynamo.reset()
-    fwd_bwd_parity(_run("reference", target, sample_index=si, mask_rate=m, mask_rate_deriv=dm),
-                   torch.compile(f, fullgraph=True), [h.requires_grad_(), w.requires_grad_()])
+    fwd_bwd_parity(
+        _run("reference", target, sample_index=si, mask_rate=m, mask_rate_deriv=dm),
+        torch.compile(f, fullgraph=True),
+        [h.requires_grad_(), w.requires_grad_()],
+    )
 
 
 def test_eager_grad_deterministic(small_chunks):
@@ -238,6 +278,10 @@ def test_eager_grad_raw_overflow_regime(small_chunks, monkeypatch):
     si, m, dm = _schedule(N, B)
     spy = _Spy(monkeypatch)
     kw = dict(sample_index=si, mask_rate=m, mask_rate_deriv=dm, parametrization="raw", reduction="sum")
-    fwd_bwd_parity(_run("reference", target, **kw), _run("cpu", target, **kw),
-                   [h.requires_grad_(), w.requires_grad_(), b.requires_grad_()], names=["hidden", "weight", "bias"])
+    fwd_bwd_parity(
+        _run("reference", target, **kw),
+        _run("cpu", target, **kw),
+        [h.requires_grad_(), w.requires_grad_(), b.requires_grad_()],
+        names=["hidden", "weight", "bias"],
+    )
     assert spy.eager == 1

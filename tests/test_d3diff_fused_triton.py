@@ -7,6 +7,7 @@ so shapes are small and tiles large. Two launch configs are exercised: the inter
 (one vocabulary split, one K step for D <= 128) and a "multi" config (BLOCK_M 16/32, BLOCK_V 64/128,
 BLOCK_K 32, 3 splits) that hits several row blocks, vocabulary tiles, splits and K steps.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,10 @@ from unif2ace.testing import assert_all_written, assert_close, fwd_bwd_parity, r
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
-    pytest.mark.skipif(not backend_usable("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu"))[0],
-                       reason="triton backend unusable here"),
+    pytest.mark.skipif(
+        not backend_usable("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu"))[0],
+        reason="triton backend unusable here",
+    ),
 ]
 
 k = pytest.importorskip("unif2ace.kernels.triton.d3diff_fused")
@@ -58,15 +61,17 @@ def _parity(h, w, b, target, *, dtype=torch.float32, scale=1.0, **kw):
     def run(be):
         def f(h, w, *rest):
             return tuple(d3diff_loss(h, w, target, bias=rest[0] if rest else None, backend=be, **kw))
+
         return f
 
-    fwd_bwd_parity(run("reference"), run("triton"), inputs, dtype=dtype, scale=scale,
-                   names=["hidden", "weight", "bias"])
+    fwd_bwd_parity(
+        run("reference"), run("triton"), inputs, dtype=dtype, scale=scale, names=["hidden", "weight", "bias"]
+    )
 
 
 def _inputs(N, D, V, dtype=torch.float32, bias=True):
     h = randn(N, D, dtype=dtype, device=DEV)
-    w = randn(V, D, dtype=dtype, device=DEV, scale=D ** -0.5 * 2)
+    w = randn(V, D, dtype=dtype, device=DEV, scale=D**-0.5 * 2)
     b = randn(V, dtype=dtype, device=DEV) if bias else None
     return h, w, b
 
@@ -93,8 +98,17 @@ def test_parity_fp32(use_config, N, V, D, par, bias, cfg, det):
     target = _target(N, V)
     target[0] = 3
     si, m, dm = _schedule(N, 3)
-    _parity(h, w, b, target.to(DEV), sample_index=si.to(DEV), mask_rate=m.to(DEV), mask_rate_deriv=dm.to(DEV),
-            alpha=0.3, parametrization=par)
+    _parity(
+        h,
+        w,
+        b,
+        target.to(DEV),
+        sample_index=si.to(DEV),
+        mask_rate=m.to(DEV),
+        mask_rate_deriv=dm.to(DEV),
+        alpha=0.3,
+        parametrization=par,
+    )
 
 
 @pytest.mark.parametrize("cfg,det", [("default", True), ("multi", False)])
@@ -106,8 +120,16 @@ def test_reductions_nonuniform_upstream_and_3d(use_config, cfg, det):
     target = _target(B * L, V).reshape(B, L).to(DEV)
     m, dm = (torch.rand(B) * 0.8 + 0.1).to(DEV), (torch.rand(B) + 0.1).to(DEV)
     for red, par in (("none", "posterior"), ("none", "raw"), ("sum", "radd")):
-        _parity(h.detach().reshape(B, L, D).clone(), w.detach().clone(), b.detach().clone(), target,
-                mask_rate=m, mask_rate_deriv=dm, reduction=red, parametrization=par)
+        _parity(
+            h.detach().reshape(B, L, D).clone(),
+            w.detach().clone(),
+            b.detach().clone(),
+            target,
+            mask_rate=m,
+            mask_rate_deriv=dm,
+            reduction=red,
+            parametrization=par,
+        )
 
 
 def test_alpha_zero_plain_cross_entropy(use_config):
@@ -139,8 +161,9 @@ def test_all_rows_ignored(use_config, det):
     target = torch.full((N,), -100, device=DEV)
     si, m, dm = (x.to(DEV) for x in _schedule(N, 2))
     for red in ("mean", "sum", "none"):
-        o = d3diff_loss(h, w, target, bias=b, sample_index=si, mask_rate=m, mask_rate_deriv=dm, reduction=red,
-                        backend="triton")
+        o = d3diff_loss(
+            h, w, target, bias=b, sample_index=si, mask_rate=m, mask_rate_deriv=dm, reduction=red, backend="triton"
+        )
         for t in o:
             assert torch.isfinite(t).all() and (t == 0).all()
         for g in torch.autograd.grad(o.loss.sum(), [h, w, b]):
@@ -155,8 +178,17 @@ def test_low_precision(use_config, dtype):
     target = _target(N, V).to(DEV)
     si, m, dm = (x.to(DEV) for x in _schedule(N, 3))
     for par in ("posterior", "raw"):
-        _parity(h.detach().clone(), w.detach().clone(), b.detach().clone(), target, dtype=dtype, sample_index=si,
-                mask_rate=m, mask_rate_deriv=dm, parametrization=par)
+        _parity(
+            h.detach().clone(),
+            w.detach().clone(),
+            b.detach().clone(),
+            target,
+            dtype=dtype,
+            sample_index=si,
+            mask_rate=m,
+            mask_rate_deriv=dm,
+            parametrization=par,
+        )
     hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     o = d3diff_loss(hh, ww, target, sample_index=si, mask_rate=m, mask_rate_deriv=dm, backend="triton")
     assert o.loss.dtype == torch.float32
@@ -225,8 +257,9 @@ def test_ignored_rows_are_skipped_and_every_output_written(cfg, det):
 
         gl, gt = randn(N, device=DEV), randn(N, device=DEV)
         ctr.zero_()
-        gh, gw, gb = k.head_lse_gather_backward(h, w, b, t, lse, gl, gt, -100, config=cfg, deterministic=det,
-                                                debug_counter=ctr)
+        gh, gw, gb = k.head_lse_gather_backward(
+            h, w, b, t, lse, gl, gt, -100, config=cfg, deterministic=det, debug_counter=ctr
+        )
         per_pass = row_blocks * n_tiles
         assert int(ctr) == (2 * per_pass if det else per_pass), f"backward: {int(ctr)} tiles for {n_valid} rows"
         for x, name in ((gh, "grad_hidden"), (gw, "grad_weight"), (gb, "grad_bias")):
@@ -252,8 +285,9 @@ def test_hand_computed_small_case():
     # logits: row 0 = [1.5, 2, 3], row 1 = [0.5, 2, -2]
     t = torch.tensor([2, 0], device=DEV)
     lse, tgt = k.head_lse_gather(h, w, b, t, -100)
-    want_lse = torch.tensor([torch.logsumexp(torch.tensor([1.5, 2.0, 3.0]), 0),
-                             torch.logsumexp(torch.tensor([0.5, 2.0, -2.0]), 0)])
+    want_lse = torch.tensor(
+        [torch.logsumexp(torch.tensor([1.5, 2.0, 3.0]), 0), torch.logsumexp(torch.tensor([0.5, 2.0, -2.0]), 0)]
+    )
     assert_close(lse, want_lse.to(DEV), name="lse")
     assert_close(tgt, torch.tensor([3.0, 0.5], device=DEV), name="tgt")
 
@@ -289,7 +323,7 @@ def test_precise_grad_split_beats_single_rounding():
         gh, gw, _ = k.head_lse_gather_backward(h, w, b, t, lse, gl, gt, -100, precise_grad=precise)
         err[precise] = [(x.float() - y).abs().max().item() for x, y in zip((gh, gw), want)]
     for i, name in enumerate(("grad_hidden", "grad_weight")):
-        ulp = want[i].abs().max().item() * 2.0 ** -8
+        ulp = want[i].abs().max().item() * 2.0**-8
         assert err[True][i] <= ulp, f"{name}: precise error {err[True][i]} above one bf16 ulp {ulp}"
         assert err[True][i] < err[False][i], f"{name}: split {err[True][i]} not better than single {err[False][i]}"
 
@@ -323,15 +357,19 @@ def test_torch_compile_fullgraph():
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "N,D,V,rate,alpha,bias",
-    [(2048, 2048, 8192, 0.5, 0.01, False), (2048, 2048, 8192, 0.5, 0.01, True), (1024, 2304, 256000, 1.0, 0.0, False),
-     (423, 1000, 8191, 0.3, 0.01, True)],
+    [
+        (2048, 2048, 8192, 0.5, 0.01, False),
+        (2048, 2048, 8192, 0.5, 0.01, True),
+        (1024, 2304, 256000, 1.0, 0.0, False),
+        (423, 1000, 8191, 0.3, 0.01, True),
+    ],
 )
 @pytest.mark.parametrize("det", [True, False])
 def test_gpu_real_shapes_bf16(monkeypatch, N, D, V, rate, alpha, bias, det):
     monkeypatch.setattr(k, "DETERMINISTIC", det)
     dev = torch.device("cuda")
     h = randn(N, D, dtype=torch.bfloat16, device=dev)
-    w = randn(V, D, dtype=torch.bfloat16, device=dev, scale=D ** -0.5)
+    w = randn(V, D, dtype=torch.bfloat16, device=dev, scale=D**-0.5)
     b = randn(V, dtype=torch.bfloat16, device=dev) if bias else None
     t = torch.randint(0, V, (N,), device=dev)
     t[torch.rand(N, device=dev) >= rate] = -100
@@ -339,8 +377,11 @@ def test_gpu_real_shapes_bf16(monkeypatch, N, D, V, rate, alpha, bias, det):
     si = (torch.arange(N, device=dev) // 256).clamp_max(B - 1)
     kw = dict(alpha=alpha)
     if alpha:
-        kw.update(sample_index=si, mask_rate=torch.full((B,), rate, device=dev),
-                  mask_rate_deriv=torch.rand(B, device=dev) + 0.5)
+        kw.update(
+            sample_index=si,
+            mask_rate=torch.full((B,), rate, device=dev),
+            mask_rate_deriv=torch.rand(B, device=dev) + 0.5,
+        )
     _parity(h, w, b, t, dtype=torch.bfloat16, **kw)
 
 
@@ -348,7 +389,7 @@ def test_gpu_real_shapes_bf16(monkeypatch, N, D, V, rate, alpha, bias, det):
 def test_gpu_fp32_and_compaction_speed():
     dev = torch.device("cuda")
     N, D, V = 4096, 1024, 8192
-    h, w = randn(N, D, device=dev), randn(V, D, device=dev, scale=D ** -0.5)
+    h, w = randn(N, D, device=dev), randn(V, D, device=dev, scale=D**-0.5)
     t_all = torch.randint(0, V, (N,), device=dev)
     _parity(h.clone(), w.clone(), None, t_all, alpha=0.0)
     t_few = t_all.clone()

@@ -5,6 +5,8 @@ backend selection, and the fused-head cpu backend."""
 import pytest
 import torch
 
+# the package re-exports the function d3diff_loss, which shadows the submodule's attribute name
+import unif2ace.kernels.d3diff as d3mod
 from unif2ace.kernels import (
     BackendUnavailableError,
     d3diff_loss,
@@ -14,9 +16,6 @@ from unif2ace.kernels import (
 )
 from unif2ace.kernels._dispatch import backend_usable
 from unif2ace.testing import assert_all_written, assert_close, fwd_bwd_parity, poisoned_empty, randn
-
-# the package re-exports the function d3diff_loss, which shadows the submodule's attribute name
-import unif2ace.kernels.d3diff as d3mod
 
 # the interpreter's runtime loop bounds trip a numpy deprecation warning on every launch
 
@@ -44,8 +43,9 @@ def _parity(backend, logits, target, *, dtype=torch.float32, scale=1.0, **kw):
     def run(be):
         return lambda x: tuple(d3diff_loss_from_logits(x, target, backend=be, **kw))
 
-    fwd_bwd_parity(run("reference"), run(backend), [logits.requires_grad_()], dtype=dtype, scale=scale,
-                   names=["logits"])
+    fwd_bwd_parity(
+        run("reference"), run(backend), [logits.requires_grad_()], dtype=dtype, scale=scale, names=["logits"]
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -60,8 +60,16 @@ def test_parity_fp32(backend, N, V, parametrization):
     target = _target(N, V)
     target[0] = 1  # at least one masked row
     si, m, dm = _schedule(N, B)
-    _parity(backend, logits, target, sample_index=si, mask_rate=m, mask_rate_deriv=dm, alpha=0.3,
-            parametrization=parametrization)
+    _parity(
+        backend,
+        logits,
+        target,
+        sample_index=si,
+        mask_rate=m,
+        mask_rate_deriv=dm,
+        alpha=0.3,
+        parametrization=parametrization,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -72,8 +80,16 @@ def test_parity_reductions_nonuniform_upstream(backend, reduction):
     logits, target = randn(N, V), _target(N, V)
     si, m, dm = _schedule(N, B)
     for par in ("posterior", "raw"):
-        _parity(backend, logits.clone(), target, sample_index=si, mask_rate=m, mask_rate_deriv=dm,
-                parametrization=par, reduction=reduction)
+        _parity(
+            backend,
+            logits.clone(),
+            target,
+            sample_index=si,
+            mask_rate=m,
+            mask_rate_deriv=dm,
+            parametrization=par,
+            reduction=reduction,
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -95,8 +111,11 @@ def test_noncontiguous_rows(backend):
     si, m, dm = _schedule(N, 2)
 
     def run(be):
-        return lambda w: tuple(d3diff_loss_from_logits(w[:, 5 : 5 + V], target, sample_index=si, mask_rate=m,
-                                                       mask_rate_deriv=dm, backend=be))
+        return lambda w: tuple(
+            d3diff_loss_from_logits(
+                w[:, 5 : 5 + V], target, sample_index=si, mask_rate=m, mask_rate_deriv=dm, backend=be
+            )
+        )
 
     fwd_bwd_parity(run("reference"), run(backend), [wide.requires_grad_()])
 
@@ -108,8 +127,9 @@ def test_all_rows_ignored(backend):
     target = torch.full((N,), -100)
     si, m, dm = _schedule(N, 2)
     for red in ("mean", "sum", "none"):
-        o = d3diff_loss_from_logits(logits, target, sample_index=si, mask_rate=m, mask_rate_deriv=dm,
-                                    reduction=red, backend=backend)
+        o = d3diff_loss_from_logits(
+            logits, target, sample_index=si, mask_rate=m, mask_rate_deriv=dm, reduction=red, backend=backend
+        )
         for t in o:
             assert torch.isfinite(t).all() and (t == 0).all()
         (g,) = torch.autograd.grad(o.loss.sum(), logits)
@@ -146,8 +166,9 @@ def test_raw_overflow_regime(backend):
     target[0] = 4
     si, m, dm = _schedule(N, 3)
     x = logits.clone().requires_grad_()
-    o = d3diff_loss_from_logits(x, target, sample_index=si, mask_rate=m, mask_rate_deriv=dm,
-                                parametrization="raw", backend=backend)
+    o = d3diff_loss_from_logits(
+        x, target, sample_index=si, mask_rate=m, mask_rate_deriv=dm, parametrization="raw", backend=backend
+    )
     assert torch.isfinite(o.loss) and o.score_loss.item() > 1e26
     assert torch.isfinite(torch.autograd.grad(o.loss, x)[0]).all()
     _parity(backend, logits, target, sample_index=si, mask_rate=m, mask_rate_deriv=dm, parametrization="raw")
@@ -172,8 +193,16 @@ def test_low_precision(backend, dtype):
     target = _target(N, V)
     si, m, dm = _schedule(N, 3)
     for par in ("posterior", "raw"):
-        _parity(backend, logits.clone(), target, dtype=dtype, sample_index=si, mask_rate=m,
-                mask_rate_deriv=dm, parametrization=par)
+        _parity(
+            backend,
+            logits.clone(),
+            target,
+            dtype=dtype,
+            sample_index=si,
+            mask_rate=m,
+            mask_rate_deriv=dm,
+            parametrization=par,
+        )
     # grad dtype follows the logits
     x = logits.clone().requires_grad_()
     o = d3diff_loss_from_logits(x, target, sample_index=si, mask_rate=m, mask_rate_deriv=dm, backend=backend)
@@ -310,8 +339,19 @@ def test_fused_cpu_parity(monkeypatch, dtype, with_bias):
 
     def run(be):
         def f(h, w, *rest):
-            return tuple(d3diff_loss(h, w, target, bias=rest[0] if rest else None, sample_index=si, mask_rate=m,
-                                     mask_rate_deriv=dm, backend=be))
+            return tuple(
+                d3diff_loss(
+                    h,
+                    w,
+                    target,
+                    bias=rest[0] if rest else None,
+                    sample_index=si,
+                    mask_rate=m,
+                    mask_rate_deriv=dm,
+                    backend=be,
+                )
+            )
+
         return f
 
     fwd_bwd_parity(run("reference"), run("cpu"), inputs, dtype=dtype, names=["hidden", "weight", "bias"])
@@ -326,8 +366,11 @@ def test_fused_cpu_three_d_none_and_all_ignored(monkeypatch):
     m, dm = torch.tensor([0.3, 0.9]), torch.tensor([1.0, 2.0])
 
     def run(be):
-        return lambda h, w: tuple(d3diff_loss(h, w, target, mask_rate=m, mask_rate_deriv=dm, reduction="none",
-                                              parametrization="raw", backend=be))
+        return lambda h, w: tuple(
+            d3diff_loss(
+                h, w, target, mask_rate=m, mask_rate_deriv=dm, reduction="none", parametrization="raw", backend=be
+            )
+        )
 
     fwd_bwd_parity(run("reference"), run("cpu"), [h.requires_grad_(), w.requires_grad_()])
     hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()

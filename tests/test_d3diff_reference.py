@@ -1,5 +1,6 @@
 """The D3Diff reference (explicit SEDD score-vector form) against hand math, closed forms, float64
 direct computations and PyTorch's cross-entropy; input validation of the public ops."""
+
 import math
 
 import pytest
@@ -91,8 +92,13 @@ def test_hand_posterior_closed_form_value():
     # m = 0.5, m' = 1: r = 1, σ = log 2, σ' = 2, so σ'·DSE = 2·(CE + 1 − log 2)
     logits = torch.tensor([[1.0, 2.0, 3.0]])
     ce = math.log(math.e + math.e**2 + math.e**3) - 1.0
-    o = _ref(logits, torch.tensor([0]), sample_index=torch.tensor([0]), mask_rate=torch.tensor([0.5]),
-             mask_rate_deriv=torch.tensor([1.0]))
+    o = _ref(
+        logits,
+        torch.tensor([0]),
+        sample_index=torch.tensor([0]),
+        mask_rate=torch.tensor([0.5]),
+        mask_rate_deriv=torch.tensor([1.0]),
+    )
     assert o.score_loss.item() == pytest.approx(2 * (ce + 1 - math.log(2)), rel=1e-6)
 
 
@@ -125,8 +131,7 @@ def test_posterior_identity_vector_form_vs_closed_form():
 
 def test_radd_equals_r_ce():
     logits, target, si, m, dm = _problem()
-    o = _ref(logits, target, sample_index=si, mask_rate=m, mask_rate_deriv=dm, parametrization="radd",
-             reduction="none")
+    o = _ref(logits, target, sample_index=si, mask_rate=m, mask_rate_deriv=dm, parametrization="radd", reduction="none")
     ce = F.cross_entropy(logits, target, ignore_index=-100, reduction="none")
     dsig, r = dm / (1 - m), (1 - m) / m
     assert_close(o.score_loss, dsig[si] * r[si] * ce, name="radd score")
@@ -134,9 +139,8 @@ def test_radd_equals_r_ce():
 
 def test_raw_vs_float64_direct():
     logits, target, si, m, dm = _problem()
-    o = _ref(logits, target, sample_index=si, mask_rate=m, mask_rate_deriv=dm, parametrization="raw",
-             reduction="none")
-    x, md, dmd = logits.double(), m.double(), dm.double()
+    o = _ref(logits, target, sample_index=si, mask_rate=m, mask_rate_deriv=dm, parametrization="raw", reduction="none")
+    x, md = logits.double(), m.double()
     V = x.shape[1]
     sigma = -torch.log1p(-md)
     c = torch.log(torch.exp(sigma) - 1) + math.log(V)
@@ -157,7 +161,9 @@ def test_safe_exp_guard():
     want = [math.exp(-5), 1.0, math.exp(59), e60, e60 * 2, e60 * 141, e60 * (1 + 1e6 - 60)]
     torch.testing.assert_close(y.detach(), torch.tensor(want, dtype=torch.float64))
     (g,) = torch.autograd.grad(y.sum(), x)
-    torch.testing.assert_close(g, torch.tensor([math.exp(-5), 1.0, math.exp(59), e60, e60, e60, e60], dtype=torch.float64))
+    torch.testing.assert_close(
+        g, torch.tensor([math.exp(-5), 1.0, math.exp(59), e60, e60, e60, e60], dtype=torch.float64)
+    )
     # continuity of value and slope at 60 (fp32)
     a, b = safe_exp(torch.tensor([60.0 - 1e-3, 60.0 + 1e-3]))
     assert (b / a).item() == pytest.approx((1 + 1e-3) * math.exp(1e-3), rel=1e-5)
@@ -233,8 +239,14 @@ def test_three_d_equals_two_d_with_sample_index():
     m, dm = torch.rand(B) * 0.8 + 0.1, torch.rand(B)
     o3 = _ref(logits, target, mask_rate=m, mask_rate_deriv=dm, reduction="none")
     assert o3.loss.shape == (B, L)
-    o2 = _ref(logits.reshape(-1, V), target.reshape(-1), sample_index=torch.arange(B).repeat_interleave(L),
-              mask_rate=m, mask_rate_deriv=dm, reduction="none")
+    o2 = _ref(
+        logits.reshape(-1, V),
+        target.reshape(-1),
+        sample_index=torch.arange(B).repeat_interleave(L),
+        mask_rate=m,
+        mask_rate_deriv=dm,
+        reduction="none",
+    )
     assert_close(o3.loss.reshape(-1), o2.loss)
 
 
@@ -307,7 +319,12 @@ def _bad_calls():
         ("mask_rate", lambda: f(x, t, **kw(mask_rate=torch.tensor([0.0, 0.5])))),
         ("mask_rate", lambda: f(x, t, **kw(mask_rate=torch.tensor([1.5, 0.5])))),
         ("mask_rate", lambda: f(x, t, **kw(mask_rate=torch.tensor([[0.5, 0.5]])))),
-        ("mask_rate", lambda: f(x.reshape(2, 3, V), t.reshape(2, 3), mask_rate=torch.tensor([0.5]), mask_rate_deriv=torch.tensor([1.0]))),
+        (
+            "mask_rate",
+            lambda: f(
+                x.reshape(2, 3, V), t.reshape(2, 3), mask_rate=torch.tensor([0.5]), mask_rate_deriv=torch.tensor([1.0])
+            ),
+        ),
         ("mask_rate", lambda: f(x, t, **kw(mask_rate=None))),
         ("mask_rate_deriv", lambda: f(x, t, **kw(mask_rate_deriv=None))),
         ("mask_rate_deriv", lambda: f(x, t, **kw(mask_rate_deriv=torch.tensor([-1.0, 1.0])))),

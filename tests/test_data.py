@@ -1,4 +1,5 @@
 """Tests of unif2ace.data: the synthetic face set, its tokenizers, the shard format, PNG output."""
+
 import json
 import os
 
@@ -47,9 +48,20 @@ def test_every_attribute_value_changes_the_image(attr):
 
 
 def test_hand_checked_pixels():
-    a = dict(face_shape="round", skin="pale", hair_color="black", hair_style="short", eye_color="blue",
-             brows="thin", glasses="no", beard="no", expression="neutral", earrings="no", hat="none",
-             background="green")
+    a = dict(
+        face_shape="round",
+        skin="pale",
+        hair_color="black",
+        hair_style="short",
+        eye_color="blue",
+        brows="thin",
+        glasses="no",
+        beard="no",
+        expression="neutral",
+        earrings="no",
+        hat="none",
+        background="green",
+    )
     img = faces.render(a)
     assert tuple(img[0, 0]) == (150, 214, 150)  # background corner
     assert tuple(img[17, 16]) == (250, 222, 200)  # face centre: pale skin
@@ -165,7 +177,9 @@ def test_shards_roundtrip(tmp_path):
         assert s.task == task and s.image_codes.tolist() == codes and list(s.text) == text
         assert (s.answer is None and ans is None) or list(s.answer) == ans
     assert isinstance(ds.codes[0], np.memmap)
-    ds.check_config(preset("tiny", image_grid=2, codebook_size=10, text_vocab_size=20, bos_token_id=18, eos_token_id=19))
+    ds.check_config(
+        preset("tiny", image_grid=2, codebook_size=10, text_vocab_size=20, bos_token_id=18, eos_token_id=19)
+    )
     with pytest.raises(DataFormatError, match="image_grid"):
         ds.check_config(preset("tiny"))
 
@@ -243,8 +257,9 @@ def test_synthetic_set_is_deterministic_and_excludes_held_out(tmp_path, cache):
     tasks = [ds[i].task for i in range(8)]
     assert tasks.count("t2i") == 4 and tasks.count("mmu") == 4
     other = build_synthetic(SyntheticSpec(num_images=40, num_codes=64, seed=6), str(tmp_path / "c"), cache_dir=cache)
-    assert not np.array_equal(np.load(os.path.join(p1, "shard-00000.codes.npy")),
-                              np.load(os.path.join(other, "shard-00000.codes.npy")))
+    assert not np.array_equal(
+        np.load(os.path.join(p1, "shard-00000.codes.npy")), np.load(os.path.join(other, "shard-00000.codes.npy"))
+    )
     tok = text_tokenizer()
     # answers are attribute values
     for i in range(40):

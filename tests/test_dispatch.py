@@ -1,4 +1,5 @@
 """Backend registry and selection (unif2ace.kernels._dispatch) on a test-only op."""
+
 import subprocess
 import sys
 
@@ -16,10 +17,9 @@ CUDA = torch.device("cuda")
 def op():
     name = "_test_dispatch_op"
     D.OPS.pop(name, None)
-    o = D.Op(name, cpu_order=("cpu",), cuda_order=("triton", "cuda"))
-    o.register("reference", lambda: "reference")
-    o.register("cpu", lambda: "cpu")
-    o.register("triton", lambda: "triton")
+    o = D.Op(
+        name, stem="_test", backends=("reference", "cpu", "triton"), cpu_order=("cpu",), cuda_order=("triton", "cuda")
+    )
     yield o
     D.OPS.pop(name, None)
 
@@ -28,8 +28,7 @@ def op():
 def ref_only_op():
     name = "_test_dispatch_ref_only"
     D.OPS.pop(name, None)
-    o = D.Op(name)
-    o.register("reference", lambda: "reference")
+    o = D.Op(name, stem="_test", backends=("reference",))
     yield o
     D.OPS.pop(name, None)
 
@@ -47,9 +46,7 @@ def test_auto_falls_back_quietly_to_reference(ref_only_op, monkeypatch):
 def test_auto_never_picks_triton_for_cpu_tensors(monkeypatch):
     name = "_test_dispatch_triton_only"
     D.OPS.pop(name, None)
-    o = D.Op(name)
-    o.register("reference", lambda: None)
-    o.register("triton", lambda: None)
+    o = D.Op(name, stem="_test", backends=("reference", "triton"))
     try:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         assert o.select(CPU) == "reference"
@@ -90,14 +87,17 @@ def test_env_var_bad_values_are_clear(op, monkeypatch):
 
 def test_forcing_unavailable_backend_names_op_backend_and_reason(op, ref_only_op, monkeypatch):
     monkeypatch.delenv(D.ENV_VAR, raising=False)
-    with pytest.raises(BackendUnavailableError, match=r"_test_dispatch_ref_only: backend 'cpu' .*argument.*no 'cpu' kernel"):
+    with pytest.raises(
+        BackendUnavailableError, match=r"_test_dispatch_ref_only: backend 'cpu' .*argument.*no 'cpu' kernel"
+    ):
         ref_only_op.select(CPU, "cpu")
     with pytest.raises(BackendUnavailableError, match=r"cuda.*CUDA tensors, got cpu"):
-        op.impls["cuda"] = lambda: None
+        backends = op.backends
+        op.backends = backends + ("cuda",)
         try:
             op.select(CPU, "cuda")
         finally:
-            op.impls.pop("cuda")
+            op.backends = backends
     with pytest.raises(BackendUnavailableError, match=r"use_backend\(\)"):
         with use_backend("cpu"):
             ref_only_op.select(CPU)
@@ -136,3 +136,18 @@ def test_select_is_traceable_by_torch_compile(op, monkeypatch):
     torch._dynamo.reset()
     out = torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(3))
     assert torch.equal(out, torch.ones(3)) and picked == ["cpu"]
+
+
+def test_every_op_finds_its_kernels_by_stem():
+    """One idiom: op X on backend b lives in unif2ace.kernels.<b>.<stem> and defines its entry points."""
+    for name, op in D.registered_ops().items():
+        if name.startswith("_test") or op.stem is None:
+            continue
+        for b in op.backends:
+            if b == "triton" and not D._ext.triton_status()[0]:
+                continue
+            mod = op.kernels(b)
+            assert mod.__name__ == f"unif2ace.kernels.{b}.{op.stem}", (name, b)
+    with pytest.raises(BackendUnavailableError, match="no 'cuda' implementation"):
+        D.Op("_test_dispatch_no_cuda", stem="_test", backends=("reference",)).kernels("cuda")
+    D.OPS.pop("_test_dispatch_no_cuda", None)

@@ -1,4 +1,5 @@
 """Tests of the model layer (unif2ace/model) on the tiny preset, CPU."""
+
 from __future__ import annotations
 
 import math
@@ -31,9 +32,14 @@ FP32_ATOL, FP32_RTOL = TOLERANCES[torch.float32]
 
 
 def assert_close(actual, expected, atol=FP32_ATOL, rtol=FP32_RTOL, name=""):
-    torch.testing.assert_close(actual.float() if actual.is_floating_point() else actual,
-                               expected.float() if expected.is_floating_point() else expected,
-                               atol=atol, rtol=rtol, msg=(lambda m: f"{name}: {m}") if name else None)
+    torch.testing.assert_close(
+        actual.float() if actual.is_floating_point() else actual,
+        expected.float() if expected.is_floating_point() else expected,
+        atol=atol,
+        rtol=rtol,
+        msg=(lambda m: f"{name}: {m}") if name else None,
+    )
+
 
 CFG = preset("tiny")
 L = CFG.image_tokens
@@ -58,8 +64,14 @@ def make_batch(cfg=CFG, tasks=("t2i", "mmu", "t2i", "mmu"), seed=0, features=Tru
         codes = torch.randint(0, cfg.codebook_size, (cfg.image_tokens,), generator=g)
         text = torch.randint(0, cfg.text_vocab_size - 2, (3 + i,), generator=g).tolist()
         ans = torch.randint(0, cfg.text_vocab_size - 2, (2 + i,), generator=g).tolist() if t == "mmu" else None
-        feats = dict(clip_features=torch.randn(cfg.clip_tokens, cfg.clip_dim, generator=g),
-                     face_embedding=torch.randn(cfg.face_dim, generator=g)) if features and t == "mmu" else {}
+        feats = (
+            dict(
+                clip_features=torch.randn(cfg.clip_tokens, cfg.clip_dim, generator=g),
+                face_embedding=torch.randn(cfg.face_dim, generator=g),
+            )
+            if features and t == "mmu"
+            else {}
+        )
         samples.append(Sample(t, codes, text, ans, **feats))
     b = collate(cfg, samples, generator=g, drop_caption_prob=0.0)
     b.noise_features = torch.randn(len(tasks), cfg.noise_tokens, cfg.noise_dim, generator=g)
@@ -113,8 +125,10 @@ def test_sequence_layouts_by_hand():
     ids, valid, labels = mmu_sequence(c, img, [7, 8], [9, 10, 11])
     head = [mmu, soi] + img + [eoi, c.bos_token_id, 7, 8]
     assert ids[: len(head) + 4] == head + [9, 10, 11, c.eos_token_id]
-    assert ids[len(head) + 4:] == [pad] * (c.seq_len - len(head) - 4) and len(ids) == c.seq_len
-    assert labels == [IGNORE_INDEX] * len(head) + [9, 10, 11, c.eos_token_id] + [IGNORE_INDEX] * (c.seq_len - len(head) - 4)
+    assert ids[len(head) + 4 :] == [pad] * (c.seq_len - len(head) - 4) and len(ids) == c.seq_len
+    assert labels == [IGNORE_INDEX] * len(head) + [9, 10, 11, c.eos_token_id] + [IGNORE_INDEX] * (
+        c.seq_len - len(head) - 4
+    )
     assert valid == [True] * (len(head) + 4) + [False] * (c.seq_len - len(head) - 4)
     with pytest.raises(ValueError, match="caption"):
         t2i_sequence(c, [1] * c.text_len, img)
@@ -132,7 +146,9 @@ def test_mask_image_tokens_cosine_exact_count():
     assert torch.equal(masked.sum(1).double(), n)
     # m = cos(πu/2), m' = (π/2) sin(πu/2)  =>  m'^2 + (π/2)^2 m^2 = (π/2)^2 for unclamped rows
     unclamped = m > 1.0 / L
-    assert_close((dm[unclamped] ** 2 + (math.pi / 2 * m[unclamped]) ** 2), torch.full_like(m[unclamped], (math.pi / 2) ** 2))
+    assert_close(
+        (dm[unclamped] ** 2 + (math.pi / 2 * m[unclamped]) ** 2), torch.full_like(m[unclamped], (math.pi / 2) ** 2)
+    )
     assert torch.equal(tokens[masked], torch.full_like(tokens[masked], CFG.mask_token_id))
     assert torch.equal(tokens[~masked], codes[~masked] + CFG.image_token_offset)
     # positions are chosen uniformly: every position masked at a similar rate
@@ -160,24 +176,30 @@ def test_omni_attention_mask_by_hand():
     valid = torch.tensor([[1, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
     span = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)
     m = omni_attention_mask(valid, span)[:, 0].int()
-    t2i = torch.tensor([
-        [1, 0, 0, 0, 0, 0, 0, 0],
-        [1, 0, 0, 0, 0, 0, 0, 0],  # pad row: sees the valid past only
-        [1, 0, 1, 0, 0, 0, 0, 0],  # caption: causal, never the pad
-        [1, 0, 1, 1, 0, 0, 0, 0],
-        [1, 0, 1, 1, 1, 1, 1, 1],  # image span: every non-pad position
-        [1, 0, 1, 1, 1, 1, 1, 1],
-        [1, 0, 1, 1, 1, 1, 1, 1],
-        [1, 0, 1, 1, 1, 1, 1, 1]])
-    mmu = torch.tensor([
-        [1, 0, 0, 0, 0, 0, 0, 0],  # task token: causal
-        [1, 1, 1, 1, 1, 0, 0, 0],  # image prefix: bidirectional within the span, not the text after
-        [1, 1, 1, 1, 1, 0, 0, 0],
-        [1, 1, 1, 1, 1, 0, 0, 0],
-        [1, 1, 1, 1, 1, 0, 0, 0],
-        [1, 1, 1, 1, 1, 1, 0, 0],  # text: causal
-        [1, 1, 1, 1, 1, 1, 1, 0],
-        [1, 1, 1, 1, 1, 1, 1, 0]])  # trailing pad never attended
+    t2i = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0, 0, 0],
+            [1, 0, 0, 0, 0, 0, 0, 0],  # pad row: sees the valid past only
+            [1, 0, 1, 0, 0, 0, 0, 0],  # caption: causal, never the pad
+            [1, 0, 1, 1, 0, 0, 0, 0],
+            [1, 0, 1, 1, 1, 1, 1, 1],  # image span: every non-pad position
+            [1, 0, 1, 1, 1, 1, 1, 1],
+            [1, 0, 1, 1, 1, 1, 1, 1],
+            [1, 0, 1, 1, 1, 1, 1, 1],
+        ]
+    )
+    mmu = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0, 0, 0],  # task token: causal
+            [1, 1, 1, 1, 1, 0, 0, 0],  # image prefix: bidirectional within the span, not the text after
+            [1, 1, 1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 1, 1, 0, 0],  # text: causal
+            [1, 1, 1, 1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 1, 1, 1, 0],
+        ]
+    )  # trailing pad never attended
     assert torch.equal(m[0], t2i) and torch.equal(m[1], mmu)
 
 
@@ -220,7 +242,7 @@ def test_token_moe_routes_within_groups_and_matches_hand_computation():
     chosen = []
     for t in range(T):
         g = int(group[t])
-        probs = torch.softmax(x[t] @ moe.router[g * N:(g + 1) * N].t(), -1)
+        probs = torch.softmax(x[t] @ moe.router[g * N : (g + 1) * N].t(), -1)
         p, e = probs.topk(k)
         chosen.append(e + g * N)
         y = mlp(x[t], moe.shared_w1[g], moe.shared_b1[g], moe.shared_w2[g], moe.shared_b2[g])
@@ -304,8 +326,13 @@ def test_loss_parts_match_explicit_computation():
     b = make_batch()
     with use_backend("reference"):
         out = model(b)
-        h, tb, sb = model.hidden(b.input_ids, b.valid, b.task, span=image_span_mask(b.image_positions, CFG.seq_len),
-                                 features=model.batch_features(b))
+        h, tb, sb = model.hidden(
+            b.input_ids,
+            b.valid,
+            b.task,
+            span=image_span_mask(b.image_positions, CFG.seq_len),
+            features=model.batch_features(b),
+        )
     assert_close(out.loss, out.mmu_loss + out.d3diff_loss + out.token_balance.sum() + out.seq_balance.sum())
     assert_close(out.d3diff_loss, out.mask_loss + CFG.alpha * out.score_loss)
     logits = model.lm_head(h).double()
@@ -322,7 +349,7 @@ def test_loss_parts_match_explicit_computation():
     for i in range(b.size):
         if b.task[i] != 0:
             continue
-        lc = torch.log_softmax(logits[i, b.image_positions[i], off:off + CFG.codebook_size], -1)
+        lc = torch.log_softmax(logits[i, b.image_positions[i], off : off + CFG.codebook_size], -1)
         ce = -lc.gather(1, b.image_codes[i][:, None])[:, 0][b.is_masked[i]]
         m, dm = b.mask_rate[i].double(), b.mask_rate_deriv[i].double()
         r, sigma = (1 - m) / m, -torch.log1p(-m)
@@ -348,11 +375,20 @@ def test_single_task_batches_have_zero_other_loss():
     assert float(out.d3diff_loss) == 0.0 and float(out.mmu_loss) > 0
 
 
-@pytest.mark.parametrize("overrides", [
-    {}, {"parametrization": "raw", "d3diff_vocab": "full", "train_schedule": "loglinear"},
-    {"expert_activation": "swiglu", "gate_renormalize": True, "block_layout": "parallel",
-     "seq_router_pool": "prefix", "resampler_mode": "per_position"},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"parametrization": "raw", "d3diff_vocab": "full", "train_schedule": "loglinear"},
+        {
+            "expert_activation": "swiglu",
+            "gate_renormalize": True,
+            "block_layout": "parallel",
+            "seq_router_pool": "prefix",
+            "resampler_mode": "per_position",
+        },
+    ],
+)
 def test_backend_parity_loss_and_gradients(overrides):
     """Same parameters and batch: every op on reference vs the fastest backends -> same loss and grads."""
     model = make_model(**overrides)
@@ -391,17 +427,23 @@ def test_kv_cache_matches_full_recompute():
     task = torch.tensor([1, 1])
     route = valid.clone()
     route[:, P:] = False
-    feats = {"clip": torch.randn(B, CFG.clip_tokens, CFG.clip_dim), "face": torch.randn(B, 1, CFG.face_dim),
-             "noise": torch.randn(B, CFG.noise_tokens, CFG.noise_dim)}
+    feats = {
+        "clip": torch.randn(B, CFG.clip_tokens, CFG.clip_dim),
+        "face": torch.randn(B, 1, CFG.face_dim),
+        "noise": torch.randn(B, CFG.noise_tokens, CFG.noise_dim),
+    }
     with torch.no_grad():
         full, _, _ = model.hidden(ids, valid, task, span=span, route_mask=route, features=feats)
         cache = KVCache(CFG, B, P + extra, "cpu", torch.float32)
-        pre, _, _ = model.hidden(ids[:, :P], valid[:, :P], task, span=span[:, :P], route_mask=route[:, :P],
-                                 features=feats, cache=cache)
+        pre, _, _ = model.hidden(
+            ids[:, :P], valid[:, :P], task, span=span[:, :P], route_mask=route[:, :P], features=feats, cache=cache
+        )
         steps = [pre]
         for p in range(P, P + extra):
             pos = torch.full((B, 1), p)
-            h, _, _ = model.hidden(ids[:, p:p + 1], valid[:, p:p + 1], task, positions=pos, features=feats, cache=cache)
+            h, _, _ = model.hidden(
+                ids[:, p : p + 1], valid[:, p : p + 1], task, positions=pos, features=feats, cache=cache
+            )
             steps.append(h)
     inc = torch.cat(steps, 1)
     keep = valid
@@ -422,8 +464,17 @@ def test_answer_cache_and_no_cache_agree():
         assert a == b
         assert all(0 <= t < CFG.text_vocab_size for row in a for t in row)
     # a batch answer equals the answers decoded one at a time
-    single = [model.answer(codes[i:i + 1], qs[i:i + 1], temperature=0.0, max_new_tokens=6,
-                           clip_features=clip[i:i + 1], face_embeddings=face[i:i + 1])[0] for i in range(3)]
+    single = [
+        model.answer(
+            codes[i : i + 1],
+            qs[i : i + 1],
+            temperature=0.0,
+            max_new_tokens=6,
+            clip_features=clip[i : i + 1],
+            face_embeddings=face[i : i + 1],
+        )[0]
+        for i in range(3)
+    ]
     assert single == model.answer(codes, qs, temperature=0.0, **kw)
 
 
@@ -504,9 +555,13 @@ def test_safetensors_roundtrip(tmp_path):
 
 def _random_phi(cfg, vocab_rows, mlp, layers):
     D = cfg.hidden_size
-    sd = {"model.embed_tokens.weight": torch.randn(vocab_rows, D), "lm_head.weight": torch.randn(vocab_rows, D),
-          "lm_head.bias": torch.randn(vocab_rows), "model.final_layernorm.weight": torch.randn(D),
-          "model.final_layernorm.bias": torch.randn(D)}
+    sd = {
+        "model.embed_tokens.weight": torch.randn(vocab_rows, D),
+        "lm_head.weight": torch.randn(vocab_rows, D),
+        "lm_head.bias": torch.randn(vocab_rows),
+        "model.final_layernorm.weight": torch.randn(D),
+        "model.final_layernorm.bias": torch.randn(D),
+    }
     for i in range(layers):
         s = f"model.layers.{i}."
         sd[s + "input_layernorm.weight"], sd[s + "input_layernorm.bias"] = torch.randn(D), torch.randn(D)
@@ -534,8 +589,10 @@ def test_phi_import_upcycles_dense_mlp(tmp_path):
     moe = model.blocks[0].token_moe
     s = "model.layers.0.mlp."
     x = torch.randn(5, cfg.hidden_size) * 0.1
-    dense = F.gelu(x @ sd[s + "fc1.weight"].t() + sd[s + "fc1.bias"], approximate="tanh") @ sd[s + "fc2.weight"].t() \
+    dense = (
+        F.gelu(x @ sd[s + "fc1.weight"].t() + sd[s + "fc1.bias"], approximate="tanh") @ sd[s + "fc2.weight"].t()
         + sd[s + "fc2.bias"]
+    )
     N = cfg.num_routed_experts
     for g in (0, 1):
         ids = torch.arange(g * N, (g + 1) * N).expand(5, N)

@@ -1,5 +1,6 @@
 """Grouped MoE, C++ cpu backend: moe_gating and moe_expert_mlp (forward and backward) against the
 reference (csrc/cpu/moe_gating.cpp, csrc/cpu/moe_mlp.cpp)."""
+
 import contextlib
 import math
 
@@ -187,8 +188,12 @@ def test_gating_cpu_errors_name_the_argument():
 def _mlp_inputs(T, D, F, E, k, activation, bias, dtype=torch.float32, ids=None):
     F1 = 2 * F if activation == "swiglu" else F
     ids = _ids(T, k, E) if ids is None else ids
-    inputs = [randn(T, D, dtype=dtype), randn(E, D, F1, dtype=dtype, scale=D ** -0.5),
-              randn(E, F, D, dtype=dtype, scale=F ** -0.5), torch.rand(T, k).to(dtype)]
+    inputs = [
+        randn(T, D, dtype=dtype),
+        randn(E, D, F1, dtype=dtype, scale=D**-0.5),
+        randn(E, F, D, dtype=dtype, scale=F**-0.5),
+        torch.rand(T, k).to(dtype),
+    ]
     if bias:
         inputs += [randn(E, F1, dtype=dtype, scale=0.5), randn(E, D, dtype=dtype, scale=0.5)]
     return ids, [t.requires_grad_(True) for t in inputs]
@@ -259,8 +264,9 @@ def test_mlp_skewed_routing_and_empty_experts():
     bad = torch.where(torch.rand(T, k) < 0.5, -1, E)
     out = moe_expert_mlp(x, w1, w2, bad, g, backend="cpu")
     assert out.shape == (T, D) and not out.any()
-    dx, dw1, dw2, dg, db1, db2 = _ext.cpu_ops().moe_expert_mlp_backward(randn(T, D), x, w1, w2, bad, g, None, None,
-                                                                        "gelu")
+    dx, dw1, dw2, dg, db1, db2 = _ext.cpu_ops().moe_expert_mlp_backward(
+        randn(T, D), x, w1, w2, bad, g, None, None, "gelu"
+    )
     assert db1 is None and db2 is None
     assert not (dx.any() or dw1.any() or dw2.any() or dg.any())
 
@@ -272,8 +278,8 @@ def test_mlp_bf16_and_mixed_dtypes():
     fwd_bwd_parity(ref_fn, cpu_fn, inputs, dtype=torch.bfloat16, names=MLP_NAMES)
     # bf16 activations with fp32 weights, fp16 gates: output in x's dtype, grads in each input's dtype
     x = randn(T, D, dtype=torch.bfloat16).requires_grad_(True)
-    w1 = randn(E, D, F, scale=D ** -0.5).requires_grad_(True)
-    w2 = randn(E, F, D, scale=F ** -0.5).requires_grad_(True)
+    w1 = randn(E, D, F, scale=D**-0.5).requires_grad_(True)
+    w2 = randn(E, F, D, scale=F**-0.5).requires_grad_(True)
     g = torch.rand(T, k).half().requires_grad_(True)
     ref_fn, cpu_fn = _mlp_fns(ids, "gelu", False)
     fwd_bwd_parity(ref_fn, cpu_fn, [x, w1, w2, g], dtype=torch.bfloat16, names=MLP_NAMES)
@@ -293,8 +299,10 @@ def test_mlp_bitwise_deterministic():
     ops = _ext.cpu_ops()
 
     def run():
-        return (ops.moe_expert_mlp(x, w1, w2, ids, g, b1, b2, "gelu"),
-                ops.moe_expert_mlp_backward(go, x, w1, w2, ids, g, b1, b2, "gelu"))
+        return (
+            ops.moe_expert_mlp(x, w1, w2, ids, g, b1, b2, "gelu"),
+            ops.moe_expert_mlp_backward(go, x, w1, w2, ids, g, b1, b2, "gelu"),
+        )
 
     with _threads(1):
         runs = [run()]
@@ -325,8 +333,7 @@ def test_mlp_worker_threads_with_inputs_requiring_grad():
     with _threads(2):
         for _ in range(3):
             out = ops.moe_expert_mlp(*inputs[:3], ids, inputs[3], inputs[4], inputs[5], "gelu")
-            grads = ops.moe_expert_mlp_backward(randn(T, D), *inputs[:3], ids, inputs[3], inputs[4], inputs[5],
-                                                "gelu")
+            grads = ops.moe_expert_mlp_backward(randn(T, D), *inputs[:3], ids, inputs[3], inputs[4], inputs[5], "gelu")
             assert not out.requires_grad and all(not g.requires_grad for g in grads)
 
 
@@ -363,8 +370,7 @@ def test_custom_ops_opcheck_cpu():
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(M._gating_op, (logits, gid, [3, 5], 2, "softmax", True, 0.1, "cpu"), test_utils=utils)
     x, w1, w2 = randn(6, 4).requires_grad_(True), randn(3, 4, 10).requires_grad_(True), randn(3, 5, 4)
-    torch.library.opcheck(M._mlp_op, (x, w1, w2, _ids(6, 2, 3), torch.rand(6, 2), None, randn(3, 4), "swiglu",
-                                      "cpu"))
+    torch.library.opcheck(M._mlp_op, (x, w1, w2, _ids(6, 2, 3), torch.rand(6, 2), None, randn(3, 4), "swiglu", "cpu"))
 
 
 def test_gating_and_mlp_compile_fullgraph():
@@ -388,4 +394,3 @@ def test_gating_and_mlp_compile_fullgraph():
     compiled = run(torch.compile(layer, fullgraph=True))
     for i, (a, b) in enumerate(zip(compiled, eager)):
         assert_close(a, b, name=f"compiled output/grad {i}")
-

@@ -3,6 +3,7 @@ balance statistics at fp32 tolerance) and backward against the reference, ties, 
 T = 0, bf16/fp16 logits, the global-scratch statistics path, the >128-experts fallback, bitwise
 determinism, torch.compile. GPU tests are skipped without a CUDA device (the .cu is compile-checked
 by scripts/check_cuda_compile.py); the registration test at the top runs everywhere."""
+
 import math
 
 import pytest
@@ -109,8 +110,9 @@ def test_cuda_gating_hand_computed(dev):
     assert_close(loss.cpu(), torch.tensor([0.5 * 2 * (5 / 36 + 14 / 36)]))
     # renormalised top-2 of [1, 2, 2, 4] / 9 (softmax of [0, ln 2, ln 2, ln 4]): tie 1 vs 2 -> 1
     z2 = torch.tensor([[0.0, math.log(2), math.log(2), math.log(4)]], device=dev)
-    r = moe_gating(z2, torch.zeros(1, dtype=torch.long, device=dev), [4], 2, renormalize=True, balance_coef=1.0,
-                   backend="cuda")
+    r = moe_gating(
+        z2, torch.zeros(1, dtype=torch.long, device=dev), [4], 2, renormalize=True, balance_coef=1.0, backend="cuda"
+    )
     assert r.expert_ids.tolist() == [[3, 1]]
     assert_close(r.gates.cpu(), torch.tensor([[4 / 6, 2 / 6]]))
     assert_close(r.expert_fraction.cpu(), torch.tensor([0.0, 0.5, 0.0, 0.5]))
@@ -187,12 +189,12 @@ def test_cuda_gating_low_precision_logits(dev, dtype):
 def test_cuda_gating_strided_inputs_and_invalid_group_id(dev):
     T, sizes, k = 300, [8, 4], 3
     base = randn(sum(sizes) + 3, T, device=dev, scale=2.0)
-    logits = base.t()[:, 1:1 + sum(sizes)]  # non-unit column stride: the op copies once
+    logits = base.t()[:, 1 : 1 + sum(sizes)]  # non-unit column stride: the op copies once
     gid_full = torch.randint(0, 2, (2 * T,), dtype=torch.int32, device=dev)
     gid = gid_full[::2]  # strided ids, read in place
     ref_fn, cuda_fn = _fns(gid, sizes, k, "sigmoid", True, 0.2)
     fwd_bwd_parity(ref_fn, cuda_fn, [logits.detach().requires_grad_(True)], names=["router_logits"])
-    rows = randn(T, sum(sizes) + 5, device=dev, scale=2.0)[:, 2:2 + sum(sizes)]  # row stride != E: read in place
+    rows = randn(T, sum(sizes) + 5, device=dev, scale=2.0)[:, 2 : 2 + sum(sizes)]  # row stride != E: read in place
     want = R.moe_gating_ref(rows, gid, sizes, k)
     got = moe_gating(rows, gid, sizes, k, backend="cuda")
     assert torch.equal(got.expert_ids, want[0])
@@ -208,8 +210,9 @@ def test_cuda_gating_strided_inputs_and_invalid_group_id(dev):
     ref_ok = R.moe_gating_ref(rows[keep], gid[keep], sizes, k)
     assert torch.equal(ids[keep], ref_ok[0])
     assert_close(P, ref_ok[3], name="expert_prob without the bad token")
-    dz = _ext.cuda_ops().moe_gating_backward(randn(T, k, device=dev), randn(12, device=dev), randn(2, device=dev),
-                                             rows, bad, sizes, k, "softmax", False, 0.1)
+    dz = _ext.cuda_ops().moe_gating_backward(
+        randn(T, k, device=dev), randn(12, device=dev), randn(2, device=dev), rows, bad, sizes, k, "softmax", False, 0.1
+    )
     assert not dz[5].any() and torch.isfinite(dz).all()
 
 
@@ -301,7 +304,8 @@ def test_cuda_gating_raw_op_errors_name_the_argument(dev):
     with pytest.raises(RuntimeError, match="router_logits must be a CUDA tensor"):
         ops.moe_gating(z.cpu(), gid, [8], 2, "softmax", False, 0.1)
     with pytest.raises(RuntimeError, match="grad_gates"):
-        ops.moe_gating_backward(randn(4, 3, device=dev), randn(8, device=dev), randn(1, device=dev), z, gid, [8], 2,
-                                "softmax", False, 0.1)
+        ops.moe_gating_backward(
+            randn(4, 3, device=dev), randn(8, device=dev), randn(1, device=dev), z, gid, [8], 2, "softmax", False, 0.1
+        )
     with pytest.raises(ValueError, match="group_ids"):  # the public check, cuda backend selected
         moe_gating(z, torch.tensor([0, 1, 2, 0], device=dev), [3, 5], 2, backend="cuda")

@@ -1,4 +1,5 @@
 """Grouped MoE: fast backends (C++ cpu, CUDA) against the reference; the custom-op paths."""
+
 import pytest
 import torch
 
@@ -108,8 +109,9 @@ def test_custom_ops_opcheck():
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(M._gating_op, (logits, gid, [3, 5], 2, "softmax", True, 0.1, "reference"), test_utils=utils)
     x, w1, w2 = randn(6, 4).requires_grad_(True), randn(3, 4, 10).requires_grad_(True), randn(3, 5, 4)
-    torch.library.opcheck(M._mlp_op, (x, w1, w2, _ids(6, 2, 3, torch.int64), torch.rand(6, 2), None, randn(3, 4),
-                                      "swiglu", "reference"))
+    torch.library.opcheck(
+        M._mlp_op, (x, w1, w2, _ids(6, 2, 3, torch.int64), torch.rand(6, 2), None, randn(3, 4), "swiglu", "reference")
+    )
 
 
 # The custom-op path (used by every fast backend) run with the reference impl: forward and the
@@ -158,8 +160,14 @@ def test_forcing_a_backend_without_a_kernel_is_a_clear_error():
     with pytest.raises(BackendUnavailableError, match="moe_gating: backend 'cuda'.*CUDA tensors"):
         moe_gating(logits, gid, [4], 2, backend="cuda")
     with pytest.raises(BackendUnavailableError, match="moe_expert_mlp: backend 'cuda'.*no 'cuda' kernel"):
-        moe_expert_mlp(randn(2, 3), randn(1, 3, 2), randn(1, 2, 3), torch.zeros(2, 1, dtype=torch.long),
-                       torch.ones(2, 1), backend="cuda")
+        moe_expert_mlp(
+            randn(2, 3),
+            randn(1, 3, 2),
+            randn(1, 2, 3),
+            torch.zeros(2, 1, dtype=torch.long),
+            torch.ones(2, 1),
+            backend="cuda",
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,11 +194,13 @@ def test_cuda_strided_large_experts_and_compile(gpu_device):
     ids = _ids(500, 8, 64, dtype=torch.int64, device=gpu_device)
     t = ids.t()
     _assert_align_equal(moe_align(t, 64, 16, backend="cuda"), R.moe_align_ref(t.cpu(), 64, 16))
-    assert torch.equal(moe_expert_histogram(ids[:, 3], 64, backend="cuda").cpu(),
-                       R.moe_expert_histogram_ref(ids[:, 3].cpu(), 64))
+    assert torch.equal(
+        moe_expert_histogram(ids[:, 3], 64, backend="cuda").cpu(), R.moe_expert_histogram_ref(ids[:, 3].cpu(), 64)
+    )
     big = _ids(300, 4, 20000, device=gpu_device)  # global-atomics histogram, reference align fallback
-    assert torch.equal(moe_expert_histogram(big, 20000, backend="cuda").cpu(),
-                       R.moe_expert_histogram_ref(big.cpu(), 20000))
+    assert torch.equal(
+        moe_expert_histogram(big, 20000, backend="cuda").cpu(), R.moe_expert_histogram_ref(big.cpu(), 20000)
+    )
     _assert_align_equal(moe_align(big, 20000, 16, backend="cuda"), R.moe_align_ref(big.cpu(), 20000, 16))
 
     @torch.compile(fullgraph=True)

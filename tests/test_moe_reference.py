@@ -1,4 +1,5 @@
 """Grouped MoE: the reference semantics (hand-computed cases) and input validation."""
+
 import math
 
 import pytest
@@ -30,11 +31,13 @@ def _softmax(xs):
 
 def test_gating_hand_softmax_two_uneven_groups():
     # group 0: 3 experts (global 0..2); group 1: 5 experts (global 3..7)
-    logits = torch.tensor([
-        [1.0, 3.0, 2.0, 9.0, 9.0, 9.0, 9.0, 9.0],      # group 0: ignore the huge group-1 columns
-        [9.0, 9.0, 9.0, 0.5, -1.0, 2.0, 1.5, 0.0],     # group 1
-        [0.0, -2.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0],     # group 0
-    ])
+    logits = torch.tensor(
+        [
+            [1.0, 3.0, 2.0, 9.0, 9.0, 9.0, 9.0, 9.0],  # group 0: ignore the huge group-1 columns
+            [9.0, 9.0, 9.0, 0.5, -1.0, 2.0, 1.5, 0.0],  # group 1
+            [0.0, -2.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0],  # group 0
+        ]
+    )
     gid = torch.tensor([0, 1, 0])
     out = moe_gating(logits, gid, [3, 5], 2, balance_coef=0.1, **REF)
     assert out.expert_ids.dtype == torch.int32 and out.gates.dtype == torch.float32
@@ -74,11 +77,13 @@ def test_gating_hand_sigmoid_and_renormalize():
 
 
 def test_gating_ties_lowest_index():
-    logits = torch.tensor([
-        [0.5, 2.0, 2.0, 2.0, 0.0, 1.0, 1.0, 1.0],
-        [1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0],
-        [7.0, 7.0, 7.0, 7.0, 7.0, 7.0, 7.0, 7.0],
-    ])
+    logits = torch.tensor(
+        [
+            [0.5, 2.0, 2.0, 2.0, 0.0, 1.0, 1.0, 1.0],
+            [1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0],
+            [7.0, 7.0, 7.0, 7.0, 7.0, 7.0, 7.0, 7.0],
+        ]
+    )
     gid = torch.tensor([0, 1, 1])
     for score in ("softmax", "sigmoid"):
         out = moe_gating(logits, gid, [5, 3], 2, score=score, **REF)
@@ -109,8 +114,8 @@ def test_gating_routing_never_crosses_groups():
     assert torch.equal(out.expert_ids, out2.expert_ids) and torch.equal(out.gates, out2.gates)
     # f sums to 1 per group, P sums to 1 per group (softmax)
     for g in range(3):
-        assert_close(out.expert_fraction[offs[g]:offs[g + 1]].sum(), torch.tensor(1.0))
-        assert_close(out.expert_prob[offs[g]:offs[g + 1]].sum(), torch.tensor(1.0))
+        assert_close(out.expert_fraction[offs[g] : offs[g + 1]].sum(), torch.tensor(1.0))
+        assert_close(out.expert_prob[offs[g] : offs[g + 1]].sum(), torch.tensor(1.0))
 
 
 def test_gating_empty_group_has_zero_stats():
@@ -198,11 +203,11 @@ def test_align_contract_random_and_invalid_dropped():
     assert bool((a.sorted_token_ids[total:] == N).all())
     for b in range(total // bs):
         e = int(a.block_expert_ids[b])
-        blk = a.sorted_token_ids[b * bs:(b + 1) * bs]
+        blk = a.sorted_token_ids[b * bs : (b + 1) * bs]
         real = blk[blk != N]
         assert real.numel() > 0 and bool((flat[real.long()] == e).all())
         assert bool((real.diff() > 0).all())
-    assert bool((a.block_expert_ids[total // bs:] == -1).all())
+    assert bool((a.block_expert_ids[total // bs :] == -1).all())
     # blocks in ascending expert order; an expert with no tokens owns no block
     owned = a.block_expert_ids[: total // bs]
     assert bool((owned.diff() >= 0).all())
@@ -279,13 +284,15 @@ def test_expert_mlp_backward_formula_and_dtype():
         out = R.moe_expert_mlp_ref(x, w1, w2, ids, g, b1, b2, activation)
         go = randn(T, D)
         want = torch.autograd.grad(out, leaves, go)
-        got = R.moe_expert_mlp_backward_ref(go, x.detach(), w1.detach(), w2.detach(), ids, g.detach(),
-                                            b1.detach(), b2.detach(), activation)
+        got = R.moe_expert_mlp_backward_ref(
+            go, x.detach(), w1.detach(), w2.detach(), ids, g.detach(), b1.detach(), b2.detach(), activation
+        )
         for name, a, b in zip(("dx", "dw1", "dw2", "dgates", "db1", "db2"), got, want):
             assert_close(a, b, name=f"{activation} {name}")
     xb = randn(4, D, dtype=torch.bfloat16)
-    outb = moe_expert_mlp(xb, randn(E, D, F), randn(E, F, D), torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1),
-                          **REF)
+    outb = moe_expert_mlp(
+        xb, randn(E, D, F), randn(E, F, D), torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1), **REF
+    )
     assert outb.dtype == torch.bfloat16
 
 

@@ -5,13 +5,18 @@ TRITON_INTERPRET=1 and patches bf16), forcing ``backend="triton"`` on CPU tensor
 small because each program instance costs ~1 ms there. ``@pytest.mark.gpu`` tests repeat the
 parity checks at real sizes on a CUDA device.
 """
+
 import math
 
 import pytest
 import torch
 
 from unif2ace.kernels import (
-    BackendUnavailableError, moe_align, moe_expert_mlp, moe_gating, moe_shared_expert,
+    BackendUnavailableError,
+    moe_align,
+    moe_expert_mlp,
+    moe_gating,
+    moe_shared_expert,
 )
 from unif2ace.kernels import moe as M
 from unif2ace.kernels.reference import moe as R
@@ -91,7 +96,7 @@ def test_gating_ties_empty_group_strided_and_int32_ids(poisoned):
     # logits from a 3-value set: many exact ties, broken towards the lowest index
     T, sizes, k = 40, [4, 8], 3
     base = torch.randint(0, 3, (sum(sizes) + 3, T)).float()
-    logits = base.t()[:, 1:1 + sum(sizes)]  # non-contiguous view with an offset
+    logits = base.t()[:, 1 : 1 + sum(sizes)]  # non-contiguous view with an offset
     gid = torch.zeros(T, dtype=torch.int32)  # group 1 gets no tokens
     got = moe_gating(logits, gid, sizes, k, backend="triton")
     want = R.moe_gating_ref(logits, gid, sizes, k, "softmax", False, 0.01)
@@ -113,8 +118,7 @@ def test_gating_ties_empty_group_strided_and_int32_ids(poisoned):
 def test_gating_hand_computed():
     # one token, group of 4: softmax of [0, ln 2, ln 2, ln 4] = [1, 2, 2, 4] / 9
     z = torch.tensor([[0.0, math.log(2), math.log(2), math.log(4)]])
-    out = moe_gating(z, torch.zeros(1, dtype=torch.long), [4], 2, renormalize=True, balance_coef=1.0,
-                     backend="triton")
+    out = moe_gating(z, torch.zeros(1, dtype=torch.long), [4], 2, renormalize=True, balance_coef=1.0, backend="triton")
     assert out.expert_ids.tolist() == [[3, 1]]  # tie between 1 and 2 -> 1
     assert_close(out.gates, torch.tensor([[4 / 6, 2 / 6]]))
     assert_close(out.expert_fraction, torch.tensor([0.0, 0.5, 0.0, 0.5]))
@@ -163,10 +167,17 @@ def _assert_align_equal(got, want):
         assert torch.equal(a.cpu(), b.cpu()), f"{name} differs from the reference"
 
 
-@pytest.mark.parametrize("T,k,E,bs", [
-    (1, 1, 4, 16), (33, 2, 8, 1), (33, 4, 4, 7), (222, 8, 8, 64), (100, 4, 64, 16),
-    (600, 4, 200, 32),  # several chunks of ids and several tiles of experts
-])
+@pytest.mark.parametrize(
+    "T,k,E,bs",
+    [
+        (1, 1, 4, 16),
+        (33, 2, 8, 1),
+        (33, 4, 4, 7),
+        (222, 8, 8, 64),
+        (100, 4, 64, 16),
+        (600, 4, 200, 32),  # several chunks of ids and several tiles of experts
+    ],
+)
 def test_align_parity(T, k, E, bs, poisoned):
     ids = _ids(T, k, E, dtype=torch.int32 if T % 2 else torch.int64)
     _assert_align_equal(moe_align(ids, E, bs, backend="triton"), R.moe_align_ref(ids, E, bs))
@@ -204,8 +215,8 @@ def _mlp_inputs(T, D, F, E, k, activation, bias, dtype=torch.float32, ids=None, 
     F1 = 2 * F if activation == "swiglu" else F
     ids = _ids(T, k, E, torch.int64) if ids is None else ids
     x = randn(T, D, scale=scale, dtype=dtype)
-    w1 = randn(E, D, F1, scale=D ** -0.5, dtype=dtype)
-    w2 = randn(E, F, D, scale=F ** -0.5, dtype=dtype)
+    w1 = randn(E, D, F1, scale=D**-0.5, dtype=dtype)
+    w2 = randn(E, F, D, scale=F**-0.5, dtype=dtype)
     gates = torch.rand(T, k).to(dtype)
     inputs = [x, w1, w2, gates] + ([randn(E, F1, dtype=dtype), randn(E, D, dtype=dtype)] if bias else [])
     return ids, [t.requires_grad_(True) for t in inputs]
@@ -230,13 +241,16 @@ def _mlp_parity(ids, inputs, activation, bias, dtype=torch.float32, scale=1.0):
     fwd_bwd_parity(ref_fn, tri_fn, inputs, names=["x", "w1", "w2", "gates", "b1", "b2"], dtype=dtype, scale=scale)
 
 
-@pytest.mark.parametrize("activation,bias,E,k", [
-    ("gelu", True, 4, 1),
-    ("gelu", False, 8, 2),
-    ("gelu_tanh", True, 8, 4),
-    ("swiglu", False, 4, 2),
-    ("swiglu", True, 8, 4),
-])
+@pytest.mark.parametrize(
+    "activation,bias,E,k",
+    [
+        ("gelu", True, 4, 1),
+        ("gelu", False, 8, 2),
+        ("gelu_tanh", True, 8, 4),
+        ("swiglu", False, 4, 2),
+        ("swiglu", True, 8, 4),
+    ],
+)
 def test_mlp_fwd_bwd_parity(activation, bias, E, k, poisoned):
     ids, inputs = _mlp_inputs(45, 40, 24, E, k, activation, bias)
     _mlp_parity(ids, inputs, activation, bias)
@@ -269,7 +283,7 @@ def test_mlp_small_tiles_skewed_routing(activation, poisoned):
 
 def test_mlp_hand_computed():
     # w1[e] = c_e * I, w2[e] = I: out[t] = sum_j g_tj * gelu(c_e * x_t) elementwise
-    D = F = 16
+    D = 16
     c = [0.5, -2.0, 1.5]
     w1 = torch.stack([ci * torch.eye(D) for ci in c])
     w2 = torch.eye(D).expand(3, D, D).contiguous()
@@ -281,8 +295,12 @@ def test_mlp_hand_computed():
     def gelu(v):
         return 0.5 * v * (1 + math.erf(v / math.sqrt(2)))
 
-    want = torch.tensor([[0.25 * gelu(c[0] * v) + 0.75 * gelu(c[2] * v) for v in x[0].tolist()],
-                         [0.5 * gelu(c[1] * v) for v in x[1].tolist()]])
+    want = torch.tensor(
+        [
+            [0.25 * gelu(c[0] * v) + 0.75 * gelu(c[2] * v) for v in x[0].tolist()],
+            [0.5 * gelu(c[1] * v) for v in x[1].tolist()],
+        ]
+    )
     assert_close(out, want)
 
 
@@ -323,8 +341,9 @@ def test_gating_custom_op_opcheck():
 def test_mlp_custom_op_opcheck():
     T, D, F, E, k = 9, 16, 16, 3, 2
     x, w1, w2 = randn(T, D).requires_grad_(True), randn(E, D, 2 * F).requires_grad_(True), randn(E, F, D)
-    torch.library.opcheck(M._mlp_op, (x, w1, w2, _ids(T, k, E, torch.int64), torch.rand(T, k), None, randn(E, D),
-                                      "swiglu", "triton"))
+    torch.library.opcheck(
+        M._mlp_op, (x, w1, w2, _ids(T, k, E, torch.int64), torch.rand(T, k), None, randn(E, D), "swiglu", "triton")
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,8 +368,15 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="group_sizes"):
         moe_gating(z, gid, [4, 5], 2, backend="triton")
     with pytest.raises(ValueError, match="w1"):
-        moe_expert_mlp(randn(3, 8), randn(2, 8, 6), randn(2, 4, 8), torch.zeros(3, 1, dtype=torch.long),
-                       torch.ones(3, 1), activation="swiglu", backend="triton")
+        moe_expert_mlp(
+            randn(3, 8),
+            randn(2, 8, 6),
+            randn(2, 4, 8),
+            torch.zeros(3, 1, dtype=torch.long),
+            torch.ones(3, 1),
+            activation="swiglu",
+            backend="triton",
+        )
     with pytest.raises(ValueError, match="block_size"):
         moe_align(torch.zeros(3, 2, dtype=torch.int32), 4, 0, backend="triton")
 
@@ -382,12 +408,15 @@ def test_cuda_align_parity(T, k, E, bs, gpu_device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,D,F,E,k,activation,dtype", [
-    (4096, 512, 256, 16, 4, "gelu", torch.bfloat16),
-    (2048, 256, 128, 128, 8, "swiglu", torch.bfloat16),
-    (1, 256, 128, 8, 2, "swiglu", torch.bfloat16),
-    (777, 200, 96, 8, 2, "gelu_tanh", torch.float32),
-])
+@pytest.mark.parametrize(
+    "T,D,F,E,k,activation,dtype",
+    [
+        (4096, 512, 256, 16, 4, "gelu", torch.bfloat16),
+        (2048, 256, 128, 128, 8, "swiglu", torch.bfloat16),
+        (1, 256, 128, 8, 2, "swiglu", torch.bfloat16),
+        (777, 200, 96, 8, 2, "gelu_tanh", torch.float32),
+    ],
+)
 def test_cuda_mlp_parity(T, D, F, E, k, activation, dtype, gpu_device):
     ids, inputs = _mlp_inputs(T, D, F, E, k, activation, True, dtype=dtype, scale=0.1)
     ids = ids.to(gpu_device)
@@ -401,8 +430,10 @@ def test_cuda_mlp_64bit_offsets(gpu_device):
     D, E, F = 2048, 4, 32
     T = 2**31 // D + 64
     x = torch.empty(T, D, device=gpu_device, dtype=torch.bfloat16).normal_().mul_(0.1)
-    w1, w2 = randn(E, D, F, device=gpu_device, dtype=torch.bfloat16, scale=D ** -0.5), \
-        randn(E, F, D, device=gpu_device, dtype=torch.bfloat16, scale=F ** -0.5)
+    w1, w2 = (
+        randn(E, D, F, device=gpu_device, dtype=torch.bfloat16, scale=D**-0.5),
+        randn(E, F, D, device=gpu_device, dtype=torch.bfloat16, scale=F**-0.5),
+    )
     ids = torch.full((T, 1), -1, dtype=torch.int32, device=gpu_device)
     last = torch.arange(T - 64, T, device=gpu_device)
     ids[last, 0] = torch.arange(64, device=gpu_device, dtype=torch.int32) % E

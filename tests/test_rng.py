@@ -5,6 +5,7 @@ three ways: an independent pure-Python uint32 implementation written here from t
 hard-coded known answers, and statistical checks of the output (fixed keys, so each statistical
 test is deterministic; the false-failure rate stated for each is what a fresh key would have).
 """
+
 from __future__ import annotations
 
 import math
@@ -259,7 +260,9 @@ def test_gumbel_broadcast_matches_words():
     assert g.shape == (2, 7)
     assert torch.equal(g, rng.gumbel_from_words(hi, lo))
     w = py_words(99, 0, 9, 3, 6)
-    want = -math.log(-math.log1p(-((w[0] * 2.0**32 + w[1] + 0.5) * 2.0**-64))) if w[0] < (1 << 31) else -math.log(
-        -math.log(((M32 - w[0]) * 2.0**32 + (M32 - w[1]) + 0.5) * 2.0**-64)
+    want = (
+        -math.log(-math.log1p(-((w[0] * 2.0**32 + w[1] + 0.5) * 2.0**-64)))
+        if w[0] < (1 << 31)
+        else -math.log(-math.log(((M32 - w[0]) * 2.0**32 + (M32 - w[1]) + 0.5) * 2.0**-64))
     )
     assert float(g[1, 6]) == pytest.approx(want, rel=1e-6)

@@ -1,4 +1,4 @@
-"""The ``cpu`` backend of the sampling ops (csrc/cpu/sampling.cpp, csrc/cpu/rng.h) against the
+"""The ``cpu`` backend of the sampling ops (csrc/cpu/sampling.cpp, csrc/common/rng.h) against the
 reference (unif2ace/kernels/reference/sampling.py) and on its own (distribution, edge cases).
 
 Exactness contract tested here: the RNG words are bit-identical; the fp32 Gumbel values are
@@ -10,6 +10,7 @@ tolerance (polynomial exp, fp32 sums in another order).
 Statistical tests use fixed seeds, so each is deterministic; the false-failure rate stated is what
 it would have with a fresh seed.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,10 @@ def make_inputs(B, L, V, *, masked_frac=0.7, seed=0, guided=False, scale=2.0, dt
 
 
 def both_step(cond, tokens, is_masked, **kw):
-    return (masked_sample_step(cond, tokens, is_masked, backend="cpu", **kw),
-            masked_sample_step(cond, tokens, is_masked, backend="reference", **kw))
+    return (
+        masked_sample_step(cond, tokens, is_masked, backend="cpu", **kw),
+        masked_sample_step(cond, tokens, is_masked, backend="reference", **kw),
+    )
 
 
 def assert_same_step(out, ref):
@@ -64,7 +67,7 @@ def assert_same_ar(out, ref):
     assert_close(out.logprobs[fin], ref.logprobs[fin], name="logprobs")
 
 
-# ------------------------------------------------------------------ RNG (csrc/cpu/rng.h)
+# ------------------------------------------------------------------ RNG (csrc/common/rng.h)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2**32 - 1, 2**32, 2**64 - 1, 0x9E3779B97F4A7C15])
@@ -118,9 +121,20 @@ def test_greedy_matches_reference(guided, top_k):
     is_masked[2] = False  # a row with nothing masked
     tokens[2] = torch.randint(0, V, (L,))
     for step in (0, 4, 6):
-        out, ref = both_step(cond, tokens, is_masked, step=step, num_steps=7, seed=5, mask_token_id=mid,
-                             uncond_logits=unc, guidance_scale=1.75 if guided else 0.0, temperature=0.0,
-                             confidence_noise=0.0, top_k=top_k)
+        out, ref = both_step(
+            cond,
+            tokens,
+            is_masked,
+            step=step,
+            num_steps=7,
+            seed=5,
+            mask_token_id=mid,
+            uncond_logits=unc,
+            guidance_scale=1.75 if guided else 0.0,
+            temperature=0.0,
+            confidence_noise=0.0,
+            top_k=top_k,
+        )
         assert_same_step(out, ref)
         assert torch.equal(out.tokens[2], tokens[2]) and not out.is_masked[2].any()
 
@@ -129,8 +143,18 @@ def test_hand_computed_small_case():
     c = torch.tensor([[[2.0, 0, 0], [0, 0, 1], [0, 3, 3], [5, 5, 5]]])
     tokens = torch.tensor([[9, 9, 9, 2]])
     is_masked = torch.tensor([[True, True, True, False]])
-    out = masked_sample_step(c, tokens, is_masked, step=0, num_steps=2, seed=1, mask_token_id=9,
-                             temperature=0.0, confidence_noise=0.0, backend="cpu")
+    out = masked_sample_step(
+        c,
+        tokens,
+        is_masked,
+        step=0,
+        num_steps=2,
+        seed=1,
+        mask_token_id=9,
+        temperature=0.0,
+        confidence_noise=0.0,
+        backend="cpu",
+    )
     # n = floor(4 cos(π/4)) = 2 of 3 masked: positions 2 and 1 (lowest log p) re-masked
     assert out.tokens.tolist() == [[0, 9, 9, 2]]
     assert out.is_masked.tolist() == [[False, True, True, False]]
@@ -147,8 +171,17 @@ def test_confidence_ties_remask_lowest_positions_first():
     row = torch.randn(V)
     is_masked = torch.rand(2, L, generator=torch.Generator().manual_seed(2)) < 0.8
     tokens = torch.where(is_masked, V, 3)
-    out, ref = both_step(row.expand(2, L, V), tokens, is_masked, step=2, num_steps=6, seed=1, mask_token_id=V,
-                         temperature=0.0, confidence_noise=0.0)
+    out, ref = both_step(
+        row.expand(2, L, V),
+        tokens,
+        is_masked,
+        step=2,
+        num_steps=6,
+        seed=1,
+        mask_token_id=V,
+        temperature=0.0,
+        confidence_noise=0.0,
+    )
     assert_same_step(out, ref)
     for b in range(2):
         pos = is_masked[b].nonzero().flatten()
@@ -170,9 +203,21 @@ def test_sampling_with_noise_matches_reference(B, L, V, guided, temp, top_k, ste
     """Random inputs, Gumbel sampling and confidence noise on: tokens, masks and codes identical."""
     cond, unc, tokens, is_masked, mid = make_inputs(B, L, V, guided=guided, seed=V, scale=3.0)
     ids = torch.randint(0, 2**40, (B,), generator=torch.Generator().manual_seed(L))
-    out, ref = both_step(cond, tokens, is_masked, step=step, num_steps=10, seed=2**40 + V, mask_token_id=mid,
-                         uncond_logits=unc, guidance_scale=1.75 if guided else 0.0, temperature=temp,
-                         confidence_noise=4.5, top_k=top_k, sample_ids=ids)
+    out, ref = both_step(
+        cond,
+        tokens,
+        is_masked,
+        step=step,
+        num_steps=10,
+        seed=2**40 + V,
+        mask_token_id=mid,
+        uncond_logits=unc,
+        guidance_scale=1.75 if guided else 0.0,
+        temperature=temp,
+        confidence_noise=4.5,
+        top_k=top_k,
+        sample_ids=ids,
+    )
     assert_same_step(out, ref)
 
 
@@ -193,8 +238,19 @@ def test_all_schedules_and_last_step():
     cond, unc, tokens, is_masked, mid = make_inputs(B, L, V, guided=True, masked_frac=0.9, seed=3)
     for schedule in ("cosine", "linear", "pow", "sigmoid"):
         for step in (0, 2, 4):
-            out, ref = both_step(cond, tokens, is_masked, step=step, num_steps=5, seed=2, mask_token_id=mid,
-                                 uncond_logits=unc, guidance_scale=0.5, schedule=schedule, schedule_exponent=3.0)
+            out, ref = both_step(
+                cond,
+                tokens,
+                is_masked,
+                step=step,
+                num_steps=5,
+                seed=2,
+                mask_token_id=mid,
+                uncond_logits=unc,
+                guidance_scale=0.5,
+                schedule=schedule,
+                schedule_exponent=3.0,
+            )
             assert_same_step(out, ref)
     assert not out.is_masked.any()  # last step: everything decoded
     assert bool((out.tokens < V).all())
@@ -216,8 +272,17 @@ def test_nan_inf_rows_match_reference():
     is_masked = torch.ones(2, L, dtype=torch.bool)
     for temp in (0.0, 1.0, 0.3):
         for noise in (0.0, 4.5):
-            out, ref = both_step(c, tokens, is_masked, step=0, num_steps=2, seed=4, mask_token_id=V,
-                                 temperature=temp, confidence_noise=noise)
+            out, ref = both_step(
+                c,
+                tokens,
+                is_masked,
+                step=0,
+                num_steps=2,
+                seed=4,
+                mask_token_id=V,
+                temperature=temp,
+                confidence_noise=noise,
+            )
             assert_same_step(out, ref)
             assert out.sampled[0, 2] == 0 and out.sampled[0, 4] == 0
             assert bool(torch.isneginf(out.confidence[0, [2, 4]]).all())
@@ -229,8 +294,9 @@ def test_nan_inf_rows_match_reference():
     c2 = torch.randn(2, L, V)
     c2[0, 0] = math.inf
     c2[1, 1, 3] = math.inf
-    out, ref = both_step(c2, tokens, is_masked, step=0, num_steps=2, seed=4, mask_token_id=V, uncond_logits=u,
-                         guidance_scale=1.0)
+    out, ref = both_step(
+        c2, tokens, is_masked, step=0, num_steps=2, seed=4, mask_token_id=V, uncond_logits=u, guidance_scale=1.0
+    )
     assert_same_step(out, ref)
     assert out.sampled[0, 0] == 0 and math.isinf(out.confidence[0, 0]) and out.sampled[1, 1] == 3
 
@@ -245,8 +311,9 @@ def test_neg_inf_codes_never_sampled():
     tokens = torch.full((B, L), V)
     is_masked = torch.ones(B, L, dtype=torch.bool)
     for temp in (1.0, 2.5):
-        out = masked_sample_step(cond, tokens, is_masked, step=0, num_steps=2, seed=11, mask_token_id=V,
-                                 temperature=temp, backend="cpu")
+        out = masked_sample_step(
+            cond, tokens, is_masked, step=0, num_steps=2, seed=11, mask_token_id=V, temperature=temp, backend="cpu"
+        )
         assert not bool(dead.gather(-1, out.sampled[..., None]).any())
         assert bool(torch.isfinite(out.confidence).all())
 
@@ -261,13 +328,27 @@ def test_top_k_at_least_vocab_and_small_shapes():
         for a, b in zip(out, base):
             assert torch.equal(a, b)
     # V = 1, L = 1, and empty batches
-    out, ref = both_step(torch.randn(3, 1, 1), torch.ones(3, 1, dtype=torch.long), torch.tensor([[True], [False], [True]]),
-                         step=0, num_steps=3, seed=1, mask_token_id=1)
+    out, ref = both_step(
+        torch.randn(3, 1, 1),
+        torch.ones(3, 1, dtype=torch.long),
+        torch.tensor([[True], [False], [True]]),
+        step=0,
+        num_steps=3,
+        seed=1,
+        mask_token_id=1,
+    )
     assert_same_step(out, ref)
     for B, L in ((0, 5), (3, 0)):
-        out = masked_sample_step(torch.randn(B, L, 7), torch.zeros(B, L, dtype=torch.long),
-                                 torch.ones(B, L, dtype=torch.bool), step=0, num_steps=3, seed=1, mask_token_id=7,
-                                 backend="cpu")
+        out = masked_sample_step(
+            torch.randn(B, L, 7),
+            torch.zeros(B, L, dtype=torch.long),
+            torch.ones(B, L, dtype=torch.bool),
+            step=0,
+            num_steps=3,
+            seed=1,
+            mask_token_id=7,
+            backend="cpu",
+        )
         assert all(t.shape == (B, L) for t in out)
 
 
@@ -278,7 +359,9 @@ def test_batch_order_sub_batch_and_thread_count():
     kw = dict(step=2, num_steps=8, seed=123456789, mask_token_id=mid, guidance_scale=1.5, top_k=200, backend="cpu")
     a = masked_sample_step(cond, tokens, is_masked, uncond_logits=unc, sample_ids=ids, **kw)
     perm = torch.tensor([3, 0, 4, 1, 2])
-    c = masked_sample_step(cond[perm], tokens[perm], is_masked[perm], uncond_logits=unc[perm], sample_ids=ids[perm], **kw)
+    c = masked_sample_step(
+        cond[perm], tokens[perm], is_masked[perm], uncond_logits=unc[perm], sample_ids=ids[perm], **kw
+    )
     for x, y in zip(a, c):
         assert torch.equal(x[perm], y)
     d = masked_sample_step(cond[1:3], tokens[1:3], is_masked[1:3], uncond_logits=unc[1:3], sample_ids=ids[1:3], **kw)
@@ -307,11 +390,11 @@ def test_low_precision_and_strided_inputs(dtype):
     # mixed dtypes (uncond fp32), and non-contiguous views: a V-slice and a transposed layout
     out, ref = both_step(cond, tokens, is_masked, uncond_logits=unc.float(), **kw)
     assert_same_step(out, ref)
-    big = torch.randn(B, V + 5, L).to(dtype).transpose(1, 2)[..., 3:3 + V]
+    big = torch.randn(B, V + 5, L).to(dtype).transpose(1, 2)[..., 3 : 3 + V]
     assert not big.is_contiguous() and big.stride(-1) != 1
     out, ref = both_step(big, tokens, is_masked, uncond_logits=unc[:, :, :], **kw)
     assert_same_step(out, ref)
-    sl = torch.randn(B, L, V + 9).to(dtype)[..., 4:4 + V]  # last dim contiguous, row stride V + 9
+    sl = torch.randn(B, L, V + 9).to(dtype)[..., 4 : 4 + V]  # last dim contiguous, row stride V + 9
     out, ref = both_step(sl, tokens, is_masked, uncond_logits=unc, **kw)
     assert_same_step(out, ref)
 
@@ -327,9 +410,18 @@ def test_masked_step_chi2(top_k):
     V, temp = 12, 0.7
     row = torch.linspace(-2.0, 1.5, V)[torch.randperm(V, generator=torch.Generator().manual_seed(0))]
     B, L = 8, 5000
-    out = masked_sample_step(row.expand(B, L, V), torch.full((B, L), V), torch.ones(B, L, dtype=torch.bool),
-                             step=0, num_steps=12, seed=2024, mask_token_id=V, temperature=temp, top_k=top_k,
-                             backend="cpu")
+    out = masked_sample_step(
+        row.expand(B, L, V),
+        torch.full((B, L), V),
+        torch.ones(B, L, dtype=torch.bool),
+        step=0,
+        num_steps=12,
+        seed=2024,
+        mask_token_id=V,
+        temperature=temp,
+        top_k=top_k,
+        backend="cpu",
+    )
     z = row.double() / temp
     if top_k is not None:
         z = torch.where(row >= row.topk(top_k).values[-1], z, -math.inf)
@@ -347,8 +439,16 @@ def test_tail_mass():
     row[4:] = torch.linspace(-11.0, -8.5, V - 4)
     mass = float(torch.softmax(row.double(), 0)[4:].sum())
     B, L = 4, 2048
-    out = masked_sample_step(row.expand(B, L, V), torch.full((B, L), V), torch.ones(B, L, dtype=torch.bool),
-                             step=0, num_steps=10, seed=31337, mask_token_id=V, backend="cpu")
+    out = masked_sample_step(
+        row.expand(B, L, V),
+        torch.full((B, L), V),
+        torch.ones(B, L, dtype=torch.bool),
+        step=0,
+        num_steps=10,
+        seed=31337,
+        mask_token_id=V,
+        backend="cpu",
+    )
     n = B * L
     rare = int((out.sampled >= 4).sum())
     assert abs(rare - n * mass) < 5 * math.sqrt(n * mass * (1 - mass)), (rare, n * mass)
@@ -490,8 +590,9 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="'step'"):
         masked_sample_step(cond, tokens, is_masked, step=3, num_steps=3, seed=1, mask_token_id=mid, backend="cpu")
     with pytest.raises(ValueError, match="'tokens'"):
-        masked_sample_step(cond, tokens[:, :4], is_masked, step=0, num_steps=3, seed=1, mask_token_id=mid,
-                           backend="cpu")
+        masked_sample_step(
+            cond, tokens[:, :4], is_masked, step=0, num_steps=3, seed=1, mask_token_id=mid, backend="cpu"
+        )
     with pytest.raises(ValueError, match="'top_p'"):
         ar_sample(cond[0], seed=1, position=0, top_p=0.0, backend="cpu")
     # the raw C++ ops check their own contract too

@@ -1,5 +1,6 @@
 """CUDA backend of the sampling ops (csrc/cuda/sampling.cu) against the reference: exact tokens
 (the CUDA kernels evaluate the reference's float64 Gumbel), fp32-tolerance confidences. GPU only."""
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,16 @@ def _inputs(B, L, V, dtype, guided, seed):
 @pytest.mark.parametrize("L", [256, 5000])
 def test_masked_step_cuda_matches_reference(dtype, V, temperature, top_k, L):
     cond, unc, tokens, is_masked = _inputs(2, L, V, dtype, True, 0)
-    kw = dict(step=3, num_steps=18, seed=2**63 + 1, mask_token_id=V, uncond_logits=unc, guidance_scale=1.75,
-              temperature=temperature, top_k=top_k)
+    kw = dict(
+        step=3,
+        num_steps=18,
+        seed=2**63 + 1,
+        mask_token_id=V,
+        uncond_logits=unc,
+        guidance_scale=1.75,
+        temperature=temperature,
+        top_k=top_k,
+    )
     a = masked_sample_step(cond, tokens, is_masked, backend="cuda", **kw)
     b = masked_sample_step(cond, tokens, is_masked, backend="reference", **kw)
     for f in ("tokens", "is_masked", "sampled"):
@@ -47,10 +56,12 @@ def test_masked_step_cuda_edge_rows():
     tokens = torch.full((1, L), V, device="cuda")
     m = torch.ones(1, L, dtype=torch.bool, device="cuda")
     for temp in (0.0, 1.0):
-        a = masked_sample_step(c, tokens, m, step=0, num_steps=2, seed=4, mask_token_id=V, temperature=temp,
-                               backend="cuda")
-        b = masked_sample_step(c, tokens, m, step=0, num_steps=2, seed=4, mask_token_id=V, temperature=temp,
-                               backend="reference")
+        a = masked_sample_step(
+            c, tokens, m, step=0, num_steps=2, seed=4, mask_token_id=V, temperature=temp, backend="cuda"
+        )
+        b = masked_sample_step(
+            c, tokens, m, step=0, num_steps=2, seed=4, mask_token_id=V, temperature=temp, backend="reference"
+        )
         assert torch.equal(a.sampled, b.sampled) and torch.equal(a.is_masked, b.is_masked)
 
 

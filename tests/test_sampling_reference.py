@@ -4,6 +4,7 @@ the public API on the ``reference`` backend (unif2ace/kernels/reference/sampling
 Statistical tests use fixed seeds, so each is deterministic; the false-failure rate stated in a
 test's docstring is what it would have with a fresh seed (χ² tests reject at p < 1e-4).
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,6 @@ from unif2ace.testing import assert_close, chi2_pvalue
 
 NEG_INF = float("-inf")
 FLT_MAX = torch.finfo(torch.float32).max
-
-
 
 
 @pytest.fixture(autouse=True)
@@ -171,8 +170,9 @@ def test_hand_computed_small_case():
     c = torch.tensor([[[2.0, 0, 0], [0, 0, 1], [0, 3, 3], [5, 5, 5]]])
     tokens = torch.tensor([[9, 9, 9, 2]])
     is_masked = torch.tensor([[True, True, True, False]])
-    out = masked_sample_step(c, tokens, is_masked, step=0, num_steps=2, seed=1, mask_token_id=9,
-                             temperature=0.0, confidence_noise=0.0)
+    out = masked_sample_step(
+        c, tokens, is_masked, step=0, num_steps=2, seed=1, mask_token_id=9, temperature=0.0, confidence_noise=0.0
+    )
     # n_raw = floor(4 cos(π/4)) = 2, masked 3 -> n = 2: positions 2 and 1 (lowest log p) re-masked
     assert out.tokens.tolist() == [[0, 9, 9, 2]]
     assert out.is_masked.tolist() == [[False, True, True, False]]
@@ -190,8 +190,19 @@ def test_greedy_matches_independent_implementation(guided, step):
     is_masked[2] = False  # a row with nothing masked
     tokens[2] = torch.randint(0, V, (L,))
     s = 1.75 if guided else 0.0
-    out = masked_sample_step(cond, tokens, is_masked, step=step, num_steps=T, seed=5, mask_token_id=mid,
-                             uncond_logits=unc, guidance_scale=s, temperature=0.0, confidence_noise=0.0)
+    out = masked_sample_step(
+        cond,
+        tokens,
+        is_masked,
+        step=step,
+        num_steps=T,
+        seed=5,
+        mask_token_id=mid,
+        uncond_logits=unc,
+        guidance_scale=s,
+        temperature=0.0,
+        confidence_noise=0.0,
+    )
     check_output_contract(out, tokens, is_masked, mid, V)
     want = independent_greedy_step(cond, unc, s, tokens, is_masked, step, T, mid)
     assert torch.equal(out.sampled, want[2])
@@ -206,15 +217,35 @@ def test_guidance_combine():
     B, L, V = 2, 9, 17
     cond, unc, tokens, is_masked, mid = make_inputs(B, L, V, guided=True, masked_frac=1.0)
     s = 2.5
-    out = masked_sample_step(cond, tokens, is_masked, step=0, num_steps=4, seed=3, mask_token_id=mid,
-                             uncond_logits=unc, guidance_scale=s, temperature=0.0, confidence_noise=0.0)
+    out = masked_sample_step(
+        cond,
+        tokens,
+        is_masked,
+        step=0,
+        num_steps=4,
+        seed=3,
+        mask_token_id=mid,
+        uncond_logits=unc,
+        guidance_scale=s,
+        temperature=0.0,
+        confidence_noise=0.0,
+    )
     comb = (1 + s) * cond.double() - s * unc.double()
     assert torch.equal(out.sampled, comb.argmax(-1))
     lp = torch.log_softmax(comb, -1).gather(-1, out.sampled[..., None])[..., 0]
     assert_close(out.confidence, lp, name="confidence")
     # guidance_scale 0 ignores uncond entirely
-    out0 = masked_sample_step(cond, tokens, is_masked, step=0, num_steps=4, seed=3, mask_token_id=mid,
-                              uncond_logits=unc * 100, guidance_scale=0.0)
+    out0 = masked_sample_step(
+        cond,
+        tokens,
+        is_masked,
+        step=0,
+        num_steps=4,
+        seed=3,
+        mask_token_id=mid,
+        uncond_logits=unc * 100,
+        guidance_scale=0.0,
+    )
     ref0 = masked_sample_step(cond, tokens, is_masked, step=0, num_steps=4, seed=3, mask_token_id=mid)
     for a, b in zip(out0, ref0):
         assert torch.equal(a, b)
@@ -226,8 +257,18 @@ def test_noise_contract_pins_rng_keys():
     cond, _, tokens, is_masked, mid = make_inputs(B, L, V, masked_frac=1.0)
     ids = torch.tensor([7, 2**33 + 1])
     temp, tau0 = 0.9, 3.0
-    out = masked_sample_step(cond, tokens, is_masked, step=step, num_steps=T, seed=seed, mask_token_id=mid,
-                             temperature=temp, confidence_noise=tau0, sample_ids=ids)
+    out = masked_sample_step(
+        cond,
+        tokens,
+        is_masked,
+        step=step,
+        num_steps=T,
+        seed=seed,
+        mask_token_id=mid,
+        temperature=temp,
+        confidence_noise=tau0,
+        sample_ids=ids,
+    )
     pos = torch.arange(L)
     g0 = rng.gumbel(seed, 0, ids[:, None, None], pos[None, :, None], torch.arange(V)[None, None, :])
     x = cond.float()
@@ -242,8 +283,18 @@ def test_noise_contract_pins_rng_keys():
 def test_confidence_uses_top_k_filtered_distribution():
     B, L, V, k = 2, 8, 31, 4
     cond, _, tokens, is_masked, mid = make_inputs(B, L, V, masked_frac=1.0)
-    out = masked_sample_step(cond, tokens, is_masked, step=0, num_steps=3, seed=1, mask_token_id=mid,
-                             temperature=0.0, confidence_noise=0.0, top_k=k)
+    out = masked_sample_step(
+        cond,
+        tokens,
+        is_masked,
+        step=0,
+        num_steps=3,
+        seed=1,
+        mask_token_id=mid,
+        temperature=0.0,
+        confidence_noise=0.0,
+        top_k=k,
+    )
     want = independent_greedy_step(cond, None, 0.0, tokens, is_masked, 0, 3, mid, top_k=k)
     assert torch.equal(out.sampled, want[2])
     assert_close(out.confidence, want[3], name="confidence")
@@ -280,8 +331,17 @@ def test_other_schedules_in_the_op(schedule):
     B, L, V, T = 2, 40, 7, 5
     cond, _, tokens, is_masked, mid = make_inputs(B, L, V, masked_frac=0.9)
     for t in range(T):
-        out = masked_sample_step(cond, tokens, is_masked, step=t, num_steps=T, seed=2, mask_token_id=mid,
-                                 schedule=schedule, schedule_exponent=3.0)
+        out = masked_sample_step(
+            cond,
+            tokens,
+            is_masked,
+            step=t,
+            num_steps=T,
+            seed=2,
+            mask_token_id=mid,
+            schedule=schedule,
+            schedule_exponent=3.0,
+        )
         want = [expected_n(L, t, T, int(m), schedule, 3.0) for m in is_masked.sum(-1)]
         assert out.is_masked.sum(-1).tolist() == want
 
@@ -291,8 +351,9 @@ def test_last_step_unmasks_everything_and_unmasked_rows_unchanged():
     cond, unc, tokens, is_masked, mid = make_inputs(B, L, V, guided=True)
     is_masked[1] = False
     tokens[1] = torch.randint(0, V, (L,))
-    out = masked_sample_step(cond, tokens, is_masked, step=9, num_steps=10, seed=3, mask_token_id=mid,
-                             uncond_logits=unc, guidance_scale=1.0)
+    out = masked_sample_step(
+        cond, tokens, is_masked, step=9, num_steps=10, seed=3, mask_token_id=mid, uncond_logits=unc, guidance_scale=1.0
+    )
     check_output_contract(out, tokens, is_masked, mid, V)
     assert not out.is_masked.any()
     assert bool((out.tokens < V).all())
@@ -316,8 +377,9 @@ def test_nan_and_all_neg_inf_rows():
     tokens = torch.full((1, L), V)
     is_masked = torch.ones(1, L, dtype=torch.bool)
     for temp in (0.0, 1.0, 0.3):
-        out = masked_sample_step(c, tokens, is_masked, step=0, num_steps=2, seed=4, mask_token_id=V,
-                                 temperature=temp, confidence_noise=0.0)
+        out = masked_sample_step(
+            c, tokens, is_masked, step=0, num_steps=2, seed=4, mask_token_id=V, temperature=temp, confidence_noise=0.0
+        )
         assert out.sampled[0, 2] == 0 and out.sampled[0, 4] == 0
         assert math.isinf(out.confidence[0, 2]) and out.confidence[0, 2] < 0
         assert math.isinf(out.confidence[0, 4]) and out.confidence[0, 4] < 0
@@ -339,8 +401,9 @@ def test_neg_inf_codes_never_sampled():
     tokens = torch.full((B, L), V)
     is_masked = torch.ones(B, L, dtype=torch.bool)
     for temp in (1.0, 2.5):
-        out = masked_sample_step(cond, tokens, is_masked, step=0, num_steps=2, seed=11, mask_token_id=V,
-                                 temperature=temp)
+        out = masked_sample_step(
+            cond, tokens, is_masked, step=0, num_steps=2, seed=11, mask_token_id=V, temperature=temp
+        )
         assert not bool(dead.gather(-1, out.sampled[..., None]).any())
         assert bool(torch.isfinite(out.confidence).all())
 
@@ -368,13 +431,13 @@ def test_deterministic_and_independent_of_batch_order():
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     perm = torch.tensor([3, 0, 4, 1, 2])
-    c = masked_sample_step(cond[perm], tokens[perm], is_masked[perm], uncond_logits=unc[perm],
-                           sample_ids=ids[perm], **kw)
+    c = masked_sample_step(
+        cond[perm], tokens[perm], is_masked[perm], uncond_logits=unc[perm], sample_ids=ids[perm], **kw
+    )
     for x, y in zip(a, c):
         assert torch.equal(x[perm], y)
     # a sub-batch gives the same rows
-    d = masked_sample_step(cond[1:3], tokens[1:3], is_masked[1:3], uncond_logits=unc[1:3],
-                           sample_ids=ids[1:3], **kw)
+    d = masked_sample_step(cond[1:3], tokens[1:3], is_masked[1:3], uncond_logits=unc[1:3], sample_ids=ids[1:3], **kw)
     for x, y in zip(a, d):
         assert torch.equal(x[1:3], y)
     # another seed gives other samples
@@ -413,8 +476,15 @@ def test_low_precision_logits_and_int32_tokens():
 
 def test_empty_batch_and_sequence():
     for B, L in ((0, 5), (3, 0)):
-        out = masked_sample_step(torch.randn(B, L, 7), torch.zeros(B, L, dtype=torch.long),
-                                 torch.ones(B, L, dtype=torch.bool), step=0, num_steps=3, seed=1, mask_token_id=7)
+        out = masked_sample_step(
+            torch.randn(B, L, 7),
+            torch.zeros(B, L, dtype=torch.long),
+            torch.ones(B, L, dtype=torch.bool),
+            step=0,
+            num_steps=3,
+            seed=1,
+            mask_token_id=7,
+        )
         assert all(t.shape == (B, L) for t in out)
     out = ar_sample(torch.randn(0, 5), seed=1, position=0)
     assert out.tokens.shape == (0,) and out.logprobs.shape == (0,)
@@ -434,8 +504,9 @@ def test_masked_step_chi2(top_k):
     cond = row.expand(B, L, V)
     tokens = torch.full((B, L), V)
     is_masked = torch.ones(B, L, dtype=torch.bool)
-    out = masked_sample_step(cond, tokens, is_masked, step=0, num_steps=12, seed=2024, mask_token_id=V,
-                             temperature=temp, top_k=top_k)
+    out = masked_sample_step(
+        cond, tokens, is_masked, step=0, num_steps=12, seed=2024, mask_token_id=V, temperature=temp, top_k=top_k
+    )
     z = row.double() / temp
     if top_k is not None:
         kth = row.topk(top_k).values[-1]
@@ -477,8 +548,15 @@ def test_tail_mass(monkeypatch, cap):
     assert float(probs[4:].max()) < 1e-4
     mass = float(probs[4:].sum())
     B, L = 2, 2048
-    out = masked_sample_step(row.expand(B, L, V), torch.full((B, L), V), torch.ones(B, L, dtype=torch.bool),
-                             step=0, num_steps=10, seed=31337, mask_token_id=V)
+    out = masked_sample_step(
+        row.expand(B, L, V),
+        torch.full((B, L), V),
+        torch.ones(B, L, dtype=torch.bool),
+        step=0,
+        num_steps=10,
+        seed=31337,
+        mask_token_id=V,
+    )
     n = B * L
     rare = int((out.sampled >= 4).sum())
     sigma = math.sqrt(n * mass * (1 - mass))
@@ -639,8 +717,9 @@ def test_dispatch_forced_backends():
 
 def _step_args():
     cond, unc, tokens, is_masked, mid = make_inputs(2, 5, 7, guided=True)
-    return (cond, tokens, is_masked), dict(step=0, num_steps=3, seed=1, mask_token_id=mid, uncond_logits=unc,
-                                           guidance_scale=1.0)
+    return (cond, tokens, is_masked), dict(
+        step=0, num_steps=3, seed=1, mask_token_id=mid, uncond_logits=unc, guidance_scale=1.0
+    )
 
 
 STEP_BAD = [

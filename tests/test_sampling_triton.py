@@ -6,6 +6,7 @@ float64-then-rounded value to ~1e-6 absolute (test_gumbel_fp32_matches_reference
 only differ on a near-tie of x/T + g (probability ~1e-6 per position; none with these seeds).
 Confidences / logprobs differ by the online sum-exp's rounding: fp32 tolerances.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,9 +69,20 @@ def test_gumbel_fp32_matches_reference():
 def test_masked_step_matches_reference(guided, temperature):
     B, L, V = 3, 13, 333
     cond, unc, tokens, is_masked, mid = make_inputs(B, L, V, guided=guided, seed=int(temperature * 10))
-    a, b = both(masked_sample_step, cond, tokens, is_masked, step=2, num_steps=7, seed=2**63 + 5,
-                mask_token_id=mid, uncond_logits=unc, guidance_scale=1.75 if guided else 0.0,
-                temperature=temperature, sample_ids=torch.tensor([9, 2**40, 3], device=DEV))
+    a, b = both(
+        masked_sample_step,
+        cond,
+        tokens,
+        is_masked,
+        step=2,
+        num_steps=7,
+        seed=2**63 + 5,
+        mask_token_id=mid,
+        uncond_logits=unc,
+        guidance_scale=1.75 if guided else 0.0,
+        temperature=temperature,
+        sample_ids=torch.tensor([9, 2**40, 3], device=DEV),
+    )
     check_same(a, b)
 
 
@@ -79,8 +91,19 @@ def test_masked_step_top_k(top_k):
     B, L, V = 2, 9, 333
     cond, unc, tokens, is_masked, mid = make_inputs(B, L, V, guided=True, seed=top_k)
     cond[0, 0, :20] = cond[0, 0, 20]  # ties at the threshold are all kept
-    a, b = both(masked_sample_step, cond, tokens, is_masked, step=0, num_steps=4, seed=3, mask_token_id=mid,
-                uncond_logits=unc, guidance_scale=0.5, top_k=top_k)
+    a, b = both(
+        masked_sample_step,
+        cond,
+        tokens,
+        is_masked,
+        step=0,
+        num_steps=4,
+        seed=3,
+        mask_token_id=mid,
+        uncond_logits=unc,
+        guidance_scale=0.5,
+        top_k=top_k,
+    )
     check_same(a, b)
 
 
@@ -91,8 +114,18 @@ def test_masked_step_multi_tile_and_bf16():
     B, L, V = 1, 3, TS.MAX_BLOCK_V + 517
     cond, unc, tokens, is_masked, mid = make_inputs(B, L, V, guided=True, masked_frac=1.0, seed=4)
     for dt in (torch.float32, torch.bfloat16):
-        a, b = both(masked_sample_step, cond.to(dt), tokens.int(), is_masked, step=0, num_steps=3, seed=8,
-                    mask_token_id=mid, uncond_logits=unc.to(dt), guidance_scale=1.0)
+        a, b = both(
+            masked_sample_step,
+            cond.to(dt),
+            tokens.int(),
+            is_masked,
+            step=0,
+            num_steps=3,
+            seed=8,
+            mask_token_id=mid,
+            uncond_logits=unc.to(dt),
+            guidance_scale=1.0,
+        )
         check_same(a, b)
 
 
@@ -109,8 +142,9 @@ def test_edge_rows_nan_inf_and_no_masked_positions():
     tokens[1] = torch.arange(L)
     c, tokens, is_masked = c.to(DEV), tokens.to(DEV), is_masked.to(DEV)
     for temp in (0.0, 1.0, 0.3):
-        a, b = both(masked_sample_step, c, tokens, is_masked, step=0, num_steps=2, seed=4, mask_token_id=V,
-                    temperature=temp)
+        a, b = both(
+            masked_sample_step, c, tokens, is_masked, step=0, num_steps=2, seed=4, mask_token_id=V, temperature=temp
+        )
         check_same(a, b)
         assert a.sampled[0, 2] == 0 and a.sampled[0, 4] == 0 and a.sampled[0, 3] == 5
         assert torch.equal(a.tokens[1], tokens[1]) and not a.is_masked[1].any()
@@ -124,8 +158,18 @@ def test_last_step_and_ties_in_confidence():
     cond = row.expand(B, L, V).clone().to(DEV)
     tokens = torch.full((B, L), V, device=DEV)
     is_masked = torch.ones(B, L, dtype=torch.bool, device=DEV)
-    a, b = both(masked_sample_step, cond, tokens, is_masked, step=0, num_steps=3, seed=1, mask_token_id=V,
-                temperature=0.0, confidence_noise=0.0)
+    a, b = both(
+        masked_sample_step,
+        cond,
+        tokens,
+        is_masked,
+        step=0,
+        num_steps=3,
+        seed=1,
+        mask_token_id=V,
+        temperature=0.0,
+        confidence_noise=0.0,
+    )
     check_same(a, b)
     n = S.num_to_keep_masked(L, 0, 3)
     assert a.is_masked[0].tolist() == [i < n for i in range(L)]
@@ -149,8 +193,9 @@ def test_outputs_fully_written():
     prev = None
     cond, unc, tokens, is_masked, mid = make_inputs(3, 7, 31, seed=6)
     for _ in range(2):
-        a = masked_sample_step(cond, tokens, is_masked, step=0, num_steps=3, seed=2, mask_token_id=mid,
-                               backend="triton")
+        a = masked_sample_step(
+            cond, tokens, is_masked, step=0, num_steps=3, seed=2, mask_token_id=mid, backend="triton"
+        )
         assert not torch.isnan(a.confidence).any()
         assert bool(((a.sampled >= 0) & (a.sampled <= mid)).all())
         assert bool(((a.tokens >= 0) & (a.tokens <= mid)).all())
@@ -170,8 +215,9 @@ def test_neg_inf_never_sampled_and_chi2():
     cond = x.expand(B, L, V).contiguous().to(DEV)
     tokens = torch.full((B, L), V, device=DEV)
     is_masked = torch.ones(B, L, dtype=torch.bool, device=DEV)
-    out = masked_sample_step(cond, tokens, is_masked, step=0, num_steps=2, seed=77, mask_token_id=V,
-                             temperature=T, backend="triton")
+    out = masked_sample_step(
+        cond, tokens, is_masked, step=0, num_steps=2, seed=77, mask_token_id=V, temperature=T, backend="triton"
+    )
     assert not bool((out.sampled == 3).any())
     p = torch.softmax(x.double() / T, 0)
     keep = p * B * L >= 5
@@ -187,8 +233,9 @@ def test_batch_reordering():
     kw = dict(step=1, num_steps=6, seed=123, mask_token_id=mid, guidance_scale=1.5, top_k=20, backend="triton")
     a = masked_sample_step(cond, tokens, is_masked, uncond_logits=unc, sample_ids=ids, **kw)
     perm = torch.tensor([2, 0, 3, 1], device=DEV)
-    c = masked_sample_step(cond[perm], tokens[perm], is_masked[perm], uncond_logits=unc[perm],
-                           sample_ids=ids[perm], **kw)
+    c = masked_sample_step(
+        cond[perm], tokens[perm], is_masked[perm], uncond_logits=unc[perm], sample_ids=ids[perm], **kw
+    )
     for x, y in zip(a, c):
         assert torch.equal(x[perm], y)
 
@@ -198,8 +245,16 @@ def test_batch_reordering():
 
 @pytest.mark.parametrize(
     "temperature,top_k,top_p",
-    [(0.0, None, None), (1.0, None, None), (0.8, 50, None), (0.8, 50, 0.9), (1.3, None, 0.5), (1.0, 1, None),
-     (1.0, 5000, None), (0.5, None, 1.0)],
+    [
+        (0.0, None, None),
+        (1.0, None, None),
+        (0.8, 50, None),
+        (0.8, 50, 0.9),
+        (1.3, None, 0.5),
+        (1.0, 1, None),
+        (1.0, 5000, None),
+        (0.5, None, 1.0),
+    ],
 )
 def test_ar_matches_reference(temperature, top_k, top_p):
     B, V = 5, 777
@@ -217,7 +272,7 @@ def test_ar_edge_rows_and_bf16():
     x = torch.randn(4, V)
     x[0] = float("nan")
     x[1] = NEG_INF
-    x[2, :: 3] = float("nan")
+    x[2, ::3] = float("nan")
     x[3, 17] = math.inf
     x = x.to(DEV)
     for temp in (0.0, 1.0):
@@ -243,6 +298,7 @@ def test_custom_op_opcheck():
         test_utils=("test_schema", "test_faketensor"),
     )
     torch.library.opcheck(
-        S._ar_sample_op, (cond[0], None, 3, None, 5, 0, 1.0, 3, 0.9, "triton"),
+        S._ar_sample_op,
+        (cond[0], None, 3, None, 5, 0, 1.0, 3, 0.9, "triton"),
         test_utils=("test_schema", "test_faketensor"),
     )

@@ -1,4 +1,5 @@
 """Tests of unif2ace.train: the trainer, resume, atomic checkpoints, configs, the CLI, DDP."""
+
 import json
 import os
 import subprocess
@@ -21,13 +22,25 @@ SMALL = {"text_len": 32, "codebook_size": 64, "hidden_size": 64, "num_layers": 1
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("cache"))
-    return build_synthetic(SyntheticSpec(num_images=64, num_codes=64, seed=1), str(tmp_path_factory.mktemp("d") / "syn"),
-                           cache_dir=cache)
+    return build_synthetic(
+        SyntheticSpec(num_images=64, num_codes=64, seed=1), str(tmp_path_factory.mktemp("d") / "syn"), cache_dir=cache
+    )
 
 
 def cfg_for(data, out, **kw):
-    base = dict(model=dict(SMALL), data=data, out=str(out), steps=8, batch_size=8, lr=3e-3, warmup_steps=2,
-                log_every=1, ckpt_every=4, progress=False, threads=1)
+    base = dict(
+        model=dict(SMALL),
+        data=data,
+        out=str(out),
+        steps=8,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=2,
+        log_every=1,
+        ckpt_every=4,
+        progress=False,
+        threads=1,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -44,8 +57,17 @@ def test_short_run_lowers_the_loss_and_writes_outputs(data, tmp_path):
     run = tmp_path / "run"
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == list(range(1, 31))
-    assert {"loss", "mmu_loss", "d3diff_loss", "mask_loss", "score_loss", "balance", "lr", "grad_norm",
-            "tokens_per_s"} <= set(recs[0])
+    assert {
+        "loss",
+        "mmu_loss",
+        "d3diff_loss",
+        "mask_loss",
+        "score_loss",
+        "balance",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+    } <= set(recs[0])
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run / "model.safetensors").exists() and (run / "data.json").exists()
     assert latest_checkpoint(str(run)).endswith("step-00000030.pt")
@@ -123,16 +145,19 @@ def test_corrupt_and_incompatible_checkpoints_raise_clear_errors(data, tmp_path)
     assert load_training_checkpoint(path)["step"] == 1
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("steps", 0, "'steps' must be an int >= 1"),
-    ("lr", -1.0, "'lr' must be a number > 0"),
-    ("backend", "fast", "'backend' must be 'auto' or one of"),
-    ("preset", "huge", "'preset' must be one of"),
-    ("model", {"hidden_sizee": 3}, "unknown UniF2aceConfig fields \\['hidden_sizee'\\]"),
-    ("model", {"top_k": 99}, "top_k=99 exceeds"),
-    ("min_lr_ratio", 2.0, "'min_lr_ratio' must be in"),
-    ("amp", "fp8", "'amp' must be"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("steps", 0, "'steps' must be an int >= 1"),
+        ("lr", -1.0, "'lr' must be a number > 0"),
+        ("backend", "fast", "'backend' must be 'auto' or one of"),
+        ("preset", "huge", "'preset' must be one of"),
+        ("model", {"hidden_sizee": 3}, "unknown UniF2aceConfig fields \\['hidden_sizee'\\]"),
+        ("model", {"top_k": 99}, "top_k=99 exceeds"),
+        ("min_lr_ratio", 2.0, "'min_lr_ratio' must be in"),
+        ("amp", "fp8", "'amp' must be"),
+    ],
+)
 def test_bad_configs_raise_naming_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**{field: value}).validate()
@@ -203,15 +228,72 @@ def test_cli_train_generate_answer(data, tmp_path):
 
     out = tmp_path / "run"
     model = json.dumps(SMALL)
-    assert main(["train", "--data", data, "--out", str(out), "--steps", "3", "--batch-size", "4", "--model", model,
-                 "--no-progress"]) == 0
-    assert main(["train", "--data", data, "--out", str(out), "--steps", "4", "--batch-size", "4", "--model", model,
-                 "--no-progress", "--resume", "auto"]) != 0  # steps changed: incompatible, clear error, exit 2
-    assert main(["generate", str(out), "red hair blue eyes", "pale skin", "--out", str(tmp_path / "g.png"),
-                 "--steps", "2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                data,
+                "--out",
+                str(out),
+                "--steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--model",
+                model,
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                data,
+                "--out",
+                str(out),
+                "--steps",
+                "4",
+                "--batch-size",
+                "4",
+                "--model",
+                model,
+                "--no-progress",
+                "--resume",
+                "auto",
+            ]
+        )
+        != 0
+    )  # steps changed: incompatible, clear error, exit 2
+    assert (
+        main(
+            ["generate", str(out), "red hair blue eyes", "pale skin", "--out", str(tmp_path / "g.png"), "--steps", "2"]
+        )
+        == 0
+    )
     assert (tmp_path / "g.png").exists()
-    assert main(["answer", str(out), "--attributes", "hair_color=red", "what", "color", "is", "the", "hair", "?",
-                 "--max-new-tokens", "2"]) == 0
+    assert (
+        main(
+            [
+                "answer",
+                str(out),
+                "--attributes",
+                "hair_color=red",
+                "what",
+                "color",
+                "is",
+                "the",
+                "hair",
+                "?",
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert main(["train", "--steps", "0"]) == 2
 
 
@@ -226,14 +308,49 @@ def _free_port() -> int:
 def test_ddp_two_processes_match_one_process(data, tmp_path):
     """torchrun, gloo, 2 processes x batch 4 vs 1 process x batch 4 x accum 2: same global batch, same
     samples (per-sample RNG), same per-micro-batch normalisation -> the same losses up to reduction order."""
-    common = ["--data", data, "--steps", "4", "--batch-size", "4", "--model", json.dumps(SMALL), "--no-progress",
-              "--lr", "3e-3", "--warmup-steps", "2", "--log-every", "1"]
+    common = [
+        "--data",
+        data,
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--model",
+        json.dumps(SMALL),
+        "--no-progress",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--log-every",
+        "1",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        str(_free_port()), "-m", "unif2ace", "train", "--out", str(tmp_path / "ddp")] + common,
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(_free_port()),
+            "-m",
+            "unif2ace",
+            "train",
+            "--out",
+            str(tmp_path / "ddp"),
+        ]
+        + common,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    single = losses(train(cfg_for(data, tmp_path / "one", steps=4, batch_size=4, grad_accum=2, lr=3e-3),
-                          log=lambda *a: None))
+    single = losses(
+        train(cfg_for(data, tmp_path / "one", steps=4, batch_size=4, grad_accum=2, lr=3e-3), log=lambda *a: None)
+    )
     recs = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([x["loss"] for x in recs], single, rtol=1e-3)

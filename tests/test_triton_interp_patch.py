@@ -1,4 +1,5 @@
 """The Triton interpreter bf16 patch (root conftest applies it when there is no GPU)."""
+
 import numpy as np
 import pytest
 import torch

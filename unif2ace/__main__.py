@@ -1,5 +1,6 @@
 """Command line: ``python -m unif2ace info | train | generate | answer | demo`` (also the ``unif2ace``
 console script)."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,7 @@ def info(out=sys.stdout) -> int:
     import torch
 
     from unif2ace import __version__
-    from unif2ace.kernels import BACKENDS, backend_usable, registered_ops
-    from unif2ace.kernels import _ext
+    from unif2ace.kernels import BACKENDS, _ext, backend_usable, registered_ops
 
     def line(s=""):
         print(s, file=out)
@@ -32,20 +32,26 @@ def info(out=sys.stdout) -> int:
     line(f"GPU      {torch.cuda.get_device_name(0) if cuda_dev else 'none'}")
     line("")
     line("extensions:")
-    for name, (ok, err) in (("unif2ace._C (cpu)", _ext.cpu_status()), ("unif2ace._C_cuda (cuda)", _ext._load("unif2ace._C_cuda"))):
+    for name, (ok, err) in (
+        ("unif2ace._C (cpu)", _ext.cpu_status()),
+        ("unif2ace._C_cuda (cuda)", _ext._load("unif2ace._C_cuda")),
+    ):
         line(f"  {name:26s} {'loaded' if ok else 'missing: ' + err}")
     line("")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     line("backends per op   (x = usable here, - = implemented but not usable here, . = not implemented)")
-    head = "  " + f"{'op':28s}" + "".join(f"{b + '@cpu':>15s}" for b in BACKENDS) + "".join(
-        f"{b + '@cuda':>15s}" for b in BACKENDS
+    head = (
+        "  "
+        + f"{'op':28s}"
+        + "".join(f"{b + '@cpu':>15s}" for b in BACKENDS)
+        + "".join(f"{b + '@cuda':>15s}" for b in BACKENDS)
     )
     line(head)
     for name, op in sorted(registered_ops().items()):
         cells = []
         for dev in (cpu, cuda):
             for b in BACKENDS:
-                if b not in op.impls:
+                if b not in op.backends:
                     cells.append(".")
                 else:
                     cells.append("x" if backend_usable(b, dev)[0] else "-")

@@ -5,6 +5,7 @@ working implementation ("cpu" here stands in for a kernel backend), one the disp
 run on CPU ("cuda"), one raising BackendUnavailableError on its first call, one raising
 NotImplementedError, and one that fails with an unexpected error.
 """
+
 import torch
 
 from benchmarks.common import Case

@@ -10,6 +10,7 @@
 fp32 on CPU, bf16 on CUDA. Bytes per forward: the logits read once (from-logits) or hidden +
 weight read once (fused); FLOPs for the fused op: 2·N·D·V.
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,8 +48,9 @@ def _call(fused, backend, alpha):
     def fn(inp):
         kw = dict(alpha=alpha, backend=backend)
         if alpha:
-            kw.update(sample_index=inp["sample_index"], mask_rate=inp["mask_rate"],
-                      mask_rate_deriv=inp["mask_rate_deriv"])
+            kw.update(
+                sample_index=inp["sample_index"], mask_rate=inp["mask_rate"], mask_rate_deriv=inp["mask_rate_deriv"]
+            )
         if fused:
             return tuple(d3diff_loss(inp["hidden"], inp["weight"], inp["target"], **kw))
         return tuple(d3diff_loss_from_logits(inp["logits"], inp["target"], **kw))
@@ -68,19 +70,36 @@ def _cases_for(device, label, N, D, V, rate, alpha, dtype):
     impls = {"reference": _call(False, "reference", alpha), "cpu": _call(False, "cpu", alpha)}
     impls["triton"] = _call(False, "triton", alpha) if device.type == "cuda" else _interpreter_too_slow
     impls["cuda"] = _call(False, "cuda", alpha)  # skipped by the runner where the CUDA extension is absent
-    out.append(Case(
-        family=FAMILY, op="d3diff_loss_from_logits", name=f"{label} N={N} V={V}", shape=dict(shape), dtype=dtype,
-        setup=_inputs(device, dtype, N, D, V, 256, rate, alpha, fused=False), impls=impls,
-        backward=lambda o: o[0], bytes=float(N * V * elt),
-    ))
+    out.append(
+        Case(
+            family=FAMILY,
+            op="d3diff_loss_from_logits",
+            name=f"{label} N={N} V={V}",
+            shape=dict(shape),
+            dtype=dtype,
+            setup=_inputs(device, dtype, N, D, V, 256, rate, alpha, fused=False),
+            impls=impls,
+            backward=lambda o: o[0],
+            bytes=float(N * V * elt),
+        )
+    )
     # fused with the head
     impls = {"reference": _call(True, "reference", alpha), "cpu": _call(True, "cpu", alpha)}
     impls["triton"] = _call(True, "triton", alpha) if device.type == "cuda" else _interpreter_too_slow
-    out.append(Case(
-        family=FAMILY, op="d3diff_loss", name=f"{label} N={N} D={D} V={V}", shape=dict(shape), dtype=dtype,
-        setup=_inputs(device, dtype, N, D, V, 256, rate, alpha, fused=True), impls=impls,
-        backward=lambda o: o[0], flops=2.0 * N * D * V, bytes=float((N * D + V * D) * elt),
-    ))
+    out.append(
+        Case(
+            family=FAMILY,
+            op="d3diff_loss",
+            name=f"{label} N={N} D={D} V={V}",
+            shape=dict(shape),
+            dtype=dtype,
+            setup=_inputs(device, dtype, N, D, V, 256, rate, alpha, fused=True),
+            impls=impls,
+            backward=lambda o: o[0],
+            flops=2.0 * N * D * V,
+            bytes=float((N * D + V * D) * elt),
+        )
+    )
     return out
 
 

@@ -10,6 +10,7 @@ attention score/value products and the codebook/vocabulary heads), so TFLOP/s is
 Shapes: ``tiny`` (B = 4 in quick mode, 8 otherwise) and ``small`` (B = 4, full mode only: a
 reference step takes seconds on 2 cores) on CPU; ``small`` with B = 16 on CUDA.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List
@@ -40,9 +41,16 @@ def _batch(cfg, B: int, device):
             samples.append(Sample("t2i", codes, text))
         else:
             ans = torch.randint(0, cfg.text_vocab_size - 2, (cfg.text_len // 2 - 2,), generator=g).tolist()
-            samples.append(Sample("mmu", codes, text, ans, clip_features=torch.randn(cfg.clip_tokens, cfg.clip_dim,
-                                                                                     generator=g),
-                                  face_embedding=torch.randn(cfg.face_dim, generator=g)))
+            samples.append(
+                Sample(
+                    "mmu",
+                    codes,
+                    text,
+                    ans,
+                    clip_features=torch.randn(cfg.clip_tokens, cfg.clip_dim, generator=g),
+                    face_embedding=torch.randn(cfg.face_dim, generator=g),
+                )
+            )
     b = collate(cfg, samples, generator=g, device=device)
     b.noise_features = torch.randn(B, cfg.noise_tokens, cfg.noise_dim, generator=g).to(device)
     return b.validate(cfg)
@@ -51,7 +59,8 @@ def _batch(cfg, B: int, device):
 def _flops(cfg, tokens: int, B: int) -> float:
     D, S = cfg.hidden_size, cfg.seq_len
     active = 4 * D * D + (cfg.top_k * cfg.expert_width + cfg.shared_expert_width) * D * (
-        3 if cfg.expert_activation == "swiglu" else 2)
+        3 if cfg.expert_activation == "swiglu" else 2
+    )
     attn = 4 * S * D  # QK^T and PV per token
     per_layer = 2 * active * tokens + attn * tokens
     heads = 2 * D * (cfg.codebook_size * cfg.image_tokens * B // 2 + cfg.vocab_size * S * B // 2)
@@ -75,11 +84,24 @@ def _case(name: str, B: int, device) -> Case:
 
     tokens = B * cfg.seq_len
     return Case(
-        family="model_step", op="UniF2ace.forward", name=f"{name} B={B} S={cfg.seq_len}",
-        shape={"preset": name, "B": B, "S": cfg.seq_len, "tokens": tokens, "layers": cfg.num_layers,
-               "hidden": cfg.hidden_size, "vocab": cfg.vocab_size},
-        dtype=torch.float32, setup=setup, impls={"reference": step("reference"), "fused": step("auto")},
-        backward=lambda out: out.loss, flops=_flops(cfg, tokens, B), compile=False,
+        family="model_step",
+        op="UniF2ace.forward",
+        name=f"{name} B={B} S={cfg.seq_len}",
+        shape={
+            "preset": name,
+            "B": B,
+            "S": cfg.seq_len,
+            "tokens": tokens,
+            "layers": cfg.num_layers,
+            "hidden": cfg.hidden_size,
+            "vocab": cfg.vocab_size,
+        },
+        dtype=torch.float32,
+        setup=setup,
+        impls={"reference": step("reference"), "fused": step("auto")},
+        backward=lambda out: out.loss,
+        flops=_flops(cfg, tokens, B),
+        compile=False,
     )
 
 

@@ -6,6 +6,7 @@ Shapes (kernels.md §B):
   (a) UniF2ace-sized, CUDA only: T = 8 x 512, D = 2048, 2 groups x 8 experts of width 1024, top-4.
   (b) Qwen3-30B-A3B-like, CUDA only: H = 2048, I = 768, E = 128, k = 8, T = 32768.
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -34,17 +35,42 @@ def _routing_cases(tag: str, device, T: int, sizes: List[int], k: int, dtype) ->
     def align(be):
         return lambda inp: moe_align(inp["expert_ids"], E, BLOCK_M, backend=be)
 
-    gating_impls = {"reference": gating("reference"), "cpu": gating("cpu"), "triton": gating("triton"), "cuda": gating("cuda")}
-    align_impls = {"reference": align("reference"), "cpu": align("cpu"), "cuda": align("cuda"),
-                   "triton": align("triton")}
+    gating_impls = {
+        "reference": gating("reference"),
+        "cpu": gating("cpu"),
+        "triton": gating("triton"),
+        "cuda": gating("cuda"),
+    }
+    align_impls = {
+        "reference": align("reference"),
+        "cpu": align("cpu"),
+        "cuda": align("cuda"),
+        "triton": align("triton"),
+    }
     shape = {"T": T, "groups": sizes, "k": k, "block_m": BLOCK_M}
     nbytes_align = T * k * 4 * 2 + (T * k + E * (BLOCK_M - 1)) * 4
     return [
-        Case(family="moe_routing", op="moe_gating", name=f"{tag} gating T={T} E={E} k={k}", shape=shape,
-             dtype=dtype, setup=setup, impls=gating_impls,
-             bytes=float(T * E * torch.finfo(dtype).bits // 8 + T * k * 8)),
-        Case(family="moe_routing", op="moe_align", name=f"{tag} align T={T} E={E} k={k}", shape=shape,
-             dtype=torch.int32, setup=setup, impls=align_impls, bytes=float(nbytes_align), compile=False),
+        Case(
+            family="moe_routing",
+            op="moe_gating",
+            name=f"{tag} gating T={T} E={E} k={k}",
+            shape=shape,
+            dtype=dtype,
+            setup=setup,
+            impls=gating_impls,
+            bytes=float(T * E * torch.finfo(dtype).bits // 8 + T * k * 8),
+        ),
+        Case(
+            family="moe_routing",
+            op="moe_align",
+            name=f"{tag} align T={T} E={E} k={k}",
+            shape=shape,
+            dtype=torch.int32,
+            setup=setup,
+            impls=align_impls,
+            bytes=float(nbytes_align),
+            compile=False,
+        ),
     ]
 
 
@@ -53,22 +79,27 @@ def _mlp_case(tag: str, device, T: int, D: int, F: int, E: int, k: int, dtype, a
 
     def setup():
         x = (torch.randn(T, D, device=device) * 0.1).to(dtype).requires_grad_(True)
-        w1 = (torch.randn(E, D, F1, device=device) * D ** -0.5).to(dtype).requires_grad_(True)
-        w2 = (torch.randn(E, F, D, device=device) * F ** -0.5).to(dtype).requires_grad_(True)
+        w1 = (torch.randn(E, D, F1, device=device) * D**-0.5).to(dtype).requires_grad_(True)
+        w2 = (torch.randn(E, F, D, device=device) * F**-0.5).to(dtype).requires_grad_(True)
         logits = torch.randn(T, E, device=device)
         r = moe_gating(logits, torch.zeros(T, dtype=torch.long, device=device), [E], k, backend="reference")
         gates = r.gates.requires_grad_(True)
         return {"x": x, "w1": w1, "w2": w2, "expert_ids": r.expert_ids, "gates": gates}
 
     def mlp(be):
-        return lambda i: moe_expert_mlp(i["x"], i["w1"], i["w2"], i["expert_ids"], i["gates"],
-                                        activation=activation, backend=be)
+        return lambda i: moe_expert_mlp(
+            i["x"], i["w1"], i["w2"], i["expert_ids"], i["gates"], activation=activation, backend=be
+        )
 
     mult = 3 if activation == "swiglu" else 2
     esz = torch.finfo(dtype).bits // 8
     return Case(
-        family="moe_mlp", op="moe_expert_mlp", name=f"{tag} T={T} D={D} F={F} E={E} k={k} {activation}",
-        shape={"T": T, "D": D, "F": F, "E": E, "k": k, "activation": activation}, dtype=dtype, setup=setup,
+        family="moe_mlp",
+        op="moe_expert_mlp",
+        name=f"{tag} T={T} D={D} F={F} E={E} k={k} {activation}",
+        shape={"T": T, "D": D, "F": F, "E": E, "k": k, "activation": activation},
+        dtype=dtype,
+        setup=setup,
         impls={"reference": mlp("reference"), "cpu": mlp("cpu"), "triton": mlp("triton")},
         backward=lambda out: out.float().square().mean(),
         flops=float(2 * T * k * D * F * mult),

@@ -17,6 +17,7 @@ fp32 Gumbel noise, full-row sort and gather of the cut-off; and Show-o's ``mmu_g
 step (temperature, top-k filter, softmax, ``torch.multinomial``). Written here from that
 description; they use torch's global generator and so are not reproducible per sample.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,24 +83,44 @@ def _step_case(tag: str, device, B: int, L: int, V: int, dtype) -> Case:
 
     def ours(be):
         return lambda inp: masked_sample_step(
-            inp["cond"], inp["tokens"], inp["is_masked"], step=0, num_steps=T_STEPS, seed=SEED,
-            mask_token_id=V, uncond_logits=inp["uncond"], guidance_scale=GUIDANCE,
-            confidence_noise=CONF_NOISE, backend=be,
+            inp["cond"],
+            inp["tokens"],
+            inp["is_masked"],
+            step=0,
+            num_steps=T_STEPS,
+            seed=SEED,
+            mask_token_id=V,
+            uncond_logits=inp["uncond"],
+            guidance_scale=GUIDANCE,
+            confidence_noise=CONF_NOISE,
+            backend=be,
         )
 
     def showo(inp):
         return showo_step(
-            inp["cond"], inp["uncond"], inp["tokens"], inp["is_masked"], step=0, num_steps=T_STEPS,
-            guidance_scale=GUIDANCE, confidence_noise=CONF_NOISE, mask_token_id=V,
+            inp["cond"],
+            inp["uncond"],
+            inp["tokens"],
+            inp["is_masked"],
+            step=0,
+            num_steps=T_STEPS,
+            guidance_scale=GUIDANCE,
+            confidence_noise=CONF_NOISE,
+            mask_token_id=V,
         )
 
     impls = {be: ours(be) for be in ("reference", "cpu", "triton", "cuda")}
     impls["showo-sampler"] = showo
     esize = torch.finfo(dtype).bits // 8
     return Case(
-        family="masked_sample_step", op="masked_sample_step", name=f"{tag} B={B} L={L} V={V} cfg",
+        family="masked_sample_step",
+        op="masked_sample_step",
+        name=f"{tag} B={B} L={L} V={V} cfg",
         shape={"B": B, "L": L, "V": V, "guidance": GUIDANCE, "step": 0, "num_steps": T_STEPS},
-        dtype=dtype, setup=setup, impls=impls, bytes=float(2 * B * L * V * esize),
+        dtype=dtype,
+        setup=setup,
+        impls=impls,
+        bytes=float(2 * B * L * V * esize),
         compile=False,  # the reference loops over row chunks; not a compile target
     )
 
@@ -109,8 +130,9 @@ def _ar_case(tag: str, device, B: int, V: int, dtype, *, temperature=1.0, top_k=
         return {"logits": torch.randn(B, V, device=device, dtype=torch.float32).mul_(3).to(dtype)}
 
     def ours(be):
-        return lambda inp: ar_sample(inp["logits"], seed=SEED, position=7, temperature=temperature,
-                                     top_k=top_k, top_p=top_p, backend=be)
+        return lambda inp: ar_sample(
+            inp["logits"], seed=SEED, position=7, temperature=temperature, top_k=top_k, top_p=top_p, backend=be
+        )
 
     impls = {be: ours(be) for be in ("reference", "cpu", "triton", "cuda")}
     if top_p is None:
@@ -118,9 +140,15 @@ def _ar_case(tag: str, device, B: int, V: int, dtype, *, temperature=1.0, top_k=
     filt = "".join([f" top_k={top_k}" if top_k else "", f" top_p={top_p}" if top_p else ""])
     esize = torch.finfo(dtype).bits // 8
     return Case(
-        family="ar_sample", op="ar_sample", name=f"{tag} B={B} V={V} T={temperature}{filt}",
+        family="ar_sample",
+        op="ar_sample",
+        name=f"{tag} B={B} V={V} T={temperature}{filt}",
         shape={"B": B, "V": V, "temperature": temperature, "top_k": top_k, "top_p": top_p},
-        dtype=dtype, setup=setup, impls=impls, bytes=float(B * V * esize), compile=False,
+        dtype=dtype,
+        setup=setup,
+        impls=impls,
+        bytes=float(B * V * esize),
+        compile=False,
     )
 
 
@@ -131,7 +159,7 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
         out.append(_step_case("(a)", device, 16, 256, 8192, dt))
         if not quick:
             out.append(_step_case("(b)", device, 64, 256, 126464, dt))
-        for B in ((64,) if quick else (64, 256)):
+        for B in (64,) if quick else (64, 256):
             out.append(_ar_case("(c)", device, B, 32000, dt, top_k=50))
             out.append(_ar_case("(c)", device, B, 32000, dt, temperature=0.8, top_k=50, top_p=0.9))
         return out

@@ -14,15 +14,15 @@
 // fp32 math on every input dtype, 64-bit indexing, at::parallel_for over rows. The hot loops are
 // compiled twice -- baseline x86-64 and AVX2+FMA -- and picked at run time; exp is a polynomial
 // (|rel err| < 2e-7) so the loops vectorise.
-#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include "vec_math.h"
+#include "cpu/vec_math.h"
 
 #include <cmath>
 #include <cstdint>
@@ -32,8 +32,8 @@
 
 namespace {
 
-using u2a_cpu::fast_exp;
-using u2a_cpu::to_f32;
+using unif2ace::cpu::fast_exp;
+using unif2ace::cpu::to_f32;
 
 // One row: max, then sum of exp(x - max). Returns the log-sum-exp.
 template <typename T>
@@ -84,8 +84,8 @@ int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 15) /
 void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& target) {
   TORCH_CHECK(logits.device().is_cpu(), op, ": logits must be a CPU tensor");
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, V], got ", logits.sizes());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), op, ": target must be [N] with N = ",
-              logits.size(0), ", got ", target.sizes());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), op,
+              ": target must be [N] with N = ", logits.size(0), ", got ", target.sizes());
   TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64, got ", target.scalar_type());
 }
 

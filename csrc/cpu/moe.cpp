@@ -17,7 +17,7 @@
 #include <tuple>
 #include <vector>
 
-namespace unif2ace_cpu {
+namespace unif2ace::cpu {
 namespace {
 
 constexpr int64_t kChunk = 1 << 14;  // elements per chunk
@@ -61,9 +61,7 @@ inline void for_each_id(const T* p, const IdView& v, int64_t lo, int64_t hi, F&&
   }
 }
 
-int64_t num_chunks(int64_t n) {
-  return std::max<int64_t>(1, std::min<int64_t>(kMaxChunks, (n + kChunk - 1) / kChunk));
-}
+int64_t num_chunks(int64_t n) { return std::max<int64_t>(1, std::min<int64_t>(kMaxChunks, (n + kChunk - 1) / kChunk)); }
 
 // local[c * E + e] = number of ids == e in chunk c
 template <typename T>
@@ -94,9 +92,8 @@ at::Tensor moe_expert_histogram(const at::Tensor& expert_ids, int64_t num_expert
   const int64_t E = num_experts;
   const int64_t nchunks = num_chunks(v.n);
   std::vector<int64_t> local;
-  AT_DISPATCH_INDEX_TYPES(expert_ids.scalar_type(), "moe_expert_histogram", [&] {
-    chunk_histograms(expert_ids.const_data_ptr<index_t>(), v, E, nchunks, local);
-  });
+  AT_DISPATCH_INDEX_TYPES(expert_ids.scalar_type(), "moe_expert_histogram",
+                          [&] { chunk_histograms(expert_ids.const_data_ptr<index_t>(), v, E, nchunks, local); });
   at::Tensor out = at::empty({E}, expert_ids.options().dtype(at::kInt));
   int32_t* o = out.mutable_data_ptr<int32_t>();
   at::parallel_for(0, E, 1024, [&](int64_t e0, int64_t e1) {
@@ -176,10 +173,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::T
 }
 
 }  // namespace
-}  // namespace unif2ace_cpu
+}  // namespace unif2ace::cpu
 
 TORCH_LIBRARY_FRAGMENT(unif2ace_cpu, m) {
-  m.def("moe_expert_histogram(Tensor expert_ids, int num_experts) -> Tensor", &unif2ace_cpu::moe_expert_histogram);
+  m.def("moe_expert_histogram(Tensor expert_ids, int num_experts) -> Tensor", &unif2ace::cpu::moe_expert_histogram);
   m.def("moe_align(Tensor expert_ids, int num_experts, int block_size) -> (Tensor, Tensor, Tensor, Tensor)",
-        &unif2ace_cpu::moe_align);
+        &unif2ace::cpu::moe_align);
 }

@@ -42,10 +42,10 @@
 #include <tuple>
 #include <vector>
 
-namespace unif2ace_cpu {
+namespace unif2ace::cpu {
 namespace {
 
-constexpr int64_t kTokChunk = 64;     // tokens per statistics chunk (at least)
+constexpr int64_t kTokChunk = 64;  // tokens per statistics chunk (at least)
 constexpr int64_t kMaxTokChunks = 256;
 constexpr int64_t kParallelMin = 1 << 16;  // logits per task below which threads cost more than they save
 
@@ -90,8 +90,8 @@ GatingArgs make_args(const char* op, const at::Tensor& logits, const at::Tensor&
     a.max_size = std::max(a.max_size, sizes[g]);
   }
   TORCH_CHECK(top_k >= 1, op, ": top_k must be >= 1, got ", top_k);
-  TORCH_CHECK(a.offs[a.G] == a.E, op, ": sum(group_sizes) = ", a.offs[a.G], " must equal router_logits.shape[1] = ",
-              a.E);
+  TORCH_CHECK(a.offs[a.G] == a.E, op, ": sum(group_sizes) = ", a.offs[a.G],
+              " must equal router_logits.shape[1] = ", a.E);
   a.nchunks = std::max<int64_t>(1, std::min<int64_t>(kMaxTokChunks, (a.T + kTokChunk - 1) / kTokChunk));
   a.per = (a.T + a.nchunks - 1) / a.nchunks;
   a.chunk_grain = std::max<int64_t>(1, kParallelMin / std::max<int64_t>(1, a.per * a.E));
@@ -332,15 +332,15 @@ at::Tensor moe_gating_backward(const at::Tensor& grad_gates_in, const at::Tensor
 }
 
 }  // namespace
-}  // namespace unif2ace_cpu
+}  // namespace unif2ace::cpu
 
 TORCH_LIBRARY_FRAGMENT(unif2ace_cpu, m) {
   m.def(
       "moe_gating(Tensor router_logits, Tensor group_ids, int[] group_sizes, int top_k, str score, "
       "bool renormalize, float balance_coef) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-      &unif2ace_cpu::moe_gating);
+      &unif2ace::cpu::moe_gating);
   m.def(
       "moe_gating_backward(Tensor grad_gates, Tensor grad_prob, Tensor grad_loss, Tensor router_logits, "
       "Tensor group_ids, int[] group_sizes, int top_k, str score, bool renormalize, float balance_coef) -> Tensor",
-      &unif2ace_cpu::moe_gating_backward);
+      &unif2ace::cpu::moe_gating_backward);
 }

@@ -38,8 +38,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
@@ -62,7 +62,7 @@
 // it, so the hot loops below call none of them.
 #pragma GCC optimize("no-trapping-math")
 
-namespace unif2ace_cpu {
+namespace unif2ace::cpu {
 namespace {
 
 #define U2A_INLINE inline __attribute__((always_inline))
@@ -170,8 +170,7 @@ U2A_INLINE void act_row_impl(const float* h, const float* bias, float* a, int64_
 // scale, F wide); writes a (F wide), overwrites h with dh (F1 wide) = act'(h) * gate * dar;
 // returns <dar, a>.
 template <Act A>
-U2A_INLINE float act_bwd_row_impl(float* h, const float* bias, const float* dar, float* a, float gate,
-                                  int64_t F) {
+U2A_INLINE float act_bwd_row_impl(float* h, const float* bias, const float* dar, float* a, float gate, int64_t F) {
   float dot = 0.f;
   if constexpr (A == Act::kGelu) {
 #pragma omp simd reduction(+ : dot)
@@ -221,7 +220,7 @@ Isa cpu_isa() {
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
                              ? Isa::kAvx512
                          : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? Isa::kAvx2
-                                                                                              : Isa::kBase;
+                                                                                             : Isa::kBase;
   return isa;
 }
 
@@ -271,10 +270,10 @@ float act_bwd_row_isa(Isa isa, float* h, const float* b, const float* dar, float
 
 struct Routing {
   int64_t T = 0, k = 0, E = 0, n = 0;  // n = valid slots
-  std::vector<int64_t> seg;             // [E + 1] segment starts in the packed row space
-  std::vector<int64_t> src;             // [n] packed row -> slot t*k + j (ascending within an expert)
-  std::vector<int64_t> pos;             // [T*k] slot -> packed row, -1 for an invalid id
-  std::vector<int64_t> row_expert;      // [n] packed row -> expert
+  std::vector<int64_t> seg;            // [E + 1] segment starts in the packed row space
+  std::vector<int64_t> src;            // [n] packed row -> slot t*k + j (ascending within an expert)
+  std::vector<int64_t> pos;            // [T*k] slot -> packed row, -1 for an invalid id
+  std::vector<int64_t> row_expert;     // [n] packed row -> expert
 };
 
 Routing route(const at::Tensor& ids, int64_t E) {
@@ -430,9 +429,8 @@ void for_each_expert(const Routing& r, Fn&& fn) {
     return;
   }
   // largest first, pulled from a shared counter (dynamic balance)
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-    return r.seg[a + 1] - r.seg[a] > r.seg[b + 1] - r.seg[b];
-  });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return r.seg[a + 1] - r.seg[a] > r.seg[b + 1] - r.seg[b]; });
   std::atomic<int64_t> next{0};
   at::parallel_for(0, nt, 1, [&](int64_t w0, int64_t w1) {
     // OpenMP workers do not inherit the caller's dispatch TLS: without this, a GEMM on a worker
@@ -477,17 +475,15 @@ Shapes check_inputs(const char* op, const at::Tensor& x, const at::Tensor& w1, c
               op, ": expert_ids must be an int32/int64 CPU tensor [T=", s.T, ", k], got ", ids.sizes(), " ",
               ids.scalar_type());
   s.k = ids.size(1);
-  TORCH_CHECK(gates.device().is_cpu() && gates.dim() == 2 && gates.size(0) == s.T && gates.size(1) == s.k &&
-                  is_float(gates),
-              op, ": gates must be a float CPU tensor [", s.T, ", ", s.k, "], got ", gates.sizes());
+  TORCH_CHECK(
+      gates.device().is_cpu() && gates.dim() == 2 && gates.size(0) == s.T && gates.size(1) == s.k && is_float(gates),
+      op, ": gates must be a float CPU tensor [", s.T, ", ", s.k, "], got ", gates.sizes());
   if (b1) {
-    TORCH_CHECK(b1->device().is_cpu() && is_float(*b1) && b1->dim() == 2 && b1->size(0) == s.E &&
-                    b1->size(1) == s.F1,
+    TORCH_CHECK(b1->device().is_cpu() && is_float(*b1) && b1->dim() == 2 && b1->size(0) == s.E && b1->size(1) == s.F1,
                 op, ": b1 must be a float CPU tensor [", s.E, ", ", s.F1, "], got ", b1->sizes());
   }
   if (b2) {
-    TORCH_CHECK(b2->device().is_cpu() && is_float(*b2) && b2->dim() == 2 && b2->size(0) == s.E &&
-                    b2->size(1) == s.D,
+    TORCH_CHECK(b2->device().is_cpu() && is_float(*b2) && b2->dim() == 2 && b2->size(0) == s.E && b2->size(1) == s.D,
                 op, ": b2 must be a float CPU tensor [", s.E, ", ", s.D, "], got ", b2->sizes());
   }
   return s;
@@ -501,9 +497,15 @@ void activation_rows(Act act, const float* H, const float* b1, float* A, int64_t
       const float* h = H + p * F1;
       float* a = A + p * F;
       switch (act) {
-        case Act::kGelu: act_row<Act::kGelu>(isa, h, b1, a, F); break;
-        case Act::kGeluTanh: act_row<Act::kGeluTanh>(isa, h, b1, a, F); break;
-        case Act::kSwiglu: act_row<Act::kSwiglu>(isa, h, b1, a, F); break;
+        case Act::kGelu:
+          act_row<Act::kGelu>(isa, h, b1, a, F);
+          break;
+        case Act::kGeluTanh:
+          act_row<Act::kGeluTanh>(isa, h, b1, a, F);
+          break;
+        case Act::kSwiglu:
+          act_row<Act::kSwiglu>(isa, h, b1, a, F);
+          break;
       }
     }
   });
@@ -511,9 +513,12 @@ void activation_rows(Act act, const float* H, const float* b1, float* A, int64_t
 
 float act_bwd_row(Act act, Isa isa, float* h, const float* b, const float* dar, float* a, float g, int64_t F) {
   switch (act) {
-    case Act::kGelu: return act_bwd_row_isa<Act::kGelu>(isa, h, b, dar, a, g, F);
-    case Act::kGeluTanh: return act_bwd_row_isa<Act::kGeluTanh>(isa, h, b, dar, a, g, F);
-    case Act::kSwiglu: return act_bwd_row_isa<Act::kSwiglu>(isa, h, b, dar, a, g, F);
+    case Act::kGelu:
+      return act_bwd_row_isa<Act::kGelu>(isa, h, b, dar, a, g, F);
+    case Act::kGeluTanh:
+      return act_bwd_row_isa<Act::kGeluTanh>(isa, h, b, dar, a, g, F);
+    case Act::kSwiglu:
+      return act_bwd_row_isa<Act::kSwiglu>(isa, h, b, dar, a, g, F);
   }
   return 0.f;
 }
@@ -693,20 +698,24 @@ std::vector<at::Tensor> moe_expert_mlp_backward(const at::Tensor& grad_out_in, c
       o[i] = static_cast<scalar_t>(p < 0 ? 0.f : dg_rows[p]);
     }
   });
-  return {dx, cast_like(dw1, w1_in), cast_like(dw2, w2_in), dgates,
-          db1.defined() ? cast_like(db1, *b1_in) : at::Tensor(), db2.defined() ? cast_like(db2, *b2_in) : at::Tensor()};
+  return {dx,
+          cast_like(dw1, w1_in),
+          cast_like(dw2, w2_in),
+          dgates,
+          db1.defined() ? cast_like(db1, *b1_in) : at::Tensor(),
+          db2.defined() ? cast_like(db2, *b2_in) : at::Tensor()};
 }
 
 }  // namespace
-}  // namespace unif2ace_cpu
+}  // namespace unif2ace::cpu
 
 TORCH_LIBRARY_FRAGMENT(unif2ace_cpu, m) {
   m.def(
       "moe_expert_mlp(Tensor x, Tensor w1, Tensor w2, Tensor expert_ids, Tensor gates, Tensor? b1, Tensor? b2, "
       "str activation) -> Tensor",
-      &unif2ace_cpu::moe_expert_mlp);
+      &unif2ace::cpu::moe_expert_mlp);
   m.def(
       "moe_expert_mlp_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor expert_ids, Tensor gates, "
       "Tensor? b1, Tensor? b2, str activation) -> Tensor[]",
-      &unif2ace_cpu::moe_expert_mlp_backward);
+      &unif2ace::cpu::moe_expert_mlp_backward);
 }

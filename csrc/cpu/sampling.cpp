@@ -1,5 +1,5 @@
 // Masked token sampling (one MaskGIT / Show-o step) and autoregressive sampling, C++ CPU kernels.
-// Semantics: unif2ace/kernels/reference/sampling.py (the oracle); RNG: csrc/cpu/rng.h (bit for bit
+// Semantics: unif2ace/kernels/reference/sampling.py (the oracle); RNG: csrc/common/rng.h (bit for bit
 // the reference's counter-based generator).
 //
 //   masked_sample_step(cond [B, L, V], uncond [B, L, V]?, tokens [B, L] int64, is_masked [B, L] bool,
@@ -45,9 +45,9 @@
 #pragma GCC optimize("fp-contract=off")
 #endif
 
-#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -64,12 +64,12 @@
 #include <utility>
 #include <vector>
 
-#include "rng.h"
-#include "vec_math.h"
+#include "common/rng.h"
+#include "cpu/vec_math.h"
 
 namespace {
 
-using namespace u2a::rng;
+using namespace unif2ace::rng;
 
 #ifndef U2A_INLINE
 #define U2A_INLINE inline __attribute__((always_inline))
@@ -78,8 +78,8 @@ using namespace u2a::rng;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kFltMax = std::numeric_limits<float>::max();
 
-using u2a_cpu::fast_exp;  // exp for x in [-87, 88]; callers map x < -87 to 0 themselves
-using u2a_cpu::to_f32;
+using unif2ace::cpu::fast_exp;  // exp for x in [-87, 88]; callers map x < -87 to 0 themselves
+using unif2ace::cpu::to_f32;
 
 U2A_INLINE float exp_or_zero(float d) {
   const float e = fast_exp(d);  // computed unconditionally: a select, not a branch, so it vectorises
@@ -282,7 +282,8 @@ U2A_INLINE void step_positions_impl(const StepArgs& p, int64_t begin, int64_t en
       lp = (buf[pick] - mx) - lse_rel;
     }
     if (p.noise) {
-      const float g1 = gumbel_from_words(element(row_key(p.k1_hi, sid, pos), 0u), element(row_key(p.k1_lo, sid, pos), 0u));
+      const float g1 =
+          gumbel_from_words(element(row_key(p.k1_hi, sid, pos), 0u), element(row_key(p.k1_lo, sid, pos), 0u));
       const float ng = p.tau * g1;
       lp = lp + ng;
     }
@@ -293,7 +294,7 @@ U2A_INLINE void step_positions_impl(const StepArgs& p, int64_t begin, int64_t en
 
 template <typename T, bool GUIDED>
 __attribute__((target("avx2"))) void step_positions_avx2(const StepArgs& p, int64_t b, int64_t e, float* buf,
-                                                          float* tmp) {
+                                                         float* tmp) {
   step_positions_impl<T, GUIDED>(p, b, e, buf, tmp);
 }
 template <typename T, bool GUIDED>
@@ -328,7 +329,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_sample_step(
                 ", got ", uncond_opt->sizes(), " ", uncond_opt->scalar_type());
   }
   TORCH_CHECK(tokens_in.sizes() == at::IntArrayRef({B, L}) && tokens_in.scalar_type() == at::kLong, op,
-              ": tokens must be int64 [B, L] = [", B, ", ", L, "], got ", tokens_in.scalar_type(), " ", tokens_in.sizes());
+              ": tokens must be int64 [B, L] = [", B, ", ", L, "], got ", tokens_in.scalar_type(), " ",
+              tokens_in.sizes());
   TORCH_CHECK(is_masked_in.sizes() == at::IntArrayRef({B, L}) && is_masked_in.scalar_type() == at::kBool, op,
               ": is_masked must be bool [B, L], got ", is_masked_in.scalar_type(), " ", is_masked_in.sizes());
   TORCH_CHECK(sample_ids_in.dim() == 1 && sample_ids_in.size(0) == B && sample_ids_in.scalar_type() == at::kLong, op,
@@ -456,7 +458,8 @@ U2A_INLINE void top_p_keep(ArScratch& s, const float* z, float mz, float sum, do
   float* p = s.p.data();
   for (const int64_t v : s.cand) p[v] = exp_or_zero(z[v] - mz) / sum;
   s.order.assign(s.cand.begin(), s.cand.end());
-  std::sort(s.order.begin(), s.order.end(), [z](int64_t a, int64_t b) { return z[a] > z[b] || (z[a] == z[b] && a < b); });
+  std::sort(s.order.begin(), s.order.end(),
+            [z](int64_t a, int64_t b) { return z[a] > z[b] || (z[a] == z[b] && a < b); });
   double c = 0.0, group_excl = 0.0;
   s.kept.clear();
   for (size_t j = 0; j < s.order.size(); ++j) {
@@ -582,8 +585,8 @@ std::tuple<at::Tensor, at::Tensor> ar_sample(const at::Tensor& logits_in, const 
                                              const at::Tensor& position_in, int64_t seed_lo, int64_t seed_hi,
                                              double temperature, int64_t top_k, double top_p) {
   const char* op = "unif2ace_cpu::ar_sample";
-  TORCH_CHECK(logits_in.device().is_cpu() && logits_in.dim() == 2, op,
-              ": logits must be a 2-D CPU tensor [B, V], got ", logits_in.sizes(), " on ", logits_in.device());
+  TORCH_CHECK(logits_in.device().is_cpu() && logits_in.dim() == 2, op, ": logits must be a 2-D CPU tensor [B, V], got ",
+              logits_in.sizes(), " on ", logits_in.device());
   const int64_t B = logits_in.size(0), V = logits_in.size(1);
   TORCH_CHECK(V >= 1, op, ": the vocabulary dimension must be non-empty");
   for (const auto& pr : {std::make_pair("sample_ids", &sample_ids_in), std::make_pair("position", &position_in)}) {
@@ -650,7 +653,8 @@ std::tuple<at::Tensor, at::Tensor> sampling_rng_words(const at::Tensor& sample, 
   const uint32_t st = static_cast<uint32_t>(stream);
   const uint32_t kh = seed_stream_key(static_cast<uint32_t>(seed_lo), static_cast<uint32_t>(seed_hi), st, 0);
   const uint32_t kl = seed_stream_key(static_cast<uint32_t>(seed_lo), static_cast<uint32_t>(seed_hi), st, 1);
-  const int64_t *ps = sa.const_data_ptr<int64_t>(), *pp = po.const_data_ptr<int64_t>(), *pt = to.const_data_ptr<int64_t>();
+  const int64_t *ps = sa.const_data_ptr<int64_t>(), *pp = po.const_data_ptr<int64_t>(),
+                *pt = to.const_data_ptr<int64_t>();
   int64_t *ph = hi.data_ptr<int64_t>(), *pl = lo.data_ptr<int64_t>();
   for (int64_t j = 0; j < n; ++j) {
     const uint32_t s32 = static_cast<uint32_t>(static_cast<uint64_t>(ps[j]));

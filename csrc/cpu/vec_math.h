@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
-namespace u2a_cpu {
+namespace unif2ace::cpu {
 
 #ifndef U2A_INLINE
 #define U2A_INLINE inline __attribute__((always_inline))
@@ -32,7 +32,7 @@ U2A_INLINE float fast_exp(float x) {
   int32_t ix;
   std::memcpy(&ix, &x, sizeof(ix));
   constexpr int32_t LO = static_cast<int32_t>(0xC2AE0000u);  // -87.0f; larger unsigned = more negative
-  constexpr int32_t HI = 0x42B00000;                          // 88.0f
+  constexpr int32_t HI = 0x42B00000;                         // 88.0f
   const int32_t lo_m = -static_cast<int32_t>(static_cast<uint32_t>(ix) > static_cast<uint32_t>(LO));
   ix = (ix & ~lo_m) | (LO & lo_m);
   const int32_t hi_m = -static_cast<int32_t>(ix > HI);
@@ -57,4 +57,4 @@ U2A_INLINE float fast_exp(float x) {
   return p * scale;
 }
 
-}  // namespace u2a_cpu
+}  // namespace unif2ace::cpu

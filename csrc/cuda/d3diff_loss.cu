@@ -14,42 +14,23 @@
 #include <type_traits>
 
 #include "cuda/d3diff_loss.cuh"
+#include "cuda/dispatch.h"
 
-namespace unif2ace_cuda {
+namespace unif2ace::cuda {
 namespace {
-
-// at:: scalar type -> device type of d3diff_loss.cuh
-template <typename S>
-struct DevType {
-  using type = S;
-};
-template <>
-struct DevType<at::Half> {
-  using type = __half;
-};
-template <>
-struct DevType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
 
 void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& target) {
   TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor");
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, V], got ", logits.sizes());
-  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kHalf ||
-                  logits.scalar_type() == at::kBFloat16,
-              op, ": logits must be float32, float16 or bfloat16, got ", logits.scalar_type());
+  TORCH_CHECK(
+      logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kHalf || logits.scalar_type() == at::kBFloat16,
+      op, ": logits must be float32, float16 or bfloat16, got ", logits.scalar_type());
   TORCH_CHECK(target.device() == logits.device(), op, ": target must be on ", logits.device(), ", got ",
               target.device());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), op, ": target must be [N] with N = ",
-              logits.size(0), ", got ", target.sizes());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), op,
+              ": target must be [N] with N = ", logits.size(0), ", got ", target.sizes());
   TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64, got ", target.scalar_type());
 }
-
-// float, half, bfloat16 (no double: the kernels compute in fp32)
-#define U2A_DISPATCH_FLOAT3(TYPE, NAME, ...)                          \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
-                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 // Rows with unit column stride are read in place (any row stride); otherwise one copy.
 at::Tensor rows_view(const at::Tensor& x) { return x.stride(1) == 1 && x.size(1) > 0 ? x : x.contiguous(); }
@@ -93,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> lse_gather(const at::Tensor& logits_in, const
   const at::Tensor target = target_in.contiguous();
   const int64_t ld = logits.stride(0);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  U2A_DISPATCH_FLOAT3(logits.scalar_type(), "lse_gather_cuda", [&] {
+  UNIF2ACE_DISPATCH_FLOAT3(logits.scalar_type(), "lse_gather_cuda", [&] {
     using T = typename DevType<scalar_t>::type;
     const T* x = reinterpret_cast<const T*>(logits.const_data_ptr<scalar_t>());
     with_geometry(V, [&](auto row_threads, auto rows) {
@@ -115,10 +96,9 @@ at::Tensor lse_gather_backward(const at::Tensor& logits_in, const at::Tensor& ta
   check_inputs(op, logits_in, target_in);
   const int64_t N = logits_in.size(0), V = logits_in.size(1);
   for (const at::Tensor* v : {&lse_in, &grad_lse_in, &grad_tgt_in}) {
-    TORCH_CHECK(v->dim() == 1 && v->size(0) == N && v->scalar_type() == at::kFloat &&
-                    v->device() == logits_in.device(),
-                op, ": lse, grad_lse and grad_tgt must be fp32 [N] on ", logits_in.device(), " with N = ", N,
-                ", got ", v->sizes(), " ", v->scalar_type(), " on ", v->device());
+    TORCH_CHECK(v->dim() == 1 && v->size(0) == N && v->scalar_type() == at::kFloat && v->device() == logits_in.device(),
+                op, ": lse, grad_lse and grad_tgt must be fp32 [N] on ", logits_in.device(), " with N = ", N, ", got ",
+                v->sizes(), " ", v->scalar_type(), " on ", v->device());
   }
   c10::cuda::CUDAGuard guard(logits_in.device());
   at::Tensor grad = at::empty({N, V}, logits_in.options().memory_format(at::MemoryFormat::Contiguous));
@@ -128,7 +108,7 @@ at::Tensor lse_gather_backward(const at::Tensor& logits_in, const at::Tensor& ta
   const at::Tensor lse = lse_in.contiguous(), gl = grad_lse_in.contiguous(), gt = grad_tgt_in.contiguous();
   const int64_t ld = logits.stride(0);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  U2A_DISPATCH_FLOAT3(logits.scalar_type(), "lse_gather_backward_cuda", [&] {
+  UNIF2ACE_DISPATCH_FLOAT3(logits.scalar_type(), "lse_gather_backward_cuda", [&] {
     using T = typename DevType<scalar_t>::type;
     const T* x = reinterpret_cast<const T*>(logits.const_data_ptr<scalar_t>());
     T* g = reinterpret_cast<T*>(grad.mutable_data_ptr<scalar_t>());
@@ -146,13 +126,12 @@ at::Tensor lse_gather_backward(const at::Tensor& logits_in, const at::Tensor& ta
 }
 
 }  // namespace
-}  // namespace unif2ace_cuda
+}  // namespace unif2ace::cuda
 
 TORCH_LIBRARY_FRAGMENT(unif2ace_cuda, m) {
-  m.def("lse_gather(Tensor logits, Tensor target, int ignore_index) -> (Tensor, Tensor)",
-        &unif2ace_cuda::lse_gather);
+  m.def("lse_gather(Tensor logits, Tensor target, int ignore_index) -> (Tensor, Tensor)", &unif2ace::cuda::lse_gather);
   m.def(
       "lse_gather_backward(Tensor logits, Tensor target, Tensor lse, Tensor grad_lse, Tensor grad_tgt, "
       "int ignore_index) -> Tensor",
-      &unif2ace_cuda::lse_gather_backward);
+      &unif2ace::cuda::lse_gather_backward);
 }

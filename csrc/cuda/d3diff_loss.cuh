@@ -14,27 +14,16 @@
 // merged with warp shuffles and, for CTA rows, one shared-memory round. 64-bit indexing.
 #pragma once
 
-#include <cstdint>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <cstdint>
+
 #include <math_constants.h>
+#include "cuda/common.cuh"
 
-namespace unif2ace_cuda {
+namespace unif2ace::cuda {
 namespace d3diff {
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // 16 bytes of T, loaded/stored as one uint4.
 template <typename T>
@@ -220,4 +209,4 @@ __global__ void __launch_bounds__(ROW_THREADS* ROWS)
 }
 
 }  // namespace d3diff
-}  // namespace unif2ace_cuda
+}  // namespace unif2ace::cuda

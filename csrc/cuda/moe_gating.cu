@@ -26,32 +26,13 @@
 #include <string>
 #include <tuple>
 
+#include "cuda/dispatch.h"
 #include "cuda/moe_gating.cuh"
 
-namespace unif2ace_cuda {
+namespace unif2ace::cuda {
 namespace {
 
 using namespace gating;
-
-// at:: scalar type -> device type of moe_gating.cuh
-template <typename S>
-struct DevType {
-  using type = S;
-};
-template <>
-struct DevType<at::Half> {
-  using type = __half;
-};
-template <>
-struct DevType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-// float, half, bfloat16 (no double: the kernels compute in fp32)
-#define U2A_GATING_DISPATCH_FLOAT3(TYPE, NAME, ...)                        \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
-                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 struct Setup {
   Params p;
@@ -86,11 +67,10 @@ Setup make_setup(const char* op, const at::Tensor& router_logits, const at::Tens
   s.grp.offs[0] = 0;
   int64_t off = 0;
   for (int64_t g = 0; g < G; ++g) {
-    TORCH_CHECK(group_sizes[g] >= 1 && group_sizes[g] <= kMaxGroupExperts, op,
-                ": group_sizes must hold ints in [1, ", kMaxGroupExperts, "] (cuda kernel), got ", group_sizes[g],
-                " for group ", g);
-    TORCH_CHECK(top_k <= group_sizes[g], op, ": top_k=", top_k, " exceeds the size of group ", g, " (",
-                group_sizes[g], ")");
+    TORCH_CHECK(group_sizes[g] >= 1 && group_sizes[g] <= kMaxGroupExperts, op, ": group_sizes must hold ints in [1, ",
+                kMaxGroupExperts, "] (cuda kernel), got ", group_sizes[g], " for group ", g);
+    TORCH_CHECK(top_k <= group_sizes[g], op, ": top_k=", top_k, " exceeds the size of group ", g, " (", group_sizes[g],
+                ")");
     off += group_sizes[g];
     s.grp.offs[g + 1] = static_cast<int32_t>(off);
   }
@@ -126,15 +106,15 @@ void launch_tokens(const Setup& s, const at::Tensor& group_ids, at::Tensor* ids,
   }
   int32_t* scratch_p = s.use_smem ? nullptr : scratch.mutable_data_ptr<int32_t>();
   const int smem = s.use_smem ? static_cast<int>(s.smem_bytes) : 0;
-  U2A_GATING_DISPATCH_FLOAT3(s.logits.scalar_type(), "moe_gating_cuda", [&] {
+  UNIF2ACE_DISPATCH_FLOAT3(s.logits.scalar_type(), "moe_gating_cuda", [&] {
     using T = typename DevType<scalar_t>::type;
     const T* x = reinterpret_cast<const T*>(s.logits.const_data_ptr<scalar_t>());
     AT_DISPATCH_INDEX_TYPES(group_ids.scalar_type(), "moe_gating_cuda_groups", [&] {
       gating_forward_kernel<T, index_t, kOutputs, kProb><<<static_cast<unsigned>(s.nb), kThreads, smem, stream>>>(
-          x, group_ids.const_data_ptr<index_t>(), s.p, s.grp,
-          kOutputs ? ids->mutable_data_ptr<int32_t>() : nullptr, kOutputs ? gates->mutable_data_ptr<float>() : nullptr,
-          scratch_p, s.use_smem, kProb ? part_P.mutable_data_ptr<float>() : nullptr,
-          part_C.mutable_data_ptr<int32_t>(), part_N.mutable_data_ptr<int32_t>());
+          x, group_ids.const_data_ptr<index_t>(), s.p, s.grp, kOutputs ? ids->mutable_data_ptr<int32_t>() : nullptr,
+          kOutputs ? gates->mutable_data_ptr<float>() : nullptr, scratch_p, s.use_smem,
+          kProb ? part_P.mutable_data_ptr<float>() : nullptr, part_C.mutable_data_ptr<int32_t>(),
+          part_N.mutable_data_ptr<int32_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -184,8 +164,8 @@ at::Tensor moe_gating_backward(const at::Tensor& grad_gates, const at::Tensor& g
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == G, op, ": grad_loss must be [", G, "], got ",
               grad_loss.sizes());
   for (const at::Tensor* t : {&grad_gates, &grad_prob, &grad_loss}) {
-    TORCH_CHECK(t->device() == router_logits.device(), op, ": gradients must be on ", router_logits.device(),
-                ", got ", t->device());
+    TORCH_CHECK(t->device() == router_logits.device(), op, ": gradients must be on ", router_logits.device(), ", got ",
+                t->device());
     TORCH_CHECK(t->is_floating_point(), op, ": gradients must be floating point, got ", t->scalar_type());
   }
   at::Tensor dz = at::empty({T, E}, router_logits.options());
@@ -201,20 +181,20 @@ at::Tensor moe_gating_backward(const at::Tensor& grad_gates, const at::Tensor& g
   auto stream = c10::cuda::getCurrentCUDAStream();
   launch_tokens<false, false>(s, group_ids, nullptr, nullptr, part_P, part_C, part_N, stream);
   gating_stats_kernel<true><<<static_cast<unsigned>(G), kStatThreads, 0, stream>>>(
-      nullptr, part_C.const_data_ptr<int32_t>(), part_N.const_data_ptr<int32_t>(), s.nb, E, s.grp, s.p.k,
-      balance_coef, nullptr, nullptr, nullptr, gp.const_data_ptr<float>(), gl.const_data_ptr<float>(),
+      nullptr, part_C.const_data_ptr<int32_t>(), part_N.const_data_ptr<int32_t>(), s.nb, E, s.grp, s.p.k, balance_coef,
+      nullptr, nullptr, nullptr, gp.const_data_ptr<float>(), gl.const_data_ptr<float>(),
       dbase.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // grid-stride over tokens: at most 2^20 CTAs of kWarps tokens each
   const int64_t blocks = std::min<int64_t>((T + kWarps - 1) / kWarps, int64_t(1) << 20);
-  U2A_GATING_DISPATCH_FLOAT3(s.logits.scalar_type(), "moe_gating_backward_cuda", [&] {
+  UNIF2ACE_DISPATCH_FLOAT3(s.logits.scalar_type(), "moe_gating_backward_cuda", [&] {
     using Tp = typename DevType<scalar_t>::type;
     const Tp* x = reinterpret_cast<const Tp*>(s.logits.const_data_ptr<scalar_t>());
     Tp* out = reinterpret_cast<Tp*>(dz.mutable_data_ptr<scalar_t>());
     AT_DISPATCH_INDEX_TYPES(group_ids.scalar_type(), "moe_gating_backward_cuda_groups", [&] {
       gating_backward_kernel<Tp, index_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          x, group_ids.const_data_ptr<index_t>(), s.p, s.grp, gg.const_data_ptr<float>(),
-          dbase.const_data_ptr<float>(), out);
+          x, group_ids.const_data_ptr<index_t>(), s.p, s.grp, gg.const_data_ptr<float>(), dbase.const_data_ptr<float>(),
+          out);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -222,15 +202,15 @@ at::Tensor moe_gating_backward(const at::Tensor& grad_gates, const at::Tensor& g
 }
 
 }  // namespace
-}  // namespace unif2ace_cuda
+}  // namespace unif2ace::cuda
 
 TORCH_LIBRARY_FRAGMENT(unif2ace_cuda, m) {
   m.def(
       "moe_gating(Tensor router_logits, Tensor group_ids, int[] group_sizes, int top_k, str score, "
       "bool renormalize, float balance_coef) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-      &unif2ace_cuda::moe_gating);
+      &unif2ace::cuda::moe_gating);
   m.def(
       "moe_gating_backward(Tensor grad_gates, Tensor grad_prob, Tensor grad_loss, Tensor router_logits, "
       "Tensor group_ids, int[] group_sizes, int top_k, str score, bool renormalize, float balance_coef) -> Tensor",
-      &unif2ace_cuda::moe_gating_backward);
+      &unif2ace::cuda::moe_gating_backward);
 }

@@ -41,13 +41,15 @@
 // zero gradient row. All element indexing is int64.
 #pragma once
 
-#include <cstdint>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <math_constants.h>
+#include <cstdint>
 
-namespace unif2ace_cuda {
+#include <math_constants.h>
+#include "cuda/common.cuh"
+
+namespace unif2ace::cuda {
 namespace gating {
 
 constexpr int kMaxGroupExperts = 128;          // experts per group handled by one warp
@@ -55,13 +57,13 @@ constexpr int kSlots = kMaxGroupExperts / 32;  // columns per lane
 constexpr int kMaxGroups = 255;                // groups passed by value in the kernel parameters
 constexpr int kWarps = 8;                      // warps (tokens in flight) per CTA
 constexpr int kThreads = kWarps * 32;
-constexpr int kMaxBlocks = 1024;               // statistics partial rows (smem accumulators)
-constexpr int kMaxBlocksGlobal = 64;           // ... when the accumulators live in global scratch
-constexpr int kSmemLimit = 48 * 1024;          // default dynamic shared memory limit (no opt-in)
-constexpr int kStatCols = 32;                  // stats kernel: 32 experts x 8 partial-row lanes
+constexpr int kMaxBlocks = 1024;       // statistics partial rows (smem accumulators)
+constexpr int kMaxBlocksGlobal = 64;   // ... when the accumulators live in global scratch
+constexpr int kSmemLimit = 48 * 1024;  // default dynamic shared memory limit (no opt-in)
+constexpr int kStatCols = 32;          // stats kernel: 32 experts x 8 partial-row lanes
 constexpr int kStatRows = 8;
 constexpr int kStatThreads = kStatCols * kStatRows;
-constexpr int kNone = 0x7fffffff;              // "no candidate" index in the arg-max
+constexpr int kNone = 0x7fffffff;  // "no candidate" index in the arg-max
 
 struct Groups {
   int32_t G;
@@ -78,31 +80,6 @@ struct Params {
   int32_t softmax;      // 1: softmax, 0: sigmoid
   int32_t renormalize;  // 1: divide the chosen scores by their sum
 };
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
 
 // a ranks strictly above b: NaN above every number; equal values do not (index order decides)
 __device__ __forceinline__ bool above(float a, float b) { return (isnan(a) && !isnan(b)) || a > b; }
@@ -213,10 +190,10 @@ __device__ __forceinline__ void select_topk(const float (&s)[kSlots], int n, int
 // gridDim.x * kWarps * (2E + G) words). Partial outputs: part_P/part_C [gridDim.x, E],
 // part_N [gridDim.x, G].
 template <typename T, typename G, bool kOutputs, bool kProb>
-__global__ void __launch_bounds__(kThreads) gating_forward_kernel(
-    const T* __restrict__ logits, const G* __restrict__ gids, Params p, Groups grp, int32_t* __restrict__ ids,
-    float* __restrict__ gates, int32_t* scratch, bool use_smem, float* __restrict__ part_P,
-    int32_t* __restrict__ part_C, int32_t* __restrict__ part_N) {
+__global__ void __launch_bounds__(kThreads)
+    gating_forward_kernel(const T* __restrict__ logits, const G* __restrict__ gids, Params p, Groups grp,
+                          int32_t* __restrict__ ids, float* __restrict__ gates, int32_t* scratch, bool use_smem,
+                          float* __restrict__ part_P, int32_t* __restrict__ part_C, int32_t* __restrict__ part_N) {
   extern __shared__ int32_t smem_acc[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t E = p.E;
@@ -296,11 +273,12 @@ __global__ void __launch_bounds__(kThreads) gating_forward_kernel(
 // One CTA per group (blockIdx.x = g), kStatThreads threads. Sums the nb partial rows in a fixed
 // order. Forward (!kBackward): f, P [E] and loss [G]. Backward: dbase [E].
 template <bool kBackward>
-__global__ void __launch_bounds__(kStatThreads) gating_stats_kernel(
-    const float* __restrict__ part_P, const int32_t* __restrict__ part_C, const int32_t* __restrict__ part_N,
-    int64_t nb, int64_t E, Groups grp, int32_t k, double coef, float* __restrict__ f_out, float* __restrict__ P_out,
-    float* __restrict__ loss_out, const float* __restrict__ grad_prob, const float* __restrict__ grad_loss,
-    float* __restrict__ dbase) {
+__global__ void __launch_bounds__(kStatThreads)
+    gating_stats_kernel(const float* __restrict__ part_P, const int32_t* __restrict__ part_C,
+                        const int32_t* __restrict__ part_N, int64_t nb, int64_t E, Groups grp, int32_t k, double coef,
+                        float* __restrict__ f_out, float* __restrict__ P_out, float* __restrict__ loss_out,
+                        const float* __restrict__ grad_prob, const float* __restrict__ grad_loss,
+                        float* __restrict__ dbase) {
   __shared__ long long sN[kStatThreads];
   __shared__ double sP[kStatRows][kStatCols];
   __shared__ long long sC[kStatRows][kStatCols];
@@ -367,11 +345,9 @@ __global__ void __launch_bounds__(kStatThreads) gating_stats_kernel(
 // Backward per token: grid-stride over tokens, one warp each. gg: [T, k] fp32 contiguous;
 // dbase: [E] fp32; dz: [T, E] contiguous, every element written.
 template <typename T, typename G>
-__global__ void __launch_bounds__(kThreads) gating_backward_kernel(const T* __restrict__ logits,
-                                                                   const G* __restrict__ gids, Params p, Groups grp,
-                                                                   const float* __restrict__ gg,
-                                                                   const float* __restrict__ dbase,
-                                                                   T* __restrict__ dz) {
+__global__ void __launch_bounds__(kThreads)
+    gating_backward_kernel(const T* __restrict__ logits, const G* __restrict__ gids, Params p, Groups grp,
+                           const float* __restrict__ gg, const float* __restrict__ dbase, T* __restrict__ dz) {
   const int lane = threadIdx.x & 31;
   const int64_t E = p.E;
   const int k = p.k;
@@ -432,4 +408,4 @@ __global__ void __launch_bounds__(kThreads) gating_backward_kernel(const T* __re
 }
 
 }  // namespace gating
-}  // namespace unif2ace_cuda
+}  // namespace unif2ace::cuda

@@ -16,11 +16,12 @@
 
 #include "cuda/moe_routing.cuh"
 
-namespace unif2ace_cuda {
+namespace unif2ace::cuda {
 namespace {
 
 IdView make_view(const at::Tensor& ids) {
-  TORCH_CHECK(ids.dim() == 1 || ids.dim() == 2, "moe routing (cuda): expert_ids must be 1-D or 2-D, got ", ids.dim(), "-D");
+  TORCH_CHECK(ids.dim() == 1 || ids.dim() == 2, "moe routing (cuda): expert_ids must be 1-D or 2-D, got ", ids.dim(),
+              "-D");
   if (ids.dim() == 1) return IdView{ids.size(0), 1, ids.stride(0), 0};
   return IdView{ids.size(0) * ids.size(1), ids.size(1), ids.stride(0), ids.stride(1)};
 }
@@ -49,9 +50,11 @@ at::Tensor moe_expert_histogram(const at::Tensor& expert_ids, int64_t num_expert
   AT_DISPATCH_INDEX_TYPES(expert_ids.scalar_type(), "moe_expert_histogram_cuda", [&] {
     const index_t* p = expert_ids.const_data_ptr<index_t>();
     if (smem <= kSmemLimit) {
-      expert_histogram_smem_kernel<index_t><<<blocks, kHistThreads, smem, stream>>>(p, v, E, counts.mutable_data_ptr<int32_t>());
+      expert_histogram_smem_kernel<index_t>
+          <<<blocks, kHistThreads, smem, stream>>>(p, v, E, counts.mutable_data_ptr<int32_t>());
     } else {
-      expert_histogram_global_kernel<index_t><<<blocks, kHistThreads, 0, stream>>>(p, v, E, counts.mutable_data_ptr<int32_t>());
+      expert_histogram_global_kernel<index_t>
+          <<<blocks, kHistThreads, 0, stream>>>(p, v, E, counts.mutable_data_ptr<int32_t>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -61,8 +64,8 @@ at::Tensor moe_expert_histogram(const at::Tensor& expert_ids, int64_t num_expert
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::Tensor& expert_ids, int64_t num_experts,
                                                                      int64_t block_size) {
   check_args(expert_ids, num_experts);
-  TORCH_CHECK(num_experts <= kAlignMaxExperts, "moe_align (cuda): num_experts must be <= ", kAlignMaxExperts,
-              ", got ", num_experts);
+  TORCH_CHECK(num_experts <= kAlignMaxExperts, "moe_align (cuda): num_experts must be <= ", kAlignMaxExperts, ", got ",
+              num_experts);
   TORCH_CHECK(block_size >= 1 && block_size < (int64_t(1) << 20), "moe_align (cuda): bad block_size ", block_size);
   c10::cuda::CUDAGuard guard(expert_ids.device());
   const IdView v = make_view(expert_ids);
@@ -87,11 +90,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::T
           p, v, static_cast<int32_t>(E), tile_counts.mutable_data_ptr<int32_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    align_scan_kernel<<<1, kScanThreads, 0, stream>>>(tile_counts.mutable_data_ptr<int32_t>(), num_tiles,
-                                                      static_cast<int32_t>(E), static_cast<int32_t>(bs), max_blocks,
-                                                      counts.mutable_data_ptr<int32_t>(),
-                                                      blocks.mutable_data_ptr<int32_t>(),
-                                                      total.mutable_data_ptr<int32_t>());
+    align_scan_kernel<<<1, kScanThreads, 0, stream>>>(
+        tile_counts.mutable_data_ptr<int32_t>(), num_tiles, static_cast<int32_t>(E), static_cast<int32_t>(bs),
+        max_blocks, counts.mutable_data_ptr<int32_t>(), blocks.mutable_data_ptr<int32_t>(),
+        total.mutable_data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (num_tiles > 0) {
       align_scatter_kernel<index_t><<<static_cast<unsigned>(num_tiles), kTile, smem, stream>>>(
@@ -103,10 +105,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::T
 }
 
 }  // namespace
-}  // namespace unif2ace_cuda
+}  // namespace unif2ace::cuda
 
 TORCH_LIBRARY_FRAGMENT(unif2ace_cuda, m) {
-  m.def("moe_expert_histogram(Tensor expert_ids, int num_experts) -> Tensor", &unif2ace_cuda::moe_expert_histogram);
+  m.def("moe_expert_histogram(Tensor expert_ids, int num_experts) -> Tensor", &unif2ace::cuda::moe_expert_histogram);
   m.def("moe_align(Tensor expert_ids, int num_experts, int block_size) -> (Tensor, Tensor, Tensor, Tensor)",
-        &unif2ace_cuda::moe_align);
+        &unif2ace::cuda::moe_align);
 }

@@ -13,10 +13,10 @@
 //   offset[e] + (entries of e in earlier tiles) + (entries of e earlier in this tile).
 #pragma once
 
-#include <cstdint>
 #include <cuda_runtime.h>
+#include <cstdint>
 
-namespace unif2ace_cuda {
+namespace unif2ace::cuda {
 
 struct IdView {
   int64_t n;        // total entries
@@ -25,9 +25,9 @@ struct IdView {
   int64_t stride1;  // column stride in elements
 };
 
-constexpr int kTile = 256;                 // entries per tile = threads per CTA in the tile passes
+constexpr int kTile = 256;  // entries per tile = threads per CTA in the tile passes
 constexpr int kTileWarps = kTile / 32;
-constexpr int kAlignMaxExperts = 1024;     // single-CTA scan; smem kTileWarps * E int32
+constexpr int kAlignMaxExperts = 1024;  // single-CTA scan; smem kTileWarps * E int32
 constexpr int kScanThreads = 1024;
 
 template <typename T>
@@ -74,8 +74,8 @@ __global__ void expert_histogram_global_kernel(const T* __restrict__ ids, IdView
 // and its rank among the tile's entries of the same expert that come before it. On return
 // warp_counts[w * E + e] holds the count of expert e in warp w (valid after __syncthreads()).
 template <typename T>
-__device__ __forceinline__ void tile_rank(const T* __restrict__ ids, const IdView& v, int32_t E,
-                                          int32_t* warp_counts, int64_t& expert, int32_t& rank_in_warp) {
+__device__ __forceinline__ void tile_rank(const T* __restrict__ ids, const IdView& v, int32_t E, int32_t* warp_counts,
+                                          int64_t& expert, int32_t& rank_in_warp) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int32_t i = threadIdx.x; i < kTileWarps * E; i += blockDim.x) warp_counts[i] = 0;
   __syncthreads();
@@ -94,8 +94,8 @@ __device__ __forceinline__ void tile_rank(const T* __restrict__ ids, const IdVie
 
 // Pass 1: tile_counts[tile * E + e] = entries of expert e in this tile.
 template <typename T>
-__global__ void __launch_bounds__(kTile) align_tile_count_kernel(const T* __restrict__ ids, IdView v, int32_t E,
-                                                                  int32_t* __restrict__ tile_counts) {
+__global__ void __launch_bounds__(kTile)
+    align_tile_count_kernel(const T* __restrict__ ids, IdView v, int32_t E, int32_t* __restrict__ tile_counts) {
   extern __shared__ int32_t warp_counts[];
   int64_t e;
   int32_t r;
@@ -111,12 +111,10 @@ __global__ void __launch_bounds__(kTile) align_tile_count_kernel(const T* __rest
 // Pass 2 (one CTA of kScanThreads threads, E <= kScanThreads): per expert, turn the tile counts
 // into write cursors (exclusive scan over tiles plus the expert's segment offset); padded
 // exclusive scan over experts; counts, padded total and the block -> expert map.
-__global__ void __launch_bounds__(kScanThreads) align_scan_kernel(int32_t* __restrict__ tile_counts, int64_t num_tiles,
-                                                                  int32_t E, int32_t block_size,
-                                                                  int64_t max_blocks,
-                                                                  int32_t* __restrict__ expert_counts,
-                                                                  int32_t* __restrict__ block_expert_ids,
-                                                                  int32_t* __restrict__ total_out) {
+__global__ void __launch_bounds__(kScanThreads)
+    align_scan_kernel(int32_t* __restrict__ tile_counts, int64_t num_tiles, int32_t E, int32_t block_size,
+                      int64_t max_blocks, int32_t* __restrict__ expert_counts, int32_t* __restrict__ block_expert_ids,
+                      int32_t* __restrict__ total_out) {
   __shared__ int32_t scan[kScanThreads];
   const int32_t e = threadIdx.x;
   int32_t cnt = 0;
@@ -152,9 +150,9 @@ __global__ void __launch_bounds__(kScanThreads) align_scan_kernel(int32_t* __res
 
 // Pass 3: scatter flat indices to their stable positions (sorted_ids pre-filled with sentinel N).
 template <typename T>
-__global__ void __launch_bounds__(kTile) align_scatter_kernel(const T* __restrict__ ids, IdView v, int32_t E,
-                                                               const int32_t* __restrict__ tile_cursor,
-                                                               int32_t* __restrict__ sorted_ids) {
+__global__ void __launch_bounds__(kTile)
+    align_scatter_kernel(const T* __restrict__ ids, IdView v, int32_t E, const int32_t* __restrict__ tile_cursor,
+                         int32_t* __restrict__ sorted_ids) {
   extern __shared__ int32_t warp_counts[];
   int64_t e;
   int32_t r;
@@ -168,4 +166,4 @@ __global__ void __launch_bounds__(kTile) align_scatter_kernel(const T* __restric
   sorted_ids[pos] = static_cast<int32_t>(idx);
 }
 
-}  // namespace unif2ace_cuda
+}  // namespace unif2ace::cuda

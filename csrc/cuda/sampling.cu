@@ -14,7 +14,7 @@
 
 #include "cuda/sampling.cuh"
 
-namespace unif2ace_cuda {
+namespace unif2ace::cuda {
 namespace {
 
 using sampling::kMaxL;
@@ -35,19 +35,26 @@ void check_tokens(const at::Tensor& t, const char* op) {
 template <typename F>
 void dispatch_float(at::ScalarType st, const char* op, F&& f) {
   switch (st) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(__half{}); break;
-    case at::kBFloat16: f(__nv_bfloat16{}); break;
-    default: TORCH_CHECK(false, op, " (cuda): logits must be fp32, fp16 or bf16, got ", st);
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kHalf:
+      f(__half{});
+      break;
+    case at::kBFloat16:
+      f(__nv_bfloat16{});
+      break;
+    default:
+      TORCH_CHECK(false, op, " (cuda): logits must be fp32, fp16 or bf16, got ", st);
   }
 }
 
 // cond (and unc) [rows, V] with unit column stride; tokens / is_masked [B, L]
-std::tuple<at::Tensor, at::Tensor> masked_step_sample(
-    const at::Tensor& cond, const c10::optional<at::Tensor>& unc, const at::Tensor& tokens,
-    const at::Tensor& is_masked, const at::Tensor& sample_ids, const at::Tensor& keys,
-    const c10::optional<at::Tensor>& thr, double a, double s, double temperature, double tau, bool greedy,
-    bool has_noise) {
+std::tuple<at::Tensor, at::Tensor> masked_step_sample(const at::Tensor& cond, const c10::optional<at::Tensor>& unc,
+                                                      const at::Tensor& tokens, const at::Tensor& is_masked,
+                                                      const at::Tensor& sample_ids, const at::Tensor& keys,
+                                                      const c10::optional<at::Tensor>& thr, double a, double s,
+                                                      double temperature, double tau, bool greedy, bool has_noise) {
   const char* op = "masked_step_sample";
   TORCH_CHECK(cond.is_cuda() && cond.dim() == 2 && cond.stride(1) == 1, op,
               " (cuda): 'cond' must be a CUDA [rows, V] tensor with unit column stride");
@@ -85,8 +92,8 @@ std::tuple<at::Tensor, at::Tensor> masked_step_sample(
       kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
           c, u, cond.stride(0), su, reinterpret_cast<const int64_t*>(tokens.const_data_ptr()), i32,
           is_masked.const_data_ptr<bool>(), sample_ids.const_data_ptr<int64_t>(), keys.const_data_ptr<int64_t>(),
-          thr.has_value() ? thr->const_data_ptr<float>() : nullptr, L, V, static_cast<float>(a),
-          static_cast<float>(s), static_cast<float>(temperature), static_cast<float>(tau), greedy, has_noise,
+          thr.has_value() ? thr->const_data_ptr<float>() : nullptr, L, V, static_cast<float>(a), static_cast<float>(s),
+          static_cast<float>(temperature), static_cast<float>(tau), greedy, has_noise,
           sampled.mutable_data_ptr<int64_t>(), conf.mutable_data_ptr<float>());
     };
     if (u != nullptr) {
@@ -166,19 +173,19 @@ std::tuple<at::Tensor, at::Tensor> ar_sample(const at::Tensor& logits, const at:
 }
 
 }  // namespace
-}  // namespace unif2ace_cuda
+}  // namespace unif2ace::cuda
 
 TORCH_LIBRARY_FRAGMENT(unif2ace_cuda, m) {
   m.def(
       "masked_step_sample(Tensor cond, Tensor? unc, Tensor tokens, Tensor is_masked, Tensor sample_ids, Tensor keys, "
       "Tensor? thr, float a, float s, float temperature, float tau, bool greedy, bool has_noise) -> (Tensor, Tensor)",
-      &unif2ace_cuda::masked_step_sample);
+      &unif2ace::cuda::masked_step_sample);
   m.def(
       "masked_step_remask(Tensor conf, Tensor is_masked, Tensor tokens, Tensor sampled, int n_sched, bool last, "
       "int mask_token_id) -> (Tensor, Tensor, Tensor)",
-      &unif2ace_cuda::masked_step_remask);
+      &unif2ace::cuda::masked_step_remask);
   m.def(
       "ar_sample(Tensor logits, Tensor sample_ids, Tensor position, Tensor keys, Tensor? thr, float temperature, "
       "bool greedy) -> (Tensor, Tensor)",
-      &unif2ace_cuda::ar_sample);
+      &unif2ace::cuda::ar_sample);
 }

@@ -2,9 +2,10 @@
 // (torch-free device code; launchers in sampling.cu).
 //
 // Contract: unif2ace/kernels/reference/sampling.py and the counter-based RNG of
-// unif2ace/kernels/reference/rng.py, whose definition is csrc/cpu/rng.h (copied below for device code). The Gumbel noise is the exact one of the reference (float64 math, cast to
-// fp32), but it is only evaluated for codes that can still win: rng::gumbel_upper_f32(hi) bounds
-// the fp32 Gumbel from above, so a code with fl(z + bound) <= the running best is skipped.
+// unif2ace/kernels/reference/rng.py, whose definition is csrc/common/rng.h (copied below for device code). The Gumbel
+// noise is the exact one of the reference (float64 math, cast to fp32), but it is only evaluated for codes that can
+// still win: rng::gumbel_upper_f32(hi) bounds the fp32 Gumbel from above, so a code with fl(z + bound) <= the running
+// best is skipped.
 //
 // masked_step_sample_kernel: one CTA per (row, position) unit, streaming the vocabulary with
 //   4-wide vector loads when the row is 4-element aligned; per thread (max, sum-exp) of the
@@ -20,30 +21,24 @@
 // does not contract it into FMAs (bit-identical tokens with the reference).
 #pragma once
 
-#include <cfloat>
-#include <cmath>
-#include <cstdint>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/common.cuh"
 
 // The counter-based RNG: one definition shared with the C++ kernels (host/device header).
-#include "cpu/rng.h"
+#include "common/rng.h"
 
-namespace u2a_dev {
-namespace rng = ::u2a::rng;
-}  // namespace u2a_dev
-
-namespace unif2ace_cuda {
+namespace unif2ace::cuda {
 namespace sampling {
 
 constexpr int kThreads = 256;
 constexpr int kRemaskThreads = 1024;
 constexpr int kMaxL = 4096;
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename T>
 struct alignas(4 * sizeof(T)) Vec4 {
@@ -56,11 +51,11 @@ __device__ __forceinline__ float sanitize(float x) {
 }
 
 struct State {
-  float m;     // running max of x
-  float s;     // sum exp(x - m)
-  float best;  // best score
+  float m;      // running max of x
+  float s;      // sum exp(x - m)
+  float best;   // best score
   int64_t idx;  // its code
-  float bx;    // its raw (filtered) logit
+  float bx;     // its raw (filtered) logit
 };
 
 __device__ __forceinline__ State state_init() { return State{-INFINITY, 0.f, -INFINITY, 0, -INFINITY}; }
@@ -131,10 +126,10 @@ __device__ __forceinline__ void pick(State& st, float x, float z, int64_t v, con
   } else {
     if (!(z > -INFINITY)) return;
     const uint32_t t = static_cast<uint32_t>(v);
-    const uint32_t hi = u2a_dev::rng::element(p.rk_hi, t);
-    if (__fadd_rn(z, u2a_dev::rng::gumbel_upper_f32(hi)) <= st.best) return;  // cannot win
-    const uint32_t lo = u2a_dev::rng::element(p.rk_lo, t);
-    score = __fadd_rn(z, u2a_dev::rng::gumbel_from_words(hi, lo));
+    const uint32_t hi = rng::element(p.rk_hi, t);
+    if (__fadd_rn(z, rng::gumbel_upper_f32(hi)) <= st.best) return;  // cannot win
+    const uint32_t lo = rng::element(p.rk_lo, t);
+    score = __fadd_rn(z, rng::gumbel_from_words(hi, lo));
   }
   if (score > st.best) {  // codes are visited in increasing order per thread: ties keep the first
     st.best = score;
@@ -143,25 +138,24 @@ __device__ __forceinline__ void pick(State& st, float x, float z, int64_t v, con
   }
 }
 
-__device__ __forceinline__ float scale(float x, float temperature) {
-  return fminf(__fdiv_rn(x, temperature), FLT_MAX);
-}
+__device__ __forceinline__ float scale(float x, float temperature) { return fminf(__fdiv_rn(x, temperature), FLT_MAX); }
 
 // ---------------------------------------------------------------------------------------------
 // kernel A
 
 template <typename T, bool kHasUnc>
-__global__ void __launch_bounds__(kThreads) masked_step_sample_kernel(
-    const T* __restrict__ cond, const T* __restrict__ unc, int64_t stride_c, int64_t stride_u,
-    const int64_t* __restrict__ tokens_in, bool tokens_i32, const bool* __restrict__ is_masked,
-    const int64_t* __restrict__ sample_ids, const int64_t* __restrict__ keys, const float* __restrict__ thr,
-    int64_t L, int64_t V, float a, float s, float temperature, float tau, bool greedy, bool has_noise,
-    int64_t* __restrict__ sampled, float* __restrict__ conf) {
+__global__ void __launch_bounds__(kThreads)
+    masked_step_sample_kernel(const T* __restrict__ cond, const T* __restrict__ unc, int64_t stride_c, int64_t stride_u,
+                              const int64_t* __restrict__ tokens_in, bool tokens_i32,
+                              const bool* __restrict__ is_masked, const int64_t* __restrict__ sample_ids,
+                              const int64_t* __restrict__ keys, const float* __restrict__ thr, int64_t L, int64_t V,
+                              float a, float s, float temperature, float tau, bool greedy, bool has_noise,
+                              int64_t* __restrict__ sampled, float* __restrict__ conf) {
   __shared__ State sh[kThreads / 32];
   const int64_t unit = blockIdx.x;
   const int64_t b = unit / L, i = unit - b * L;
-  const int64_t tok = tokens_i32 ? static_cast<int64_t>(reinterpret_cast<const int32_t*>(tokens_in)[unit])
-                                 : tokens_in[unit];
+  const int64_t tok =
+      tokens_i32 ? static_cast<int64_t>(reinterpret_cast<const int32_t*>(tokens_in)[unit]) : tokens_in[unit];
   if (!is_masked[unit]) {
     if (threadIdx.x == 0) {
       sampled[unit] = tok;
@@ -174,8 +168,8 @@ __global__ void __launch_bounds__(kThreads) masked_step_sample_kernel(
   Params p;
   p.temperature = temperature;
   p.greedy = greedy;
-  p.rk_hi = u2a_dev::rng::row_key(static_cast<uint32_t>(keys[0]), sid, pos);
-  p.rk_lo = u2a_dev::rng::row_key(static_cast<uint32_t>(keys[1]), sid, pos);
+  p.rk_hi = rng::row_key(static_cast<uint32_t>(keys[0]), sid, pos);
+  p.rk_lo = rng::row_key(static_cast<uint32_t>(keys[1]), sid, pos);
   const bool has_thr = thr != nullptr;
   const float th = has_thr ? thr[unit] : -INFINITY;
   const T* c_row = cond + unit * stride_c;
@@ -209,9 +203,9 @@ __global__ void __launch_bounds__(kThreads) masked_step_sample_kernel(
     const bool finite = st.m > -INFINITY;
     float lp = finite ? __fsub_rn(__fsub_rn(st.bx, st.m), logf(st.s)) : -INFINITY;
     if (has_noise) {
-      const uint32_t h = u2a_dev::rng::element(u2a_dev::rng::row_key(static_cast<uint32_t>(keys[2]), sid, pos), 0u);
-      const uint32_t l = u2a_dev::rng::element(u2a_dev::rng::row_key(static_cast<uint32_t>(keys[3]), sid, pos), 0u);
-      lp = __fadd_rn(lp, __fmul_rn(tau, u2a_dev::rng::gumbel_from_words(h, l)));
+      const uint32_t h = rng::element(rng::row_key(static_cast<uint32_t>(keys[2]), sid, pos), 0u);
+      const uint32_t l = rng::element(rng::row_key(static_cast<uint32_t>(keys[3]), sid, pos), 0u);
+      lp = __fadd_rn(lp, __fmul_rn(tau, rng::gumbel_from_words(h, l)));
     }
     sampled[unit] = finite ? st.idx : 0;
     conf[unit] = lp;
@@ -228,11 +222,11 @@ __device__ __forceinline__ uint64_t conf_key(float c, int64_t i) {
   return (static_cast<uint64_t>(k) << 32) | static_cast<uint64_t>(i);
 }
 
-__global__ void __launch_bounds__(kRemaskThreads) remask_kernel(
-    const float* __restrict__ conf, const bool* __restrict__ is_masked, const int64_t* __restrict__ tokens_in,
-    bool tokens_i32, const int64_t* __restrict__ sampled, int64_t L, int64_t P, int64_t n_sched, bool last,
-    int64_t mask_token_id, int64_t* __restrict__ tokens_out, bool* __restrict__ mask_out,
-    int64_t* __restrict__ sampled_out) {
+__global__ void __launch_bounds__(kRemaskThreads)
+    remask_kernel(const float* __restrict__ conf, const bool* __restrict__ is_masked,
+                  const int64_t* __restrict__ tokens_in, bool tokens_i32, const int64_t* __restrict__ sampled,
+                  int64_t L, int64_t P, int64_t n_sched, bool last, int64_t mask_token_id,
+                  int64_t* __restrict__ tokens_out, bool* __restrict__ mask_out, int64_t* __restrict__ sampled_out) {
   __shared__ uint64_t keys[kMaxL];
   __shared__ int count_sh;
   const int64_t row = blockIdx.x;
@@ -273,8 +267,8 @@ __global__ void __launch_bounds__(kRemaskThreads) remask_kernel(
   const uint64_t kth = n > 0 ? keys[n - 1] : 0;
   for (int64_t j = threadIdx.x; j < L; j += blockDim.x) {
     const bool m = is_masked[base + j];
-    const int64_t tok = tokens_i32 ? static_cast<int64_t>(reinterpret_cast<const int32_t*>(tokens_in)[base + j])
-                                   : tokens_in[base + j];
+    const int64_t tok =
+        tokens_i32 ? static_cast<int64_t>(reinterpret_cast<const int32_t*>(tokens_in)[base + j]) : tokens_in[base + j];
     const int64_t smp = m ? sampled[base + j] : tok;
     const bool nm = m && n > 0 && conf_key(conf[base + j], j) <= kth;
     sampled_out[base + j] = smp;
@@ -287,10 +281,11 @@ __global__ void __launch_bounds__(kRemaskThreads) remask_kernel(
 // autoregressive sampling
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) ar_sample_kernel(
-    const T* __restrict__ logits, int64_t stride, int64_t V, const int64_t* __restrict__ sample_ids,
-    const int64_t* __restrict__ position, const int64_t* __restrict__ keys, const float* __restrict__ thr,
-    float temperature, bool greedy, int64_t* __restrict__ tokens, float* __restrict__ logprobs) {
+__global__ void __launch_bounds__(kThreads)
+    ar_sample_kernel(const T* __restrict__ logits, int64_t stride, int64_t V, const int64_t* __restrict__ sample_ids,
+                     const int64_t* __restrict__ position, const int64_t* __restrict__ keys,
+                     const float* __restrict__ thr, float temperature, bool greedy, int64_t* __restrict__ tokens,
+                     float* __restrict__ logprobs) {
   __shared__ State sh[kThreads / 32];
   const int64_t row = blockIdx.x;
   const uint32_t sid = static_cast<uint32_t>(sample_ids[row]);
@@ -298,8 +293,8 @@ __global__ void __launch_bounds__(kThreads) ar_sample_kernel(
   Params p;
   p.temperature = temperature;
   p.greedy = greedy;
-  p.rk_hi = u2a_dev::rng::row_key(static_cast<uint32_t>(keys[0]), sid, pos);
-  p.rk_lo = u2a_dev::rng::row_key(static_cast<uint32_t>(keys[1]), sid, pos);
+  p.rk_hi = rng::row_key(static_cast<uint32_t>(keys[0]), sid, pos);
+  p.rk_lo = rng::row_key(static_cast<uint32_t>(keys[1]), sid, pos);
   const bool has_thr = thr != nullptr;
   const float th = has_thr ? thr[row] : -INFINITY;
   const T* x_row = logits + row * stride;
@@ -333,4 +328,4 @@ __global__ void __launch_bounds__(kThreads) ar_sample_kernel(
 }
 
 }  // namespace sampling
-}  // namespace unif2ace_cuda
+}  // namespace unif2ace::cuda

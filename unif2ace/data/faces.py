@@ -14,6 +14,7 @@ optionally passed through an image tokenizer's encode/decode round trip; an imag
 value whose prototype is nearest in a per-attribute pixel weighting (between-value over
 within-value variance, so only the pixels the attribute changes count).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,8 +22,20 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["ATTRIBUTES", "QUESTIONS", "IMAGE_SIZE", "sample_attributes", "render", "caption", "vqa_pairs",
-           "is_held_out", "attribute_key", "vocabulary", "AttributeDecoder", "chance_accuracy"]
+__all__ = [
+    "ATTRIBUTES",
+    "QUESTIONS",
+    "IMAGE_SIZE",
+    "sample_attributes",
+    "render",
+    "caption",
+    "vqa_pairs",
+    "is_held_out",
+    "attribute_key",
+    "vocabulary",
+    "AttributeDecoder",
+    "chance_accuracy",
+]
 
 IMAGE_SIZE = 32
 
@@ -85,7 +98,7 @@ def attribute_key(attrs: Dict[str, str]) -> Tuple[int, ...]:
 def is_held_out(attrs: Dict[str, str], fraction: float = 0.1) -> bool:
     """True for the held-out combinations (a fixed hash of the combination, independent of seeds)."""
     h = hashlib.sha256(bytes(attribute_key(attrs))).digest()
-    return int.from_bytes(h[:8], "little") / 2 ** 64 < fraction
+    return int.from_bytes(h[:8], "little") / 2**64 < fraction
 
 
 def _grid(n: int):
@@ -144,7 +157,8 @@ def render(attrs: Dict[str, str], size: int = IMAGE_SIZE) -> np.ndarray:
     e = attrs["expression"]
     if e == "smiling":
         mouth = ((np.abs(x - cx) < 3.5) & (np.abs(y - 22.5) < 0.6)) | (
-            (np.abs(np.abs(x - cx) - 3.5) < 1.0) & (np.abs(y - 21.5) < 0.6))
+            (np.abs(np.abs(x - cx) - 3.5) < 1.0) & (np.abs(y - 21.5) < 0.6)
+        )
     elif e == "neutral":
         mouth = (np.abs(x - cx) < 3.5) & (np.abs(y - 22.0) < 0.6)
     else:
@@ -177,7 +191,9 @@ def _phrases(attrs: Dict[str, str]) -> Dict[str, List[str]]:
     }
 
 
-def caption(attrs: Dict[str, str], rng: Optional[np.random.Generator] = None, *, full: bool = False) -> Tuple[List[str], List[str]]:
+def caption(
+    attrs: Dict[str, str], rng: Optional[np.random.Generator] = None, *, full: bool = False
+) -> Tuple[List[str], List[str]]:
     """A caption as words and the attributes it mentions.
 
     ``full=True``: every attribute, in the canonical order (hair colour and style merged as
@@ -218,8 +234,22 @@ def vqa_pairs(attrs: Dict[str, str], rng: np.random.Generator, n: int) -> List[T
 
 def vocabulary() -> List[str]:
     """Every word captions, questions and answers use, sorted (deterministic)."""
-    words = {"a", "person", "with", "no", "face", "skin", "hair", "eyes", "brows", "glasses", "beard", "earrings",
-             "hat", "background"}
+    words = {
+        "a",
+        "person",
+        "with",
+        "no",
+        "face",
+        "skin",
+        "hair",
+        "eyes",
+        "brows",
+        "glasses",
+        "beard",
+        "earrings",
+        "hat",
+        "background",
+    }
     for vals in ATTRIBUTES.values():
         words.update(vals)
     for qs in QUESTIONS.values():
@@ -242,8 +272,13 @@ class AttributeDecoder:
     (the image tokenizer's encode/decode), so prototypes look like decoded generations.
     """
 
-    def __init__(self, seed: int = 1234, per_value: int = 48, size: int = IMAGE_SIZE,
-                 roundtrip: Optional[Callable[[np.ndarray], np.ndarray]] = None):
+    def __init__(
+        self,
+        seed: int = 1234,
+        per_value: int = 48,
+        size: int = IMAGE_SIZE,
+        roundtrip: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+    ):
         rng = np.random.default_rng(seed)
         self.size = size
         self.roundtrip = roundtrip
@@ -291,8 +326,10 @@ class AttributeDecoder:
         """
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[1:] != (self.size, self.size, 3):
-            raise ValueError(f"AttributeDecoder.predict: argument 'images' must be [N, {self.size}, {self.size}, 3], "
-                             f"got {list(images.shape)}")
+            raise ValueError(
+                f"AttributeDecoder.predict: argument 'images' must be [N, {self.size}, {self.size}, 3], "
+                f"got {list(images.shape)}"
+            )
         x = images.astype(np.float64) / 255.0
         cur = self._nearest_prototype(x)
         for _ in range(sweeps):

@@ -1,5 +1,6 @@
 """Dependency-free PNG output: :func:`write_png` (RGB uint8), :func:`image_grid`, and
 :func:`plot_curves` (a small line chart of loss curves drawn with numpy)."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,12 @@ def write_png(path: str, img: np.ndarray) -> None:
     def chunk(tag, data):
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0)) + chunk(
-        b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw, 9))
+        + chunk(b"IEND", b"")
+    )
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(png)
@@ -41,15 +46,16 @@ def image_grid(images: np.ndarray, cols: int, scale: int = 4, pad: int = 2, bg: 
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
         big = im.repeat(scale, 0).repeat(scale, 1)
-        out[pad + r * (th + pad):pad + r * (th + pad) + th, pad + c * (tw + pad):pad + c * (tw + pad) + tw] = big
+        out[pad + r * (th + pad) : pad + r * (th + pad) + th, pad + c * (tw + pad) : pad + c * (tw + pad) + tw] = big
     return out
 
 
 _COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
-def plot_curves(path: str, curves: Dict[str, Sequence[float]], width: int = 640, height: int = 360,
-                log_y: bool = True) -> None:
+def plot_curves(
+    path: str, curves: Dict[str, Sequence[float]], width: int = 640, height: int = 360, log_y: bool = True
+) -> None:
     """Line chart of named series against their index (steps), one colour each, on a white canvas
     with a frame and horizontal grid lines at powers of ten (log scale) or quarters (linear)."""
     img = np.full((height, width, 3), 255, dtype=np.uint8)
@@ -66,14 +72,14 @@ def plot_curves(path: str, curves: Dict[str, Sequence[float]], width: int = 640,
     n = max(len(v) for v in series.values())
     X = lambda i: m + (width - 2 * m) * (i / max(n - 1, 1))  # noqa: E731
     Y = lambda v: height - m - (height - 2 * m) * (f(v) - lo) / (hi - lo)  # noqa: E731
-    img[m, m:width - m] = img[height - m, m:width - m] = 0
-    img[m:height - m, m] = img[m:height - m, width - m] = 0
+    img[m, m : width - m] = img[height - m, m : width - m] = 0
+    img[m : height - m, m] = img[m : height - m, width - m] = 0
     ticks = np.arange(np.floor(lo), np.ceil(hi) + 1) if log_y else np.linspace(lo, hi, 5)
     for t in ticks:
         y = int(round(height - m - (height - 2 * m) * (t - lo) / (hi - lo)))
         if m < y < height - m:
-            img[y, m:width - m:3] = 200
-    for ci, (name, v) in enumerate(series.items()):
+            img[y, m : width - m : 3] = 200
+    for ci, v in enumerate(series.values()):
         col = _COLORS[ci % len(_COLORS)]
         pts = [(X(i), Y(x)) for i, x in enumerate(v) if np.isfinite(x) and (x > 0 or not log_y)]
         for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
@@ -81,7 +87,7 @@ def plot_curves(path: str, curves: Dict[str, Sequence[float]], width: int = 640,
             xs = np.rint(np.linspace(x0, x1, k + 1)).astype(int).clip(0, width - 1)
             ys = np.rint(np.linspace(y0, y1, k + 1)).astype(int).clip(0, height - 1)
             img[ys, xs] = col
-        img[4:12, m + 60 * ci:m + 60 * ci + 20] = col  # legend swatch, in series order
+        img[4:12, m + 60 * ci : m + 60 * ci + 20] = col  # legend swatch, in series order
     write_png(path, img)
 
 
@@ -93,9 +99,9 @@ def read_png(path: str) -> np.ndarray:
         raise ValueError(f"read_png: {path!r} is not a PNG file")
     pos, idat, hdr = 8, [], None
     while pos < len(data):
-        n = struct.unpack(">I", data[pos:pos + 4])[0]
-        tag = data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + n]
+        n = struct.unpack(">I", data[pos : pos + 4])[0]
+        tag = data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + n]
         if tag == b"IHDR":
             hdr = struct.unpack(">IIBBBBB", body)
         elif tag == b"IDAT":
@@ -106,8 +112,10 @@ def read_png(path: str) -> np.ndarray:
     W, H, depth, ctype, _, _, interlace = hdr
     chans = {0: 1, 2: 3, 4: 2, 6: 4}.get(ctype)
     if depth != 8 or chans is None or interlace:
-        raise ValueError(f"read_png: {path!r}: only 8-bit gray/RGB/RGBA non-interlaced PNGs are supported "
-                         f"(bit depth {depth}, colour type {ctype}, interlace {interlace})")
+        raise ValueError(
+            f"read_png: {path!r}: only 8-bit gray/RGB/RGBA non-interlaced PNGs are supported "
+            f"(bit depth {depth}, colour type {ctype}, interlace {interlace})"
+        )
     raw = zlib.decompress(b"".join(idat))
     stride = W * chans
     out = np.zeros((H, stride), dtype=np.int32)

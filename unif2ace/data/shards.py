@@ -27,6 +27,7 @@ global batch split into per-rank micro-batches like ``DistributedSampler`` (rank
 micro-batches r, r + W, ...). The data position is a pure function of the step, which makes
 resuming exact.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,10 +52,22 @@ class ShardWriter:
     ``add_vqa(image, question_ids, answer_ids)``; ``close()`` writes the last shard and index.json.
     Image ids are global (across shards); a shard is cut every ``images_per_shard`` images."""
 
-    def __init__(self, path: str, *, image_tokens: int, codebook_size: int, text_vocab_size: int,
-                 images_per_shard: int = 4096, meta: Optional[Dict] = None):
-        for name, v in (("image_tokens", image_tokens), ("codebook_size", codebook_size),
-                        ("text_vocab_size", text_vocab_size), ("images_per_shard", images_per_shard)):
+    def __init__(
+        self,
+        path: str,
+        *,
+        image_tokens: int,
+        codebook_size: int,
+        text_vocab_size: int,
+        images_per_shard: int = 4096,
+        meta: Optional[Dict] = None,
+    ):
+        for name, v in (
+            ("image_tokens", image_tokens),
+            ("codebook_size", codebook_size),
+            ("text_vocab_size", text_vocab_size),
+            ("images_per_shard", images_per_shard),
+        ):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"ShardWriter: argument '{name}' must be an int >= 1, got {v!r}")
         os.makedirs(path, exist_ok=True)
@@ -94,8 +107,9 @@ class ShardWriter:
     def _local(self, image: int, what: str) -> int:
         j = image - self._first
         if not 0 <= j < len(self._codes):
-            raise ValueError(f"ShardWriter.{what}: image {image} is not in the open shard (add records right after "
-                             f"their image)")
+            raise ValueError(
+                f"ShardWriter.{what}: image {image} is not in the open shard (add records right after their image)"
+            )
         return j
 
     def add_caption(self, image: int, text_ids: Sequence[int]) -> None:
@@ -113,18 +127,28 @@ class ShardWriter:
         name = f"shard-{len(self.shards):05d}"
         dt = np.uint16 if self.K <= 65536 else np.int32
         np.save(os.path.join(self.path, name + ".codes.npy"), np.stack(self._codes).astype(dt))
-        np.save(os.path.join(self.path, name + ".records.npy"), np.asarray(self._records, dtype=np.int64).reshape(-1, 6))
+        np.save(
+            os.path.join(self.path, name + ".records.npy"), np.asarray(self._records, dtype=np.int64).reshape(-1, 6)
+        )
         np.save(os.path.join(self.path, name + ".text.npy"), np.asarray(self._text, dtype=np.int32))
-        self.shards.append({"name": name, "images": len(self._codes), "records": len(self._records),
-                            "text_tokens": len(self._text)})
+        self.shards.append(
+            {"name": name, "images": len(self._codes), "records": len(self._records), "text_tokens": len(self._text)}
+        )
         self._first += len(self._codes)
         self._reset()
 
     def close(self) -> str:
         self._flush()
-        index = {"format": FORMAT, "version": VERSION, "image_tokens": self.L, "codebook_size": self.K,
-                 "text_vocab_size": self.T, "num_records": sum(s["records"] for s in self.shards),
-                 "shards": self.shards, "meta": self.meta}
+        index = {
+            "format": FORMAT,
+            "version": VERSION,
+            "image_tokens": self.L,
+            "codebook_size": self.K,
+            "text_vocab_size": self.T,
+            "num_records": sum(s["records"] for s in self.shards),
+            "shards": self.shards,
+            "meta": self.meta,
+        }
         tmp = os.path.join(self.path, "index.json.tmp")
         with open(tmp, "w") as f:
             json.dump(index, f, indent=1)
@@ -146,11 +170,15 @@ class TokenDataset:
         except json.JSONDecodeError as e:
             raise DataFormatError(f"TokenDataset: {idx_path} is not valid JSON: {e}") from None
         if not isinstance(index, dict) or index.get("format") != FORMAT:
-            raise DataFormatError(f"TokenDataset: {idx_path}: field 'format' must be {FORMAT!r}, got "
-                                  f"{index.get('format') if isinstance(index, dict) else index!r}")
+            raise DataFormatError(
+                f"TokenDataset: {idx_path}: field 'format' must be {FORMAT!r}, got "
+                f"{index.get('format') if isinstance(index, dict) else index!r}"
+            )
         if index.get("version") != VERSION:
-            raise DataFormatError(f"TokenDataset: {idx_path}: unsupported version {index.get('version')!r} "
-                                  f"(this reader reads version {VERSION})")
+            raise DataFormatError(
+                f"TokenDataset: {idx_path}: unsupported version {index.get('version')!r} "
+                f"(this reader reads version {VERSION})"
+            )
         for k in ("image_tokens", "codebook_size", "text_vocab_size", "shards"):
             if k not in index:
                 raise DataFormatError(f"TokenDataset: {idx_path}: missing field {k!r}")
@@ -162,15 +190,20 @@ class TokenDataset:
         self.codes, self.records, self.text = [], [], []
         for s in index["shards"]:
             arrs = []
-            for part, shape in (("codes", (s["images"], self.image_tokens)), ("records", (s["records"], 6)),
-                                ("text", (s["text_tokens"],))):
+            for part, shape in (
+                ("codes", (s["images"], self.image_tokens)),
+                ("records", (s["records"], 6)),
+                ("text", (s["text_tokens"],)),
+            ):
                 fp = os.path.join(path, f"{s['name']}.{part}.npy")
                 try:
                     a = np.load(fp, mmap_mode="r")
                 except (OSError, ValueError) as e:
                     raise DataFormatError(f"TokenDataset: cannot read {fp}: {e}") from None
                 if tuple(a.shape) != tuple(shape):
-                    raise DataFormatError(f"TokenDataset: {fp} has shape {list(a.shape)}, index.json says {list(shape)}")
+                    raise DataFormatError(
+                        f"TokenDataset: {fp} has shape {list(a.shape)}, index.json says {list(shape)}"
+                    )
                 arrs.append(a)
             self.codes.append(arrs[0]), self.records.append(arrs[1]), self.text.append(arrs[2])
         counts = np.array([len(r) for r in self.records], dtype=np.int64)
@@ -193,22 +226,28 @@ class TokenDataset:
         s, j = self.locate(int(i))
         kind, img, t0, tn, a0, an = (int(v) for v in self.records[s][j])
         codes = torch.from_numpy(np.asarray(self.codes[s][img], dtype=np.int64))
-        text = self.text[s][t0:t0 + tn].tolist()
+        text = self.text[s][t0 : t0 + tn].tolist()
         if kind == 0:
             return Sample("t2i", codes, text=text)
-        return Sample("mmu", codes, text=text, answer=self.text[s][a0:a0 + an].tolist())
+        return Sample("mmu", codes, text=text, answer=self.text[s][a0 : a0 + an].tolist())
 
     def check_config(self, cfg) -> None:
         """Raise a :class:`DataFormatError` naming the field when the model config cannot read this data."""
         if cfg.image_tokens != self.image_tokens:
-            raise DataFormatError(f"data {self.path!r} has {self.image_tokens} image tokens per image but the model's "
-                                  f"image_grid={cfg.image_grid} gives {cfg.image_tokens}")
+            raise DataFormatError(
+                f"data {self.path!r} has {self.image_tokens} image tokens per image but the model's "
+                f"image_grid={cfg.image_grid} gives {cfg.image_tokens}"
+            )
         if cfg.codebook_size < self.codebook_size:
-            raise DataFormatError(f"data {self.path!r} has codebook_size={self.codebook_size}, larger than the model's "
-                                  f"codebook_size={cfg.codebook_size}")
+            raise DataFormatError(
+                f"data {self.path!r} has codebook_size={self.codebook_size}, larger than the model's "
+                f"codebook_size={cfg.codebook_size}"
+            )
         if cfg.text_vocab_size < self.text_vocab_size:
-            raise DataFormatError(f"data {self.path!r} has text_vocab_size={self.text_vocab_size}, larger than the "
-                                  f"model's text_vocab_size={cfg.text_vocab_size}")
+            raise DataFormatError(
+                f"data {self.path!r} has text_vocab_size={self.text_vocab_size}, larger than the "
+                f"model's text_vocab_size={cfg.text_vocab_size}"
+            )
 
 
 class EpochSampler:
@@ -216,15 +255,19 @@ class EpochSampler:
 
     def __init__(self, num_records: int, global_batch: int, seed: int = 0, shuffle: bool = True):
         if global_batch < 1 or num_records < global_batch:
-            raise ValueError(f"EpochSampler: the dataset has {num_records} records, fewer than one global batch "
-                             f"of {global_batch}")
+            raise ValueError(
+                f"EpochSampler: the dataset has {num_records} records, fewer than one global batch of {global_batch}"
+            )
         self.n, self.gb, self.seed, self.shuffle = num_records, global_batch, seed, shuffle
         self.steps_per_epoch = num_records // global_batch
         self._perm_epoch, self._perm = None, None
 
     def position(self, step: int) -> Dict[str, int]:
-        return {"epoch": step // self.steps_per_epoch, "batch_in_epoch": step % self.steps_per_epoch,
-                "samples_seen": step * self.gb}
+        return {
+            "epoch": step // self.steps_per_epoch,
+            "batch_in_epoch": step % self.steps_per_epoch,
+            "samples_seen": step * self.gb,
+        }
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._perm_epoch != epoch:
@@ -239,7 +282,7 @@ class EpochSampler:
     def global_batch(self, step: int) -> np.ndarray:
         pos = self.position(step)
         b = pos["batch_in_epoch"]
-        return self._permutation(pos["epoch"])[b * self.gb:(b + 1) * self.gb]
+        return self._permutation(pos["epoch"])[b * self.gb : (b + 1) * self.gb]
 
     def rank_slice(self, step: int, rank: int = 0, world_size: int = 1):
         """``(k0, indices)``: rank ``rank``'s contiguous share of step ``step``'s global batch; ``k0`` is
@@ -248,4 +291,4 @@ class EpochSampler:
         if self.gb % world_size:
             raise ValueError(f"EpochSampler: global batch {self.gb} is not divisible by world size {world_size}")
         per = self.gb // world_size
-        return rank * per, self.global_batch(step)[rank * per:(rank + 1) * per]
+        return rank * per, self.global_batch(step)[rank * per : (rank + 1) * per]

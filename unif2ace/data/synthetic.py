@@ -6,6 +6,7 @@ VQA pairs per image in the shard format (:mod:`.shards`). The directory is cache
 with the same arguments returns it without work. :func:`held_out_split` draws faces whose
 attribute combinations never occur in training.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,7 +50,9 @@ class SyntheticSpec:
         if self.size % self.patch:
             raise ValueError(f"SyntheticSpec: size={self.size} must be a multiple of patch={self.patch}")
         if not 0.0 < self.held_out_fraction < 1.0:
-            raise ValueError(f"SyntheticSpec: field 'held_out_fraction' must be in (0, 1), got {self.held_out_fraction}")
+            raise ValueError(
+                f"SyntheticSpec: field 'held_out_fraction' must be in (0, 1), got {self.held_out_fraction}"
+            )
         return self
 
     @property
@@ -72,8 +75,13 @@ def _train_attrs(rng, spec):
             return a
 
 
-def build_synthetic(spec: Optional[SyntheticSpec] = None, path: Optional[str] = None, *,
-                    cache_dir: Optional[str] = None, verbose: bool = False) -> str:
+def build_synthetic(
+    spec: Optional[SyntheticSpec] = None,
+    path: Optional[str] = None,
+    *,
+    cache_dir: Optional[str] = None,
+    verbose: bool = False,
+) -> str:
     """Write (or reuse) the synthetic training set; returns its directory."""
     spec = (spec or SyntheticSpec()).validate()
     cache_dir = cache_dir or default_cache_dir()
@@ -92,9 +100,20 @@ def build_synthetic(spec: Optional[SyntheticSpec] = None, path: Optional[str] = 
     rng = np.random.default_rng(spec.seed)
     tmp = path + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    w = ShardWriter(tmp, image_tokens=spec.grid ** 2, codebook_size=spec.num_codes, text_vocab_size=len(tok),
-                    meta={"source": "unif2ace synthetic faces", "key": key, "spec": spec.__dict__,
-                          "tokenizer": json.loads(tok.to_json()), "image_size": spec.size, "patch": spec.patch})
+    w = ShardWriter(
+        tmp,
+        image_tokens=spec.grid**2,
+        codebook_size=spec.num_codes,
+        text_vocab_size=len(tok),
+        meta={
+            "source": "unif2ace synthetic faces",
+            "key": key,
+            "spec": spec.__dict__,
+            "tokenizer": json.loads(tok.to_json()),
+            "image_size": spec.size,
+            "patch": spec.patch,
+        },
+    )
     if verbose:
         print(f"rendering and tokenizing {spec.num_images} synthetic faces ...")
     chunk = 512

@@ -7,6 +7,7 @@ codebook entry (k-means centroids in RGB space), giving a ``(H/p) x (W/p)`` code
 pastes the centroids back. :func:`fitted_vq` fits it with k-means on renders of the synthetic set
 and caches the codebook under ``.cache/`` (keyed by every fitting parameter).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,8 +60,9 @@ class PatchVQ:
     def __init__(self, codebook: np.ndarray, patch: int):
         codebook = np.asarray(codebook, dtype=np.float32)
         if codebook.ndim != 2 or codebook.shape[1] != patch * patch * 3:
-            raise ValueError(f"PatchVQ: codebook must be [K, {patch * patch * 3}] for patch={patch}, "
-                             f"got {list(codebook.shape)}")
+            raise ValueError(
+                f"PatchVQ: codebook must be [K, {patch * patch * 3}] for patch={patch}, got {list(codebook.shape)}"
+            )
         self.codebook = codebook
         self.patch = patch
 
@@ -75,7 +77,9 @@ class PatchVQ:
         N, H, W, C = images.shape
         p = self.patch
         if C != 3 or H % p or W % p:
-            raise ValueError(f"PatchVQ: images must be [N, H, W, 3] with H, W multiples of {p}, got {list(images.shape)}")
+            raise ValueError(
+                f"PatchVQ: images must be [N, H, W, 3] with H, W multiples of {p}, got {list(images.shape)}"
+            )
         x = images.reshape(N, H // p, p, W // p, p, 3).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(N, (H // p) * (W // p), p * p * 3).astype(np.float32)
 
@@ -93,7 +97,7 @@ class PatchVQ:
         if codes.ndim == 1:
             codes = codes[None]
         N, L = codes.shape
-        g = grid or int(round(L ** 0.5))
+        g = grid or int(round(L**0.5))
         if g * g != L:
             raise ValueError(f"PatchVQ.decode: {L} codes do not form a square grid")
         if codes.min() < 0 or codes.max() >= self.num_codes:
@@ -119,7 +123,11 @@ class PatchVQ:
         d2 = ((X - X[idx[0]]) ** 2).sum(1)
         for _ in range(1, K):
             p = (d2 * w).clamp_min(0)
-            j = int(torch.multinomial(p / p.sum(), 1, generator=g)) if float(p.sum()) > 0 else int(torch.randint(len(X), (1,), generator=g))
+            j = (
+                int(torch.multinomial(p / p.sum(), 1, generator=g))
+                if float(p.sum()) > 0
+                else int(torch.randint(len(X), (1,), generator=g))
+            )
             idx.append(j)
             d2 = torch.minimum(d2, ((X - X[j]) ** 2).sum(1))
         C = X[idx].clone()
@@ -159,8 +167,16 @@ def default_cache_dir() -> str:
     return os.path.join(base, ".cache", "unif2ace")
 
 
-def fitted_vq(num_codes: int = 64, patch: int = 4, *, size: int = 32, num_images: int = 1500, seed: int = 0,
-              cache_dir: Optional[str] = None, verbose: bool = False) -> PatchVQ:
+def fitted_vq(
+    num_codes: int = 64,
+    patch: int = 4,
+    *,
+    size: int = 32,
+    num_images: int = 1500,
+    seed: int = 0,
+    cache_dir: Optional[str] = None,
+    verbose: bool = False,
+) -> PatchVQ:
     """The synthetic set's patch VQ: fitted on ``num_images`` renders on first use, then loaded from
     the cache file (the file name hashes every parameter and the renderer's source)."""
     from . import faces

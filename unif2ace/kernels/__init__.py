@@ -10,6 +10,7 @@ Families (one module each; reference oracles under ``reference/``, Triton kernel
 Backends are picked per call from the tensors' device and what was built; force one with the
 ``backend=`` argument, :func:`use_backend`, or ``UNIF2ACE_BACKEND`` (see ``_dispatch``).
 """
+
 from ._dispatch import (  # noqa: F401
     BACKENDS,
     BackendUnavailableError,

@@ -23,12 +23,14 @@ Choosing a backend, strongest first:
 A backend asked for by name that cannot run (not built, no kernel for this op, wrong device)
 raises :class:`BackendUnavailableError` saying why; automatic selection falls back quietly.
 """
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 import os
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
@@ -42,9 +44,7 @@ class BackendUnavailableError(RuntimeError):
     """A backend was requested by name but cannot run this op here."""
 
 
-_OVERRIDE: contextvars.ContextVar[Dict[str, str]] = contextvars.ContextVar(
-    "unif2ace_backend_override", default={}
-)
+_OVERRIDE: contextvars.ContextVar[Dict[str, str]] = contextvars.ContextVar("unif2ace_backend_override", default=None)
 
 OPS: Dict[str, "Op"] = {}
 
@@ -89,7 +89,7 @@ def use_backend(default: Optional[str] = None, **per_op: str) -> Iterator[None]:
     ``use_backend("reference")`` forces every op; ``use_backend(d3diff_loss="triton")`` forces one
     op; both can be combined (per-op names win). Nested blocks override outer ones.
     """
-    spec = dict(_OVERRIDE.get())
+    spec = dict(_OVERRIDE.get() or {})
     if default is not None:
         spec["*"] = _check_backend_name(default, "use_backend")
     for op, be in per_op.items():
@@ -137,40 +137,75 @@ def backend_usable(backend: str, device: torch.device) -> Tuple[bool, str]:
 
 
 class Op:
-    """One public op: its registered implementations and automatic backend order."""
+    """One public op, as data: its name, the stem of its kernel files, the backends that implement
+    it and the order in which they are tried automatically per device.
 
-    def __init__(self, name: str, *, cpu_order=("cpu",), cuda_order=("triton", "cuda"), doc: str = ""):
+    One idiom for every op and backend: the implementation of op ``name`` on backend ``b`` is the
+    module ``unif2ace.kernels.<b>.<stem>`` (``reference/``, ``cpu/``, ``triton/``, ``cuda/``), which
+    defines the functions named in ``entry_points`` (for the fast backends) -- e.g.
+    ``unif2ace.kernels.cpu.moe_gating.moe_gating_backward``. :meth:`kernels` imports that module on
+    first use, so importing unif2ace imports neither triton nor the extensions. The stem is the
+    same in every layer: ``csrc/cpu/<stem>.cpp``, ``csrc/cuda/<stem>.cu``, ``tests/test_<stem>.py``,
+    ``benchmarks/cases/<stem>.py``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        stem: Optional[str] = None,  # TRANSITIONAL (issue 15): required once every family is migrated
+        backends: Sequence[str] = (),
+        entry_points: Sequence[str] = (),
+        cpu_order: Sequence[str] = ("cpu",),
+        cuda_order: Sequence[str] = ("triton", "cuda"),
+        doc: str = "",
+    ):
         if name in OPS:
             raise RuntimeError(f"op {name!r} registered twice")
+        for b in backends:
+            _check_backend_name(b, f"Op({name!r}, backends=...)")
         self.name = name
+        self.stem = stem
+        self.backends: Tuple[str, ...] = tuple(backends)
+        self.entry_points: Tuple[str, ...] = tuple(entry_points)
         self.cpu_order = tuple(cpu_order)
         self.cuda_order = tuple(cuda_order)
         self.doc = doc
-        self.impls: Dict[str, object] = {}
+        self.impls: Dict[str, object] = {}  # TRANSITIONAL (issue 15): legacy register()/impl()
         OPS[name] = self
 
-    def register(self, backend: str, impl: object = None):
-        """Register ``impl`` (a function or a namespace of functions) for ``backend``.
-
-        Usable as ``op.register("cpu", fn)`` or as a decorator ``@op.register("cpu")``.
-        """
-        _check_backend_name(backend, f"{self.name}.register")
-
+    def register(self, backend: str, impl: object = None):  # TRANSITIONAL (issue 15)
         def deco(fn):
             self.impls[backend] = fn
+            if backend not in self.backends:
+                self.backends = self.backends + (backend,)
             return fn
 
         return deco(impl) if impl is not None else deco
 
-    def impl(self, backend: str):
+    def impl(self, backend: str):  # TRANSITIONAL (issue 15)
         try:
             return self.impls[backend]
         except KeyError:
             raise BackendUnavailableError(f"{self.name}: no {backend!r} implementation") from None
 
+    def module_name(self, backend: str) -> str:
+        return f"{__package__}.{backend}.{self.stem}"
+
+    def kernels(self, backend: str):
+        """The module implementing this op on ``backend`` (imported on first use)."""
+        if backend not in self.backends:
+            raise BackendUnavailableError(f"{self.name}: no {backend!r} implementation")
+        mod = importlib.import_module(self.module_name(backend))
+        if backend != "reference":
+            missing = [f for f in self.entry_points if not callable(getattr(mod, f, None))]
+            if missing:
+                raise RuntimeError(f"{self.module_name(backend)} lacks the entry points {missing} of op {self.name}")
+        return mod
+
     def availability(self, backend: str, device: torch.device) -> Tuple[bool, str]:
-        if backend not in self.impls:
-            have = ", ".join(b for b in BACKENDS if b in self.impls)
+        if backend not in self.backends:
+            have = ", ".join(b for b in BACKENDS if b in self.backends)
             return False, f"op {self.name} has no {backend!r} kernel (implemented: {have})"
         return backend_usable(backend, device)
 
@@ -190,7 +225,7 @@ class Op:
             source = "the backend= argument"
             _check_backend_name(backend, f"{self.name}(backend=...)")
         else:
-            for spec, where in ((_OVERRIDE.get(), "use_backend()"), (_env_spec(), ENV_VAR)):
+            for spec, where in ((_OVERRIDE.get() or {}, "use_backend()"), (_env_spec(), ENV_VAR)):
                 be = spec.get(self.name, spec.get("*"))
                 if be is not None:
                     backend, source = be, where
@@ -225,4 +260,3 @@ def device_of(*tensors) -> torch.device:
 
 def registered_ops() -> Dict[str, Op]:
     return dict(OPS)
-

@@ -6,6 +6,7 @@ importing them is all the loading there is. A missing extension is reported, nev
 import: the ops that need it raise :class:`~unif2ace.kernels.BackendUnavailableError` when it is
 requested by name, and automatic selection skips it.
 """
+
 from __future__ import annotations
 
 import functools

@@ -6,10 +6,14 @@ ranges such as ``0 <= target < V``) need to read the tensor, which is a host syn
 by default, are skipped while ``torch.compile`` traces, and can be switched off for sync-free
 production use (CUDA graphs) with ``UNIF2ACE_CHECK_VALUES=0`` or :func:`set_value_checks`.
 """
+
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import os
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 
@@ -61,9 +65,7 @@ def check_tensor(
             want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
             raise ValueError(f"{op}: argument '{name}' must have shape {want}, got {list(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
-        raise TypeError(
-            f"{op}: argument '{name}' must have dtype in ({_dtype_names(dtypes)}), got {t.dtype}"
-        )
+        raise TypeError(f"{op}: argument '{name}' must have dtype in ({_dtype_names(dtypes)}), got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{op}: argument '{name}' must be on {device}, got {t.device}")
     return t
@@ -85,9 +87,7 @@ def check_same_device(op: str, **tensors) -> torch.device:
     return dev if dev is not None else torch.device("cpu")
 
 
-def check_range(
-    op: str, name: str, t: torch.Tensor, low: int, high: int, *, allow: Optional[int] = None
-) -> None:
+def check_range(op: str, name: str, t: torch.Tensor, low: int, high: int, *, allow: Optional[int] = None) -> None:
     """Value check: every element in [low, high) (elements equal to ``allow`` are exempt)."""
     if not value_checks_enabled() or t.numel() == 0:
         return
@@ -102,9 +102,7 @@ def check_range(
         )
 
 
-def check_float_range(
-    op: str, name: str, t: torch.Tensor, low: float, high: float, *, low_open: bool = False
-) -> None:
+def check_float_range(op: str, name: str, t: torch.Tensor, low: float, high: float, *, low_open: bool = False) -> None:
     """Value check for float tensors: low <= t <= high (low < t when ``low_open``); no NaN."""
     if not value_checks_enabled() or t.numel() == 0:
         return
@@ -121,3 +119,69 @@ def check_float_range(
 def check_choice(op: str, name: str, value, choices: Sequence) -> None:
     if value not in choices:
         raise ValueError(f"{op}: argument '{name}' must be one of {list(choices)}, got {value!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# scalar arguments. One rule for every op: an integer argument is anything ``operator.index``
+# accepts (Python ints, numpy integer scalars) except bool; a real argument is a
+# ``numbers.Real`` (Python / numpy floats and ints) except bool and tensors.
+
+
+def check_int(op: str, name: str, v, *, low: Optional[int] = None, high: Optional[int] = None) -> int:
+    """An integer argument in ``[low, high)``; returns it as a Python int."""
+    if isinstance(v, bool):
+        raise TypeError(f"{op}: argument '{name}' must be an int, got bool")
+    try:
+        iv = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{op}: argument '{name}' must be an int, got {type(v).__name__}") from None
+    if (low is not None and iv < low) or (high is not None and iv >= high):
+        lo = "-inf" if low is None else str(low)
+        hi = "inf" if high is None else str(high)
+        raise ValueError(f"{op}: argument '{name}' must be in [{lo}, {hi}), got {iv}")
+    return iv
+
+
+def check_real(
+    op: str,
+    name: str,
+    v,
+    *,
+    low: Optional[float] = None,
+    low_open: bool = False,
+    high: Optional[float] = None,
+) -> float:
+    """A finite real argument with optional bounds (``low < v`` when ``low_open``, ``v <= high``)."""
+    if isinstance(v, (bool, torch.Tensor)) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{op}: argument '{name}' must be a real number, got {type(v).__name__}")
+    fv = float(v)
+    bad = not math.isfinite(fv)
+    if low is not None:
+        bad = bad or (fv <= low if low_open else fv < low)
+    if high is not None:
+        bad = bad or fv > high
+    if bad:
+        lb = "(" if low_open else "["
+        rng = f"{lb}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ValueError(f"{op}: argument '{name}' must be a finite number in {rng}, got {v!r}")
+    return fv
+
+
+def check_bool(op: str, name: str, v) -> bool:
+    """A bool argument (Python or numpy bool); strings such as ``"no"`` are rejected."""
+    if isinstance(v, bool) or type(v).__name__ == "bool_":
+        return bool(v)
+    raise TypeError(f"{op}: argument '{name}' must be a bool, got {type(v).__name__} {v!r}")
+
+
+def check_int_list(op: str, name: str, v, *, low: Optional[int] = None) -> List[int]:
+    """A non-empty list/tuple of integer arguments, each ``>= low``."""
+    if isinstance(v, torch.Tensor) or not isinstance(v, (list, tuple)) or not v:
+        raise TypeError(f"{op}: argument '{name}' must be a non-empty list of ints, got {v!r}")
+    out = []
+    for i, x in enumerate(v):
+        try:
+            out.append(check_int(op, f"{name}[{i}]", x, low=low))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{e} (in {name}={list(v)!r})") from None
+    return out

@@ -7,8 +7,9 @@ Public ops:
 - :func:`d3diff_loss` -- fused with the LM head (``logits = hidden @ weight.T + bias``);
   backends ``reference``, ``triton`` (vocabulary-tiled: logit tiles live only on chip, online
   log-sum-exp, ignored rows skipped via an on-device row order, backward recomputes tiles with
-  deterministic fp32 accumulation of dW; auto-selected on CUDA) and ``cpu`` (row-chunked: a chunk GEMM, then the C++ row kernel, so peak
-  extra memory is O(chunk × V), never [N, V]; with reduction mean/sum and a gradient needed, each
+  deterministic fp32 accumulation of dW; auto-selected on CUDA) and ``cpu`` (row-chunked: a
+  chunk GEMM, then the C++ row kernel, so peak extra memory is O(chunk × V), never [N, V]; with
+  reduction mean/sum and a gradient needed, each
   chunk's gradient is computed and accumulated during the forward (3 GEMMs per chunk, none in the
   backward); otherwise the backward recomputes each chunk's logits).
 
@@ -26,6 +27,7 @@ so α, the parametrisation, the reduction and any upstream gradient fold in by t
 (the model-spec's ``a·LSE + b·exp(LSE − c) − g·ℓ_t + k`` form). The reference backend computes
 SEDD's explicit score-vector form instead (:mod:`unif2ace.kernels.reference.d3diff`).
 """
+
 from __future__ import annotations
 
 import math
@@ -76,11 +78,15 @@ class D3DiffOutput(NamedTuple):
 
 
 OP_FROM_LOGITS = Op(
-    "d3diff_loss_from_logits", cpu_order=("cpu",), cuda_order=("triton", "cuda"),
+    "d3diff_loss_from_logits",
+    cpu_order=("cpu",),
+    cuda_order=("triton", "cuda"),
     doc="D3Diff loss (masked CE + SEDD score entropy) from logits",
 )
 OP_FUSED = Op(
-    "d3diff_loss", cpu_order=("cpu",), cuda_order=("triton",),
+    "d3diff_loss",
+    cpu_order=("cpu",),
+    cuda_order=("triton",),
     doc="D3Diff loss fused with the LM head (hidden @ weight.T + bias)",
 )
 
@@ -226,8 +232,12 @@ def _cpu_head_lse_gather_backward(hidden, weight, bias, target, lse, grad_lse, g
     for rows in chunks:
         h, g = _cpu_chunk_logits(hidden, w32, b32, rows, buf)
         _ext.cpu_ops().lse_gather_backward_(  # g := dlogits, in place
-            g, target.index_select(0, rows), lse.index_select(0, rows),
-            grad_lse.index_select(0, rows), grad_tgt.index_select(0, rows), ignore_index,
+            g,
+            target.index_select(0, rows),
+            lse.index_select(0, rows),
+            grad_lse.index_select(0, rows),
+            grad_tgt.index_select(0, rows),
+            ignore_index,
         )
         g_hidden.index_copy_(0, rows, g @ w32)
         g_weight.addmm_(g.t(), h)
@@ -282,8 +292,16 @@ def _(hidden, weight, bias, target, ignore_index, chunk, backend):
 
 @torch.library.custom_op("unif2ace::head_lse_gather_backward", mutates_args=())
 def _head_lse_gather_backward_op(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, lse: Tensor, grad_lse: Tensor,
-    grad_tgt: Tensor, ignore_index: int, chunk: int, backend: str,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    target: Tensor,
+    lse: Tensor,
+    grad_lse: Tensor,
+    grad_tgt: Tensor,
+    ignore_index: int,
+    chunk: int,
+    backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_hidden, grad_weight, grad_bias) in the inputs' dtypes; grad_bias is empty without bias."""
     return OP_FUSED.impl(backend).head_lse_gather_backward(
@@ -342,6 +360,7 @@ def _loss_row_coefficients(mask_rate, mask_rate_deriv, V, alpha, parametrization
 
     wm = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
     if mask_rate is None or alpha == 0.0:
+
         def coef(lse, tgt, samples):
             return torch.full_like(lse, wm), torch.full_like(tgt, -wm)
 
@@ -372,8 +391,22 @@ def _loss_row_coefficients(mask_rate, mask_rate_deriv, V, alpha, parametrization
     return coef
 
 
-def _cpu_head_eager_grad(hidden, weight, bias, target, sample_rows, mask_rate, mask_rate_deriv, alpha,
-                         parametrization, reduction, ignore_index, chunk, need_hidden, need_weight):
+def _cpu_head_eager_grad(
+    hidden,
+    weight,
+    bias,
+    target,
+    sample_rows,
+    mask_rate,
+    mask_rate_deriv,
+    alpha,
+    parametrization,
+    reduction,
+    ignore_index,
+    chunk,
+    need_hidden,
+    need_weight,
+):
     n, D = hidden.shape
     V = weight.shape[0]
     ops = _ext.cpu_ops()
@@ -409,26 +442,72 @@ def _cpu_head_eager_grad(hidden, weight, bias, target, sample_rows, mask_rate, m
 
 @torch.library.custom_op("unif2ace::head_lse_gather_eager_grad", mutates_args=())
 def _head_eager_grad_op(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, sample_rows: Optional[Tensor],
-    mask_rate: Optional[Tensor], mask_rate_deriv: Optional[Tensor], alpha: float, parametrization: str,
-    reduction: str, ignore_index: int, chunk: int, need_hidden: bool, need_weight: bool, backend: str,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    target: Tensor,
+    sample_rows: Optional[Tensor],
+    mask_rate: Optional[Tensor],
+    mask_rate_deriv: Optional[Tensor],
+    alpha: float,
+    parametrization: str,
+    reduction: str,
+    ignore_index: int,
+    chunk: int,
+    need_hidden: bool,
+    need_weight: bool,
+    backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(lse, tgt, dloss/dhidden, dloss/dweight, dloss/dbias): all fp32; the gradients of the
     ``loss`` output (reduction mean/sum, upstream 1), [0, D] / [0] where not needed / no bias."""
     if backend != "cpu":
         raise NotImplementedError(f"head_lse_gather_eager_grad: no {backend!r} implementation")
-    return _cpu_head_eager_grad(hidden, weight, bias, target, sample_rows, mask_rate, mask_rate_deriv, alpha,
-                                parametrization, reduction, ignore_index, chunk, need_hidden, need_weight)
+    return _cpu_head_eager_grad(
+        hidden,
+        weight,
+        bias,
+        target,
+        sample_rows,
+        mask_rate,
+        mask_rate_deriv,
+        alpha,
+        parametrization,
+        reduction,
+        ignore_index,
+        chunk,
+        need_hidden,
+        need_weight,
+    )
 
 
 @_head_eager_grad_op.register_fake
-def _(hidden, weight, bias, target, sample_rows, mask_rate, mask_rate_deriv, alpha, parametrization, reduction,
-      ignore_index, chunk, need_hidden, need_weight, backend):
+def _(
+    hidden,
+    weight,
+    bias,
+    target,
+    sample_rows,
+    mask_rate,
+    mask_rate_deriv,
+    alpha,
+    parametrization,
+    reduction,
+    ignore_index,
+    chunk,
+    need_hidden,
+    need_weight,
+    backend,
+):
     n, D = hidden.shape
     V = weight.shape[0]
     f32 = dict(dtype=torch.float32)
-    return (hidden.new_empty(n, **f32), hidden.new_empty(n, **f32), hidden.new_empty(n if need_hidden else 0, D, **f32),
-            hidden.new_empty(V if need_weight else 0, D, **f32), hidden.new_empty(V if bias is not None else 0, **f32))
+    return (
+        hidden.new_empty(n, **f32),
+        hidden.new_empty(n, **f32),
+        hidden.new_empty(n if need_hidden else 0, D, **f32),
+        hidden.new_empty(V if need_weight else 0, D, **f32),
+        hidden.new_empty(V if bias is not None else 0, **f32),
+    )
 
 
 @torch.library.custom_op("unif2ace::head_grad_anchor", mutates_args=())
@@ -464,8 +543,15 @@ _head_grad_anchor_op.register_autograd(_anchor_bwd, setup_context=_anchor_setup)
 
 @torch.library.custom_op("unif2ace::head_lse_gather_attach", mutates_args=())
 def _head_attach_op(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, lse: Tensor, tgt: Tensor,
-    ignore_index: int, chunk: int, backend: str,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    target: Tensor,
+    lse: Tensor,
+    tgt: Tensor,
+    ignore_index: int,
+    chunk: int,
+    backend: str,
 ) -> Tuple[Tensor, Tensor]:
     """Copies of (lse, tgt), differentiable w.r.t. hidden/weight/bias (backward: head_lse_gather_backward)."""
     return lse.clone(), tgt.clone()
@@ -491,23 +577,67 @@ _head_attach_op.register_autograd(_attach_bwd, setup_context=_attach_setup)
 
 
 def _use_eager_grad(be, reduction, hidden, weight, bias) -> bool:
-    return (FUSED_EAGER_GRAD and be == "cpu" and reduction != "none" and torch.is_grad_enabled()
-            and any(x is not None and x.requires_grad for x in (hidden, weight, bias)))
+    return (
+        FUSED_EAGER_GRAD
+        and be == "cpu"
+        and reduction != "none"
+        and torch.is_grad_enabled()
+        and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+    )
 
 
-def _head_eager_loss(h2, weight, bias, t, sample_rows, *, V, out_shape, backend, mask_rate, mask_rate_deriv,
-                     alpha, parametrization, reduction, ignore_index) -> D3DiffOutput:
+def _head_eager_loss(
+    h2,
+    weight,
+    bias,
+    t,
+    sample_rows,
+    *,
+    V,
+    out_shape,
+    backend,
+    mask_rate,
+    mask_rate_deriv,
+    alpha,
+    parametrization,
+    reduction,
+    ignore_index,
+) -> D3DiffOutput:
     def det(x):
         return None if x is None else x.detach()
 
     lse, tgt, gh, gw, gb = _head_eager_grad_op(
-        h2.detach(), weight.detach(), det(bias), t, sample_rows, det(mask_rate), det(mask_rate_deriv), float(alpha),
-        parametrization, reduction, ignore_index, FUSED_CHUNK_ROWS, h2.requires_grad, weight.requires_grad, backend,
+        h2.detach(),
+        weight.detach(),
+        det(bias),
+        t,
+        sample_rows,
+        det(mask_rate),
+        det(mask_rate_deriv),
+        float(alpha),
+        parametrization,
+        reduction,
+        ignore_index,
+        FUSED_CHUNK_ROWS,
+        h2.requires_grad,
+        weight.requires_grad,
+        backend,
     )
     lse, tgt = _head_attach_op(h2, weight, bias, t, lse, tgt, ignore_index, FUSED_CHUNK_ROWS, backend)
-    out = _assemble(lse, tgt, t, sample_rows, mask_rate, mask_rate_deriv, V=V, alpha=alpha,
-                    parametrization=parametrization, reduction=reduction, ignore_index=ignore_index,
-                    out_shape=out_shape)
+    out = _assemble(
+        lse,
+        tgt,
+        t,
+        sample_rows,
+        mask_rate,
+        mask_rate_deriv,
+        V=V,
+        alpha=alpha,
+        parametrization=parametrization,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        out_shape=out_shape,
+    )
     loss = out.loss.detach() + _head_grad_anchor_op(h2, weight, bias, gh, gw, gb)
     return D3DiffOutput(loss, out.mask_loss, out.score_loss)
 
@@ -517,8 +647,18 @@ def _head_eager_loss(h2, weight, bias, t, sample_rows, *, V, out_shape, backend,
 
 
 def _validate(
-    op: str, V: int, lead: Tuple[int, ...], device, target, sample_index, mask_rate, mask_rate_deriv,
-    alpha, parametrization, reduction, ignore_index,
+    op: str,
+    V: int,
+    lead: Tuple[int, ...],
+    device,
+    target,
+    sample_index,
+    mask_rate,
+    mask_rate_deriv,
+    alpha,
+    parametrization,
+    reduction,
+    ignore_index,
 ):
     """Common checks; ``lead`` is logits.shape[:-1] ([N] or [B, L]). Returns the number of samples B."""
     check_choice(op, "parametrization", parametrization, PARAMETRIZATIONS)
@@ -528,10 +668,13 @@ def _validate(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: argument 'ignore_index' must be an int, got {ignore_index!r}")
     check_tensor(op, "target", target, dtypes=INT_DTYPES, shape=list(lead))
-    check_same_device(op, target=target, sample_index=sample_index, mask_rate=mask_rate,
-                      mask_rate_deriv=mask_rate_deriv)
+    check_same_device(
+        op, target=target, sample_index=sample_index, mask_rate=mask_rate, mask_rate_deriv=mask_rate_deriv
+    )
     if target.device != device:
-        raise ValueError(f"{op}: all tensors must be on one device; the inputs are on {device} but 'target' is on {target.device}")
+        raise ValueError(
+            f"{op}: all tensors must be on one device; the inputs are on {device} but 'target' is on {target.device}"
+        )
     if (mask_rate is None) != (mask_rate_deriv is None):
         given, missing = ("mask_rate", "mask_rate_deriv") if mask_rate is not None else ("mask_rate_deriv", "mask_rate")
         raise ValueError(f"{op}: argument '{missing}' is required when '{given}' is given")
@@ -571,8 +714,18 @@ def _validate(
 
 
 def _assemble(
-    lse: Tensor, tgt: Tensor, target: Tensor, sample_index: Optional[Tensor], mask_rate, mask_rate_deriv,
-    V: int, alpha: float, parametrization: str, reduction: str, ignore_index: int, out_shape,
+    lse: Tensor,
+    tgt: Tensor,
+    target: Tensor,
+    sample_index: Optional[Tensor],
+    mask_rate,
+    mask_rate_deriv,
+    V: int,
+    alpha: float,
+    parametrization: str,
+    reduction: str,
+    ignore_index: int,
+    out_shape,
 ) -> D3DiffOutput:
     """Closed-form D3Diff loss from per-row lse/tgt (fp32 [N]); differentiable through lse, tgt."""
     valid = target != ignore_index
@@ -669,17 +822,34 @@ def d3diff_loss_from_logits(
     if V < 1:
         raise ValueError(f"{op}: argument 'logits' must have V >= 1 columns, got shape {list(logits.shape)}")
     lead = tuple(logits.shape[:-1])
-    _validate(op, V, lead, logits.device, target, sample_index, mask_rate, mask_rate_deriv, alpha,
-              parametrization, reduction, ignore_index)
+    _validate(
+        op,
+        V,
+        lead,
+        logits.device,
+        target,
+        sample_index,
+        mask_rate,
+        mask_rate_deriv,
+        alpha,
+        parametrization,
+        reduction,
+        ignore_index,
+    )
     be = OP_FROM_LOGITS.select(device_of(logits), backend)
-    kw = dict(mask_rate=mask_rate, mask_rate_deriv=mask_rate_deriv, alpha=alpha,
-              parametrization=parametrization, reduction=reduction, ignore_index=ignore_index)
+    kw = dict(
+        mask_rate=mask_rate,
+        mask_rate_deriv=mask_rate_deriv,
+        alpha=alpha,
+        parametrization=parametrization,
+        reduction=reduction,
+        ignore_index=ignore_index,
+    )
     if be == "reference":
         return D3DiffOutput(*d3diff_loss_from_logits_ref(logits, target, sample_index=sample_index, **kw))
     t = target.reshape(-1).long()
     lse, tgt = _lse_gather_op(logits.reshape(-1, V), t, ignore_index, be)
-    return _assemble(lse, tgt, t, _sample_rows(lead, sample_index, logits.device), V=V,
-                     out_shape=target.shape, **kw)
+    return _assemble(lse, tgt, t, _sample_rows(lead, sample_index, logits.device), V=V, out_shape=target.shape, **kw)
 
 
 def d3diff_loss(
@@ -725,17 +895,43 @@ def d3diff_loss(
             raise TypeError(f"{op}: argument 'bias' must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
     check_same_device(op, hidden=hidden, weight=weight, bias=bias)
     lead = tuple(hidden.shape[:-1])
-    _validate(op, V, lead, hidden.device, target, sample_index, mask_rate, mask_rate_deriv, alpha,
-              parametrization, reduction, ignore_index)
+    _validate(
+        op,
+        V,
+        lead,
+        hidden.device,
+        target,
+        sample_index,
+        mask_rate,
+        mask_rate_deriv,
+        alpha,
+        parametrization,
+        reduction,
+        ignore_index,
+    )
     be = OP_FUSED.select(device_of(hidden), backend)
-    kw = dict(mask_rate=mask_rate, mask_rate_deriv=mask_rate_deriv, alpha=alpha,
-              parametrization=parametrization, reduction=reduction, ignore_index=ignore_index)
+    kw = dict(
+        mask_rate=mask_rate,
+        mask_rate_deriv=mask_rate_deriv,
+        alpha=alpha,
+        parametrization=parametrization,
+        reduction=reduction,
+        ignore_index=ignore_index,
+    )
     if be == "reference":
         return D3DiffOutput(*d3diff_loss_ref(hidden, weight, target, bias=bias, sample_index=sample_index, **kw))
     t = target.reshape(-1).long()
     if _use_eager_grad(be, reduction, hidden, weight, bias):
-        return _head_eager_loss(hidden.reshape(-1, D), weight, bias, t, _sample_rows(lead, sample_index, hidden.device),
-                                V=V, out_shape=target.shape, backend=be, **kw)
+        return _head_eager_loss(
+            hidden.reshape(-1, D),
+            weight,
+            bias,
+            t,
+            _sample_rows(lead, sample_index, hidden.device),
+            V=V,
+            out_shape=target.shape,
+            backend=be,
+            **kw,
+        )
     lse, tgt = _head_lse_gather_op(hidden.reshape(-1, D), weight, bias, t, ignore_index, FUSED_CHUNK_ROWS, be)
-    return _assemble(lse, tgt, t, _sample_rows(lead, sample_index, hidden.device), V=V,
-                     out_shape=target.shape, **kw)
+    return _assemble(lse, tgt, t, _sample_rows(lead, sample_index, hidden.device), V=V, out_shape=target.shape, **kw)

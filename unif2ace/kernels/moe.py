@@ -19,6 +19,7 @@ semantics. Every non-reference backend runs through a ``torch.library`` custom o
 (``unif2ace::moe_*``) with a fake impl (and, for the differentiable ops, an autograd formula
 whose backward is itself a custom op), so calls work under ``torch.compile(fullgraph=True)``.
 """
+
 from __future__ import annotations
 
 import types
@@ -68,26 +69,48 @@ class MoEAlignment(NamedTuple):
     expert_counts: Tensor  # [E] int32 assignments per expert before padding
 
 
-MOE_GATING = Op("moe_gating", cpu_order=("cpu",), cuda_order=("triton", "cuda"),
-                doc="grouped top-k gating + per-group balance statistics")
-MOE_ALIGN = Op("moe_align", cpu_order=("cpu",), cuda_order=("cuda", "triton"),
-               doc="expert ids -> block-padded per-expert index lists")
-MOE_HISTOGRAM = Op("moe_expert_histogram", cpu_order=("cpu",), cuda_order=("cuda",),
-                   doc="assignments per expert")
-MOE_MLP = Op("moe_expert_mlp", cpu_order=("cpu",), cuda_order=("triton", "cuda"),
-             doc="routed expert MLPs combined with gates")
+MOE_GATING = Op(
+    "moe_gating",
+    cpu_order=("cpu",),
+    cuda_order=("triton", "cuda"),
+    doc="grouped top-k gating + per-group balance statistics",
+)
+MOE_ALIGN = Op(
+    "moe_align",
+    cpu_order=("cpu",),
+    cuda_order=("cuda", "triton"),
+    doc="expert ids -> block-padded per-expert index lists",
+)
+MOE_HISTOGRAM = Op("moe_expert_histogram", cpu_order=("cpu",), cuda_order=("cuda",), doc="assignments per expert")
+MOE_MLP = Op(
+    "moe_expert_mlp", cpu_order=("cpu",), cuda_order=("triton", "cuda"), doc="routed expert MLPs combined with gates"
+)
 
 
 # ------------------------------------------------------------------------------------------------
 # backend registrations
 
 
-MOE_GATING.register("reference", types.SimpleNamespace(forward=ref.moe_gating_ref, backward=ref.moe_gating_backward_ref))
-MOE_MLP.register("reference", types.SimpleNamespace(forward=ref.moe_expert_mlp_ref, backward=ref.moe_expert_mlp_backward_ref))
-MOE_GATING.register("cpu", types.SimpleNamespace(forward=lambda *a: tuple(_ext.cpu_ops().moe_gating(*a)),
-                                                 backward=lambda *a: _ext.cpu_ops().moe_gating_backward(*a)))
-MOE_MLP.register("cpu", types.SimpleNamespace(forward=lambda *a: _ext.cpu_ops().moe_expert_mlp(*a),
-                                              backward=lambda *a: tuple(_ext.cpu_ops().moe_expert_mlp_backward(*a))))
+MOE_GATING.register(
+    "reference", types.SimpleNamespace(forward=ref.moe_gating_ref, backward=ref.moe_gating_backward_ref)
+)
+MOE_MLP.register(
+    "reference", types.SimpleNamespace(forward=ref.moe_expert_mlp_ref, backward=ref.moe_expert_mlp_backward_ref)
+)
+MOE_GATING.register(
+    "cpu",
+    types.SimpleNamespace(
+        forward=lambda *a: tuple(_ext.cpu_ops().moe_gating(*a)),
+        backward=lambda *a: _ext.cpu_ops().moe_gating_backward(*a),
+    ),
+)
+MOE_MLP.register(
+    "cpu",
+    types.SimpleNamespace(
+        forward=lambda *a: _ext.cpu_ops().moe_expert_mlp(*a),
+        backward=lambda *a: tuple(_ext.cpu_ops().moe_expert_mlp_backward(*a)),
+    ),
+)
 
 MOE_HISTOGRAM.register("reference", ref.moe_expert_histogram_ref)
 MOE_HISTOGRAM.register("cpu", lambda ids, num_experts: _ext.cpu_ops().moe_expert_histogram(ids, num_experts))
@@ -111,10 +134,19 @@ def _triton_moe():
     return k
 
 
-MOE_GATING.register("triton", types.SimpleNamespace(forward=lambda *a: _triton_moe().gating_forward(*a),
-                                                    backward=lambda *a: _triton_moe().gating_backward(*a)))
-MOE_MLP.register("triton", types.SimpleNamespace(forward=lambda *a: _triton_moe().expert_mlp_forward(*a),
-                                                 backward=lambda *a: _triton_moe().expert_mlp_backward(*a)))
+MOE_GATING.register(
+    "triton",
+    types.SimpleNamespace(
+        forward=lambda *a: _triton_moe().gating_forward(*a), backward=lambda *a: _triton_moe().gating_backward(*a)
+    ),
+)
+MOE_MLP.register(
+    "triton",
+    types.SimpleNamespace(
+        forward=lambda *a: _triton_moe().expert_mlp_forward(*a),
+        backward=lambda *a: _triton_moe().expert_mlp_backward(*a),
+    ),
+)
 MOE_ALIGN.register("triton", lambda ids, e, bs: _triton_moe().align(ids, e, bs))
 
 
@@ -131,17 +163,30 @@ def _gating_cuda_forward(router_logits, group_ids, group_sizes, top_k, score, re
     # larger groups (or more than 255 groups) run the reference
     if not _gating_cuda_fits(group_sizes):
         return ref.moe_gating_ref(router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef)
-    return tuple(_ext.cuda_ops().moe_gating(router_logits, group_ids, group_sizes, top_k, score, renormalize,
-                                            balance_coef))
+    return tuple(
+        _ext.cuda_ops().moe_gating(router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef)
+    )
 
 
-def _gating_cuda_backward(grad_gates, grad_prob, grad_loss, router_logits, group_ids, group_sizes, top_k, score,
-                          renormalize, balance_coef):
+def _gating_cuda_backward(
+    grad_gates, grad_prob, grad_loss, router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef
+):
     if not _gating_cuda_fits(group_sizes):
-        return ref.moe_gating_backward_ref(grad_gates, grad_prob, grad_loss, router_logits, group_ids, group_sizes,
-                                           top_k, score, renormalize, balance_coef)
-    return _ext.cuda_ops().moe_gating_backward(grad_gates, grad_prob, grad_loss, router_logits, group_ids,
-                                               group_sizes, top_k, score, renormalize, balance_coef)
+        return ref.moe_gating_backward_ref(
+            grad_gates,
+            grad_prob,
+            grad_loss,
+            router_logits,
+            group_ids,
+            group_sizes,
+            top_k,
+            score,
+            renormalize,
+            balance_coef,
+        )
+    return _ext.cuda_ops().moe_gating_backward(
+        grad_gates, grad_prob, grad_loss, router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef
+    )
 
 
 MOE_GATING.register("cuda", types.SimpleNamespace(forward=_gating_cuda_forward, backward=_gating_cuda_backward))
@@ -162,7 +207,9 @@ def _(expert_ids, num_experts, backend):
 
 
 @torch.library.custom_op("unif2ace::moe_align", mutates_args=())
-def _align_op(expert_ids: Tensor, num_experts: int, block_size: int, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _align_op(
+    expert_ids: Tensor, num_experts: int, block_size: int, backend: str
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     return tuple(MOE_ALIGN.impl(backend)(expert_ids, num_experts, block_size))
 
 
@@ -171,15 +218,28 @@ def _(expert_ids, num_experts, block_size, backend):
     max_len = expert_ids.numel() + num_experts * (block_size - 1)
     max_blocks = (max_len + block_size - 1) // block_size
     e = expert_ids.new_empty
-    return (e((max_len,), dtype=torch.int32), e((max_blocks,), dtype=torch.int32), e((1,), dtype=torch.int32),
-            e((num_experts,), dtype=torch.int32))
+    return (
+        e((max_len,), dtype=torch.int32),
+        e((max_blocks,), dtype=torch.int32),
+        e((1,), dtype=torch.int32),
+        e((num_experts,), dtype=torch.int32),
+    )
 
 
 @torch.library.custom_op("unif2ace::moe_gating", mutates_args=())
-def _gating_op(router_logits: Tensor, group_ids: Tensor, group_sizes: List[int], top_k: int, score: str,
-               renormalize: bool, balance_coef: float, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    outs = MOE_GATING.impl(backend).forward(router_logits, group_ids, group_sizes, top_k, score, renormalize,
-                                            balance_coef)
+def _gating_op(
+    router_logits: Tensor,
+    group_ids: Tensor,
+    group_sizes: List[int],
+    top_k: int,
+    score: str,
+    renormalize: bool,
+    balance_coef: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    outs = MOE_GATING.impl(backend).forward(
+        router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef
+    )
     return tuple(o.detach().contiguous() for o in outs)
 
 
@@ -187,16 +247,32 @@ def _gating_op(router_logits: Tensor, group_ids: Tensor, group_sizes: List[int],
 def _(router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef, backend):
     T, E = router_logits.shape
     n = router_logits.new_empty
-    return (n((T, top_k), dtype=torch.int32), n((T, top_k), dtype=torch.float32), n((E,), dtype=torch.float32),
-            n((E,), dtype=torch.float32), n((len(group_sizes),), dtype=torch.float32))
+    return (
+        n((T, top_k), dtype=torch.int32),
+        n((T, top_k), dtype=torch.float32),
+        n((E,), dtype=torch.float32),
+        n((E,), dtype=torch.float32),
+        n((len(group_sizes),), dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("unif2ace::moe_gating_backward", mutates_args=())
-def _gating_bwd_op(grad_gates: Tensor, grad_prob: Tensor, grad_loss: Tensor, router_logits: Tensor,
-                   group_ids: Tensor, group_sizes: List[int], top_k: int, score: str, renormalize: bool,
-                   balance_coef: float, backend: str) -> Tensor:
-    return MOE_GATING.impl(backend).backward(grad_gates, grad_prob, grad_loss, router_logits, group_ids, group_sizes,
-                                             top_k, score, renormalize, balance_coef)
+def _gating_bwd_op(
+    grad_gates: Tensor,
+    grad_prob: Tensor,
+    grad_loss: Tensor,
+    router_logits: Tensor,
+    group_ids: Tensor,
+    group_sizes: List[int],
+    top_k: int,
+    score: str,
+    renormalize: bool,
+    balance_coef: float,
+    backend: str,
+) -> Tensor:
+    return MOE_GATING.impl(backend).backward(
+        grad_gates, grad_prob, grad_loss, router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef
+    )
 
 
 @_gating_bwd_op.register_fake
@@ -219,8 +295,9 @@ def _gating_backward(ctx, g_ids, g_gates, g_frac, g_prob, g_loss):
     g_gates = z((T, top_k), dtype=torch.float32) if g_gates is None else g_gates.float()
     g_prob = z((E,), dtype=torch.float32) if g_prob is None else g_prob.float()
     g_loss = z((len(group_sizes),), dtype=torch.float32) if g_loss is None else g_loss.float()
-    gz = _gating_bwd_op(g_gates, g_prob, g_loss, router_logits, group_ids, group_sizes, top_k, score, renormalize,
-                        balance_coef, backend)
+    gz = _gating_bwd_op(
+        g_gates, g_prob, g_loss, router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef, backend
+    )
     return gz, None, None, None, None, None, None, None
 
 
@@ -228,8 +305,17 @@ _gating_op.register_autograd(_gating_backward, setup_context=_gating_setup)
 
 
 @torch.library.custom_op("unif2ace::moe_expert_mlp", mutates_args=())
-def _mlp_op(x: Tensor, w1: Tensor, w2: Tensor, expert_ids: Tensor, gates: Tensor, b1: Optional[Tensor],
-            b2: Optional[Tensor], activation: str, backend: str) -> Tensor:
+def _mlp_op(
+    x: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    expert_ids: Tensor,
+    gates: Tensor,
+    b1: Optional[Tensor],
+    b2: Optional[Tensor],
+    activation: str,
+    backend: str,
+) -> Tensor:
     return MOE_MLP.impl(backend).forward(x, w1, w2, expert_ids, gates, b1, b2, activation).detach().contiguous()
 
 
@@ -239,8 +325,18 @@ def _(x, w1, w2, expert_ids, gates, b1, b2, activation, backend):
 
 
 @torch.library.custom_op("unif2ace::moe_expert_mlp_backward", mutates_args=())
-def _mlp_bwd_op(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, expert_ids: Tensor, gates: Tensor,
-                b1: Optional[Tensor], b2: Optional[Tensor], activation: str, backend: str) -> List[Tensor]:
+def _mlp_bwd_op(
+    grad_out: Tensor,
+    x: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    expert_ids: Tensor,
+    gates: Tensor,
+    b1: Optional[Tensor],
+    b2: Optional[Tensor],
+    activation: str,
+    backend: str,
+) -> List[Tensor]:
     grads = MOE_MLP.impl(backend).backward(grad_out, x, w1, w2, expert_ids, gates, b1, b2, activation)
     # a missing bias gets an empty placeholder (custom ops return no None)
     return [x.new_empty(0) if g is None else g.detach().contiguous() for g in grads]
@@ -248,8 +344,14 @@ def _mlp_bwd_op(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, expert_ids:
 
 @_mlp_bwd_op.register_fake
 def _(grad_out, x, w1, w2, expert_ids, gates, b1, b2, activation, backend):
-    return [torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w2), torch.empty_like(gates),
-            x.new_empty(0) if b1 is None else torch.empty_like(b1), x.new_empty(0) if b2 is None else torch.empty_like(b2)]
+    return [
+        torch.empty_like(x),
+        torch.empty_like(w1),
+        torch.empty_like(w2),
+        torch.empty_like(gates),
+        x.new_empty(0) if b1 is None else torch.empty_like(b1),
+        x.new_empty(0) if b2 is None else torch.empty_like(b2),
+    ]
 
 
 def _mlp_setup(ctx, inputs, output):
@@ -295,9 +397,7 @@ def _check_group_sizes(op: str, group_sizes, E_total: Optional[int], *, what: st
             raise ValueError(f"{op}: argument 'group_sizes' must hold ints >= 1, got {s!r} for group {g}")
         sizes.append(int(s))
     if E_total is not None and sum(sizes) != E_total:
-        raise ValueError(
-            f"{op}: sum(group_sizes) = {sum(sizes)} (group_sizes={sizes}) must equal {what} = {E_total}"
-        )
+        raise ValueError(f"{op}: sum(group_sizes) = {sum(sizes)} (group_sizes={sizes}) must equal {what} = {E_total}")
     return sizes
 
 
@@ -305,8 +405,10 @@ def _check_top_k(op: str, top_k, sizes: Sequence[int]) -> int:
     _check_int(op, "top_k", top_k, 1)
     for g, s in enumerate(sizes):
         if top_k > s:
-            raise ValueError(f"{op}: argument 'top_k'={top_k} exceeds the size of group {g} ({s} experts); "
-                             f"top_k must be <= every group size (group_sizes={list(sizes)})")
+            raise ValueError(
+                f"{op}: argument 'top_k'={top_k} exceeds the size of group {g} ({s} experts); "
+                f"top_k must be <= every group size (group_sizes={list(sizes)})"
+            )
     return top_k
 
 
@@ -491,9 +593,15 @@ def moe_shared_expert(
     ids = torch.zeros((T, 1), dtype=torch.int32, device=x.device)
     gates = torch.ones((T, 1), dtype=torch.float32, device=x.device)
     return moe_expert_mlp(
-        x, w1.unsqueeze(0), w2.unsqueeze(0), ids, gates,
-        b1=None if b1 is None else b1.unsqueeze(0), b2=None if b2 is None else b2.unsqueeze(0),
-        activation=activation, backend=backend,
+        x,
+        w1.unsqueeze(0),
+        w2.unsqueeze(0),
+        ids,
+        gates,
+        b1=None if b1 is None else b1.unsqueeze(0),
+        b2=None if b2 is None else b2.unsqueeze(0),
+        activation=activation,
+        backend=backend,
     )
 
 
@@ -535,11 +643,25 @@ def moe_sequence_gating(
     if router_bias is not None:
         check_tensor(op, "router_bias", router_bias, shape=(E_total,), dtypes=FLOAT_DTYPES)
     check_tensor(op, "group_ids", group_ids, shape=(B,), dtypes=INT_DTYPES)
-    check_same_device(op, hidden=hidden, valid_mask=valid_mask, router_weight=router_weight,
-                      router_bias=router_bias, group_ids=group_ids)
+    check_same_device(
+        op,
+        hidden=hidden,
+        valid_mask=valid_mask,
+        router_weight=router_weight,
+        router_bias=router_bias,
+        group_ids=group_ids,
+    )
     pooled = ref.masked_mean_pool_ref(hidden, valid_mask)
     logits = pooled @ router_weight.float().t()
     if router_bias is not None:
         logits = logits + router_bias.float()
-    return moe_gating(logits, group_ids, sizes, top_k, score=score, renormalize=renormalize,
-                      balance_coef=balance_coef, backend=backend)
+    return moe_gating(
+        logits,
+        group_ids,
+        sizes,
+        top_k,
+        score=score,
+        renormalize=renormalize,
+        balance_coef=balance_coef,
+        backend=backend,
+    )

@@ -16,8 +16,10 @@ The exact semantics are in :mod:`unif2ace.kernels.reference.sampling`.
 Backends: ``reference``; ``cpu`` (C++/OpenMP, csrc/cpu/sampling.cpp: bit-identical RNG, sampled
 codes equal to the reference's); ``triton`` and ``cuda`` (fused kernels,
 unif2ace/kernels/triton/sampling.py and csrc/cuda/sampling.cu) run behind the custom ops
-``unif2ace::masked_sample_step`` / ``unif2ace::ar_sample``, so they work under torch.compile. Inputs are checked at the boundary with errors naming the argument.
+``unif2ace::masked_sample_step`` / ``unif2ace::ar_sample``, so they work under torch.compile.
+Inputs are checked at the boundary with errors naming the argument.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,9 +74,24 @@ AR_SAMPLE.register("reference", _ref.ar_sample_ref)
 # cpu backend (csrc/cpu/sampling.cpp, torch.ops.unif2ace_cpu): host-side scalars here, the rest in C++
 
 
-def _cpu_masked_sample_step(cond_logits, tokens, is_masked, *, step, num_steps, seed, mask_token_id,
-                            uncond_logits=None, guidance_scale=0.0, temperature=1.0, confidence_noise=4.5,
-                            schedule="cosine", schedule_exponent=2.0, top_k=None, sample_ids=None):
+def _cpu_masked_sample_step(
+    cond_logits,
+    tokens,
+    is_masked,
+    *,
+    step,
+    num_steps,
+    seed,
+    mask_token_id,
+    uncond_logits=None,
+    guidance_scale=0.0,
+    temperature=1.0,
+    confidence_noise=4.5,
+    schedule="cosine",
+    schedule_exponent=2.0,
+    top_k=None,
+    sample_ids=None,
+):
     from . import _ext
 
     B, L, _ = cond_logits.shape
@@ -85,9 +102,23 @@ def _cpu_masked_sample_step(cond_logits, tokens, is_masked, *, step, num_steps, 
     # n = max(0, min(n_cap, masked_count - 1)) per row; n_cap = 0 at the last step
     n_cap = 0 if step == num_steps - 1 else max(num_to_keep_masked(L, step, num_steps, schedule, schedule_exponent), 1)
     tau = confidence_noise * (1.0 - (step + 1) / num_steps)  # float64 on the host, as the reference
-    return MaskedStepOutput(*_ext.cpu_ops().masked_sample_step(
-        cond_logits, unc, tokens.long(), is_masked, ids, seed & 0xFFFFFFFF, seed >> 32, float(guidance_scale),
-        float(temperature), float(tau), top_k or 0, n_cap, mask_token_id))
+    return MaskedStepOutput(
+        *_ext.cpu_ops().masked_sample_step(
+            cond_logits,
+            unc,
+            tokens.long(),
+            is_masked,
+            ids,
+            seed & 0xFFFFFFFF,
+            seed >> 32,
+            float(guidance_scale),
+            float(temperature),
+            float(tau),
+            top_k or 0,
+            n_cap,
+            mask_token_id,
+        )
+    )
 
 
 def _cpu_ar_sample(logits, *, seed, position, temperature=1.0, top_k=None, top_p=None, sample_ids=None):
@@ -99,8 +130,18 @@ def _cpu_ar_sample(logits, *, seed, position, temperature=1.0, top_k=None, top_p
         pos = position.long().expand(B).contiguous()
     else:
         pos = torch.full((B,), int(position), dtype=torch.int64, device=logits.device)
-    return ARSample(*_ext.cpu_ops().ar_sample(logits, ids, pos, seed & 0xFFFFFFFF, seed >> 32, float(temperature),
-                                              top_k or 0, 1.0 if top_p is None else float(top_p)))
+    return ARSample(
+        *_ext.cpu_ops().ar_sample(
+            logits,
+            ids,
+            pos,
+            seed & 0xFFFFFFFF,
+            seed >> 32,
+            float(temperature),
+            top_k or 0,
+            1.0 if top_p is None else float(top_p),
+        )
+    )
 
 
 MASKED_SAMPLE_STEP.register("cpu", _cpu_masked_sample_step)
@@ -148,39 +189,97 @@ AR_SAMPLE.register("cuda", _cuda_ar_sample)
 
 @torch.library.custom_op("unif2ace::masked_sample_step", mutates_args=())
 def _masked_sample_step_op(
-    cond_logits: Tensor, tokens: Tensor, is_masked: Tensor, uncond_logits: Optional[Tensor],
-    sample_ids: Optional[Tensor], step: int, num_steps: int, seed_lo: int, seed_hi: int, mask_token_id: int,
-    guidance_scale: float, temperature: float, confidence_noise: float, schedule: str,
-    schedule_exponent: float, top_k: Optional[int], backend: str,
+    cond_logits: Tensor,
+    tokens: Tensor,
+    is_masked: Tensor,
+    uncond_logits: Optional[Tensor],
+    sample_ids: Optional[Tensor],
+    step: int,
+    num_steps: int,
+    seed_lo: int,
+    seed_hi: int,
+    mask_token_id: int,
+    guidance_scale: float,
+    temperature: float,
+    confidence_noise: float,
+    schedule: str,
+    schedule_exponent: float,
+    top_k: Optional[int],
+    backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(tokens int64, is_masked bool, sampled int64, confidence fp32), all [B, L]."""
     out = MASKED_SAMPLE_STEP.impl(backend)(
-        cond_logits, tokens, is_masked, step=step, num_steps=num_steps, seed=(seed_hi << 32) | seed_lo,
-        mask_token_id=mask_token_id, uncond_logits=uncond_logits, guidance_scale=guidance_scale,
-        temperature=temperature, confidence_noise=confidence_noise, schedule=schedule,
-        schedule_exponent=schedule_exponent, top_k=top_k, sample_ids=sample_ids,
+        cond_logits,
+        tokens,
+        is_masked,
+        step=step,
+        num_steps=num_steps,
+        seed=(seed_hi << 32) | seed_lo,
+        mask_token_id=mask_token_id,
+        uncond_logits=uncond_logits,
+        guidance_scale=guidance_scale,
+        temperature=temperature,
+        confidence_noise=confidence_noise,
+        schedule=schedule,
+        schedule_exponent=schedule_exponent,
+        top_k=top_k,
+        sample_ids=sample_ids,
     )
     return tuple(out)
 
 
 @_masked_sample_step_op.register_fake
-def _(cond_logits, tokens, is_masked, uncond_logits, sample_ids, step, num_steps, seed_lo, seed_hi,
-      mask_token_id, guidance_scale, temperature, confidence_noise, schedule, schedule_exponent, top_k, backend):
+def _(
+    cond_logits,
+    tokens,
+    is_masked,
+    uncond_logits,
+    sample_ids,
+    step,
+    num_steps,
+    seed_lo,
+    seed_hi,
+    mask_token_id,
+    guidance_scale,
+    temperature,
+    confidence_noise,
+    schedule,
+    schedule_exponent,
+    top_k,
+    backend,
+):
     B, L = tokens.shape
     new = cond_logits.new_empty
-    return (new((B, L), dtype=torch.int64), new((B, L), dtype=torch.bool), new((B, L), dtype=torch.int64),
-            new((B, L), dtype=torch.float32))
+    return (
+        new((B, L), dtype=torch.int64),
+        new((B, L), dtype=torch.bool),
+        new((B, L), dtype=torch.int64),
+        new((B, L), dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("unif2ace::ar_sample", mutates_args=())
 def _ar_sample_op(
-    logits: Tensor, position_t: Optional[Tensor], position: int, sample_ids: Optional[Tensor], seed_lo: int,
-    seed_hi: int, temperature: float, top_k: Optional[int], top_p: Optional[float], backend: str,
+    logits: Tensor,
+    position_t: Optional[Tensor],
+    position: int,
+    sample_ids: Optional[Tensor],
+    seed_lo: int,
+    seed_hi: int,
+    temperature: float,
+    top_k: Optional[int],
+    top_p: Optional[float],
+    backend: str,
 ) -> Tuple[Tensor, Tensor]:
     """(tokens [B] int64, logprobs [B] fp32); ``position_t`` (a [B] tensor) wins over ``position``."""
     out = AR_SAMPLE.impl(backend)(
-        logits, seed=(seed_hi << 32) | seed_lo, position=position if position_t is None else position_t,
-        temperature=temperature, top_k=top_k, top_p=top_p, sample_ids=sample_ids,
+        logits,
+        seed=(seed_hi << 32) | seed_lo,
+        position=position if position_t is None else position_t,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        sample_ids=sample_ids,
     )
     return tuple(out)
 
@@ -210,8 +309,9 @@ def _int_arg(op: str, name: str, v, *, low: Optional[int] = None, high: Optional
     return iv
 
 
-def _float_arg(op: str, name: str, v, *, low: Optional[float] = None, low_open: bool = False,
-               high: Optional[float] = None) -> float:
+def _float_arg(
+    op: str, name: str, v, *, low: Optional[float] = None, low_open: bool = False, high: Optional[float] = None
+) -> float:
     """A finite real argument with optional bounds (low < v when ``low_open``, v <= high)."""
     if isinstance(v, (bool, Tensor)) or not isinstance(v, numbers.Real):
         raise TypeError(f"{op}: argument '{name}' must be a real number, got {type(v).__name__}")
@@ -328,16 +428,41 @@ def masked_sample_step(
     be = MASKED_SAMPLE_STEP.select(device, backend)
     if be != "reference":
         out = _masked_sample_step_op(
-            cond_logits, tokens, is_masked, uncond_logits, sample_ids, step, num_steps, seed & 0xFFFFFFFF,
-            seed >> 32, mask_token_id, guidance_scale, temperature, confidence_noise, schedule,
-            schedule_exponent, top_k, be,
+            cond_logits,
+            tokens,
+            is_masked,
+            uncond_logits,
+            sample_ids,
+            step,
+            num_steps,
+            seed & 0xFFFFFFFF,
+            seed >> 32,
+            mask_token_id,
+            guidance_scale,
+            temperature,
+            confidence_noise,
+            schedule,
+            schedule_exponent,
+            top_k,
+            be,
         )
         return MaskedStepOutput(*out)
     out = _ref.masked_sample_step_ref(
-        cond_logits, tokens, is_masked, step=step, num_steps=num_steps, seed=seed,
-        mask_token_id=mask_token_id, uncond_logits=uncond_logits, guidance_scale=guidance_scale,
-        temperature=temperature, confidence_noise=confidence_noise, schedule=schedule,
-        schedule_exponent=schedule_exponent, top_k=top_k, sample_ids=sample_ids,
+        cond_logits,
+        tokens,
+        is_masked,
+        step=step,
+        num_steps=num_steps,
+        seed=seed,
+        mask_token_id=mask_token_id,
+        uncond_logits=uncond_logits,
+        guidance_scale=guidance_scale,
+        temperature=temperature,
+        confidence_noise=confidence_noise,
+        schedule=schedule,
+        schedule_exponent=schedule_exponent,
+        top_k=top_k,
+        sample_ids=sample_ids,
     )
     return MaskedStepOutput(*out)
 
@@ -396,9 +521,11 @@ def ar_sample(
     if be != "reference":
         pos_t = position if isinstance(position, Tensor) else None
         pos_i = 0 if isinstance(position, Tensor) else position
-        out = _ar_sample_op(logits, pos_t, pos_i, sample_ids, seed & 0xFFFFFFFF, seed >> 32, temperature, top_k,
-                            top_p, be)
+        out = _ar_sample_op(
+            logits, pos_t, pos_i, sample_ids, seed & 0xFFFFFFFF, seed >> 32, temperature, top_k, top_p, be
+        )
         return ARSample(*out)
-    out = _ref.ar_sample_ref(logits, seed=seed, position=position, temperature=temperature, top_k=top_k,
-                             top_p=top_p, sample_ids=sample_ids)
+    out = _ref.ar_sample_ref(
+        logits, seed=seed, position=position, temperature=temperature, top_k=top_k, top_p=top_p, sample_ids=sample_ids
+    )
     return ARSample(*out)

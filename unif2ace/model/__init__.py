@@ -7,6 +7,7 @@
 - :mod:`.generate`: MaskGIT image generation and KV-cached answer decoding.
 - :mod:`.checkpoint`: safetensors save/load and the Phi-1.5 / Show-o importer.
 """
+
 from .batch import IGNORE_INDEX, Batch, Sample, collate, mask_image_tokens, mmu_sequence, t2i_sequence, task_ids
 from .checkpoint import load_checkpoint, load_phi_state_dict, save_checkpoint
 from .config import PRESETS, SPECIAL_TOKENS, TASKS, UniF2aceConfig, preset
@@ -15,9 +16,27 @@ from .model import ModelOutput, UniF2ace
 from .modules import attention_mask, image_span_mask, omni_attention_mask
 
 __all__ = [
-    "IGNORE_INDEX", "Batch", "Sample", "collate", "mask_image_tokens", "mmu_sequence", "t2i_sequence", "task_ids",
-    "load_checkpoint", "load_phi_state_dict", "save_checkpoint",
-    "PRESETS", "SPECIAL_TOKENS", "TASKS", "UniF2aceConfig", "preset",
-    "answer", "generate_images", "ModelOutput", "UniF2ace",
-    "attention_mask", "image_span_mask", "omni_attention_mask",
+    "IGNORE_INDEX",
+    "Batch",
+    "Sample",
+    "collate",
+    "mask_image_tokens",
+    "mmu_sequence",
+    "t2i_sequence",
+    "task_ids",
+    "load_checkpoint",
+    "load_phi_state_dict",
+    "save_checkpoint",
+    "PRESETS",
+    "SPECIAL_TOKENS",
+    "TASKS",
+    "UniF2aceConfig",
+    "preset",
+    "answer",
+    "generate_images",
+    "ModelOutput",
+    "UniF2ace",
+    "attention_mask",
+    "image_span_mask",
+    "omni_attention_mask",
 ]

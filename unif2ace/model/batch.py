@@ -5,6 +5,7 @@ A :class:`Batch` is what ``model(batch)`` takes. Build one from :class:`Sample` 
 drops captions for classifier-free guidance), or fill the fields yourself and call
 :meth:`Batch.validate`.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,16 @@ from torch import Tensor
 
 from .config import TASKS, UniF2aceConfig
 
-__all__ = ["IGNORE_INDEX", "Sample", "Batch", "t2i_sequence", "mmu_sequence", "mask_image_tokens", "collate",
-           "task_ids"]
+__all__ = [
+    "IGNORE_INDEX",
+    "Sample",
+    "Batch",
+    "t2i_sequence",
+    "mmu_sequence",
+    "mask_image_tokens",
+    "collate",
+    "task_ids",
+]
 
 IGNORE_INDEX = -100
 
@@ -80,8 +89,12 @@ class Batch:
     noise_features: Optional[Tensor] = None
 
     def to(self, device) -> "Batch":
-        return Batch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device))
-                        for f in fields(self)})
+        return Batch(
+            **{
+                f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device))
+                for f in fields(self)
+            }
+        )
 
     @property
     def size(self) -> int:
@@ -91,37 +104,62 @@ class Batch:
         """Check shapes, dtypes and value ranges; errors name the field. Returns self."""
         S, L = cfg.seq_len, cfg.image_tokens
         if not isinstance(self.input_ids, Tensor) or self.input_ids.dim() != 2:
-            raise ValueError(f"batch.input_ids: expected a [B, {S}] tensor, got "
-                             f"{getattr(self.input_ids, 'shape', type(self.input_ids).__name__)}")
+            raise ValueError(
+                f"batch.input_ids: expected a [B, {S}] tensor, got "
+                f"{getattr(self.input_ids, 'shape', type(self.input_ids).__name__)}"
+            )
         B = self.input_ids.shape[0]
-        want = {"input_ids": (B, S), "valid": (B, S), "task": (B,), "image_positions": (B, L),
-                "image_codes": (B, L), "is_masked": (B, L), "mask_rate": (B,), "mask_rate_deriv": (B,),
-                "labels": (B, S)}
+        want = {
+            "input_ids": (B, S),
+            "valid": (B, S),
+            "task": (B,),
+            "image_positions": (B, L),
+            "image_codes": (B, L),
+            "is_masked": (B, L),
+            "mask_rate": (B,),
+            "mask_rate_deriv": (B,),
+            "labels": (B, S),
+        }
         ints, floats = (torch.int32, torch.int64), (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-        kinds = {"input_ids": ints, "valid": (torch.bool,), "task": ints, "image_positions": ints,
-                 "image_codes": ints, "is_masked": (torch.bool,), "mask_rate": floats, "mask_rate_deriv": floats,
-                 "labels": ints}
+        kinds = {
+            "input_ids": ints,
+            "valid": (torch.bool,),
+            "task": ints,
+            "image_positions": ints,
+            "image_codes": ints,
+            "is_masked": (torch.bool,),
+            "mask_rate": floats,
+            "mask_rate_deriv": floats,
+            "labels": ints,
+        }
         dev = self.input_ids.device
         for name, shape in want.items():
             t = getattr(self, name)
             if not isinstance(t, Tensor):
                 raise TypeError(f"batch.{name}: expected a tensor of shape {list(shape)}, got {type(t).__name__}")
             if tuple(t.shape) != shape:
-                raise ValueError(f"batch.{name}: expected shape {list(shape)} (B={B}, S=seq_len={S}, "
-                                 f"L=image_tokens={L}), got {list(t.shape)}")
+                raise ValueError(
+                    f"batch.{name}: expected shape {list(shape)} (B={B}, S=seq_len={S}, "
+                    f"L=image_tokens={L}), got {list(t.shape)}"
+                )
             if t.dtype not in kinds[name]:
                 raise TypeError(f"batch.{name}: expected dtype in {[str(d) for d in kinds[name]]}, got {t.dtype}")
             if t.device != dev:
                 raise ValueError(f"batch.{name}: on {t.device}, but input_ids is on {dev}")
-        opt = {"clip_features": (B, cfg.clip_tokens, cfg.clip_dim), "face_embeddings": (B, cfg.face_dim),
-               "noise_features": (B, cfg.noise_tokens, cfg.noise_dim)}
+        opt = {
+            "clip_features": (B, cfg.clip_tokens, cfg.clip_dim),
+            "face_embeddings": (B, cfg.face_dim),
+            "noise_features": (B, cfg.noise_tokens, cfg.noise_dim),
+        }
         for name, shape in opt.items():
             t = getattr(self, name)
             if t is None:
                 continue
             if not isinstance(t, Tensor) or tuple(t.shape) != shape or t.dtype not in floats:
-                raise ValueError(f"batch.{name}: expected a float tensor of shape {list(shape)}, got "
-                                 f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
+                raise ValueError(
+                    f"batch.{name}: expected a float tensor of shape {list(shape)}, got "
+                    f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}"
+                )
             if t.device != dev:
                 raise ValueError(f"batch.{name}: on {t.device}, but input_ids is on {dev}")
 
@@ -172,7 +210,9 @@ def _ids(x, what: str, lo: int, hi: int) -> List[int]:
     return vals
 
 
-def t2i_sequence(cfg: UniF2aceConfig, caption: Sequence[int], image_tokens: Sequence[int]) -> Tuple[List[int], List[bool]]:
+def t2i_sequence(
+    cfg: UniF2aceConfig, caption: Sequence[int], image_tokens: Sequence[int]
+) -> Tuple[List[int], List[bool]]:
     """``<|t2i|> [PAD]... <bos> caption <eos> <|soi|> image <|eoi|>`` (caption left-padded).
 
     ``image_tokens`` are vocabulary ids (codes already offset, or ``[MASK]``). Returns (ids, valid).
@@ -184,14 +224,22 @@ def t2i_sequence(cfg: UniF2aceConfig, caption: Sequence[int], image_tokens: Sequ
     if len(image_tokens) != cfg.image_tokens:
         raise ValueError(f"t2i_sequence: expected {cfg.image_tokens} image tokens, got {len(image_tokens)}")
     pad = room - len(caption)
-    ids = ([cfg.special_token_id("<|t2i|>")] + [cfg.pad_token_id] * pad + [cfg.bos_token_id] + caption
-           + [cfg.eos_token_id, cfg.special_token_id("<|soi|>")] + list(image_tokens) + [cfg.special_token_id("<|eoi|>")])
+    ids = (
+        [cfg.special_token_id("<|t2i|>")]
+        + [cfg.pad_token_id] * pad
+        + [cfg.bos_token_id]
+        + caption
+        + [cfg.eos_token_id, cfg.special_token_id("<|soi|>")]
+        + list(image_tokens)
+        + [cfg.special_token_id("<|eoi|>")]
+    )
     valid = [True] + [False] * pad + [True] * (len(ids) - 1 - pad)
     return ids, valid
 
 
-def mmu_sequence(cfg: UniF2aceConfig, image_tokens: Sequence[int], question: Sequence[int],
-                 answer: Optional[Sequence[int]] = None) -> Tuple[List[int], List[bool], List[int]]:
+def mmu_sequence(
+    cfg: UniF2aceConfig, image_tokens: Sequence[int], question: Sequence[int], answer: Optional[Sequence[int]] = None
+) -> Tuple[List[int], List[bool], List[int]]:
     """``<|mmu|> <|soi|> image <|eoi|> <bos> question answer <eos> [PAD]...``.
 
     Returns (ids, valid, labels); labels hold the answer ids and the closing <eos> (nothing else).
@@ -201,20 +249,27 @@ def mmu_sequence(cfg: UniF2aceConfig, image_tokens: Sequence[int], question: Seq
     ans = None if answer is None else _ids(answer, "mmu_sequence: answer", 0, cfg.text_vocab_size)
     if len(image_tokens) != cfg.image_tokens:
         raise ValueError(f"mmu_sequence: expected {cfg.image_tokens} image tokens, got {len(image_tokens)}")
-    head = [cfg.special_token_id("<|mmu|>"), cfg.special_token_id("<|soi|>")] + list(image_tokens) + [
-        cfg.special_token_id("<|eoi|>"), cfg.bos_token_id] + question
+    head = (
+        [cfg.special_token_id("<|mmu|>"), cfg.special_token_id("<|soi|>")]
+        + list(image_tokens)
+        + [cfg.special_token_id("<|eoi|>"), cfg.bos_token_id]
+        + question
+    )
     tail = [] if ans is None else ans + [cfg.eos_token_id]
     if len(head) + len(tail) > cfg.seq_len:
-        raise ValueError(f"mmu_sequence: question ({len(question)}) + answer ({len(ans or [])}) + <eos> take "
-                         f"{len(question) + len(tail)} tokens, at most text_len - 2 = {cfg.text_len - 2} fit")
+        raise ValueError(
+            f"mmu_sequence: question ({len(question)}) + answer ({len(ans or [])}) + <eos> take "
+            f"{len(question) + len(tail)} tokens, at most text_len - 2 = {cfg.text_len - 2} fit"
+        )
     ids = head + tail
     labels = [IGNORE_INDEX] * len(head) + tail
     pad = cfg.seq_len - len(ids)
     return ids + [cfg.pad_token_id] * pad, [True] * len(ids) + [False] * pad, labels + [IGNORE_INDEX] * pad
 
 
-def mask_image_tokens(cfg: UniF2aceConfig, codes: Tensor, *, schedule: Optional[str] = None,
-                      generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def mask_image_tokens(
+    cfg: UniF2aceConfig, codes: Tensor, *, schedule: Optional[str] = None, generator: Optional[torch.Generator] = None
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Training-time corruption of clean codes ``[B, L]`` (model-spec §2).
 
     cosine (Show-o): u ~ U(0, 1), m = cos(πu/2), clamped to >= 1/L when ``cfg.clamp_mask_rate``;
@@ -251,8 +306,14 @@ def mask_image_tokens(cfg: UniF2aceConfig, codes: Tensor, *, schedule: Optional[
     return tokens, is_masked, m.float(), dm.float()
 
 
-def collate(cfg: UniF2aceConfig, samples: Sequence[Sample], *, generator: Optional[torch.Generator] = None,
-            drop_caption_prob: Optional[float] = None, device=None) -> Batch:
+def collate(
+    cfg: UniF2aceConfig,
+    samples: Sequence[Sample],
+    *,
+    generator: Optional[torch.Generator] = None,
+    drop_caption_prob: Optional[float] = None,
+    device=None,
+) -> Batch:
     """Samples -> :class:`Batch`: T2I image tokens masked by :func:`mask_image_tokens`, captions
     dropped (empty prompt) with probability ``drop_caption_prob`` (default ``cfg.cond_dropout_prob``),
     MMU answers labelled. Features are stacked when every sample has them, zero-filled for samples
@@ -263,8 +324,14 @@ def collate(cfg: UniF2aceConfig, samples: Sequence[Sample], *, generator: Option
     p_drop = cfg.cond_dropout_prob if drop_caption_prob is None else drop_caption_prob
     B, L = len(samples), cfg.image_tokens
     task = task_ids([s.task for s in samples])
-    codes = torch.stack([torch.as_tensor(s.image_codes, dtype=torch.int64).reshape(-1) if len(s.image_codes) == L
-                         else _bad_len(i, s, L) for i, s in enumerate(samples)])
+    codes = torch.stack(
+        [
+            torch.as_tensor(s.image_codes, dtype=torch.int64).reshape(-1)
+            if len(s.image_codes) == L
+            else _bad_len(i, s, L)
+            for i, s in enumerate(samples)
+        ]
+    )
     if bool(((codes < 0) | (codes >= cfg.codebook_size)).any()):
         raise ValueError(f"batch.image_codes: codes must be in [0, {cfg.codebook_size})")
     tokens, is_masked, m, dm = mask_image_tokens(cfg, codes, generator=generator)
@@ -302,8 +369,15 @@ def collate(cfg: UniF2aceConfig, samples: Sequence[Sample], *, generator: Option
         return out
 
     batch = Batch(
-        input_ids=torch.tensor(ids), valid=torch.tensor(valid), task=task, image_positions=torch.tensor(pos),
-        image_codes=codes, is_masked=is_masked, mask_rate=m, mask_rate_deriv=dm, labels=torch.tensor(labels),
+        input_ids=torch.tensor(ids),
+        valid=torch.tensor(valid),
+        task=task,
+        image_positions=torch.tensor(pos),
+        image_codes=codes,
+        is_masked=is_masked,
+        mask_rate=m,
+        mask_rate_deriv=dm,
+        labels=torch.tensor(labels),
         clip_features=stack_opt("clip_features", (cfg.clip_tokens, cfg.clip_dim)),
         face_embeddings=stack_opt("face_embedding", (cfg.face_dim,)),
     )

@@ -28,6 +28,7 @@ the dense fc2 bias. (Phi's MLP is the tanh gelu: use ``expert_activation="gelu_t
 exact copy of its functions; swiglu experts cannot be up-cycled from it.)
 Not in the checkpoint, left at their initialisation: LN3, the routers, the sequence MoE.
 """
+
 from __future__ import annotations
 
 import os
@@ -63,8 +64,11 @@ def save_checkpoint(model: UniF2ace, path: Union[str, os.PathLike]) -> None:
 def _check_match(what: str, expected: Mapping[str, torch.Size], got: Mapping[str, Tensor]) -> None:
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
-    mismatched = [f"{k}: checkpoint {list(got[k].shape)} vs model {list(expected[k])}"
-                  for k in sorted(set(expected) & set(got)) if tuple(got[k].shape) != tuple(expected[k])]
+    mismatched = [
+        f"{k}: checkpoint {list(got[k].shape)} vs model {list(expected[k])}"
+        for k in sorted(set(expected) & set(got))
+        if tuple(got[k].shape) != tuple(expected[k])
+    ]
     if missing or unexpected or mismatched:
         parts = []
         if missing:
@@ -76,8 +80,9 @@ def _check_match(what: str, expected: Mapping[str, torch.Size], got: Mapping[str
         raise CheckpointError(f"{what}: " + "; ".join(parts))
 
 
-def load_checkpoint(path: Union[str, os.PathLike], model: Optional[UniF2ace] = None,
-                    map_location: Union[str, torch.device] = "cpu") -> UniF2ace:
+def load_checkpoint(
+    path: Union[str, os.PathLike], model: Optional[UniF2ace] = None, map_location: Union[str, torch.device] = "cpu"
+) -> UniF2ace:
     """Load a :func:`save_checkpoint` file into ``model`` (built from the stored config when None)."""
     st = _safetensors()
     from safetensors import safe_open
@@ -136,7 +141,7 @@ def load_phi_state_dict(model: UniF2ace, source) -> Dict[str, List[str]]:
     cfg = model.cfg
     sd = _read_state_dict(source)
     if sd and all(k.startswith("showo.") for k in sd):
-        sd = {k[len("showo."):]: v for k, v in sd.items()}
+        sd = {k[len("showo.") :]: v for k, v in sd.items()}
     kmap = phi_key_map(cfg.num_layers, cfg.block_layout == "sequential")
     D, N, F, Fs = cfg.hidden_size, cfg.num_routed_experts, cfg.expert_width, cfg.shared_expert_width
     M = None
@@ -146,8 +151,10 @@ def load_phi_state_dict(model: UniF2ace, source) -> Dict[str, List[str]]:
     # the shapes the Phi checkpoint must have for this model
     V_ckpt = sd["model.embed_tokens.weight"].shape[0] if "model.embed_tokens.weight" in sd else cfg.vocab_size
     expected: Dict[str, torch.Size] = {
-        "model.embed_tokens.weight": torch.Size([V_ckpt, D]), "lm_head.weight": torch.Size([V_ckpt, D]),
-        "lm_head.bias": torch.Size([V_ckpt]), "model.final_layernorm.weight": torch.Size([D]),
+        "model.embed_tokens.weight": torch.Size([V_ckpt, D]),
+        "lm_head.weight": torch.Size([V_ckpt, D]),
+        "lm_head.bias": torch.Size([V_ckpt]),
+        "model.final_layernorm.weight": torch.Size([D]),
         "model.final_layernorm.bias": torch.Size([D]),
     }
     Mx = M if M is not None else N * F
@@ -166,11 +173,15 @@ def load_phi_state_dict(model: UniF2ace, source) -> Dict[str, List[str]]:
     _check_match("load_phi_state_dict", expected, sd)
     problems = []
     if V_ckpt != cfg.vocab_size and V_ckpt < cfg.text_vocab_size:
-        problems.append(f"the checkpoint vocabulary has {V_ckpt} rows, fewer than text_vocab_size="
-                        f"{cfg.text_vocab_size} (and not the full vocab_size={cfg.vocab_size})")
+        problems.append(
+            f"the checkpoint vocabulary has {V_ckpt} rows, fewer than text_vocab_size="
+            f"{cfg.text_vocab_size} (and not the full vocab_size={cfg.vocab_size})"
+        )
     if Mx != N * F:
-        problems.append(f"dense MLP width {Mx} != num_routed_experts x expert_width = {N} x {F}; "
-                        "up-cycling splits the dense MLP into the routed experts exactly")
+        problems.append(
+            f"dense MLP width {Mx} != num_routed_experts x expert_width = {N} x {F}; "
+            "up-cycling splits the dense MLP into the routed experts exactly"
+        )
     if Fs > Mx:
         problems.append(f"shared expert width {Fs} exceeds the dense MLP width {Mx}")
     if cfg.expert_activation == "swiglu":

@@ -14,6 +14,7 @@ Sequence layout (both tasks have the same length ``seq_len = text_len + image_to
     T2I: <|t2i|> [PAD]... <bos> caption <eos> <|soi|> image... <|eoi|>   (text_len tokens before <|soi|>)
     MMU: <|mmu|> <|soi|> image... <|eoi|> <bos> question answer <eos> [PAD]...
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,18 @@ from typing import Tuple
 
 __all__ = ["SPECIAL_TOKENS", "TASKS", "UniF2aceConfig", "preset", "PRESETS"]
 
-SPECIAL_TOKENS = ("<|soi|>", "<|eoi|>", "<|sov|>", "<|eov|>", "<|t2i|>", "<|mmu|>", "<|t2v|>", "<|v2v|>",
-                  "<|lvg|>", "[PAD]")
+SPECIAL_TOKENS = (
+    "<|soi|>",
+    "<|eoi|>",
+    "<|sov|>",
+    "<|eov|>",
+    "<|t2i|>",
+    "<|mmu|>",
+    "<|t2v|>",
+    "<|v2v|>",
+    "<|lvg|>",
+    "[PAD]",
+)
 TASKS = ("t2i", "mmu")
 """Task of a sample; its index is also the MoE group: 0 = generation (t2i), 1 = understanding (mmu)."""
 
@@ -121,7 +132,7 @@ class UniF2aceConfig:
 
     @property
     def image_tokens(self) -> int:
-        return self.image_grid ** 2
+        return self.image_grid**2
 
     @property
     def seq_len(self) -> int:
@@ -152,18 +163,37 @@ class UniF2aceConfig:
 
     def validate(self) -> None:
         c = "UniF2aceConfig"
-        for f in ("text_vocab_size", "codebook_size", "text_len", "image_grid", "hidden_size", "num_layers",
-                  "num_heads", "mlp_width", "num_routed_experts", "top_k", "seq_top_k", "resampler_queries",
-                  "resampler_dim", "resampler_heads", "clip_dim", "clip_tokens", "face_dim", "noise_tokens",
-                  "noise_dim", "gen_steps"):
+        for f in (
+            "text_vocab_size",
+            "codebook_size",
+            "text_len",
+            "image_grid",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "mlp_width",
+            "num_routed_experts",
+            "top_k",
+            "seq_top_k",
+            "resampler_queries",
+            "resampler_dim",
+            "resampler_heads",
+            "clip_dim",
+            "clip_tokens",
+            "face_dim",
+            "noise_tokens",
+            "noise_dim",
+            "gen_steps",
+        ):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{c}: field '{f}' must be an int >= 1, got {v!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"{c}: hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
         if self.resampler_dim % self.resampler_heads:
-            raise ValueError(f"{c}: resampler_dim={self.resampler_dim} must be divisible by "
-                             f"resampler_heads={self.resampler_heads}")
+            raise ValueError(
+                f"{c}: resampler_dim={self.resampler_dim} must be divisible by resampler_heads={self.resampler_heads}"
+            )
         if self.text_len < 4:
             raise ValueError(f"{c}: field 'text_len' must be >= 4 (<|t2i|> <bos> <eos> + 1), got {self.text_len}")
         for f in ("bos_token_id", "eos_token_id"):
@@ -173,13 +203,17 @@ class UniF2aceConfig:
         if self.top_k > self.num_routed_experts:
             raise ValueError(f"{c}: top_k={self.top_k} exceeds num_routed_experts={self.num_routed_experts}")
         if len(self.seq_experts_gen) != len(self.seq_experts_und):
-            raise ValueError(f"{c}: seq_experts_gen and seq_experts_und must have the same length, got "
-                             f"{self.seq_experts_gen} and {self.seq_experts_und}")
+            raise ValueError(
+                f"{c}: seq_experts_gen and seq_experts_und must have the same length, got "
+                f"{self.seq_experts_gen} and {self.seq_experts_und}"
+            )
         for f in ("seq_experts_gen", "seq_experts_und"):
             for kind in getattr(self, f):
                 _choice(f, kind, SEQ_EXPERT_KINDS)
         if self.seq_top_k > len(self.seq_experts_gen):
-            raise ValueError(f"{c}: seq_top_k={self.seq_top_k} exceeds the {len(self.seq_experts_gen)} sequence experts")
+            raise ValueError(
+                f"{c}: seq_top_k={self.seq_top_k} exceeds the {len(self.seq_experts_gen)} sequence experts"
+            )
         _choice("block_layout", self.block_layout, ("sequential", "parallel"))
         _choice("expert_activation", self.expert_activation, ("gelu", "gelu_tanh", "swiglu"))
         _choice("router_score", self.router_score, ("softmax", "sigmoid"))
@@ -212,15 +246,46 @@ class UniF2aceConfig:
 
 PRESETS = {
     # CPU tests and the demo: S = 16 + 64 + 2 = 82 tokens, ~1.3M parameters
-    "tiny": dict(text_vocab_size=96, codebook_size=64, bos_token_id=94, eos_token_id=95, text_len=16,
-                 image_grid=8, hidden_size=128, num_layers=2, num_heads=4, mlp_width=512, resampler_queries=4,
-                 resampler_dim=64, resampler_heads=4, clip_dim=32, clip_tokens=5, noise_tokens=4, noise_dim=32,
-                 gen_steps=8),
+    "tiny": dict(
+        text_vocab_size=96,
+        codebook_size=64,
+        bos_token_id=94,
+        eos_token_id=95,
+        text_len=16,
+        image_grid=8,
+        hidden_size=128,
+        num_layers=2,
+        num_heads=4,
+        mlp_width=512,
+        resampler_queries=4,
+        resampler_dim=64,
+        resampler_heads=4,
+        clip_dim=32,
+        clip_tokens=5,
+        noise_tokens=4,
+        noise_dim=32,
+        gen_steps=8,
+    ),
     # CPU benchmarks: S = 32 + 256 + 2 = 290 tokens
-    "small": dict(text_vocab_size=2048, codebook_size=1024, bos_token_id=2046, eos_token_id=2047, text_len=32,
-                  image_grid=16, hidden_size=512, num_layers=6, num_heads=8, mlp_width=2048,
-                  resampler_queries=8, resampler_dim=256, resampler_heads=4, clip_dim=256, clip_tokens=17,
-                  noise_tokens=8, noise_dim=128),
+    "small": dict(
+        text_vocab_size=2048,
+        codebook_size=1024,
+        bos_token_id=2046,
+        eos_token_id=2047,
+        text_len=32,
+        image_grid=16,
+        hidden_size=512,
+        num_layers=6,
+        num_heads=8,
+        mlp_width=2048,
+        resampler_queries=8,
+        resampler_dim=256,
+        resampler_heads=4,
+        clip_dim=256,
+        clip_tokens=17,
+        noise_tokens=8,
+        noise_dim=128,
+    ),
     # model-spec §1: Phi-1.5 backbone, 256 image tokens, 8192 codes, 58,498-token vocabulary
     "paper": dict(),
 }

@@ -11,6 +11,7 @@ over the text vocabulary, with or without a KV cache. The sequence-MoE route of 
 computed from the prompt and frozen for the decoded tokens (in both modes), so cached and
 uncached decoding compute the same thing. Decoding stops at <eos> or ``max_new_tokens``.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
@@ -32,10 +33,18 @@ def _noise(cfg, B: int, seed: int, device) -> Tensor:
 
 
 @torch.no_grad()
-def generate_images(model, captions: Sequence[Sequence[int]], *, steps: Optional[int] = None,
-                    guidance: Optional[float] = None, temperature: Optional[float] = None, seed: int = 0,
-                    confidence_noise: Optional[float] = None, schedule: Optional[str] = None,
-                    top_k: Optional[int] = None) -> Tensor:
+def generate_images(
+    model,
+    captions: Sequence[Sequence[int]],
+    *,
+    steps: Optional[int] = None,
+    guidance: Optional[float] = None,
+    temperature: Optional[float] = None,
+    seed: int = 0,
+    confidence_noise: Optional[float] = None,
+    schedule: Optional[str] = None,
+    top_k: Optional[int] = None,
+) -> Tensor:
     """Image codes ``[B, L]`` int64 in [0, codebook_size) for ``B`` captions (text-token id lists).
 
     steps / guidance / temperature / confidence_noise / schedule default to the config's
@@ -75,19 +84,39 @@ def generate_images(model, captions: Sequence[Sequence[int]], *, steps: Optional
             h, _, _ = model.hidden(ids, valid, task, span=span, features=features)
             logits = torch.addmm(b, h[:, img_pos].reshape(R * L, -1), w.t()).view(R, L, -1)
             out = masked_sample_step(
-                logits[:B], tokens, is_masked, step=step, num_steps=steps, seed=seed,
-                mask_token_id=cfg.mask_token_id, uncond_logits=logits[B:] if guidance != 0 else None,
-                guidance_scale=guidance, temperature=temperature, confidence_noise=confidence_noise,
-                schedule=schedule, top_k=top_k)
+                logits[:B],
+                tokens,
+                is_masked,
+                step=step,
+                num_steps=steps,
+                seed=seed,
+                mask_token_id=cfg.mask_token_id,
+                uncond_logits=logits[B:] if guidance != 0 else None,
+                guidance_scale=guidance,
+                temperature=temperature,
+                confidence_noise=confidence_noise,
+                schedule=schedule,
+                top_k=top_k,
+            )
             tokens, is_masked = out.tokens, out.is_masked
     return tokens
 
 
 @torch.no_grad()
-def answer(model, image_codes, questions: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
-           temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
-           seed: int = 0, use_cache: bool = True, clip_features: Optional[Tensor] = None,
-           face_embeddings: Optional[Tensor] = None) -> List[List[int]]:
+def answer(
+    model,
+    image_codes,
+    questions: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 32,
+    temperature: Optional[float] = None,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    seed: int = 0,
+    use_cache: bool = True,
+    clip_features: Optional[Tensor] = None,
+    face_embeddings: Optional[Tensor] = None,
+) -> List[List[int]]:
     """Decode an answer for each (image, question): text-token ids, without the final <eos>.
 
     image_codes ``[B, L]`` int codes; questions: B lists of text-token ids; clip_features
@@ -100,8 +129,9 @@ def answer(model, image_codes, questions: Sequence[Sequence[int]], *, max_new_to
     image_codes = torch.as_tensor(image_codes, device=dev)
     B = len(questions)
     if image_codes.dim() != 2 or tuple(image_codes.shape) != (B, cfg.image_tokens):
-        raise ValueError(f"answer: argument 'image_codes' must have shape [{B}, {cfg.image_tokens}], "
-                         f"got {list(image_codes.shape)}")
+        raise ValueError(
+            f"answer: argument 'image_codes' must have shape [{B}, {cfg.image_tokens}], got {list(image_codes.shape)}"
+        )
     if bool(((image_codes < 0) | (image_codes >= cfg.codebook_size)).any()):
         raise ValueError(f"answer: argument 'image_codes' must hold codes in [0, {cfg.codebook_size})")
     if max_new_tokens < 1:
@@ -128,14 +158,22 @@ def answer(model, image_codes, questions: Sequence[Sequence[int]], *, max_new_to
     with model.backend_scope():
         if use_cache:
             cache = KVCache(cfg, B, cap, dev, model.embed.weight.dtype)
-            h, _, _ = model.hidden(ids[:, :P], valid[:, :P], task, span=span[:, :P], route_mask=route_mask[:, :P],
-                                   features=features, cache=cache)
+            h, _, _ = model.hidden(
+                ids[:, :P],
+                valid[:, :P],
+                task,
+                span=span[:, :P],
+                route_mask=route_mask[:, :P],
+                features=features,
+                cache=cache,
+            )
             last = h[b, pos - 1]
         for i in range(max_new_tokens):
             if not use_cache:
                 T = int(pos.max())
-                h, _, _ = model.hidden(ids[:, :T], valid[:, :T], task, span=span[:, :T], route_mask=route_mask[:, :T],
-                                       features=features)
+                h, _, _ = model.hidden(
+                    ids[:, :T], valid[:, :T], task, span=span[:, :T], route_mask=route_mask[:, :T], features=features
+                )
                 last = h[b, pos - 1]
             logits = torch.addmm(model.lm_head.bias[:V], last, model.lm_head.weight[:V].t())
             tok = ar_sample(logits, seed=seed, position=i, temperature=temperature, top_k=top_k, top_p=top_p).tokens
@@ -146,8 +184,14 @@ def answer(model, image_codes, questions: Sequence[Sequence[int]], *, max_new_to
             ids[b, pos] = tok
             valid[b, pos] = True
             if use_cache:
-                h, _, _ = model.hidden(tok[:, None], torch.ones(B, 1, dtype=torch.bool, device=dev), task,
-                                       positions=pos[:, None], features=features, cache=cache)
+                h, _, _ = model.hidden(
+                    tok[:, None],
+                    torch.ones(B, 1, dtype=torch.bool, device=dev),
+                    task,
+                    positions=pos[:, None],
+                    features=features,
+                    cache=cache,
+                )
                 last = h[:, 0]
             pos = pos + 1
     result = []

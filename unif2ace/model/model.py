@@ -14,6 +14,7 @@ Backends: ``model.set_backend("reference")`` forces the plain-PyTorch reference 
 op the model calls; ``model.set_backend("auto")`` (default) lets each op pick its fastest backend
 for the device; any backend name works (``"cpu"``, ``"triton"``, ...).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -77,9 +78,18 @@ class UniF2ace(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # -- the transformer
-    def hidden(self, input_ids: Tensor, valid: Tensor, task: Tensor, *, span: Optional[Tensor] = None,
-               route_mask: Optional[Tensor] = None, features: Optional[Dict[str, Optional[Tensor]]] = None,
-               positions: Optional[Tensor] = None, cache: Optional[KVCache] = None):
+    def hidden(
+        self,
+        input_ids: Tensor,
+        valid: Tensor,
+        task: Tensor,
+        *,
+        span: Optional[Tensor] = None,
+        route_mask: Optional[Tensor] = None,
+        features: Optional[Dict[str, Optional[Tensor]]] = None,
+        positions: Optional[Tensor] = None,
+        cache: Optional[KVCache] = None,
+    ):
         """Final hidden states ``[B, T, D]`` (after ``ln_f``) and the balance losses.
 
         input_ids/valid ``[B, T]``; task ``[B]`` (the MoE group); span ``[B, T]`` bool, the
@@ -112,8 +122,18 @@ class UniF2ace(nn.Module):
         cos, sin = rotary_tables(positions, cfg.rotary_dim, cfg.rope_theta)
         token_index = valid.reshape(-1).nonzero().squeeze(1)
         token_group = task.repeat_interleave(T).index_select(0, token_index)
-        ctx = BlockContext(mask=mask, cos=cos, sin=sin, positions=positions, token_index=token_index,
-                           token_group=token_group, group=task, route_mask=route_mask, features=features, cache=cache)
+        ctx = BlockContext(
+            mask=mask,
+            cos=cos,
+            sin=sin,
+            positions=positions,
+            token_index=token_index,
+            token_group=token_group,
+            group=task,
+            route_mask=route_mask,
+            features=features,
+            cache=cache,
+        )
         h = self.embed(input_ids)
         token_bal = torch.zeros(NUM_GROUPS, device=dev)
         seq_bal = torch.zeros(NUM_GROUPS, device=dev)
@@ -147,8 +167,11 @@ class UniF2ace(nn.Module):
     @staticmethod
     def batch_features(batch: Batch) -> Dict[str, Optional[Tensor]]:
         face = batch.face_embeddings
-        return {"clip": batch.clip_features, "face": None if face is None else face[:, None, :],
-                "noise": batch.noise_features}
+        return {
+            "clip": batch.clip_features,
+            "face": None if face is None else face[:, None, :],
+            "noise": batch.noise_features,
+        }
 
     # -- training forward
     def forward(self, batch: Batch, *, validate: bool = True) -> ModelOutput:
@@ -158,8 +181,13 @@ class UniF2ace(nn.Module):
             batch.validate(cfg)
         span = image_span_mask(batch.image_positions, cfg.seq_len)
         h, token_bal, seq_bal = self.hidden(
-            batch.input_ids, batch.valid, batch.task, span=span,
-            route_mask=self.route_mask(batch.valid, batch.task, span), features=self.batch_features(batch))
+            batch.input_ids,
+            batch.valid,
+            batch.task,
+            span=span,
+            route_mask=self.route_mask(batch.valid, batch.task, span),
+            features=self.batch_features(batch),
+        )
         with self.backend_scope():
             mask_loss, score_loss = self._d3diff(h, batch)
             mmu = self._mmu(h, batch)
@@ -175,22 +203,41 @@ class UniF2ace(nn.Module):
         masked = batch.is_masked & is_gen
         target = torch.where(masked, batch.image_codes, IGNORE_INDEX)
         w, b = self.code_head()
-        out = d3diff_loss(img_h, w, target, bias=b, mask_rate=batch.mask_rate.float(),
-                          mask_rate_deriv=batch.mask_rate_deriv.float(), alpha=cfg.alpha,
-                          parametrization=cfg.parametrization, reduction="sum")
+        out = d3diff_loss(
+            img_h,
+            w,
+            target,
+            bias=b,
+            mask_rate=batch.mask_rate.float(),
+            mask_rate_deriv=batch.mask_rate_deriv.float(),
+            alpha=cfg.alpha,
+            parametrization=cfg.parametrization,
+            reduction="sum",
+        )
         n_masked = masked.sum().clamp_min(1)
         n_gen = is_gen.sum().clamp_min(1)
         mask_loss = out.mask_loss / n_masked
         if cfg.d3diff_vocab == "full":  # the mask term over the whole vocabulary
             full_target = torch.where(masked, batch.image_codes + cfg.image_token_offset, IGNORE_INDEX)
-            mask_loss = d3diff_loss(img_h, self.lm_head.weight, full_target, bias=self.lm_head.bias, alpha=0.0,
-                                    reduction="sum").mask_loss / n_masked
+            mask_loss = (
+                d3diff_loss(
+                    img_h, self.lm_head.weight, full_target, bias=self.lm_head.bias, alpha=0.0, reduction="sum"
+                ).mask_loss
+                / n_masked
+            )
         return mask_loss, out.score_loss / n_gen
 
     def _mmu(self, h: Tensor, batch: Batch) -> Tensor:
         target = batch.labels[:, 1:]  # position p predicts the token at p + 1
-        return d3diff_loss(h[:, :-1], self.lm_head.weight, target, bias=self.lm_head.bias, alpha=0.0,
-                           reduction="mean", ignore_index=IGNORE_INDEX).loss
+        return d3diff_loss(
+            h[:, :-1],
+            self.lm_head.weight,
+            target,
+            bias=self.lm_head.bias,
+            alpha=0.0,
+            reduction="mean",
+            ignore_index=IGNORE_INDEX,
+        ).loss
 
     # -- generation and understanding (see generate.py)
     def generate_images(self, captions, **kwargs) -> Tensor:

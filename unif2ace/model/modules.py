@@ -7,9 +7,9 @@
 Every hot spot calls :mod:`unif2ace.kernels` (gating, routed/shared expert MLPs, sequence gating),
 so whichever backend :func:`unif2ace.kernels.use_backend` selects is used.
 """
+
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -20,8 +20,19 @@ from unif2ace.kernels import moe_expert_mlp, moe_gating, moe_sequence_gating
 
 from .config import TASKS, UniF2aceConfig
 
-__all__ = ["attention_mask", "omni_attention_mask", "image_span_mask", "rotary_tables", "KVCache", "Attention",
-           "TokenMoE", "PerceiverResampler", "FeatureExpert", "SequenceMoE", "Block"]
+__all__ = [
+    "attention_mask",
+    "omni_attention_mask",
+    "image_span_mask",
+    "rotary_tables",
+    "KVCache",
+    "Attention",
+    "TokenMoE",
+    "PerceiverResampler",
+    "FeatureExpert",
+    "SequenceMoE",
+    "Block",
+]
 
 NUM_GROUPS = len(TASKS)  # 0 = generation (t2i), 1 = understanding (mmu)
 
@@ -67,7 +78,9 @@ def image_span_mask(image_positions: Tensor, seq_len: int) -> Tensor:
 
 def rotary_tables(positions: Tensor, rotary_dim: int, theta: float) -> Tuple[Tensor, Tensor]:
     """cos, sin ``[B, 1, T, rotary_dim]`` for ``positions [B, T]`` (HF Phi / GPT-NeoX convention)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32) / rotary_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32) / rotary_dim)
+    )
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
     return emb.cos(), emb.sin()
@@ -112,8 +125,17 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
         self.dense = nn.Linear(D, D)
 
-    def forward(self, x: Tensor, mask: Tensor, cos: Tensor, sin: Tensor, *, cache: Optional[KVCache] = None,
-                layer: int = 0, positions: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        *,
+        cache: Optional[KVCache] = None,
+        layer: int = 0,
+        positions: Optional[Tensor] = None,
+    ) -> Tensor:
         B, T, D = x.shape
 
         def heads(t):
@@ -166,14 +188,29 @@ class TokenMoE(nn.Module):
     def forward(self, x: Tensor, group: Tensor) -> Tuple[Tensor, Tensor]:
         """x ``[T, D]``, group ``[T]`` -> (output ``[T, D]``, balance loss per group ``[G]``)."""
         cfg = self.cfg
-        route = moe_gating(x @ self.router.t().to(x.dtype), group, [cfg.num_routed_experts] * NUM_GROUPS,
-                           cfg.top_k, score=cfg.router_score, renormalize=cfg.gate_renormalize,
-                           balance_coef=cfg.balance_coef)
-        routed = moe_expert_mlp(x, self.w1, self.w2, route.expert_ids, route.gates, b1=self.b1, b2=self.b2,
-                                activation=cfg.expert_activation)
+        route = moe_gating(
+            x @ self.router.t().to(x.dtype),
+            group,
+            [cfg.num_routed_experts] * NUM_GROUPS,
+            cfg.top_k,
+            score=cfg.router_score,
+            renormalize=cfg.gate_renormalize,
+            balance_coef=cfg.balance_coef,
+        )
+        routed = moe_expert_mlp(
+            x, self.w1, self.w2, route.expert_ids, route.gates, b1=self.b1, b2=self.b2, activation=cfg.expert_activation
+        )
         ones = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
-        shared = moe_expert_mlp(x, self.shared_w1, self.shared_w2, group[:, None], ones, b1=self.shared_b1,
-                                b2=self.shared_b2, activation=cfg.expert_activation)
+        shared = moe_expert_mlp(
+            x,
+            self.shared_w1,
+            self.shared_w2,
+            group[:, None],
+            ones,
+            b1=self.shared_b1,
+            b2=self.shared_b2,
+            activation=cfg.expert_activation,
+        )
         return shared + routed, route.balance_loss
 
 
@@ -224,8 +261,9 @@ class FeatureExpert(nn.Module):
     def __init__(self, cfg: UniF2aceConfig, in_dim: int):
         super().__init__()
         self.mix = nn.Linear(cfg.hidden_size, 2, bias=False)
-        self.resampler = PerceiverResampler(in_dim, cfg.hidden_size, cfg.resampler_dim, cfg.resampler_queries,
-                                            cfg.resampler_heads, cfg.resampler_mode)
+        self.resampler = PerceiverResampler(
+            in_dim, cfg.hidden_size, cfg.resampler_dim, cfg.resampler_queries, cfg.resampler_heads, cfg.resampler_mode
+        )
 
     def forward(self, x: Tensor, feats: Optional[Tensor]) -> Tensor:
         w = torch.softmax(self.mix(x).float(), dim=-1).to(x.dtype)
@@ -252,16 +290,26 @@ class SequenceMoE(nn.Module):
         nn.init.normal_(self.router.weight, std=0.02)
         nn.init.zeros_(self.router.bias)
         dims = {"clip": cfg.clip_dim, "face": cfg.face_dim, "noise": cfg.noise_dim}
-        self.experts = nn.ModuleDict({str(e): FeatureExpert(cfg, dims[k]) for e, k in enumerate(self.kinds)
-                                      if k in dims})
+        self.experts = nn.ModuleDict(
+            {str(e): FeatureExpert(cfg, dims[k]) for e, k in enumerate(self.kinds) if k in dims}
+        )
 
     def route(self, x: Tensor, route_mask: Tensor, group: Tensor):
         n = len(self.cfg.seq_experts_gen)
-        return moe_sequence_gating(x, route_mask, self.router.weight, group, [n] * NUM_GROUPS, self.cfg.seq_top_k,
-                                   router_bias=self.router.bias, balance_coef=self.cfg.seq_balance_coef)
+        return moe_sequence_gating(
+            x,
+            route_mask,
+            self.router.weight,
+            group,
+            [n] * NUM_GROUPS,
+            self.cfg.seq_top_k,
+            router_bias=self.router.bias,
+            balance_coef=self.cfg.seq_balance_coef,
+        )
 
-    def forward(self, x: Tensor, group: Tensor, expert_ids: Tensor, gates: Tensor,
-                features: Dict[str, Optional[Tensor]]) -> Tensor:
+    def forward(
+        self, x: Tensor, group: Tensor, expert_ids: Tensor, gates: Tensor, features: Dict[str, Optional[Tensor]]
+    ) -> Tensor:
         """x ``[B, S, D]``; the route (expert_ids, gates ``[B, k]``) from :meth:`route`."""
         G = torch.zeros(x.shape[0], len(self.kinds), dtype=gates.dtype, device=x.device)
         G = G.scatter(1, expert_ids.long(), gates).to(x.dtype)[:, :, None, None]
@@ -318,8 +366,15 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, ctx: "BlockContext") -> Tuple[Tensor, Tensor, Tensor]:
         """-> (h, token balance ``[G]``, sequence balance ``[G]``)."""
-        attn = lambda a: self.attn(a, ctx.mask, ctx.cos, ctx.sin, cache=ctx.cache, layer=self.index,  # noqa: E731
-                                   positions=ctx.positions)
+        attn = lambda a: self.attn(
+            a,
+            ctx.mask,
+            ctx.cos,
+            ctx.sin,
+            cache=ctx.cache,
+            layer=self.index,  # noqa: E731
+            positions=ctx.positions,
+        )
         zero = x.new_zeros(NUM_GROUPS, dtype=torch.float32)
         if self.cfg.block_layout == "parallel":
             a = self.ln1(x)

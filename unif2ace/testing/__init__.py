@@ -1,4 +1,5 @@
 """Test utilities shipped with the package (parity helpers, the Triton interpreter bf16 patch)."""
+
 from .parity import (  # noqa: F401
     ODD_SIZES,
     ODD_VOCABS,

@@ -4,6 +4,7 @@ Practice (see shared/design/kernels.md): fresh random inputs per test, never zer
 poisoned before a kernel writes them and checked for leftovers; every backend is compared with the
 reference in fp32 (or the reference run on fp32 copies of low-precision inputs).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -60,7 +61,11 @@ def assert_close(actual, expected, dtype: torch.dtype = torch.float32, name: str
     """Compare in fp32 with the tolerance of ``dtype`` (the dtype the kernel computed in)."""
     atol, rtol = tolerance(dtype, scale)
     torch.testing.assert_close(
-        actual.float(), expected.float(), atol=atol, rtol=rtol, equal_nan=False,
+        actual.float(),
+        expected.float(),
+        atol=atol,
+        rtol=rtol,
+        equal_nan=False,
         msg=lambda m: f"{name}: {m}" if name else m,
     )
 
@@ -111,7 +116,9 @@ def fwd_bwd_parity(
     want = [i for i, x in enumerate(inputs) if x.requires_grad]
     gr = torch.autograd.grad([b for _, b in diff_out], [xr[i] for i in want], grad_outputs, allow_unused=True)
     gt = torch.autograd.grad(
-        [a for a, _ in diff_out], [xt[i] for i in want], [g.to(a.dtype) for g, (a, _) in zip(grad_outputs, diff_out)],
+        [a for a, _ in diff_out],
+        [xt[i] for i in want],
+        [g.to(a.dtype) for g, (a, _) in zip(grad_outputs, diff_out)],
         allow_unused=True,
     )
     for j, i in enumerate(want):

@@ -1,4 +1,5 @@
 """Goodness-of-fit statistics for the sampling tests (scipy is not a dependency)."""
+
 from __future__ import annotations
 
 import math

@@ -6,6 +6,7 @@ integers, so bf16 ``tl.dot``, bf16 arithmetic and fp32->bf16 casts give garbage 
 ``create_fp_to_fp`` and ``binary_op``: bf16 operands are widened to fp32, the operation runs in
 fp32, and bf16 results are rounded back to nearest-even -- what the GPU does. Test-only.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -7,6 +7,7 @@ way, so a write killed at any point leaves the previous checkpoint and pointer i
 checks the format and raises :class:`TrainCheckpointError` with the file and the reason (corrupt /
 truncated / not a training checkpoint / incompatible fields).
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,15 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-__all__ = ["TrainCheckpointError", "save_training_checkpoint", "load_training_checkpoint", "latest_checkpoint",
-           "rng_state", "set_rng_state", "atomic_write_bytes"]
+__all__ = [
+    "TrainCheckpointError",
+    "save_training_checkpoint",
+    "load_training_checkpoint",
+    "latest_checkpoint",
+    "rng_state",
+    "set_rng_state",
+    "atomic_write_bytes",
+]
 
 FORMAT = "unif2ace-train"
 VERSION = 1
@@ -29,8 +37,11 @@ class TrainCheckpointError(ValueError):
 
 def rng_state() -> Dict[str, Any]:
     np_state = np.random.get_state()
-    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
-          "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    st = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -114,15 +125,19 @@ def load_training_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     try:
         st = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, garbage bytes, pickle errors
-        raise TrainCheckpointError(f"resume: checkpoint {path!r} is corrupt or truncated "
-                                   f"({type(e).__name__}: {str(e)[:200]})") from None
+        raise TrainCheckpointError(
+            f"resume: checkpoint {path!r} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
     if not isinstance(st, dict) or st.get("format") != FORMAT:
-        raise TrainCheckpointError(f"resume: {path!r} is not a unif2ace training checkpoint (format "
-                                   f"{st.get('format') if isinstance(st, dict) else type(st).__name__!r})")
+        raise TrainCheckpointError(
+            f"resume: {path!r} is not a unif2ace training checkpoint (format "
+            f"{st.get('format') if isinstance(st, dict) else type(st).__name__!r})"
+        )
     if st.get("version") != VERSION:
         raise TrainCheckpointError(f"resume: {path!r} has version {st.get('version')!r}, this trainer reads {VERSION}")
-    missing = [k for k in ("model", "optimizer", "scheduler", "rng", "data", "model_config", "train_config")
-               if k not in st]
+    missing = [
+        k for k in ("model", "optimizer", "scheduler", "rng", "data", "model_config", "train_config") if k not in st
+    ]
     if missing:
         raise TrainCheckpointError(f"resume: {path!r} lacks {missing}")
     st["path"] = path

@@ -1,4 +1,5 @@
 """``unif2ace train | generate | answer | demo`` (subcommands of the ``unif2ace`` console script)."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,12 @@ COMMANDS = ("train", "generate", "answer", "demo")
 
 
 def add_subcommands(sub) -> None:
-    p = sub.add_parser("train", help="train a model (preset or JSON config) on the synthetic set or a shard directory",
-                       description="Train with AdamW + warmup/cosine. Multi-process: torchrun --nproc-per-node N "
-                                   "-m unif2ace train ... (DDP; gloo on CPU, nccl on GPU).")
+    p = sub.add_parser(
+        "train",
+        help="train a model (preset or JSON config) on the synthetic set or a shard directory",
+        description="Train with AdamW + warmup/cosine. Multi-process: torchrun --nproc-per-node N "
+        "-m unif2ace train ... (DDP; gloo on CPU, nccl on GPU).",
+    )
     p.add_argument("--config", help="JSON file with TrainConfig fields (command-line flags override it)")
     p.add_argument("--preset", help="model preset: tiny | small | paper")
     p.add_argument("--model", help="JSON object of UniF2aceConfig overrides, e.g. '{\"num_layers\": 4}'")
@@ -60,8 +64,13 @@ def add_subcommands(sub) -> None:
     d = sub.add_parser("demo", help="the main job: train tiny on the synthetic faces, generate, answer, report")
     d.add_argument("--out", default="results/demo")
     d.add_argument("--steps", type=int, default=None)
-    d.add_argument("--max-minutes", type=float, default=5.0, dest="max_minutes",
-                   help="training time budget; the step count is cut to fit it (measured speed)")
+    d.add_argument(
+        "--max-minutes",
+        type=float,
+        default=5.0,
+        dest="max_minutes",
+        help="training time budget; the step count is cut to fit it (measured speed)",
+    )
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     d.add_argument("--no-progress", action="store_false", dest="progress", default=True)
@@ -71,9 +80,28 @@ def _train(args) -> int:
     from .config import TrainConfig
     from .trainer import train
 
-    flags = {k: getattr(args, k) for k in ("preset", "data", "out", "steps", "batch_size", "grad_accum", "lr",
-                                           "warmup_steps", "grad_clip", "seed", "backend", "device", "amp",
-                                           "ckpt_every", "log_every", "max_minutes", "progress")}
+    flags = {
+        k: getattr(args, k)
+        for k in (
+            "preset",
+            "data",
+            "out",
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "lr",
+            "warmup_steps",
+            "grad_clip",
+            "seed",
+            "backend",
+            "device",
+            "amp",
+            "ckpt_every",
+            "log_every",
+            "max_minutes",
+            "progress",
+        )
+    }
     if args.model is not None:
         try:
             flags["model"] = json.loads(args.model)
@@ -108,8 +136,9 @@ def _generate(args) -> int:
 
     run = load_run(args.run, backend=args.backend)
     caps = [c for c in args.captions for _ in range(args.per_caption)]
-    codes, imgs = generate_faces(run, caps, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                                 temperature=args.temperature)
+    codes, imgs = generate_faces(
+        run, caps, seed=args.seed, steps=args.steps, guidance=args.guidance, temperature=args.temperature
+    )
     if imgs is None:
         import numpy as np
 
@@ -117,7 +146,9 @@ def _generate(args) -> int:
         np.save(path, codes)
         print(f"wrote image codes {list(codes.shape)} to {path} (this run has no image decoder)")
     else:
-        write_png(args.out, image_grid(imgs, cols=max(1, args.per_caption) if len(args.captions) > 1 else min(8, len(caps))))
+        write_png(
+            args.out, image_grid(imgs, cols=max(1, args.per_caption) if len(args.captions) > 1 else min(8, len(caps)))
+        )
         print(f"wrote {len(caps)} faces to {args.out}")
     return 0
 
@@ -145,7 +176,9 @@ def _answer(args) -> int:
             for kv in args.attributes.split(","):
                 k, _, v = kv.partition("=")
                 if k.strip() not in faces.ATTRIBUTES or v.strip() not in faces.ATTRIBUTES[k.strip()]:
-                    raise ValueError(f"answer: --attributes: bad item {kv!r}; attributes and values: {faces.ATTRIBUTES}")
+                    raise ValueError(
+                        f"answer: --attributes: bad item {kv!r}; attributes and values: {faces.ATTRIBUTES}"
+                    )
                 attrs[k.strip()] = v.strip()
             print("face:", attrs)
             img = faces.render(attrs)
@@ -159,8 +192,14 @@ def _answer(args) -> int:
 def _demo(args) -> int:
     from .demo import DEMO_STEPS, run_demo
 
-    run_demo(args.out, steps=args.steps or DEMO_STEPS, max_minutes=args.max_minutes, seed=args.seed,
-             threads=args.threads, progress=args.progress)
+    run_demo(
+        args.out,
+        steps=args.steps or DEMO_STEPS,
+        max_minutes=args.max_minutes,
+        seed=args.seed,
+        threads=args.threads,
+        progress=args.progress,
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Training configuration: one dataclass, loadable from a JSON file, validated with errors naming the field."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,7 +45,15 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         c = "TrainConfig"
-        for f in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints", "synthetic_images"):
+        for f in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "log_every",
+            "ckpt_every",
+            "keep_checkpoints",
+            "synthetic_images",
+        ):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{c}: field '{f}' must be an int >= 1, got {v!r}")

@@ -7,6 +7,7 @@ training steps on the fused and on the reference backend; generate faces for hel
 attributes back from the generated images with the renderer-built decoder; write ``report.md`` and
 ``report.json`` (with the loss curve ``loss_curve.png`` and ``samples.png``).
 """
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,7 @@ def _train_with_fallback(cfg: TrainConfig, log) -> Dict:
     except (RuntimeError, FloatingPointError, NotImplementedError) as e:
         if cfg.backend == "reference":
             raise
-        log(f"[demo] training with the fused ops failed ({type(e).__name__}: {e}); "
-            "restarting on the reference backend")
+        log(f"[demo] training with the fused ops failed ({type(e).__name__}: {e}); restarting on the reference backend")
         traceback.print_exc()
         shutil.rmtree(cfg.out, ignore_errors=True)
         ref = TrainConfig(**{**cfg.to_dict(), "backend": "reference"})
@@ -69,8 +69,18 @@ def _train_with_fallback(cfg: TrainConfig, log) -> Dict:
         return summary
 
 
-def run_demo(out: str = "results/demo", *, steps: int = DEMO_STEPS, max_minutes: float = 5.0, n_gen: int = 48,
-             n_vqa: int = 64, seed: int = 0, threads: int = 0, progress: bool = True, log=print) -> Dict:
+def run_demo(
+    out: str = "results/demo",
+    *,
+    steps: int = DEMO_STEPS,
+    max_minutes: float = 5.0,
+    n_gen: int = 48,
+    n_vqa: int = 64,
+    seed: int = 0,
+    threads: int = 0,
+    progress: bool = True,
+    log=print,
+) -> Dict:
     from .evaluate import eval_generation, eval_vqa, load_run
 
     t_all = time.perf_counter()
@@ -79,13 +89,15 @@ def run_demo(out: str = "results/demo", *, steps: int = DEMO_STEPS, max_minutes:
     shutil.rmtree(run_dir, ignore_errors=True)
     if threads:
         torch.set_num_threads(threads)
-    cfg = TrainConfig(out=run_dir, steps=steps, seed=seed, threads=threads, progress=progress, log_every=10,
-                      ckpt_every=500)
+    cfg = TrainConfig(
+        out=run_dir, steps=steps, seed=seed, threads=threads, progress=progress, log_every=10, ckpt_every=500
+    )
     from unif2ace.data.shards import TokenDataset
     from unif2ace.data.synthetic import SyntheticSpec, build_synthetic
 
-    data_path = build_synthetic(SyntheticSpec(num_images=cfg.synthetic_images,
-                                              num_codes=cfg.model_config().codebook_size), verbose=True)
+    data_path = build_synthetic(
+        SyntheticSpec(num_images=cfg.synthetic_images, num_codes=cfg.model_config().codebook_size), verbose=True
+    )
     cfg.data = data_path
     log("[demo] timing fused vs reference training steps ...")
     speed = time_backends(cfg, TokenDataset(data_path))
@@ -94,17 +106,23 @@ def run_demo(out: str = "results/demo", *, steps: int = DEMO_STEPS, max_minutes:
     if per_step and max_minutes:
         fit = int(60 * max_minutes / (per_step * 1.1))  # 10% margin for logging and checkpoints
         if fit < steps:
-            log(f"[demo] {steps} steps at {per_step:.3f} s/step exceed the {max_minutes} min training budget; "
-                f"training {fit} steps instead")
+            log(
+                f"[demo] {steps} steps at {per_step:.3f} s/step exceed the {max_minutes} min training budget; "
+                f"training {fit} steps instead"
+            )
             cfg.steps = max(fit, 50)
     cfg.max_minutes = 1.5 * max_minutes  # a hard stop in case the machine slows down mid-run
-    log(f"[demo] training preset '{cfg.preset}' with {cfg.model} on the synthetic face set, {cfg.steps} steps, "
-        f"batch {cfg.global_batch}, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+    log(
+        f"[demo] training preset '{cfg.preset}' with {cfg.model} on the synthetic face set, {cfg.steps} steps, "
+        f"batch {cfg.global_batch}, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
+    )
     t0 = time.perf_counter()
     summary = _train_with_fallback(cfg, log)
     train_s = time.perf_counter() - t0
-    log(f"[demo] trained {summary['steps']} steps in {summary['wall_s']:.0f} s "
-        f"({summary['tokens_per_s']:.0f} tokens/s), final loss {summary['final_loss']:.3f}")
+    log(
+        f"[demo] trained {summary['steps']} steps in {summary['wall_s']:.0f} s "
+        f"({summary['tokens_per_s']:.0f} tokens/s), final loss {summary['final_loss']:.3f}"
+    )
 
     run = load_run(run_dir, backend="auto" if summary["backend"] == "auto" else "reference")
     log("[demo] building the attribute decoder from the renderer ...")
@@ -115,8 +133,10 @@ def run_demo(out: str = "results/demo", *, steps: int = DEMO_STEPS, max_minutes:
     t0 = time.perf_counter()
     gen = eval_generation(run, gen_attrs, decoder, seed=seed)
     gen_s = time.perf_counter() - t0
-    log(f"[demo] generated {n_gen} faces in {gen_s:.1f} s: attribute accuracy {gen['accuracy']:.1%} "
-        f"(chance {gen['chance']:.1%})")
+    log(
+        f"[demo] generated {n_gen} faces in {gen_s:.1f} s: attribute accuracy {gen['accuracy']:.1%} "
+        f"(chance {gen['chance']:.1%})"
+    )
     # the tokenizer + decoder ceiling: attributes read back from VQ round trips of the true renders
     truth_imgs = np.stack([faces.render(a) for a in gen_attrs])
     ceil_pred = decoder.predict(run.vq.roundtrip(truth_imgs))
@@ -126,24 +146,32 @@ def run_demo(out: str = "results/demo", *, steps: int = DEMO_STEPS, max_minutes:
     t0 = time.perf_counter()
     vqa = eval_vqa(run, held_out_split(n_vqa, seed=2002), per_image=3, seed=seed)
     vqa_s = time.perf_counter() - t0
-    log(f"[demo] answered {vqa['n']} held-out questions in {vqa_s:.1f} s: accuracy {vqa['accuracy']:.1%} "
-        f"(chance {vqa['chance']:.1%})")
+    log(
+        f"[demo] answered {vqa['n']} held-out questions in {vqa_s:.1f} s: accuracy {vqa['accuracy']:.1%} "
+        f"(chance {vqa['chance']:.1%})"
+    )
     shutil.copy(os.path.join(run_dir, "loss_curve.png"), os.path.join(out, "loss_curve.png"))
     total_s = time.perf_counter() - t_all
     report = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__, "model": {"preset": cfg.preset, "overrides": cfg.model,
-                                              "parameters": run.model.num_parameters()},
-        "training": {k: v for k, v in summary.items() if k != "history"} | {"train_s": train_s,
-                                                                           "global_batch": cfg.global_batch,
-                                                                           "lr": cfg.lr},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "model": {"preset": cfg.preset, "overrides": cfg.model, "parameters": run.model.num_parameters()},
+        "training": {k: v for k, v in summary.items() if k != "history"}
+        | {"train_s": train_s, "global_batch": cfg.global_batch, "lr": cfg.lr},
         "generation": {k: gen[k] for k in ("accuracy", "per_attribute", "chance", "all_attributes_correct", "n")}
-        | {"decoder_ceiling": ceiling, "seconds": gen_s, "guidance": run.model.cfg.guidance_scale,
-           "steps": run.model.cfg.gen_steps, "examples": [{"caption": c, "read_back": p} for c, p in
-                                                          zip(gen["captions"][:6], gen["predicted"][:6])]},
+        | {
+            "decoder_ceiling": ceiling,
+            "seconds": gen_s,
+            "guidance": run.model.cfg.guidance_scale,
+            "steps": run.model.cfg.gen_steps,
+            "examples": [{"caption": c, "read_back": p} for c, p in zip(gen["captions"][:6], gen["predicted"][:6])],
+        },
         "vqa": {k: vqa[k] for k in ("accuracy", "per_attribute", "chance", "n", "examples")} | {"seconds": vqa_s},
-        "speed": speed, "total_s": total_s,
+        "speed": speed,
+        "total_s": total_s,
     }
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -160,30 +188,45 @@ def _pct(x: Optional[float]) -> str:
 def render_markdown(r: Dict) -> str:
     tr, g, v, sp = r["training"], r["generation"], r["vqa"], r["speed"]
     lines = [
-        "# unif2ace demo report", "",
+        "# unif2ace demo report",
+        "",
         f"{r['date']} · {r['device']} ({r['cpu_threads']} threads) · torch {r['torch']} · "
-        f"model `{r['model']['preset']}` + {r['model']['overrides']} ({r['model']['parameters']:,} parameters)", "",
-        "## Training", "",
+        f"model `{r['model']['preset']}` + {r['model']['overrides']} ({r['model']['parameters']:,} parameters)",
+        "",
+        "## Training",
+        "",
         f"- {tr['steps']} steps (global batch {tr['global_batch']}, AdamW lr {tr['lr']}, warmup + cosine) in "
         f"{tr['wall_s']:.0f} s on backend `{tr['backend']}`; {tr['tokens_per_s']:.0f} tokens/s; final loss "
         f"{tr['final_loss']:.3f}{' (stopped early by the time budget)' if tr['stopped_early'] else ''}",
-        "- loss curves: `loss_curve.png` (log scale; blue total, orange MMU, green D3Diff, red mask CE)", "",
-        "## Results (held-out attribute combinations)", "",
-        "| metric | accuracy | chance |", "|---|---|---|",
+        "- loss curves: `loss_curve.png` (log scale; blue total, orange MMU, green D3Diff, red mask CE)",
+        "",
+        "## Results (held-out attribute combinations)",
+        "",
+        "| metric | accuracy | chance |",
+        "|---|---|---|",
         f"| attributes read back from generated faces ({g['n']} faces x 12 attributes) | **{_pct(g['accuracy'])}** "
         f"| {_pct(g['chance'])} |",
         f"| all 12 attributes right in one face | {_pct(g['all_attributes_correct'])} | "
         f"{_pct(float(np.prod([1 / len(v_) for v_ in faces.ATTRIBUTES.values()])))} |",
-        f"| VQA answers ({v['n']} questions, greedy) | **{_pct(v['accuracy'])}** | {_pct(v['chance'])} |", "",
-        f"Decoder ceiling (attributes read back from VQ round trips of the true renders): {_pct(g['decoder_ceiling'])}.",
+        f"| VQA answers ({v['n']} questions, greedy) | **{_pct(v['accuracy'])}** | {_pct(v['chance'])} |",
+        "",
+        "Decoder ceiling (attributes read back from VQ round trips of the true renders): "
+        f"{_pct(g['decoder_ceiling'])}.",
         f"Generation: {g['steps']} MaskGIT steps, guidance {g['guidance']}; samples in `samples.png` "
-        "(pairs: true render, generated).", "",
-        "| attribute | generation | VQA |", "|---|---|---|",
+        "(pairs: true render, generated).",
+        "",
+        "| attribute | generation | VQA |",
+        "|---|---|---|",
     ]
     for a in faces.ATTRIBUTES:
         lines.append(f"| {a} | {_pct(g['per_attribute'].get(a))} | {_pct(v['per_attribute'].get(a))} |")
-    lines += ["", "## Training speed, fused vs reference (same machine, back to back)", "",
-              "| backend | tokens/s | s/step |", "|---|---|---|"]
+    lines += [
+        "",
+        "## Training speed, fused vs reference (same machine, back to back)",
+        "",
+        "| backend | tokens/s | s/step |",
+        "|---|---|---|",
+    ]
     for name, s in sp.items():
         if "error" in s:
             lines.append(f"| {name} | failed: {s['error']} | |")

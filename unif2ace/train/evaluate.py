@@ -3,6 +3,7 @@
 A *run* is a training output directory (``model.safetensors`` or ``checkpoints/``, plus
 ``data.json`` naming the data and its tokenizers) or a bare ``.safetensors`` file.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,34 +75,66 @@ def load_run(path: str, device="cpu", backend: str = "auto") -> Run:
     return Run(model, tok, vq)
 
 
-def generate_faces(run: Run, captions: Sequence, *, seed: int = 0, steps: Optional[int] = None,
-                   guidance: Optional[float] = None, temperature: Optional[float] = None, batch: int = 32,
-                   confidence_noise: Optional[float] = None):
+def generate_faces(
+    run: Run,
+    captions: Sequence,
+    *,
+    seed: int = 0,
+    steps: Optional[int] = None,
+    guidance: Optional[float] = None,
+    temperature: Optional[float] = None,
+    batch: int = 32,
+    confidence_noise: Optional[float] = None,
+):
     """Captions (strings or id lists) -> (codes ``[N, L]``, images ``[N, H, W, 3]`` uint8 or None).
     Sampling settings default to the model config's generation fields."""
     ids = [run.encode_text(c) for c in captions]
     out = []
     for i in range(0, len(ids), batch):
-        out.append(run.model.generate_images(ids[i:i + batch], seed=seed + i, steps=steps, guidance=guidance,
-                                             temperature=temperature, confidence_noise=confidence_noise).cpu())
+        out.append(
+            run.model.generate_images(
+                ids[i : i + batch],
+                seed=seed + i,
+                steps=steps,
+                guidance=guidance,
+                temperature=temperature,
+                confidence_noise=confidence_noise,
+            ).cpu()
+        )
     codes = torch.cat(out).numpy()
     imgs = run.vq.decode(codes) if run.vq is not None else None
     return codes, imgs
 
 
-def eval_generation(run: Run, attrs: List[Dict[str, str]], decoder: "faces.AttributeDecoder", *, seed: int = 0,
-                    guidance: Optional[float] = None, temperature: Optional[float] = None,
-                    steps: Optional[int] = None, confidence_noise: Optional[float] = None) -> Dict:
+def eval_generation(
+    run: Run,
+    attrs: List[Dict[str, str]],
+    decoder: "faces.AttributeDecoder",
+    *,
+    seed: int = 0,
+    guidance: Optional[float] = None,
+    temperature: Optional[float] = None,
+    steps: Optional[int] = None,
+    confidence_noise: Optional[float] = None,
+) -> Dict:
     """Generate from full held-out captions, read attributes back, compare with the caption."""
     caps = [" ".join(faces.caption(a, full=True)[0]) for a in attrs]
-    codes, imgs = generate_faces(run, caps, seed=seed, guidance=guidance, temperature=temperature, steps=steps,
-                                 confidence_noise=confidence_noise)
+    codes, imgs = generate_faces(
+        run, caps, seed=seed, guidance=guidance, temperature=temperature, steps=steps, confidence_noise=confidence_noise
+    )
     pred = decoder.predict(imgs)
     per = {a: float(np.mean([p[a] == t[a] for p, t in zip(pred, attrs)])) for a in faces.ATTRIBUTES}
     exact = float(np.mean([all(p[a] == t[a] for a in faces.ATTRIBUTES) for p, t in zip(pred, attrs)]))
-    return {"accuracy": float(np.mean(list(per.values()))), "per_attribute": per,
-            "chance": faces.chance_accuracy(list(faces.ATTRIBUTES)), "all_attributes_correct": exact,
-            "n": len(attrs), "captions": caps, "images": imgs, "predicted": pred}
+    return {
+        "accuracy": float(np.mean(list(per.values()))),
+        "per_attribute": per,
+        "chance": faces.chance_accuracy(list(faces.ATTRIBUTES)),
+        "all_attributes_correct": exact,
+        "n": len(attrs),
+        "captions": caps,
+        "images": imgs,
+        "predicted": pred,
+    }
 
 
 def eval_vqa(run: Run, attrs: List[Dict[str, str]], *, per_image: int = 3, seed: int = 0) -> Dict:
@@ -115,13 +148,17 @@ def eval_vqa(run: Run, attrs: List[Dict[str, str]], *, per_image: int = 3, seed:
             rows.append(i), qs.append(run.tokenizer.encode(q)), truth.append(ans), which.append((name, " ".join(q)))
     answers = []
     for s in range(0, len(rows), 64):
-        sel = rows[s:s + 64]
-        answers += run.model.answer(codes[sel], qs[s:s + 64], max_new_tokens=3, temperature=0.0)
+        sel = rows[s : s + 64]
+        answers += run.model.answer(codes[sel], qs[s : s + 64], max_new_tokens=3, temperature=0.0)
     said = [run.tokenizer.decode(x) for x in answers]
     ok = [s == t for s, t in zip(said, truth)]
     per: Dict[str, List[bool]] = {}
     for (name, _), o in zip(which, ok):
         per.setdefault(name, []).append(o)
-    return {"accuracy": float(np.mean(ok)), "per_attribute": {k: float(np.mean(v)) for k, v in per.items()},
-            "chance": faces.chance_accuracy([n for n, _ in which]), "n": len(ok),
-            "examples": [{"question": q, "truth": t, "answer": s} for (_, q), t, s in list(zip(which, truth, said))[:12]]}
+    return {
+        "accuracy": float(np.mean(ok)),
+        "per_attribute": {k: float(np.mean(v)) for k, v in per.items()},
+        "chance": faces.chance_accuracy([n for n, _ in which]),
+        "n": len(ok),
+        "examples": [{"question": q, "truth": t, "answer": s} for (_, q), t, s in list(zip(which, truth, said))[:12]],
+    }

@@ -9,6 +9,7 @@ run sees exactly the batches an uninterrupted run sees, and any split of the glo
 processes and accumulation steps sees the same samples (``world_size x grad_accum`` may change
 the gradient only by the per-micro-batch loss normalisation and float reduction order).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,15 +24,36 @@ import torch.distributed as dist
 
 from unif2ace.model import Batch, UniF2ace, collate
 
-from .checkpoint import (TrainCheckpointError, check_compatible, load_training_checkpoint, rng_state,
-                         save_training_checkpoint, set_rng_state)
+from .checkpoint import (
+    TrainCheckpointError,
+    check_compatible,
+    load_training_checkpoint,
+    rng_state,
+    save_training_checkpoint,
+    set_rng_state,
+)
 from .config import TrainConfig
 
 __all__ = ["Trainer", "train", "make_batch", "lr_lambda"]
 
 # training-config fields a resumed run must share with its checkpoint
-RESUME_FIELDS = ["preset", "model", "data", "synthetic_images", "steps", "batch_size", "grad_accum", "lr",
-                 "min_lr_ratio", "warmup_steps", "weight_decay", "betas", "grad_clip", "seed", "world_size"]
+RESUME_FIELDS = [
+    "preset",
+    "model",
+    "data",
+    "synthetic_images",
+    "steps",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "min_lr_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "betas",
+    "grad_clip",
+    "seed",
+    "world_size",
+]
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -63,7 +85,7 @@ def make_batch(mcfg, samples, keys: List[int], device) -> Batch:
 
 
 def _sample_key(seed: int, step: int, k: int) -> int:
-    return (seed * 1_000_003 + step * 8191 + k * 131) % (2 ** 62) + 1
+    return (seed * 1_000_003 + step * 8191 + k * 131) % (2**62) + 1
 
 
 class Trainer:
@@ -95,9 +117,12 @@ class Trainer:
             if path == "synthetic":
                 from unif2ace.data.synthetic import SyntheticSpec, build_synthetic
 
-                path = self._rank0_first(lambda: build_synthetic(
-                    SyntheticSpec(num_images=cfg.synthetic_images, num_codes=self.mcfg.codebook_size),
-                    verbose=self.rank == 0))
+                path = self._rank0_first(
+                    lambda: build_synthetic(
+                        SyntheticSpec(num_images=cfg.synthetic_images, num_codes=self.mcfg.codebook_size),
+                        verbose=self.rank == 0,
+                    )
+                )
             dataset = TokenDataset(path)
         self.data = dataset
         self.data.check_config(self.mcfg)
@@ -109,8 +134,11 @@ class Trainer:
         self.model.set_backend(cfg.backend)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "embed" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=cfg.betas,
+        )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.step = 0
         if resume:
@@ -120,8 +148,11 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             # experts a micro-batch does not route to get no gradient, hence find_unused_parameters
-            self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                           find_unused_parameters=True)
+            self.ddp = DDP(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
         os.makedirs(cfg.out, exist_ok=True)
         self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
 
@@ -146,10 +177,14 @@ class Trainer:
         if st["model_config"] != self.mcfg.to_json():
             old = json.loads(st["model_config"])
             new = json.loads(self.mcfg.to_json())
-            diff = [f"{k}: checkpoint {old.get(k)!r} vs now {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                    if old.get(k) != new.get(k)]
-            raise TrainCheckpointError(f"resume: {st['path']!r} was trained with a different model config: "
-                                       + "; ".join(diff))
+            diff = [
+                f"{k}: checkpoint {old.get(k)!r} vs now {new.get(k)!r}"
+                for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)
+            ]
+            raise TrainCheckpointError(
+                f"resume: {st['path']!r} was trained with a different model config: " + "; ".join(diff)
+            )
         check_compatible(st, self.train_config_dict(), RESUME_FIELDS)
         want = {"num_records": len(self.data), "global_batch": self.sampler.gb}
         got = {k: st["data"].get(k) for k in want}
@@ -167,16 +202,27 @@ class Trainer:
             self.log(f"resumed from {st['path']} at step {self.step}")
 
     def checkpoint_state(self) -> Dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "rng": rng_state(),
-                "data": {**self.sampler.position(self.step), "num_records": len(self.data),
-                         "global_batch": self.sampler.gb, "seed": self.cfg.seed},
-                "model_config": self.mcfg.to_json(), "train_config": self.train_config_dict()}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng": rng_state(),
+            "data": {
+                **self.sampler.position(self.step),
+                "num_records": len(self.data),
+                "global_batch": self.sampler.gb,
+                "seed": self.cfg.seed,
+            },
+            "model_config": self.mcfg.to_json(),
+            "train_config": self.train_config_dict(),
+        }
 
     def save(self) -> Optional[str]:
         if self.rank != 0:
             return None
-        return save_training_checkpoint(self.cfg.out, self.step, self.checkpoint_state(), keep=self.cfg.keep_checkpoints)
+        return save_training_checkpoint(
+            self.cfg.out, self.step, self.checkpoint_state(), keep=self.cfg.keep_checkpoints
+        )
 
     def _truncate_metrics(self):
         if not os.path.exists(self.metrics_path):
@@ -196,7 +242,7 @@ class Trainer:
         ntok = 0
         bs = cfg.batch_size
         for a in range(cfg.grad_accum):
-            sel = idx[a * bs:(a + 1) * bs]
+            sel = idx[a * bs : (a + 1) * bs]
             keys = [_sample_key(cfg.seed, step, k0 + a * bs + j) for j in range(len(sel))]
             batch = make_batch(self.mcfg, [self.data[int(i)] for i in sel], keys, self.device)
             ntok += int(batch.valid.sum())
@@ -206,9 +252,17 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     out = model(batch)
                 (out.loss / cfg.grad_accum).backward()
-            sums += torch.tensor([out.loss.item(), out.mmu_loss.item(), out.d3diff_loss.item(), out.mask_loss.item(),
-                                  out.score_loss.item(), (out.token_balance.sum() + out.seq_balance.sum()).item()],
-                                 dtype=torch.float64)
+            sums += torch.tensor(
+                [
+                    out.loss.item(),
+                    out.mmu_loss.item(),
+                    out.d3diff_loss.item(),
+                    out.mask_loss.item(),
+                    out.score_loss.item(),
+                    (out.token_balance.sum() + out.seq_balance.sum()).item(),
+                ],
+                dtype=torch.float64,
+            )
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         lr = self.sched.get_last_lr()[0]
         self.opt.step()
@@ -221,8 +275,13 @@ class Trainer:
             stats[:6] /= self.world
         self.step += 1
         names = ["loss", "mmu_loss", "d3diff_loss", "mask_loss", "score_loss", "balance"]
-        rec = {"step": self.step, **{n: float(v) for n, v in zip(names, stats[:6])}, "lr": lr,
-               "grad_norm": float(gnorm), "tokens": int(stats[6])}
+        rec = {
+            "step": self.step,
+            **{n: float(v) for n, v in zip(names, stats[:6])},
+            "lr": lr,
+            "grad_norm": float(gnorm),
+            "tokens": int(stats[6]),
+        }
         return rec
 
     def run(self) -> Dict[str, Any]:
@@ -231,8 +290,11 @@ class Trainer:
             with open(os.path.join(cfg.out, "train_config.json"), "w") as f:
                 json.dump(self.train_config_dict(), f, indent=1)
             with open(os.path.join(cfg.out, "data.json"), "w") as f:
-                json.dump({"path": os.path.abspath(self.data.path), "num_records": len(self.data),
-                           "meta": self.data.meta}, f, indent=1)
+                json.dump(
+                    {"path": os.path.abspath(self.data.path), "num_records": len(self.data), "meta": self.data.meta},
+                    f,
+                    indent=1,
+                )
             self._truncate_metrics()
         bar = None
         if self.rank == 0 and cfg.progress:
@@ -264,9 +326,13 @@ class Trainer:
                 if bar is not None:
                     now = time.perf_counter()
                     bar.update(1)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", mmu=f"{rec['mmu_loss']:.3f}",
-                                    d3=f"{rec['d3diff_loss']:.3f}", tok_s=f"{tok_window / max(now - t_window, 1e-9):.0f}",
-                                    refresh=False)
+                    bar.set_postfix(
+                        loss=f"{rec['loss']:.3f}",
+                        mmu=f"{rec['mmu_loss']:.3f}",
+                        d3=f"{rec['d3diff_loss']:.3f}",
+                        tok_s=f"{tok_window / max(now - t_window, 1e-9):.0f}",
+                        refresh=False,
+                    )
                     if now - t_window > 5:
                         tok_window, t_window = 0, now
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
@@ -292,9 +358,15 @@ class Trainer:
                 self.log(f"train: not writing model.safetensors ({e})")
             write_loss_curve(self.metrics_path, os.path.join(cfg.out, "loss_curve.png"))
         steps_done = len(history)
-        return {"steps": self.step, "steps_this_run": steps_done, "wall_s": wall, "stopped_early": stopped_early,
-                "tokens_per_s": sum(r["tokens"] for r in history) / max(sum(r["step_time"] for r in history), 1e-9),
-                "final_loss": history[-1]["loss"] if history else None, "history": history}
+        return {
+            "steps": self.step,
+            "steps_this_run": steps_done,
+            "wall_s": wall,
+            "stopped_early": stopped_early,
+            "tokens_per_s": sum(r["tokens"] for r in history) / max(sum(r["step_time"] for r in history), 1e-9),
+            "final_loss": history[-1]["loss"] if history else None,
+            "history": history,
+        }
 
 
 class _null:

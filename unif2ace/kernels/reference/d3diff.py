@@ -13,6 +13,7 @@ Per-sample schedule quantities (m = masking rate, m' = dm/dτ, both per sample b
 
 m and m' are schedule values: they receive no gradient.
 """
+
 from __future__ import annotations
 
 import math
@@ -126,9 +127,14 @@ def d3diff_loss_from_logits_ref(
     Only basic checks here; the public op validates its inputs.
     """
     if parametrization not in PARAMETRIZATIONS:
-        raise ValueError(f"d3diff_loss_from_logits_ref: argument 'parametrization' must be one of {list(PARAMETRIZATIONS)}, got {parametrization!r}")
+        raise ValueError(
+            "d3diff_loss_from_logits_ref: argument 'parametrization' must be one of "
+            f"{list(PARAMETRIZATIONS)}, got {parametrization!r}"
+        )
     if reduction not in REDUCTIONS:
-        raise ValueError(f"d3diff_loss_from_logits_ref: argument 'reduction' must be one of {list(REDUCTIONS)}, got {reduction!r}")
+        raise ValueError(
+            f"d3diff_loss_from_logits_ref: argument 'reduction' must be one of {list(REDUCTIONS)}, got {reduction!r}"
+        )
     out_shape = target.shape
     V = logits.shape[-1]
     if logits.dim() == 3:
@@ -160,7 +166,7 @@ def d3diff_loss_from_logits_ref(
             log_s = logp + log_r
             pos = torch.exp(torch.logsumexp(log_s, dim=-1))
         else:  # raw
-            c = (torch.log(torch.expm1(s["sigma"])) + math.log(V))
+            c = torch.log(torch.expm1(s["sigma"])) + math.log(V)
             log_s = x - _per_row(c, sample_index)[:, None]
             pos = safe_exp(torch.logsumexp(log_s, dim=-1))
         neg = (r * log_s.gather(1, t_safe[:, None])).squeeze(1)

@@ -7,6 +7,7 @@ public functions in :mod:`unif2ace.kernels.moe` check inputs first.
 Global expert index space: group ``g`` owns experts ``[offset_g, offset_g + size_g)`` with
 ``offset_g = sum(group_sizes[:g])``; ``E_total = sum(group_sizes)``.
 """
+
 from __future__ import annotations
 
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -154,8 +155,8 @@ def moe_align_ref(expert_ids: Tensor, num_experts: int, block_size: int) -> Tupl
         if c == 0:
             continue
         padded = (c + block_size - 1) // block_size * block_size
-        sorted_ids[off:off + c] = members.to(torch.int32)
-        block_ids[off // block_size:(off + padded) // block_size] = e
+        sorted_ids[off : off + c] = members.to(torch.int32)
+        block_ids[off // block_size : (off + padded) // block_size] = e
         off += padded
     total = torch.tensor([off], dtype=torch.int32, device=dev)
     return sorted_ids, block_ids, total, counts
@@ -216,7 +217,7 @@ def moe_expert_mlp_ref(
     g = gates.float()
     out = xf.new_zeros(T, D)
     for j in range(k):  # fixed combine order
-        out = out + g[:, j:j + 1] * y[:, j]
+        out = out + g[:, j : j + 1] * y[:, j]
     return out.to(x.dtype)
 
 
@@ -321,7 +322,7 @@ def _activation_and_grad(h: Tensor, activation: str, F_: int) -> Tuple[Tensor, C
         pdf = torch.exp(-0.5 * h * h) * 0.3989422804014327
         return h * cdf, lambda da: da * (cdf + h * pdf)
     if activation == "gelu_tanh":
-        u = _SQRT_2_OVER_PI * (h + 0.044715 * h ** 3)
+        u = _SQRT_2_OVER_PI * (h + 0.044715 * h**3)
         t = torch.tanh(u)
         d = 0.5 * (1 + t) + 0.5 * h * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * h * h)
         return 0.5 * h * (1 + t), lambda da: da * d
@@ -384,6 +385,10 @@ def moe_expert_mlp_backward_ref(
             db1[e] = dh.sum(dim=0)
         dx.index_add_(0, t_idx, dh @ w1[e].float().t())
     return (
-        dx.to(x.dtype), dw1.to(w1.dtype), dw2.to(w2.dtype), dg.to(gates.dtype),
-        None if db1 is None else db1.to(b1.dtype), None if db2 is None else db2.to(b2.dtype),
+        dx.to(x.dtype),
+        dw1.to(w1.dtype),
+        dw2.to(w2.dtype),
+        dg.to(gates.dtype),
+        None if db1 is None else db1.to(b1.dtype),
+        None if db2 is None else db2.to(b2.dtype),
     )

@@ -55,6 +55,7 @@ In PyTorch the uint32 arithmetic is emulated exactly in int64 without overflow: 
 [0, 2^32); a product ``x * c`` is formed as ``x * c_lo + ((x * c_hi) & 0xFFFF) << 16`` with the
 constant split into 16-bit halves (each partial product < 2^48), then masked with ``0xFFFFFFFF``.
 """
+
 from __future__ import annotations
 
 import math
@@ -192,7 +193,7 @@ def random_words(
 
 def exponential_from_words(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     """Exponential(1) variate (float64) from the 64 bits ``(hi, lo)`` (see the module docstring)."""
-    s = 2.0 ** -32
+    s = 2.0**-32
     low_half = hi < _TWO31
     # Fold both branches into one pass: in the upper half use the complemented words, so that
     # u = (h + (l + 0.5) 2^-32) 2^-32 is w (lower half) or w' = 1 - w (upper half).
@@ -218,4 +219,4 @@ def gumbel(seed: int, stream: int, sample: IntOrTensor, position: IntOrTensor, t
 
 
 # The extreme values reachable (for tests and docs).
-GUMBEL_MAX = -math.log(2.0 ** -65)  # ~= 45.05, at hi = lo = 0
+GUMBEL_MAX = -math.log(2.0**-65)  # ~= 45.05, at hi = lo = 0

@@ -24,6 +24,7 @@ at the boundary are kept, so more than k codes can survive); the rest become -in
 The work is done in chunks of rows so the temporaries (int64 random words, fp64 noise) stay
 bounded for any B·L·V.
 """
+
 from __future__ import annotations
 
 import math
@@ -289,9 +290,7 @@ def masked_sample_step_ref(
     tau = confidence_noise * (1.0 - (step + 1) / num_steps)
     confidence = logp
     if tau != 0.0 and B * L > 0:
-        g1 = rng.gumbel(
-            seed, rng.STREAM_CONFIDENCE, sample_ids[:, None], torch.arange(L, device=device)[None, :], 0
-        )
+        g1 = rng.gumbel(seed, rng.STREAM_CONFIDENCE, sample_ids[:, None], torch.arange(L, device=device)[None, :], 0)
         confidence = logp + torch.tensor(tau, dtype=torch.float32, device=device) * g1
     confidence = torch.where(is_masked, confidence, float("inf"))
 

@@ -51,10 +51,11 @@ Block sizes come from a small table keyed by dtype and D class (:func:`pick_conf
 on an H100), no autotuning. Under the interpreter (CPU tensors, tests) :data:`INTERPRETER_CONFIG`
 is used. Offsets are int64. Everything loaded for arithmetic is converted to fp32 at once.
 """
+
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -136,8 +137,9 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def _split(n_units: int, base_programs: int, cfg: FusedConfig, device: torch.device,
-           bytes_per_split: int = 0) -> Tuple[int, int]:
+def _split(
+    n_units: int, base_programs: int, cfg: FusedConfig, device: torch.device, bytes_per_split: int = 0
+) -> Tuple[int, int]:
     """(number of splits S, units per split) for ``n_units`` units (tiles or row blocks), every
     split non-empty. ``base_programs``: programs of the grid per split."""
     if cfg.splits is not None:
@@ -167,8 +169,20 @@ def compact_rows(target: torch.Tensor, ignore_index: int) -> Tuple[torch.Tensor,
 
 @triton.jit
 def _logit_tile(
-    H, W, Bias, rows, m_mask, cols, c_mask, D, stride_h, stride_w,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    H,
+    W,
+    Bias,
+    rows,
+    m_mask,
+    cols,
+    c_mask,
+    D,
+    stride_h,
+    stride_w,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """fp32 [BLOCK_M, BLOCK_V] tile of hidden[rows] @ weight[cols].T (+ bias[cols])."""
@@ -210,10 +224,27 @@ def _dlogits(logits, tgt, cols, m_mask, c_mask, lse, gl, gt):
 
 @triton.jit
 def _fwd_kernel(
-    H, W, Bias, T, ORDER, COUNT, PART_LSE, PART_TGT, CTR,
-    N, V, D, stride_h, stride_w, tiles_per_split,
-    HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    H,
+    W,
+    Bias,
+    T,
+    ORDER,
+    COUNT,
+    PART_LSE,
+    PART_TGT,
+    CTR,
+    N,
+    V,
+    D,
+    stride_h,
+    stride_w,
+    tiles_per_split,
+    HAS_BIAS: tl.constexpr,
+    DEBUG: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -229,8 +260,23 @@ def _fwd_kernel(
     for tile in range(t_lo, t_hi):
         cols = (tile * BLOCK_V + offs_v).to(tl.int64)
         c_mask = cols < V
-        acc = _logit_tile(H, W, Bias, rows, m_mask, cols, c_mask, D, stride_h, stride_w,
-                          HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
+        acc = _logit_tile(
+            H,
+            W,
+            Bias,
+            rows,
+            m_mask,
+            cols,
+            c_mask,
+            D,
+            stride_h,
+            stride_w,
+            HAS_BIAS,
+            BLOCK_M,
+            BLOCK_V,
+            BLOCK_K,
+            PRECISION,
+        )
         x = tl.where(c_mask[None, :], acc, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, 1))  # every tile holds >= 1 column: finite
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
@@ -246,10 +292,29 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_dh_kernel(
-    H, W, Bias, T, ORDER, COUNT, LSE, GL, GT, DH, CTR,
-    N, V, D, stride_h, stride_w, tiles_per_split,
-    HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    H,
+    W,
+    Bias,
+    T,
+    ORDER,
+    COUNT,
+    LSE,
+    GL,
+    GT,
+    DH,
+    CTR,
+    N,
+    V,
+    D,
+    stride_h,
+    stride_w,
+    tiles_per_split,
+    HAS_BIAS: tl.constexpr,
+    DEBUG: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
     SPLIT_GRAD: tl.constexpr,
 ):
     """dH partial of split pid_s: DH[pid_s, rows, :] += dℓ @ W[tiles of the split] (exclusive)."""
@@ -269,16 +334,30 @@ def _bwd_dh_kernel(
     for tile in range(t_lo, t_hi):
         cols = (tile * BLOCK_V + offs_v).to(tl.int64)
         c_mask = cols < V
-        acc = _logit_tile(H, W, Bias, rows, m_mask, cols, c_mask, D, stride_h, stride_w,
-                          HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
+        acc = _logit_tile(
+            H,
+            W,
+            Bias,
+            rows,
+            m_mask,
+            cols,
+            c_mask,
+            D,
+            stride_h,
+            stride_w,
+            HAS_BIAS,
+            BLOCK_M,
+            BLOCK_V,
+            BLOCK_K,
+            PRECISION,
+        )
         g32 = _dlogits(acc, tgt, cols, m_mask, c_mask, lse, gl, gt)
         g = g32.to(W.dtype.element_ty)
         g_lo = (g32 - g.to(tl.float32)).to(W.dtype.element_ty)  # dead code unless SPLIT_GRAD
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + offs_k
             k_mask = ks < D
-            w = tl.load(W + cols[:, None] * stride_w + ks[None, :], mask=c_mask[:, None] & k_mask[None, :],
-                        other=0.0)
+            w = tl.load(W + cols[:, None] * stride_w + ks[None, :], mask=c_mask[:, None] & k_mask[None, :], other=0.0)
             contrib = tl.dot(g, w, input_precision=PRECISION)
             if SPLIT_GRAD:
                 contrib = tl.dot(g_lo, w, contrib, input_precision=PRECISION)
@@ -291,10 +370,30 @@ def _bwd_dh_kernel(
 
 @triton.jit
 def _bwd_dw_kernel(
-    H, W, Bias, T, ORDER, COUNT, LSE, GL, GT, DW, DB, CTR,
-    N, V, D, stride_h, stride_w, blocks_per_split,
-    HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    H,
+    W,
+    Bias,
+    T,
+    ORDER,
+    COUNT,
+    LSE,
+    GL,
+    GT,
+    DW,
+    DB,
+    CTR,
+    N,
+    V,
+    D,
+    stride_h,
+    stride_w,
+    blocks_per_split,
+    HAS_BIAS: tl.constexpr,
+    DEBUG: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
     SPLIT_GRAD: tl.constexpr,
 ):
     """dW/dbias partial of row split pid_s for vocabulary tile pid_v (exclusive)."""
@@ -314,8 +413,23 @@ def _bwd_dw_kernel(
         lse = tl.load(LSE + rows, mask=m_mask, other=0.0)
         gl = tl.load(GL + rows, mask=m_mask, other=0.0)
         gt = tl.load(GT + rows, mask=m_mask, other=0.0)
-        acc = _logit_tile(H, W, Bias, rows, m_mask, cols, c_mask, D, stride_h, stride_w,
-                          HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
+        acc = _logit_tile(
+            H,
+            W,
+            Bias,
+            rows,
+            m_mask,
+            cols,
+            c_mask,
+            D,
+            stride_h,
+            stride_w,
+            HAS_BIAS,
+            BLOCK_M,
+            BLOCK_V,
+            BLOCK_K,
+            PRECISION,
+        )
         g32 = _dlogits(acc, tgt, cols, m_mask, c_mask, lse, gl, gt)
         db += tl.sum(g32, 0)
         g = g32.to(H.dtype.element_ty)
@@ -324,8 +438,7 @@ def _bwd_dw_kernel(
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + offs_k
             k_mask = ks < D
-            h = tl.load(H + rows[:, None] * stride_h + ks[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                        other=0.0)
+            h = tl.load(H + rows[:, None] * stride_h + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             contrib = tl.dot(gT, h, input_precision=PRECISION)
             if SPLIT_GRAD:
                 contrib = tl.dot(gT_lo, h, contrib, input_precision=PRECISION)
@@ -340,10 +453,30 @@ def _bwd_dw_kernel(
 
 @triton.jit
 def _bwd_atomic_kernel(
-    H, W, Bias, T, ORDER, COUNT, LSE, GL, GT, DH, DW, DB, CTR,
-    N, V, D, stride_h, stride_w,
-    HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    H,
+    W,
+    Bias,
+    T,
+    ORDER,
+    COUNT,
+    LSE,
+    GL,
+    GT,
+    DH,
+    DW,
+    DB,
+    CTR,
+    N,
+    V,
+    D,
+    stride_h,
+    stride_w,
+    HAS_BIAS: tl.constexpr,
+    DEBUG: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
     SPLIT_GRAD: tl.constexpr,
 ):
     """One (row block, vocabulary tile): dH, dW, dbias by fp32 atomics (non-deterministic order)."""
@@ -356,8 +489,23 @@ def _bwd_atomic_kernel(
         gt = tl.load(GT + rows, mask=m_mask, other=0.0)
         cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
         c_mask = cols < V
-        acc = _logit_tile(H, W, Bias, rows, m_mask, cols, c_mask, D, stride_h, stride_w,
-                          HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
+        acc = _logit_tile(
+            H,
+            W,
+            Bias,
+            rows,
+            m_mask,
+            cols,
+            c_mask,
+            D,
+            stride_h,
+            stride_w,
+            HAS_BIAS,
+            BLOCK_M,
+            BLOCK_V,
+            BLOCK_K,
+            PRECISION,
+        )
         g32 = _dlogits(acc, tgt, cols, m_mask, c_mask, lse, gl, gt)
         if HAS_BIAS:
             tl.atomic_add(DB + cols, tl.sum(g32, 0), mask=c_mask)
@@ -404,10 +552,14 @@ def _prep(hidden, weight, bias, target, ignore_index, config):
 
 def _meta(hidden, bias, cfg, counter):
     return dict(
-        HAS_BIAS=bias is not None, DEBUG=counter is not None,
-        BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
+        HAS_BIAS=bias is not None,
+        DEBUG=counter is not None,
+        BLOCK_M=cfg.block_m,
+        BLOCK_V=cfg.block_v,
+        BLOCK_K=cfg.block_k,
         PRECISION=_precision(hidden.dtype, hidden.device),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
 
 
@@ -428,7 +580,8 @@ def head_lse_gather(
     once per logit tile computed; also NaN-poisons the internal partial buffers.
     """
     hidden, weight, bias, target, N, D, V, cfg, valid, order, count = _prep(
-        hidden, weight, bias, target, ignore_index, config)
+        hidden, weight, bias, target, ignore_index, config
+    )
     dev = hidden.device
     if N == 0:
         z = torch.zeros(0, dtype=torch.float32, device=dev)
@@ -443,8 +596,21 @@ def head_lse_gather(
         part_tgt.fill_(float("nan"))
     ctr = debug_counter if debug_counter is not None else count
     _fwd_kernel[(n_rb, S)](
-        hidden, weight, bias if bias is not None else hidden, target, order, count, part_lse, part_tgt, ctr,
-        N, V, D, hidden.stride(0), weight.stride(0), per,
+        hidden,
+        weight,
+        bias if bias is not None else hidden,
+        target,
+        order,
+        count,
+        part_lse,
+        part_tgt,
+        ctr,
+        N,
+        V,
+        D,
+        hidden.stride(0),
+        weight.stride(0),
+        per,
         **_meta(hidden, bias, cfg, debug_counter),
     )
     # ignored rows were never written: select them away (no host sync)
@@ -481,7 +647,8 @@ def head_lse_gather_backward(
     :data:`PRECISE_GRAD` (16-bit inputs only).
     """
     hidden, weight, bias, target, N, D, V, cfg, valid, order, count = _prep(
-        hidden, weight, bias, target, ignore_index, config)
+        hidden, weight, bias, target, ignore_index, config
+    )
     dev = hidden.device
     if deterministic is None:
         deterministic = DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
@@ -510,8 +677,7 @@ def head_lse_gather_backward(
         db = torch.empty((S_w, V), dtype=torch.float32, device=dev)
         if debug_counter is not None:
             db.fill_(float("nan"))
-        _bwd_dw_kernel[(n_tiles, S_w)](*common, dw, db, ctr, N, V, D, hidden.stride(0), weight.stride(0), per_w,
-                                       **meta)
+        _bwd_dw_kernel[(n_tiles, S_w)](*common, dw, db, ctr, N, V, D, hidden.stride(0), weight.stride(0), per_w, **meta)
         gh = dh[0] if S_h == 1 else dh.sum(0)
         gw = dw[0] if S_w == 1 else dw.sum(0)
         gb = db[0] if S_w == 1 else db.sum(0)
@@ -519,8 +685,9 @@ def head_lse_gather_backward(
         gh = torch.zeros((N, D), dtype=torch.float32, device=dev)
         gw = torch.zeros((V, D), dtype=torch.float32, device=dev)
         gb = torch.zeros(V, dtype=torch.float32, device=dev)
-        _bwd_atomic_kernel[(n_rb, n_tiles)](*common, gh, gw, gb, ctr, N, V, D, hidden.stride(0), weight.stride(0),
-                                            **meta)
+        _bwd_atomic_kernel[(n_rb, n_tiles)](
+            *common, gh, gw, gb, ctr, N, V, D, hidden.stride(0), weight.stride(0), **meta
+        )
     gh = gh.to(hidden.dtype)
     gw = gw.to(weight.dtype)
     gb = gb.to(bias.dtype) if bias is not None else hidden.new_empty(0)

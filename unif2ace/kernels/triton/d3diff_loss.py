@@ -15,6 +15,7 @@ assembled in PyTorch from the two ``[N]`` vectors these kernels produce; see
 Everything is computed in fp32 right after the load and cast at the store (the interpreter's bf16
 arithmetic is broken, see build-and-test.md); offsets are int64.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -39,7 +40,13 @@ def _num_warps(block: int) -> int:
 
 @triton.jit
 def _lse_gather_fwd_kernel(
-    X, T, LSE, TGT, V, stride_x, ignore_index,
+    X,
+    T,
+    LSE,
+    TGT,
+    V,
+    stride_x,
+    ignore_index,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -68,7 +75,16 @@ def _lse_gather_fwd_kernel(
 
 @triton.jit
 def _lse_gather_bwd_kernel(
-    X, T, LSE, GL, GT, G, V, stride_x, stride_g, ignore_index,
+    X,
+    T,
+    LSE,
+    GL,
+    GT,
+    G,
+    V,
+    stride_x,
+    stride_g,
+    ignore_index,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -110,8 +126,15 @@ def lse_gather(
         return lse, tgt
     blk = block_v(V)
     _lse_gather_fwd_kernel[(N,)](
-        logits, target, lse, tgt, V, logits.stride(0), int(ignore_index),
-        BLOCK_V=blk, num_warps=_num_warps(blk),
+        logits,
+        target,
+        lse,
+        tgt,
+        V,
+        logits.stride(0),
+        int(ignore_index),
+        BLOCK_V=blk,
+        num_warps=_num_warps(blk),
     )
     return lse, tgt
 
@@ -134,8 +157,17 @@ def lse_gather_backward(
         return grad
     blk = block_v(V)
     _lse_gather_bwd_kernel[(N,)](
-        logits, target, lse.contiguous(), grad_lse.contiguous(), grad_tgt.contiguous(), grad,
-        V, logits.stride(0), grad.stride(0), int(ignore_index),
-        BLOCK_V=blk, num_warps=_num_warps(blk),
+        logits,
+        target,
+        lse.contiguous(),
+        grad_lse.contiguous(),
+        grad_tgt.contiguous(),
+        grad,
+        V,
+        logits.stride(0),
+        grad.stride(0),
+        int(ignore_index),
+        BLOCK_V=blk,
+        num_warps=_num_warps(blk),
     )
     return grad

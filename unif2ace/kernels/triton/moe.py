@@ -42,6 +42,7 @@ only as ``tl.dot`` operands (x, w, and the stored h / dh). fp32 dots use ``input
 Tile configurations live in small tables (``ALIGN_CONFIGS``, ``MLP_CONFIGS``) keyed by a shape
 class, to be tuned on a GPU; the interpreter gets large tiles (each program costs ~1 ms there).
 """
+
 from __future__ import annotations
 
 import os
@@ -141,8 +142,20 @@ def _group_tables(sizes: Sequence[int], device: torch.device) -> Tuple[Tensor, T
 
 
 @triton.jit
-def _gating_scores(Z, GID, GOFF, GSIZE, pid, T, stride_zt, stride_ze, stride_gid,
-                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr):
+def _gating_scores(
+    Z,
+    GID,
+    GOFF,
+    GSIZE,
+    pid,
+    T,
+    stride_zt,
+    stride_ze,
+    stride_gid,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    SIGMOID: tl.constexpr,
+):
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     rmask = rows < T
     rows64 = rows.to(tl.int64)
@@ -167,14 +180,32 @@ def _gating_scores(Z, GID, GOFF, GSIZE, pid, T, stride_zt, stride_ze, stride_gid
 
 @triton.jit
 def _gating_fwd_kernel(
-    Z, GID, GOFF, GSIZE, IDS, GATES, PART_S, PART_C, PART_N,
-    T, G, E_total, stride_zt, stride_ze, stride_gid,
-    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    SIGMOID: tl.constexpr, RENORM: tl.constexpr,
+    Z,
+    GID,
+    GOFF,
+    GSIZE,
+    IDS,
+    GATES,
+    PART_S,
+    PART_C,
+    PART_N,
+    T,
+    G,
+    E_total,
+    stride_zt,
+    stride_ze,
+    stride_gid,
+    K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    RENORM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows, rmask, g, goff, gsz, cols, cmask, s = _gating_scores(
-        Z, GID, GOFF, GSIZE, pid, T, stride_zt, stride_ze, stride_gid, BLOCK_T, BLOCK_E, SIGMOID)
+        Z, GID, GOFF, GSIZE, pid, T, stride_zt, stride_ze, stride_gid, BLOCK_T, BLOCK_E, SIGMOID
+    )
     sel = tl.where(cmask, s, -1.0)  # scores are >= 0: padding never wins
     kk = tl.arange(0, BLOCK_K)
     top_v = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
@@ -212,9 +243,21 @@ def _gating_fwd_kernel(
 
 @triton.jit
 def _gating_stats_kernel(
-    PART_S, PART_C, PART_N, GOFF, GSIZE, FRAC, PROB, LOSS, NTOK,
-    n_blocks, G, E_total, coef,
-    K: tl.constexpr, BLOCK_E: tl.constexpr,
+    PART_S,
+    PART_C,
+    PART_N,
+    GOFF,
+    GSIZE,
+    FRAC,
+    PROB,
+    LOSS,
+    NTOK,
+    n_blocks,
+    G,
+    E_total,
+    coef,
+    K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     gg = tl.program_id(0)
     off = tl.load(GOFF + gg)
@@ -246,14 +289,31 @@ def _gating_stats_kernel(
 
 @triton.jit
 def _gating_bwd_kernel(
-    Z, GID, GOFF, GSIZE, GG, DPS, DZ,
-    T, E_total, stride_zt, stride_ze, stride_gid, stride_ggt, stride_ggk, stride_dzt,
-    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    SIGMOID: tl.constexpr, RENORM: tl.constexpr,
+    Z,
+    GID,
+    GOFF,
+    GSIZE,
+    GG,
+    DPS,
+    DZ,
+    T,
+    E_total,
+    stride_zt,
+    stride_ze,
+    stride_gid,
+    stride_ggt,
+    stride_ggk,
+    stride_dzt,
+    K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    RENORM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows, rmask, g, goff, gsz, cols, cmask, s = _gating_scores(
-        Z, GID, GOFF, GSIZE, pid, T, stride_zt, stride_ze, stride_gid, BLOCK_T, BLOCK_E, SIGMOID)
+        Z, GID, GOFF, GSIZE, pid, T, stride_zt, stride_ze, stride_gid, BLOCK_T, BLOCK_E, SIGMOID
+    )
     rows64 = rows.to(tl.int64)
     sel = tl.where(cmask, s, -1.0)
     dc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
@@ -286,8 +346,11 @@ def _gating_bwd_kernel(
         cz = c0 + cols
         outside = (cz[None, :] < goff[:, None]) | (cz[None, :] >= (goff + gsz)[:, None])
         zero = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-        tl.store(drow + cz[None, :].to(tl.int64), zero.to(DZ.dtype.element_ty),
-                 mask=rmask[:, None] & (cz[None, :] < E_total) & outside)
+        tl.store(
+            drow + cz[None, :].to(tl.int64),
+            zero.to(DZ.dtype.element_ty),
+            mask=rmask[:, None] & (cz[None, :] < E_total) & outside,
+        )
 
 
 def _gating_tiles(T: int, sizes: Sequence[int]) -> Tuple[int, int]:
@@ -317,20 +380,59 @@ def _gating_launch(router_logits, group_ids, group_sizes, top_k, score, renormal
     part_n = _empty((max(n_blocks, 1), G), dtype=torch.int32, device=dev)
     if n_blocks > 0:
         _gating_fwd_kernel[(n_blocks,)](
-            router_logits, group_ids, goff, gsize, ids, gates, part_s, part_c, part_n,
-            T, G, E_total, router_logits.stride(0), router_logits.stride(1), group_ids.stride(0),
-            K=k, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=_pow2(k, 2),
-            SIGMOID=score == "sigmoid", RENORM=bool(renormalize), num_warps=4,
+            router_logits,
+            group_ids,
+            goff,
+            gsize,
+            ids,
+            gates,
+            part_s,
+            part_c,
+            part_n,
+            T,
+            G,
+            E_total,
+            router_logits.stride(0),
+            router_logits.stride(1),
+            group_ids.stride(0),
+            K=k,
+            BLOCK_T=block_t,
+            BLOCK_E=block_e,
+            BLOCK_K=_pow2(k, 2),
+            SIGMOID=score == "sigmoid",
+            RENORM=bool(renormalize),
+            num_warps=4,
         )
     _gating_stats_kernel[(G,)](
-        part_s, part_c, part_n, goff, gsize, frac, prob, loss, ntok,
-        n_blocks, G, E_total, float(balance_coef), K=k, BLOCK_E=block_e, num_warps=4,
+        part_s,
+        part_c,
+        part_n,
+        goff,
+        gsize,
+        frac,
+        prob,
+        loss,
+        ntok,
+        n_blocks,
+        G,
+        E_total,
+        float(balance_coef),
+        K=k,
+        BLOCK_E=block_e,
+        num_warps=4,
     )
     return ids, gates, frac, prob, loss, ntok
 
 
-def gating_forward(router_logits: Tensor, group_ids: Tensor, group_sizes: Sequence[int], top_k: int,
-                   score: str = "softmax", renormalize: bool = False, balance_coef: float = 0.01):
+def gating_forward(
+    router_logits: Tensor,
+    group_ids: Tensor,
+    group_sizes: Sequence[int],
+    top_k: int,
+    score: str = "softmax",
+    renormalize: bool = False,
+    balance_coef: float = 0.01,
+):
     """Same contract as ``moe_gating_ref``: ``(expert_ids, gates, expert_fraction, expert_prob, balance_loss)``.
 
     Groups of more than ``MAX_GROUP_EXPERTS`` experts (one tile) run the reference instead."""
@@ -338,21 +440,32 @@ def gating_forward(router_logits: Tensor, group_ids: Tensor, group_sizes: Sequen
         from ..reference.moe import moe_gating_ref
 
         return moe_gating_ref(router_logits, group_ids, list(group_sizes), top_k, score, renormalize, balance_coef)
-    ids, gates, frac, prob, loss, _ = _gating_launch(router_logits, group_ids, list(group_sizes), top_k, score,
-                                                     renormalize, balance_coef)
+    ids, gates, frac, prob, loss, _ = _gating_launch(
+        router_logits, group_ids, list(group_sizes), top_k, score, renormalize, balance_coef
+    )
     return ids, gates, frac, prob, loss
 
 
-def gating_backward(grad_gates: Tensor, grad_prob: Tensor, grad_loss: Tensor, router_logits: Tensor,
-                    group_ids: Tensor, group_sizes: Sequence[int], top_k: int, score: str = "softmax",
-                    renormalize: bool = False, balance_coef: float = 0.01) -> Tensor:
+def gating_backward(
+    grad_gates: Tensor,
+    grad_prob: Tensor,
+    grad_loss: Tensor,
+    router_logits: Tensor,
+    group_ids: Tensor,
+    group_sizes: Sequence[int],
+    top_k: int,
+    score: str = "softmax",
+    renormalize: bool = False,
+    balance_coef: float = 0.01,
+) -> Tensor:
     """Same contract as ``moe_gating_backward_ref`` (d router_logits, router_logits' dtype)."""
     sizes = list(group_sizes)
     if max(sizes) > MAX_GROUP_EXPERTS:
         from ..reference.moe import moe_gating_backward_ref
 
-        return moe_gating_backward_ref(grad_gates, grad_prob, grad_loss, router_logits, group_ids, sizes, top_k,
-                                       score, renormalize, balance_coef)
+        return moe_gating_backward_ref(
+            grad_gates, grad_prob, grad_loss, router_logits, group_ids, sizes, top_k, score, renormalize, balance_coef
+        )
     dev = router_logits.device
     T, E_total = router_logits.shape
     dz = _empty((T, E_total), dtype=router_logits.dtype, device=dev)
@@ -366,10 +479,25 @@ def gating_backward(grad_gates: Tensor, grad_prob: Tensor, grad_loss: Tensor, ro
     grad_gates = grad_gates.float()
     block_t, block_e = _gating_tiles(T, sizes)
     _gating_bwd_kernel[(triton.cdiv(T, block_t),)](
-        router_logits, group_ids, *_group_tables(sizes, dev)[:2], grad_gates, dps, dz,
-        T, E_total, router_logits.stride(0), router_logits.stride(1), group_ids.stride(0),
-        grad_gates.stride(0), grad_gates.stride(1), dz.stride(0),
-        K=int(top_k), BLOCK_T=block_t, BLOCK_E=block_e, SIGMOID=score == "sigmoid", RENORM=bool(renormalize),
+        router_logits,
+        group_ids,
+        *_group_tables(sizes, dev)[:2],
+        grad_gates,
+        dps,
+        dz,
+        T,
+        E_total,
+        router_logits.stride(0),
+        router_logits.stride(1),
+        group_ids.stride(0),
+        grad_gates.stride(0),
+        grad_gates.stride(1),
+        dz.stride(0),
+        K=int(top_k),
+        BLOCK_T=block_t,
+        BLOCK_E=block_e,
+        SIGMOID=score == "sigmoid",
+        RENORM=bool(renormalize),
         num_warps=4,
     )
     return dz
@@ -414,8 +542,9 @@ def _align_scan_kernel(PART, CHUNK_OFF, COUNTS, SEG_START, TOTAL, n_chunks, E, b
 
 
 @triton.jit
-def _align_blocks_kernel(COUNTS, SEG_START, TOTAL, BLOCK_IDS, E, n_blocks, bs,
-                         BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):
+def _align_blocks_kernel(
+    COUNTS, SEG_START, TOTAL, BLOCK_IDS, E, n_blocks, bs, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr
+):
     b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     pos = b * bs
     total = tl.load(TOTAL).to(tl.int64)
@@ -472,11 +601,11 @@ def align(expert_ids: Tensor, num_experts: int, block_size: int, *, with_segment
         _align_count_kernel[(n_chunks,)](flat, part, N, E, BLOCK_N=BN, BLOCK_E=BE, num_warps=4)
     _align_scan_kernel[(1,)](part, chunk_off, counts, seg, total, n_chunks, E, bs, BLOCK_E=BE, num_warps=4)
     if max_blocks:
-        _align_blocks_kernel[(triton.cdiv(max_blocks, BB),)](counts, seg, total, block_ids, E, max_blocks, bs,
-                                                              BLOCK_B=BB, BLOCK_E=BE, num_warps=4)
+        _align_blocks_kernel[(triton.cdiv(max_blocks, BB),)](
+            counts, seg, total, block_ids, E, max_blocks, bs, BLOCK_B=BB, BLOCK_E=BE, num_warps=4
+        )
     if n_chunks:
-        _align_scatter_kernel[(n_chunks,)](flat, chunk_off, seg, sorted_ids, N, E, BLOCK_N=BN, BLOCK_E=BE,
-                                           num_warps=4)
+        _align_scatter_kernel[(n_chunks,)](flat, chunk_off, seg, sorted_ids, N, E, BLOCK_N=BN, BLOCK_E=BE, num_warps=4)
     out = (sorted_ids, block_ids, total, counts)
     return out + (seg,) if with_segments else out
 
@@ -516,11 +645,29 @@ def _rows_of_block(SORTED, pid_m, N, K: tl.constexpr, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _mlp_up_kernel(
-    X, W1, B1, SORTED, BEID, H,
-    N, D, F,
-    stride_xt, stride_xd, stride_w1e, stride_w1d, stride_w1f, stride_b1e, stride_ht,
-    K: tl.constexpr, ACT: tl.constexpr, HAS_B1: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+    X,
+    W1,
+    B1,
+    SORTED,
+    BEID,
+    H,
+    N,
+    D,
+    F,
+    stride_xt,
+    stride_xd,
+    stride_w1e,
+    stride_w1d,
+    stride_w1f,
+    stride_b1e,
+    stride_ht,
+    K: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_f = tl.program_id(1)
@@ -536,8 +683,11 @@ def _mlp_up_kernel(
     for d0 in range(0, D, BLOCK_D):
         dc = d0 + tl.arange(0, BLOCK_D)
         dm = dc < D
-        xa = tl.load(X + tok[:, None] * stride_xt + dc[None, :].to(tl.int64) * stride_xd,
-                     mask=valid[:, None] & dm[None, :], other=0.0)
+        xa = tl.load(
+            X + tok[:, None] * stride_xt + dc[None, :].to(tl.int64) * stride_xd,
+            mask=valid[:, None] & dm[None, :],
+            other=0.0,
+        )
         wp = w1e + dc[:, None].to(tl.int64) * stride_w1d
         w = tl.load(wp + fc[None, :].to(tl.int64) * stride_w1f, mask=dm[:, None] & fm[None, :], other=0.0)
         acc = tl.dot(xa, w, acc, input_precision=PREC)
@@ -554,11 +704,29 @@ def _mlp_up_kernel(
 
 @triton.jit
 def _mlp_down_kernel(
-    H, W2, B2, GATES, SORTED, BEID, Y,
-    N, F, D,
-    stride_ht, stride_w2e, stride_w2f, stride_w2d, stride_b2e, stride_yt,
-    K: tl.constexpr, HAS_B2: tl.constexpr, APPLY_GATE: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+    H,
+    W2,
+    B2,
+    GATES,
+    SORTED,
+    BEID,
+    Y,
+    N,
+    F,
+    D,
+    stride_ht,
+    stride_w2e,
+    stride_w2f,
+    stride_w2d,
+    stride_b2e,
+    stride_yt,
+    K: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    APPLY_GATE: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -573,8 +741,11 @@ def _mlp_down_kernel(
         fc = f0 + tl.arange(0, BLOCK_F)
         fm = fc < F
         h = tl.load(H + pos[:, None] * stride_ht + fc[None, :], mask=fm[None, :], other=0.0)
-        w = tl.load(W2 + e * stride_w2e + fc[:, None].to(tl.int64) * stride_w2f + dc[None, :].to(tl.int64) * stride_w2d,
-                    mask=fm[:, None] & dm[None, :], other=0.0)
+        w = tl.load(
+            W2 + e * stride_w2e + fc[:, None].to(tl.int64) * stride_w2f + dc[None, :].to(tl.int64) * stride_w2d,
+            mask=fm[:, None] & dm[None, :],
+            other=0.0,
+        )
         acc = tl.dot(h, w, acc, input_precision=PREC)
     if HAS_B2:
         acc += tl.load(B2 + e * stride_b2e + dc, mask=dm, other=0.0).to(tl.float32)[None, :]
@@ -585,8 +756,9 @@ def _mlp_down_kernel(
 
 
 @triton.jit
-def _combine_kernel(Y, IDS, OUT, T, D, E, stride_yt, stride_ot,
-                    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _combine_kernel(
+    Y, IDS, OUT, T, D, E, stride_yt, stride_ot, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr
+):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     dc = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     rm = rows < T
@@ -597,18 +769,49 @@ def _combine_kernel(Y, IDS, OUT, T, D, E, stride_yt, stride_ot,
         eid = tl.load(IDS + a, mask=rm, other=-1).to(tl.int64)
         ok = rm & (eid >= 0) & (eid < E)
         out += tl.load(Y + a[:, None] * stride_yt + dc[None, :], mask=ok[:, None] & dm[None, :], other=0.0)
-    tl.store(OUT + rows[:, None] * stride_ot + dc[None, :], out.to(OUT.dtype.element_ty),
-             mask=rm[:, None] & dm[None, :])
+    tl.store(
+        OUT + rows[:, None] * stride_ot + dc[None, :], out.to(OUT.dtype.element_ty), mask=rm[:, None] & dm[None, :]
+    )
 
 
 @triton.jit
 def _mlp_bwd_act_kernel(
-    X, W1, B1, W2, B2, GO, GATES, SORTED, BEID, A_OUT, DH, DGP,
-    N, D, F,
-    stride_xt, stride_xd, stride_w1e, stride_w1d, stride_w1f, stride_b1e,
-    stride_w2e, stride_w2f, stride_w2d, stride_b2e, stride_got, stride_at, stride_dht,
-    K: tl.constexpr, ACT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+    X,
+    W1,
+    B1,
+    W2,
+    B2,
+    GO,
+    GATES,
+    SORTED,
+    BEID,
+    A_OUT,
+    DH,
+    DGP,
+    N,
+    D,
+    F,
+    stride_xt,
+    stride_xd,
+    stride_w1e,
+    stride_w1d,
+    stride_w1f,
+    stride_b1e,
+    stride_w2e,
+    stride_w2f,
+    stride_w2d,
+    stride_b2e,
+    stride_got,
+    stride_at,
+    stride_dht,
+    K: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_f = tl.program_id(1)
@@ -636,8 +839,11 @@ def _mlp_bwd_act_kernel(
             wu = tl.load(wp + (F + fc[None, :]).to(tl.int64) * stride_w1f, mask=dm[:, None] & fm[None, :], other=0.0)
             up = tl.dot(xa, wu, up, input_precision=PREC)
         go = tl.load(GO + tok[:, None] * stride_got + dc[None, :], mask=rmask, other=0.0)
-        w2t = tl.load(w2e + fc[None, :].to(tl.int64) * stride_w2f + dc[:, None].to(tl.int64) * stride_w2d,
-                      mask=dm[:, None] & fm[None, :], other=0.0)
+        w2t = tl.load(
+            w2e + fc[None, :].to(tl.int64) * stride_w2f + dc[:, None].to(tl.int64) * stride_w2d,
+            mask=dm[:, None] & fm[None, :],
+            other=0.0,
+        )
         dA = tl.dot(go, w2t, dA, input_precision=PREC)
         if HAS_B2:
             b2 = tl.load(B2 + e * stride_b2e + dc, mask=dm & (pid_f == 0), other=0.0).to(tl.float32)
@@ -672,11 +878,32 @@ def _mlp_bwd_act_kernel(
 
 @triton.jit
 def _grouped_xty_kernel(
-    X, Y, GATES, SORTED, SEG_START, COUNTS, OUT, DBIAS,
-    N, P, Q,
-    stride_xr, stride_xc, stride_yr, stride_oe, stride_op, stride_oq, stride_be,
-    K: tl.constexpr, X_BY_TOKEN: tl.constexpr, Y_BY_TOKEN_GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    X,
+    Y,
+    GATES,
+    SORTED,
+    SEG_START,
+    COUNTS,
+    OUT,
+    DBIAS,
+    N,
+    P,
+    Q,
+    stride_xr,
+    stride_xc,
+    stride_yr,
+    stride_oe,
+    stride_op,
+    stride_oq,
+    stride_be,
+    K: tl.constexpr,
+    X_BY_TOKEN: tl.constexpr,
+    Y_BY_TOKEN_GATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
 ):
     # OUT[e] = sum over expert e's assignment rows r of X_r^T Y_r ([P, Q]); DBIAS[e] = sum_r Y_r.
     # X rows: x[token] (X_BY_TOKEN) or a per-position buffer; Y rows: gate * grad_out[token]
@@ -701,12 +928,19 @@ def _grouped_xty_kernel(
             xr = tok
         else:
             xr = pos
-        xt = tl.load(X + xr[:, None] * stride_xr + pc[None, :].to(tl.int64) * stride_xc,
-                     mask=valid[:, None] & pm[None, :], other=0.0)
+        xt = tl.load(
+            X + xr[:, None] * stride_xr + pc[None, :].to(tl.int64) * stride_xc,
+            mask=valid[:, None] & pm[None, :],
+            other=0.0,
+        )
         if Y_BY_TOKEN_GATED:
             g = tl.load(GATES + a, mask=valid, other=0.0).to(tl.float32)
-            yf = tl.load(Y + tok[:, None] * stride_yr + qc[None, :], mask=valid[:, None] & qm[None, :],
-                         other=0.0).to(tl.float32) * g[:, None]
+            yf = (
+                tl.load(Y + tok[:, None] * stride_yr + qc[None, :], mask=valid[:, None] & qm[None, :], other=0.0).to(
+                    tl.float32
+                )
+                * g[:, None]
+            )
             yt = yf.to(Y.dtype.element_ty)
         else:
             yt = tl.load(Y + pos[:, None] * stride_yr + qc[None, :], mask=valid[:, None] & qm[None, :], other=0.0)
@@ -722,11 +956,24 @@ def _grouped_xty_kernel(
 
 @triton.jit
 def _mlp_dx_kernel(
-    DH, W1, SORTED, BEID, DXA,
-    N, D, F1,
-    stride_dht, stride_w1e, stride_w1d, stride_w1f, stride_dxt,
-    K: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+    DH,
+    W1,
+    SORTED,
+    BEID,
+    DXA,
+    N,
+    D,
+    F1,
+    stride_dht,
+    stride_w1e,
+    stride_w1d,
+    stride_w1f,
+    stride_dxt,
+    K: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -741,8 +988,11 @@ def _mlp_dx_kernel(
         fc = f0 + tl.arange(0, BLOCK_F)
         fm = fc < F1
         dh = tl.load(DH + pos[:, None] * stride_dht + fc[None, :], mask=fm[None, :], other=0.0)
-        w1t = tl.load(W1 + e * stride_w1e + fc[:, None].to(tl.int64) * stride_w1f
-                      + dc[None, :].to(tl.int64) * stride_w1d, mask=fm[:, None] & dm[None, :], other=0.0)
+        w1t = tl.load(
+            W1 + e * stride_w1e + fc[:, None].to(tl.int64) * stride_w1f + dc[None, :].to(tl.int64) * stride_w1d,
+            mask=fm[:, None] & dm[None, :],
+            other=0.0,
+        )
         acc = tl.dot(dh, w1t, acc, input_precision=PREC)
     tl.store(DXA + a_idx[:, None] * stride_dxt + dc[None, :], acc, mask=valid[:, None] & dm[None, :])
 
@@ -765,8 +1015,7 @@ class _Routing:
         self.T, self.k = expert_ids.shape
         self.N = self.T * self.k
         self.ids = expert_ids.contiguous()
-        self.sorted, self.block_eid, self.total, self.counts, self.seg = align(self.ids, E, block_m,
-                                                                                with_segments=True)
+        self.sorted, self.block_eid, self.total, self.counts, self.seg = align(self.ids, E, block_m, with_segments=True)
         self.L = self.sorted.numel()
         self.NB = self.block_eid.numel()
 
@@ -778,13 +1027,23 @@ def _combine(y: Tensor, rt: _Routing, E: int, out_dtype: torch.dtype, D: int) ->
     BT = min(_pow2(rt.T), 64)
     BD = min(_pow2(D), 128 if _interpreting() else 64)
     _combine_kernel[(triton.cdiv(rt.T, BT), triton.cdiv(D, BD))](
-        y, rt.ids, out, rt.T, D, E, y.stride(0), out.stride(0), K=rt.k, BLOCK_T=BT, BLOCK_D=BD, num_warps=4)
+        y, rt.ids, out, rt.T, D, E, y.stride(0), out.stride(0), K=rt.k, BLOCK_T=BT, BLOCK_D=BD, num_warps=4
+    )
     return out
 
 
-def expert_mlp_forward(x: Tensor, w1: Tensor, w2: Tensor, expert_ids: Tensor, gates: Tensor,
-                       b1: Optional[Tensor] = None, b2: Optional[Tensor] = None, activation: str = "gelu",
-                       *, config: Optional[Dict[str, int]] = None) -> Tensor:
+def expert_mlp_forward(
+    x: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    expert_ids: Tensor,
+    gates: Tensor,
+    b1: Optional[Tensor] = None,
+    b2: Optional[Tensor] = None,
+    activation: str = "gelu",
+    *,
+    config: Optional[Dict[str, int]] = None,
+) -> Tensor:
     """Same contract as ``moe_expert_mlp_ref``; ``config`` overrides the tile table (tests)."""
     T, D = x.shape
     E, _, F1 = w1.shape
@@ -803,24 +1062,74 @@ def expert_mlp_forward(x: Tensor, w1: Tensor, w2: Tensor, expert_ids: Tensor, ga
     h = _empty((rt.L, F), dtype=cdt, device=dev)
     dummy = h
     _mlp_up_kernel[(rt.NB, triton.cdiv(F, BF))](
-        xc, w1c, dummy if b1 is None else b1, rt.sorted, rt.block_eid, h,
-        rt.N, D, F, xc.stride(0), xc.stride(1), w1c.stride(0), w1c.stride(1), w1c.stride(2),
-        0 if b1 is None else b1.stride(0), h.stride(0),
-        K=k, ACT=_ACT[activation], HAS_B1=b1 is not None, PREC=_prec(cdt),
-        BLOCK_M=BM, BLOCK_F=BF, BLOCK_D=BD, **kw)
+        xc,
+        w1c,
+        dummy if b1 is None else b1,
+        rt.sorted,
+        rt.block_eid,
+        h,
+        rt.N,
+        D,
+        F,
+        xc.stride(0),
+        xc.stride(1),
+        w1c.stride(0),
+        w1c.stride(1),
+        w1c.stride(2),
+        0 if b1 is None else b1.stride(0),
+        h.stride(0),
+        K=k,
+        ACT=_ACT[activation],
+        HAS_B1=b1 is not None,
+        PREC=_prec(cdt),
+        BLOCK_M=BM,
+        BLOCK_F=BF,
+        BLOCK_D=BD,
+        **kw,
+    )
     y = _empty((rt.N, D), dtype=torch.float32, device=dev)
     _mlp_down_kernel[(rt.NB, triton.cdiv(D, BD))](
-        h, w2c, dummy if b2 is None else b2, g, rt.sorted, rt.block_eid, y,
-        rt.N, F, D, h.stride(0), w2c.stride(0), w2c.stride(1), w2c.stride(2),
-        0 if b2 is None else b2.stride(0), y.stride(0),
-        K=k, HAS_B2=b2 is not None, APPLY_GATE=True, PREC=_prec(cdt),
-        BLOCK_M=BM, BLOCK_F=BF, BLOCK_D=BD, **kw)
+        h,
+        w2c,
+        dummy if b2 is None else b2,
+        g,
+        rt.sorted,
+        rt.block_eid,
+        y,
+        rt.N,
+        F,
+        D,
+        h.stride(0),
+        w2c.stride(0),
+        w2c.stride(1),
+        w2c.stride(2),
+        0 if b2 is None else b2.stride(0),
+        y.stride(0),
+        K=k,
+        HAS_B2=b2 is not None,
+        APPLY_GATE=True,
+        PREC=_prec(cdt),
+        BLOCK_M=BM,
+        BLOCK_F=BF,
+        BLOCK_D=BD,
+        **kw,
+    )
     return _combine(y, rt, E, x.dtype, D)
 
 
-def expert_mlp_backward(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, expert_ids: Tensor, gates: Tensor,
-                        b1: Optional[Tensor] = None, b2: Optional[Tensor] = None, activation: str = "gelu",
-                        *, config: Optional[Dict[str, int]] = None):
+def expert_mlp_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    expert_ids: Tensor,
+    gates: Tensor,
+    b1: Optional[Tensor] = None,
+    b2: Optional[Tensor] = None,
+    activation: str = "gelu",
+    *,
+    config: Optional[Dict[str, int]] = None,
+):
     """Same contract as ``moe_expert_mlp_backward_ref``: ``(dx, dw1, dw2, dgates, db1, db2)``."""
     T, D = x.shape
     E, _, F1 = w1.shape
@@ -847,34 +1156,128 @@ def expert_mlp_backward(grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, exp
     prec = _prec(cdt)
     if rt.N:
         _mlp_bwd_act_kernel[(rt.NB, nF)](
-            xc, w1c, dummy if b1 is None else b1, w2c, dummy if b2 is None else b2, go, g,
-            rt.sorted, rt.block_eid, a_buf, dh, dgp,
-            rt.N, D, F, xc.stride(0), xc.stride(1), w1c.stride(0), w1c.stride(1), w1c.stride(2),
-            0 if b1 is None else b1.stride(0), w2c.stride(0), w2c.stride(1), w2c.stride(2),
-            0 if b2 is None else b2.stride(0), go.stride(0), a_buf.stride(0), dh.stride(0),
-            K=k, ACT=_ACT[activation], HAS_B1=b1 is not None, HAS_B2=b2 is not None, PREC=prec,
-            BLOCK_M=BM, BLOCK_F=BF, BLOCK_D=BD, **kw)
+            xc,
+            w1c,
+            dummy if b1 is None else b1,
+            w2c,
+            dummy if b2 is None else b2,
+            go,
+            g,
+            rt.sorted,
+            rt.block_eid,
+            a_buf,
+            dh,
+            dgp,
+            rt.N,
+            D,
+            F,
+            xc.stride(0),
+            xc.stride(1),
+            w1c.stride(0),
+            w1c.stride(1),
+            w1c.stride(2),
+            0 if b1 is None else b1.stride(0),
+            w2c.stride(0),
+            w2c.stride(1),
+            w2c.stride(2),
+            0 if b2 is None else b2.stride(0),
+            go.stride(0),
+            a_buf.stride(0),
+            dh.stride(0),
+            K=k,
+            ACT=_ACT[activation],
+            HAS_B1=b1 is not None,
+            HAS_B2=b2 is not None,
+            PREC=prec,
+            BLOCK_M=BM,
+            BLOCK_F=BF,
+            BLOCK_D=BD,
+            **kw,
+        )
     dgates = dgp.sum(0).view(T, k).to(gates.dtype)  # fixed-order reduction over F tiles
     # dW2[e] = a_e^T (g * grad_out)_e, db2[e] = sum (g * grad_out)_e
     _grouped_xty_kernel[(E, triton.cdiv(F, BF), triton.cdiv(D, BD))](
-        a_buf, go, g, rt.sorted, rt.seg, rt.counts, dw2, dummy if db2 is None else db2,
-        rt.N, F, D, a_buf.stride(0), a_buf.stride(1), go.stride(0), dw2.stride(0), dw2.stride(1), dw2.stride(2),
+        a_buf,
+        go,
+        g,
+        rt.sorted,
+        rt.seg,
+        rt.counts,
+        dw2,
+        dummy if db2 is None else db2,
+        rt.N,
+        F,
+        D,
+        a_buf.stride(0),
+        a_buf.stride(1),
+        go.stride(0),
+        dw2.stride(0),
+        dw2.stride(1),
+        dw2.stride(2),
         0 if db2 is None else db2.stride(0),
-        K=k, X_BY_TOKEN=False, Y_BY_TOKEN_GATED=True, HAS_BIAS=db2 is not None, PREC=prec,
-        BLOCK_M=BM, BLOCK_P=BF, BLOCK_Q=BD, **kw)
+        K=k,
+        X_BY_TOKEN=False,
+        Y_BY_TOKEN_GATED=True,
+        HAS_BIAS=db2 is not None,
+        PREC=prec,
+        BLOCK_M=BM,
+        BLOCK_P=BF,
+        BLOCK_Q=BD,
+        **kw,
+    )
     # dW1[e] = x_e^T dh_e, db1[e] = sum dh_e
     _grouped_xty_kernel[(E, triton.cdiv(D, BD), triton.cdiv(F1, BF))](
-        xc, dh, g, rt.sorted, rt.seg, rt.counts, dw1, dummy if db1 is None else db1,
-        rt.N, D, F1, xc.stride(0), xc.stride(1), dh.stride(0), dw1.stride(0), dw1.stride(1), dw1.stride(2),
+        xc,
+        dh,
+        g,
+        rt.sorted,
+        rt.seg,
+        rt.counts,
+        dw1,
+        dummy if db1 is None else db1,
+        rt.N,
+        D,
+        F1,
+        xc.stride(0),
+        xc.stride(1),
+        dh.stride(0),
+        dw1.stride(0),
+        dw1.stride(1),
+        dw1.stride(2),
         0 if db1 is None else db1.stride(0),
-        K=k, X_BY_TOKEN=True, Y_BY_TOKEN_GATED=False, HAS_BIAS=db1 is not None, PREC=prec,
-        BLOCK_M=BM, BLOCK_P=BD, BLOCK_Q=BF, **kw)
+        K=k,
+        X_BY_TOKEN=True,
+        Y_BY_TOKEN_GATED=False,
+        HAS_BIAS=db1 is not None,
+        PREC=prec,
+        BLOCK_M=BM,
+        BLOCK_P=BD,
+        BLOCK_Q=BF,
+        **kw,
+    )
     # dX: per-assignment dh @ w1[e]^T, then the fixed-order k-way combine
     dxa = _empty((rt.N, D), dtype=torch.float32, device=dev)
     if rt.N:
         _mlp_dx_kernel[(rt.NB, triton.cdiv(D, BD))](
-            dh, w1c, rt.sorted, rt.block_eid, dxa,
-            rt.N, D, F1, dh.stride(0), w1c.stride(0), w1c.stride(1), w1c.stride(2), dxa.stride(0),
-            K=k, PREC=prec, BLOCK_M=BM, BLOCK_F=BF, BLOCK_D=BD, **kw)
+            dh,
+            w1c,
+            rt.sorted,
+            rt.block_eid,
+            dxa,
+            rt.N,
+            D,
+            F1,
+            dh.stride(0),
+            w1c.stride(0),
+            w1c.stride(1),
+            w1c.stride(2),
+            dxa.stride(0),
+            K=k,
+            PREC=prec,
+            BLOCK_M=BM,
+            BLOCK_F=BF,
+            BLOCK_D=BD,
+            **kw,
+        )
     dx = _combine(dxa, rt, E, x.dtype, D)
     return dx, dw1, dw2, dgates, db1, db2

@@ -35,6 +35,7 @@ logits are read once. An in-kernel selection (radix / pivot search) is future wo
 
 Launch cost: the interpreter runs ~1 ms per program; tests keep B·L small and ``BLOCK_V`` large.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -134,10 +135,27 @@ def _gumbel_words_kernel(HI, LO, OUT, N, BLOCK: tl.constexpr):
 
 @triton.jit
 def _masked_step_kernel(
-    COND, UNC, TOK, MASK, SID, KEYS, THR, SAMPLED, CONF,
-    L, V, stride_c, stride_u,
-    a, s, temperature, tau,
-    HAS_UNC: tl.constexpr, HAS_THR: tl.constexpr, GREEDY: tl.constexpr, HAS_NOISE: tl.constexpr,
+    COND,
+    UNC,
+    TOK,
+    MASK,
+    SID,
+    KEYS,
+    THR,
+    SAMPLED,
+    CONF,
+    L,
+    V,
+    stride_c,
+    stride_u,
+    a,
+    s,
+    temperature,
+    tau,
+    HAS_UNC: tl.constexpr,
+    HAS_THR: tl.constexpr,
+    GREEDY: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     unit = tl.program_id(0).to(tl.int64)
@@ -213,9 +231,18 @@ def _masked_step_kernel(
 
 @triton.jit
 def _remask_kernel(
-    CONF, MASK, TOK, SAMPLED, TOK_OUT, MASK_OUT, SAMPLED_OUT,
-    L, n_sched, mask_token_id,
-    LAST: tl.constexpr, BLOCK_L: tl.constexpr,
+    CONF,
+    MASK,
+    TOK,
+    SAMPLED,
+    TOK_OUT,
+    MASK_OUT,
+    SAMPLED_OUT,
+    L,
+    n_sched,
+    mask_token_id,
+    LAST: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_L)
@@ -250,9 +277,19 @@ def _remask_kernel(
 
 @triton.jit
 def _ar_kernel(
-    X, SID, POS, KEYS, THR, TOKENS, LOGPROBS,
-    V, stride_x, temperature,
-    HAS_THR: tl.constexpr, GREEDY: tl.constexpr, BLOCK_V: tl.constexpr,
+    X,
+    SID,
+    POS,
+    KEYS,
+    THR,
+    TOKENS,
+    LOGPROBS,
+    V,
+    stride_x,
+    temperature,
+    HAS_THR: tl.constexpr,
+    GREEDY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     sid = tl.load(SID + row).to(tl.uint32)
@@ -411,18 +448,46 @@ def _masked_step(
     tau32 = float(torch.tensor(tau, dtype=torch.float32))
     if rows > 0 and backend == "cuda":
         sampled, conf = _cuda_ops().masked_step_sample(
-            cond, unc, tok, msk, sample_ids, seed_stream_keys(seed, device), thr, a, s,
-            float(temperature) if temperature > 0 else 1.0, tau32, temperature == 0, tau != 0.0,
+            cond,
+            unc,
+            tok,
+            msk,
+            sample_ids,
+            seed_stream_keys(seed, device),
+            thr,
+            a,
+            s,
+            float(temperature) if temperature > 0 else 1.0,
+            tau32,
+            temperature == 0,
+            tau != 0.0,
         )
     elif rows > 0:
         blk = block_v(V)
         _masked_step_kernel[(rows,)](
-            cond, unc if unc is not None else cond, tok, msk, sample_ids, seed_stream_keys(seed, device),
-            thr if thr is not None else conf, sampled, conf,
-            L, V, cond.stride(0), unc.stride(0) if unc is not None else 0,
-            a, s, float(temperature) if temperature > 0 else 1.0, tau32,
-            HAS_UNC=unc is not None, HAS_THR=thr is not None, GREEDY=temperature == 0,
-            HAS_NOISE=tau != 0.0, BLOCK_V=blk, num_warps=_num_warps(blk),
+            cond,
+            unc if unc is not None else cond,
+            tok,
+            msk,
+            sample_ids,
+            seed_stream_keys(seed, device),
+            thr if thr is not None else conf,
+            sampled,
+            conf,
+            L,
+            V,
+            cond.stride(0),
+            unc.stride(0) if unc is not None else 0,
+            a,
+            s,
+            float(temperature) if temperature > 0 else 1.0,
+            tau32,
+            HAS_UNC=unc is not None,
+            HAS_THR=thr is not None,
+            GREEDY=temperature == 0,
+            HAS_NOISE=tau != 0.0,
+            BLOCK_V=blk,
+            num_warps=_num_warps(blk),
         )
     n_sched, last = _n_sched(L, step, num_steps, schedule, schedule_exponent)
     if L > MAX_L or rows == 0:
@@ -430,14 +495,26 @@ def _masked_step(
         return _ref.MaskedStepOutput(tok_out, new_mask, smp_out, conf)
     if backend == "cuda":
         tok_out, new_mask, smp_out = _cuda_ops().masked_step_remask(
-            conf, msk, tok, sampled, n_sched, last, int(mask_token_id))
+            conf, msk, tok, sampled, n_sched, last, int(mask_token_id)
+        )
         return _ref.MaskedStepOutput(tok_out, new_mask, smp_out, conf)
     tok_out = torch.empty(B, L, dtype=torch.int64, device=device)
     new_mask = torch.empty(B, L, dtype=torch.bool, device=device)
     smp_out = torch.empty(B, L, dtype=torch.int64, device=device)
     _remask_kernel[(B,)](
-        conf, msk, tok, sampled, tok_out, new_mask, smp_out, L, n_sched, int(mask_token_id),
-        LAST=last, BLOCK_L=max(16, triton.next_power_of_2(L)), num_warps=4,
+        conf,
+        msk,
+        tok,
+        sampled,
+        tok_out,
+        new_mask,
+        smp_out,
+        L,
+        n_sched,
+        int(mask_token_id),
+        LAST=last,
+        BLOCK_L=max(16, triton.next_power_of_2(L)),
+        num_warps=4,
     )
     return _ref.MaskedStepOutput(tok_out, new_mask, smp_out, conf)
 
@@ -482,14 +559,31 @@ def _ar(
     thr = ar_threshold(logits, temperature, top_k, top_p) if filt else None
     if backend == "cuda":
         tokens, logprobs = _cuda_ops().ar_sample(
-            x, sample_ids, pos, seed_stream_keys(seed, device), thr,
-            float(temperature) if temperature > 0 else 1.0, greedy)
+            x,
+            sample_ids,
+            pos,
+            seed_stream_keys(seed, device),
+            thr,
+            float(temperature) if temperature > 0 else 1.0,
+            greedy,
+        )
         return _ref.ARSample(tokens, logprobs)
     blk = block_v(V)
     _ar_kernel[(B,)](
-        x, sample_ids, pos, seed_stream_keys(seed, device), thr if thr is not None else logprobs,
-        tokens, logprobs, V, x.stride(0), float(temperature) if temperature > 0 else 1.0,
-        HAS_THR=thr is not None, GREEDY=greedy, BLOCK_V=blk, num_warps=_num_warps(blk),
+        x,
+        sample_ids,
+        pos,
+        seed_stream_keys(seed, device),
+        thr if thr is not None else logprobs,
+        tokens,
+        logprobs,
+        V,
+        x.stride(0),
+        float(temperature) if temperature > 0 else 1.0,
+        HAS_THR=thr is not None,
+        GREEDY=greedy,
+        BLOCK_V=blk,
+        num_warps=_num_warps(blk),
     )
     return _ref.ARSample(tokens, logprobs)
 

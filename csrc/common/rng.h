@@ -1,6 +1,6 @@
 // The counter-based RNG of the sampling ops, bit for bit as defined in
 // unif2ace/kernels/reference/rng.py (that docstring is the contract; every +, * wraps mod 2^32).
-// Torch-free and usable from host C++ and CUDA device code alike (U2A_HD).
+// Torch-free and usable from host C++ and CUDA device code alike (UNIF2ACE_HD).
 //
 //   mix32, seed_stream_key, row_key, element   the uint32 word generator
 //   exponential_from_words / gumbel_from_words Exponential(1) and Gumbel(0, 1) from the 64 bits
@@ -18,12 +18,12 @@
 #include <cstring>
 
 #ifdef __CUDACC__
-#define U2A_HD __host__ __device__ __forceinline__
+#define UNIF2ACE_HD __host__ __device__ __forceinline__
 #else
-#define U2A_HD inline __attribute__((always_inline))
+#define UNIF2ACE_HD inline __attribute__((always_inline))
 #endif
 
-namespace u2a {
+namespace unif2ace {
 namespace rng {
 
 constexpr uint32_t M1 = 0x21F0AAADu;
@@ -33,7 +33,7 @@ constexpr uint32_t ELEM_ADD = 0x632BE5ABu;
 constexpr uint32_t STREAM_TOKEN = 0;
 constexpr uint32_t STREAM_CONFIDENCE = 1;
 
-U2A_HD uint32_t mix32(uint32_t x) {
+UNIF2ACE_HD uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
   x *= M1;
   x ^= x >> 15;
@@ -43,24 +43,24 @@ U2A_HD uint32_t mix32(uint32_t x) {
 }
 
 // The part of row_key that depends only on (seed, stream, word): a per-call constant.
-U2A_HD uint32_t seed_stream_key(uint32_t seed_lo, uint32_t seed_hi, uint32_t stream, uint32_t word) {
+UNIF2ACE_HD uint32_t seed_stream_key(uint32_t seed_lo, uint32_t seed_hi, uint32_t stream, uint32_t word) {
   const uint32_t h = mix32(seed_hi ^ (GOLDEN * (2u * stream + word + 1u)));
   return mix32(h ^ seed_lo);
 }
 
 // row_key from the seed/stream key, the low 32 bits of the sample id and the position word.
-U2A_HD uint32_t row_key(uint32_t stream_key, uint32_t sample_lo, uint32_t position) {
+UNIF2ACE_HD uint32_t row_key(uint32_t stream_key, uint32_t sample_lo, uint32_t position) {
   return mix32(mix32(stream_key ^ sample_lo) ^ position);
 }
 
-U2A_HD uint32_t element(uint32_t row_key, uint32_t token) { return mix32(mix32(row_key ^ token) + ELEM_ADD); }
+UNIF2ACE_HD uint32_t element(uint32_t row_key, uint32_t token) { return mix32(mix32(row_key ^ token) + ELEM_ADD); }
 
 // Exponential(1) from the 64 bits (hi, lo), float64, both tails at full precision:
 //   hi <  2^31: u = w      = (hi + (lo + 0.5) 2^-32) 2^-32,  E = -log1p(-u)
 //   hi >= 2^31: u = 1 - w  = (~hi + (~lo + 0.5) 2^-32) 2^-32, E = -log(u)
 // ((l + 0.5) * 2^-32 + h) * 2^-32 is the reference's operation order; only the addition rounds
 // (so an FMA contraction, as nvcc does by default, gives the same value: the product is exact).
-U2A_HD double exponential_from_words(uint32_t hi, uint32_t lo) {
+UNIF2ACE_HD double exponential_from_words(uint32_t hi, uint32_t lo) {
   const double s = 2.3283064365386963e-10;  // 2^-32
   const bool low_half = hi < 0x80000000u;
   const double h = static_cast<double>(low_half ? hi : ~hi);
@@ -70,7 +70,7 @@ U2A_HD double exponential_from_words(uint32_t hi, uint32_t lo) {
 }
 
 // Gumbel(0, 1) = -log(E), in float64, cast to fp32 (round to nearest).
-U2A_HD float gumbel_from_words(uint32_t hi, uint32_t lo) {
+UNIF2ACE_HD float gumbel_from_words(uint32_t hi, uint32_t lo) {
   return static_cast<float>(-::log(exponential_from_words(hi, lo)));
 }
 
@@ -89,7 +89,7 @@ U2A_HD float gumbel_from_words(uint32_t hi, uint32_t lo) {
 
 constexpr float GUMBEL_BOUND_MARGIN = 1e-3f;
 
-U2A_HD int32_t f32_bits(float x) {
+UNIF2ACE_HD int32_t f32_bits(float x) {
 #ifdef __CUDA_ARCH__
   return __float_as_int(x);
 #else
@@ -99,7 +99,7 @@ U2A_HD int32_t f32_bits(float x) {
 #endif
 }
 
-U2A_HD float bits_f32(int32_t i) {
+UNIF2ACE_HD float bits_f32(int32_t i) {
 #ifdef __CUDA_ARCH__
   return __int_as_float(i);
 #else
@@ -113,7 +113,7 @@ U2A_HD float bits_f32(int32_t i) {
 // only, log m = 2 atanh(f), f = (m-1)/(m+1), |f| < 0.172 (odd series to f^11: |err| < 1e-9).
 // Every operation is unconditional (no float compares or conditional float arithmetic, which
 // GCC will not if-convert under -ftrapping-math), so loops over it vectorise.
-U2A_HD float log_pos_f32(float x) {
+UNIF2ACE_HD float log_pos_f32(float x) {
   const int32_t ix = f32_bits(x);
   const int32_t e = (ix - 0x3f3504f3) >> 23;  // arithmetic shift: floor
   const int32_t mb = ix - static_cast<int32_t>(static_cast<uint32_t>(e) << 23);
@@ -130,16 +130,16 @@ U2A_HD float log_pos_f32(float x) {
 }
 
 // c ? a : b on the bit patterns (both sides already computed: a plain select that vectorises).
-U2A_HD float select_f32(bool c, float a, float b) {
+UNIF2ACE_HD float select_f32(bool c, float a, float b) {
   const int32_t m = -static_cast<int32_t>(c);
   return bits_f32((f32_bits(a) & m) | (f32_bits(b) & ~m));
 }
 
-U2A_HD float gumbel_upper_f32(uint32_t hi) {
+UNIF2ACE_HD float gumbel_upper_f32(uint32_t hi) {
   const bool low_half = hi < 0x80000000u;
   const bool zero = hi == 0u;
-  const bool tiny = hi < (1u << 26);  // u < 2^-6
-  const float s = 2.3283064365386963e-10f;  // 2^-32
+  const bool tiny = hi < (1u << 26);                            // u < 2^-6
+  const float s = 2.3283064365386963e-10f;                      // 2^-32
   const int32_t h = static_cast<int32_t>(low_half ? hi : ~hi);  // < 2^31
   const float hf = static_cast<float>(h);
   // lower half: E = -log1p(-u), u = hi 2^-32 in [2^-32, 1/2); a series below 2^-6, else -log(1 - u)
@@ -153,4 +153,4 @@ U2A_HD float gumbel_upper_f32(uint32_t hi) {
 }
 
 }  // namespace rng
-}  // namespace u2a
+}  // namespace unif2ace
