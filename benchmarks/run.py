@@ -138,7 +138,8 @@ def collect(modules, device: torch.device, quick: bool):
 def select(cases, ops: Sequence[str], dtypes: Optional[Sequence[torch.dtype]]):
     def wanted(stem, c):
         if ops:
-            return c.family in ops or c.op in ops or stem in ops
+            # a family ("moe") selects every stem of it (moe_gating, moe_routing, moe_mlp)
+            return any(o in (c.family, c.op, stem) or stem.startswith(o + "_") for o in ops)
         return not stem.startswith("_")
 
     return [(s, c) for s, c in cases if wanted(s, c) and (not dtypes or c.dtype in dtypes)]

@@ -306,7 +306,7 @@ def test_mlp_hand_computed():
 
 def test_mlp_bf16_and_mixed_dtypes():
     # bf16 end to end (vLLM practice: inputs scaled by 1/10); fp32 x with bf16 weights (fp32 path)
-    # scale=4: atol 2e-2 (kernels.md's MoE bar); h, dh and gate*grad_out are bf16 dot operands, as on GPUs
+    # scale=4: atol 2e-2 (docs/kernels.md's MoE tolerance); h, dh and gate*grad_out are bf16 dot operands, as on GPUs
     ids, inputs = _mlp_inputs(37, 48, 32, 4, 2, "swiglu", True, dtype=torch.bfloat16, scale=0.1)
     _mlp_parity(ids, inputs, "swiglu", True, dtype=torch.bfloat16, scale=4.0)
     ids = _distinct_ids(21, 2, 4)

@@ -56,7 +56,7 @@ def gamma_indep(schedule, r, exponent=2.0):
 
 
 def expected_n(L, step, T, masked_count, schedule="cosine", exponent=2.0):
-    """The per-row re-mask count written out independently (model-spec §4 step 4)."""
+    """The per-row re-mask count written out independently (docs/model.md §4 step 4)."""
     if step == T - 1 or masked_count == 0:
         return 0
     n_raw = math.floor(L * gamma_indep(schedule, (step + 1) / T, exponent))

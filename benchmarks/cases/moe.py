@@ -1,6 +1,6 @@
 """Benchmark cases for the grouped MoE: "moe_routing" (gating + align) and "moe_mlp".
 
-Shapes (kernels.md §B):
+Shapes (docs/kernels.md §B):
   (c) CPU-sized: T = 2048, D = 256, 2 groups x 8 experts of width 256, top-4
       (quick: T = 256, and D = F = 128 for the MLP).
   (a) UniF2ace-sized, CUDA only: T = 8 x 512, D = 2048, 2 groups x 8 experts of width 1024, top-4.

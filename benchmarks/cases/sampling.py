@@ -1,7 +1,7 @@
 """Benchmark cases for masked token sampling: "masked_sample_step" (one MaskGIT step with
 classifier-free guidance) and "ar_sample" (one autoregressive decode step).
 
-Shapes (kernels.md §C, anchors-survey.md §3.5):
+Shapes (docs/kernels.md §C):
   (c) CPU-sized: B = 4, L = 256, V = 8192 (quick: B = 2, L = 64, V = 1024); AR: B = 64, V = 32000
       (quick: B = 16).
   (a) CUDA only: B = 16, L = 256, V = 8192 (Show-o / MAGVIT-v2 codebook).

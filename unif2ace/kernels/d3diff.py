@@ -1,4 +1,4 @@
-"""D3Diff loss (model-spec.md §2): masked-token cross-entropy + α · SEDD score entropy.
+"""D3Diff loss (docs/model.md §2): masked-token cross-entropy + α · SEDD score entropy.
 
 Public ops:
 
@@ -24,7 +24,7 @@ The loss is assembled here from those ``[N]`` vectors with the closed forms (CE 
 - radd:      σ'·DSE = (m'/m)·CE
 
 so α, the parametrisation, the reduction and any upstream gradient fold in by the chain rule
-(the model-spec's ``a·LSE + b·exp(LSE − c) − g·ℓ_t + k`` form). The reference backend computes
+(docs/model.md's ``a·LSE + b·exp(LSE − c) − g·ℓ_t + k`` form). The reference backend computes
 SEDD's explicit score-vector form instead (:mod:`unif2ace.kernels.reference.d3diff`).
 """
 
@@ -786,7 +786,7 @@ def d3diff_loss_from_logits(
     ignore_index: int = -100,
     backend: Optional[str] = None,
 ) -> D3DiffOutput:
-    """D3Diff loss from logits: ``mask_loss + alpha · score_loss`` (model-spec.md §2).
+    """D3Diff loss from logits: ``mask_loss + alpha · score_loss`` (docs/model.md §2).
 
     Args:
         logits: ``[N, V]`` or ``[B, L, V]``, fp32/fp16/bf16, over the V image codes.

@@ -1,7 +1,7 @@
 """Grouped MoE: gating, routing metadata (histogram, align) and the routed expert MLP.
 
 Experts of all task groups live in one global index space: group ``g`` owns experts
-``[offset_g, offset_g + size_g)`` with ``offset_g = sum(group_sizes[:g])`` (model-spec §3).
+``[offset_g, offset_g + size_g)`` with ``offset_g = sum(group_sizes[:g])`` (docs/model.md §3).
 Routing never crosses groups.
 
 Ops and backends (see :mod:`unif2ace.kernels._dispatch` for how one is chosen):
@@ -619,7 +619,7 @@ def moe_sequence_gating(
     balance_coef: float = 0.0,
     backend: Optional[str] = None,
 ) -> MoEGating:
-    """Sequence-level routing: one route per sequence (model-spec §3).
+    """Sequence-level routing: one route per sequence (docs/model.md §3).
 
     hidden ``[B, S, D]`` float; valid_mask ``[B, S]`` bool (non-pad positions); router_weight
     ``[E_total, D]`` float; router_bias ``[E_total]``; group_ids ``[B]`` int in ``[0, G)``.

@@ -4,7 +4,7 @@ Public ops:
 
 - :func:`masked_sample_step` -- guidance combine -> top-k -> temperature -> Gumbel-max sample ->
   confidence (log p of the sample + annealed Gumbel) -> per-row re-mask count from the schedule ->
-  re-mask the lowest-confidence positions (model-spec.md §4).
+  re-mask the lowest-confidence positions (docs/model.md §4).
 - :func:`ar_sample` -- temperature / top-k / top-p sampling of one decode step (§5).
 - :func:`mask_schedule`, :func:`num_to_keep_masked` -- the schedule arithmetic (host side).
 
@@ -367,7 +367,7 @@ def masked_sample_step(
     sample_ids: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> MaskedStepOutput:
-    """One MaskGIT step (model-spec.md §4): sample a code at every masked position, score it, and
+    """One MaskGIT step (docs/model.md §4): sample a code at every masked position, score it, and
     re-mask the lowest-confidence positions per the schedule.
 
     Args:
@@ -479,7 +479,7 @@ def ar_sample(
     backend: Optional[str] = None,
 ) -> ARSample:
     """Sample one token per row from ``logits`` ``[B, V]`` (fp32/bf16/fp16) with temperature,
-    top-k and top-p (model-spec.md §5).
+    top-k and top-p (docs/model.md §5).
 
     Args:
         seed: int in [0, 2^64).

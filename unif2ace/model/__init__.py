@@ -1,4 +1,4 @@
-"""The UniF²ace model layer (model-spec.md), built on :mod:`unif2ace.kernels`.
+"""The UniF²ace model layer (docs/model.md), built on :mod:`unif2ace.kernels`.
 
 - :mod:`.config`: :class:`UniF2aceConfig` and the ``tiny`` / ``small`` / ``paper`` presets.
 - :mod:`.batch`: the T2I / MMU sequence layouts, the D3Diff corruption, :class:`Batch`.

@@ -1,4 +1,4 @@
-"""Training batches: the T2I and MMU sequence layouts (model-spec §1) and the D3Diff corruption (§2).
+"""Training batches: the T2I and MMU sequence layouts (docs/model.md §1) and the D3Diff corruption (§2).
 
 A :class:`Batch` is what ``model(batch)`` takes. Build one from :class:`Sample` records with
 :func:`collate` (which masks the image tokens of T2I samples with :func:`mask_image_tokens` and
@@ -270,7 +270,7 @@ def mmu_sequence(
 def mask_image_tokens(
     cfg: UniF2aceConfig, codes: Tensor, *, schedule: Optional[str] = None, generator: Optional[torch.Generator] = None
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Training-time corruption of clean codes ``[B, L]`` (model-spec §2).
+    """Training-time corruption of clean codes ``[B, L]`` (docs/model.md §2).
 
     cosine (Show-o): u ~ U(0, 1), m = cos(πu/2), clamped to >= 1/L when ``cfg.clamp_mask_rate``;
     exactly n = max(1, round(L·m)) positions masked, chosen uniformly. τ = 1 − u, so

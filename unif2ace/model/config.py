@@ -1,6 +1,6 @@
-"""Model configuration: one dataclass, every [choice] of model-spec.md a field, three presets.
+"""Model configuration: one dataclass, every [choice] of docs/model.md a field, three presets.
 
-Vocabulary layout (model-spec §1), ids in this order::
+Vocabulary layout (docs/model.md §1), ids in this order::
 
     [0, text_vocab_size)                      text tokens (bos/eos among them)
     text_vocab_size + i, i < 10               special tokens, SPECIAL_TOKENS[i]
@@ -49,7 +49,7 @@ def _choice(name, value, allowed):
 
 @dataclass
 class UniF2aceConfig:
-    # -- vocabulary (model-spec §1)
+    # -- vocabulary (docs/model.md §1)
     text_vocab_size: int = 50295
     codebook_size: int = 8192
     bos_token_id: int = 50256  # Phi's <|endoftext|> is both bos and eos
@@ -66,7 +66,7 @@ class UniF2aceConfig:
     rope_theta: float = 10000.0
     layer_norm_eps: float = 1e-5
     block_layout: str = "sequential"  # [choice] "sequential" (LN1/LN2/LN3, the paper figure) | "parallel" (Phi)
-    # -- token-level MoE (model-spec §3), per group
+    # -- token-level MoE (docs/model.md §3), per group
     num_routed_experts: int = 8
     top_k: int = 4
     routed_width: int = 0  # 0 -> mlp_width // num_routed_experts [choice]
@@ -76,7 +76,7 @@ class UniF2aceConfig:
     gate_renormalize: bool = False  # [choice] gates = softmax probs (False) or renormalised over top-k
     router_score: str = "softmax"
     balance_coef: float = 0.01  # λ [choice]
-    # -- sequence-level MoE (model-spec §3)
+    # -- sequence-level MoE (docs/model.md §3)
     seq_moe: bool = True
     seq_experts_gen: Tuple[str, ...] = ("copy", "zero", "noise", "copy")
     seq_experts_und: Tuple[str, ...] = ("clip", "face", "copy", "copy")
@@ -92,7 +92,7 @@ class UniF2aceConfig:
     face_dim: int = 512  # face-identity embedding [B, face_dim] (ArcFace / AntelopeV2)
     noise_tokens: int = 16  # Gaussian "features" of the Noise expert [B, noise_tokens, noise_dim]
     noise_dim: int = 512
-    # -- D3Diff loss (model-spec §2)
+    # -- D3Diff loss (docs/model.md §2)
     alpha: float = 0.01
     parametrization: str = "posterior"  # "posterior" | "raw" | "radd"
     train_schedule: str = "cosine"  # [choice] "cosine" (exact count) | "loglinear" (Bernoulli)
@@ -100,7 +100,7 @@ class UniF2aceConfig:
     clamp_mask_rate: bool = True  # [choice] cosine m clamped to >= 1/L
     d3diff_vocab: str = "codebook"  # [choice] "codebook" | "full" (full vocabulary for the mask term only)
     cond_dropout_prob: float = 0.1  # caption dropped -> unconditional branch for CFG
-    # -- generation defaults (model-spec §4, §5) [choice]
+    # -- generation defaults (docs/model.md §4, §5) [choice]
     gen_steps: int = 18
     guidance_scale: float = 1.75
     temperature: float = 1.0
@@ -286,7 +286,7 @@ PRESETS = {
         noise_tokens=8,
         noise_dim=128,
     ),
-    # model-spec §1: Phi-1.5 backbone, 256 image tokens, 8192 codes, 58,498-token vocabulary
+    # docs/model.md §1: Phi-1.5 backbone, 256 image tokens, 8192 codes, 58,498-token vocabulary
     "paper": dict(),
 }
 

@@ -1,4 +1,4 @@
-"""Generation (model-spec §4) and understanding (§5).
+"""Generation (docs/model.md §4) and understanding (§5).
 
 :func:`generate_images`: MaskGIT decoding of the image span of T2I sequences, one forward pass
 per step over the conditional and (with guidance) the empty-caption rows together, then the fused

@@ -3,7 +3,7 @@
 
     loss = L_MMU + L_D3Diff + Σ_g token balance_g + Σ_g sequence balance_g
 
-- L_D3Diff (model-spec §2) on the masked image tokens of T2I samples, with the head restricted to
+- L_D3Diff (docs/model.md §2) on the masked image tokens of T2I samples, with the head restricted to
   the image-code rows (``cfg.d3diff_vocab``): :func:`unif2ace.kernels.d3diff_loss`, fused with the
   LM head, so ``[N, V]`` logits are never formed by the fast backends.
   mask = mean CE over all masked positions; score = Σ_{masked} σ'·DSE / number of T2I samples.

@@ -1,4 +1,4 @@
-"""The building blocks of a UniF²ace layer (model-spec §1, §3), readable top to bottom.
+"""The building blocks of a UniF²ace layer (docs/model.md §1, §3), readable top to bottom.
 
     h = x + Attn(LN1(x))          omni-attention: causal text, bidirectional image span, pads never attended
     h = h + TokenMoE_g(LN2(h))    per task group g: 1 shared expert + top-k of N routed experts
@@ -155,7 +155,7 @@ class Attention(nn.Module):
 
 
 class TokenMoE(nn.Module):
-    """Per group: one always-on shared expert + top-k of N routed experts (model-spec §3).
+    """Per group: one always-on shared expert + top-k of N routed experts (docs/model.md §3).
 
     Experts of both groups share one global index space (group g owns ``[g·N, (g+1)·N)``), so one
     :func:`moe_gating` and one :func:`moe_expert_mlp` call serve the whole micro-batch, and routing
@@ -274,7 +274,7 @@ class FeatureExpert(nn.Module):
 
 
 class SequenceMoE(nn.Module):
-    """One top-k route per sequence over each group's experts (model-spec §3).
+    """One top-k route per sequence over each group's experts (docs/model.md §3).
 
     Global expert e < n belongs to the generation group (``cfg.seq_experts_gen[e]``), e >= n to the
     understanding group. Router input: the masked mean of LN3(h) over ``route_mask`` (computed by

@@ -1,6 +1,6 @@
 """Shared helpers for parity tests: tolerance table, poisoned outputs, fwd+bwd comparison.
 
-Practice (see shared/design/kernels.md): fresh random inputs per test, never zeros; outputs are
+Practice (see docs/kernels.md, "Testing practice"): fresh random inputs per test, never zeros; outputs are
 poisoned before a kernel writes them and checked for leftovers; every backend is compared with the
 reference in fp32 (or the reference run on fp32 copies of low-precision inputs).
 """

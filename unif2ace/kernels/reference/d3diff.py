@@ -1,4 +1,4 @@
-"""Reference D3Diff loss (model-spec.md §2): masked-token cross-entropy + SEDD score entropy.
+"""Reference D3Diff loss (docs/model.md §2): masked-token cross-entropy + SEDD score entropy.
 
 Plain PyTorch, fp32 internally, gradients by autograd. The score term is computed in SEDD's
 explicit *score-vector* form -- build the log-score vector ``log s`` over the vocabulary, then

@@ -1,4 +1,4 @@
-"""Reference masked-token sampling (model-spec.md §4, one MaskGIT/Show-o step) and autoregressive
+"""Reference masked-token sampling (docs/model.md §4, one MaskGIT/Show-o step) and autoregressive
 sampling (§5). Plain PyTorch, fp32 logits math, fp64 noise (see :mod:`.rng`). These functions are
 the semantics every backend is tested against; they do not validate their arguments (the public
 ops in ``unif2ace.kernels.sampling`` do).

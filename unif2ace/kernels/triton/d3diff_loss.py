@@ -13,7 +13,7 @@ assembled in PyTorch from the two ``[N]`` vectors these kernels produce; see
   saved lse.
 
 Everything is computed in fp32 right after the load and cast at the store (the interpreter's bf16
-arithmetic is broken, see build-and-test.md); offsets are int64.
+arithmetic is broken, see docs/testing.md); offsets are int64.
 """
 
 from __future__ import annotations
