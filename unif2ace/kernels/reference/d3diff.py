@@ -1,4 +1,5 @@
-"""Reference D3Diff loss (docs/model.md §2): masked-token cross-entropy + SEDD score entropy.
+"""Reference D3Diff loss from logits (docs/model.md §2): masked-token cross-entropy + SEDD score
+entropy. The fused-head oracle (logits = hidden @ weight.T + bias) is :mod:`.d3diff_head`.
 
 Plain PyTorch, fp32 internally, gradients by autograd. The score term is computed in SEDD's
 explicit *score-vector* form -- build the log-score vector ``log s`` over the vocabulary, then
@@ -20,7 +21,6 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -30,7 +30,6 @@ __all__ = [
     "safe_exp",
     "schedule_terms",
     "d3diff_loss_from_logits_ref",
-    "d3diff_loss_ref",
 ]
 
 M_CLAMP = 1e-6
@@ -187,21 +186,3 @@ def d3diff_loss_from_logits_ref(
         mask_loss = ce.sum() / n_masked.clamp_min(1).float()
         score_loss = score_rows.sum() / B if B is not None else score_rows.sum()
     return D3DiffRefOutput(mask_loss + alpha * score_loss, mask_loss, score_loss)
-
-
-def d3diff_loss_ref(
-    hidden: Tensor,
-    weight: Tensor,
-    target: Tensor,
-    *,
-    bias: Optional[Tensor] = None,
-    **kwargs,
-) -> D3DiffRefOutput:
-    """D3Diff loss fused with the LM head, reference: logits = hidden @ weight.T + bias in fp32.
-
-    hidden ``[N, D]`` (or ``[B, L, D]``), weight ``[V, D]``, bias ``[V]`` or None, one float dtype;
-    every other argument and the result as :func:`d3diff_loss_from_logits_ref`. Materialises the
-    ``[N, V]`` fp32 logits (the fast backends do not).
-    """
-    logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
-    return d3diff_loss_from_logits_ref(logits, target, **kwargs)

@@ -1,4 +1,4 @@
-// Launchers for the D3Diff row kernels (device code in d3diff_loss.cuh) and their registration as
+// Launchers for the D3Diff row kernels (device code in d3diff.cuh) and their registration as
 // torch.ops.unif2ace_cuda.lse_gather / lse_gather_backward. No host syncs; outputs sized from
 // shapes. Geometry by V: one warp per row (4 rows per CTA) up to V = 2048, a 256-thread CTA per row
 // up to V = 32768, a 512-thread CTA beyond.
@@ -13,7 +13,7 @@
 #include <tuple>
 #include <type_traits>
 
-#include "cuda/d3diff_loss.cuh"
+#include "cuda/d3diff.cuh"
 #include "cuda/dispatch.h"
 
 namespace unif2ace::cuda {

@@ -2,7 +2,7 @@
 
 The whole D3Diff loss (mask CE + SEDD score entropy, every parametrisation and reduction) is
 assembled in PyTorch from the two ``[N]`` vectors these kernels produce; see
-``unif2ace/kernels/d3diff.py``.
+``unif2ace/kernels/_custom_ops/d3diff.py``.
 
 - :func:`lse_gather`: logits ``[N, V]`` (fp32/fp16/bf16, unit column stride), target ``[N]`` int
   -> ``lse [N]`` fp32, ``tgt [N]`` fp32. One program per row; the row is read once in BLOCK_V

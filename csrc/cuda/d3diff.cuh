@@ -1,6 +1,6 @@
 // D3Diff loss row kernels on the GPU (torch-free device code): per-row log-sum-exp and target
 // logit (forward), softmax/one-hot gradient (backward). The loss itself is assembled in PyTorch
-// from the two [N] vectors (unif2ace/kernels/d3diff.py); contract as csrc/cpu/d3diff_loss.cpp:
+// from the two [N] vectors (unif2ace/kernels/_custom_ops/d3diff.py); contract as csrc/cpu/d3diff.cpp:
 //
 //   lse_gather:          lse_i = logsumexp(x_i), tgt_i = x_i[t_i];  0, 0 where t_i == ignore_index;
 //                        tgt_i = NaN for a target outside [0, V) (never read out of bounds)

@@ -1,7 +1,7 @@
 """Triton kernels for the D3Diff loss fused with the LM head (vocabulary-tiled, CCE geometry).
 
 Computes, for logits ``ℓ = hidden @ weight.T + bias`` that are never written to memory, the two
-per-row numbers the whole D3Diff loss is assembled from (see ``unif2ace/kernels/d3diff.py``):
+per-row numbers the whole D3Diff loss is assembled from (see ``unif2ace/kernels/_custom_ops/d3diff.py``):
 ``lse_i = logsumexp_v ℓ_iv`` and ``tgt_i = ℓ_i[target_i]`` (fp32, 0 and 0 on rows with
 ``target == ignore_index``), and their backward for hidden, weight and bias.
 

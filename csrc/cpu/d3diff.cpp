@@ -1,7 +1,7 @@
 // D3Diff loss, C++ CPU row kernels: per-row log-sum-exp and target logit (forward) and the
 // softmax/one-hot gradient (backward). The whole D3Diff loss (mask CE + SEDD score entropy, every
 // parametrisation and reduction) is assembled in PyTorch from these two [N] vectors; see
-// unif2ace/kernels/d3diff.py.
+// unif2ace/kernels/_custom_ops/d3diff.py (host glue: unif2ace/kernels/cpu/d3diff.py, cpu/d3diff_head.py).
 //
 //   lse_gather(logits [N, V] float/half/bf16, target [N] int64, ignore_index)
 //       -> (lse [N] fp32, tgt [N] fp32)       rows with target == ignore_index: 0, 0;
@@ -30,10 +30,8 @@
 #include <limits>
 #include <tuple>
 
+namespace unif2ace::cpu {
 namespace {
-
-using unif2ace::cpu::fast_exp;
-using unif2ace::cpu::to_f32;
 
 // One row: max, then sum of exp(x - max). Returns the log-sum-exp.
 template <typename T>
@@ -193,15 +191,16 @@ void lse_gather_backward_inplace(at::Tensor& logits, const at::Tensor& target_in
 }
 
 }  // namespace
+}  // namespace unif2ace::cpu
 
 TORCH_LIBRARY_FRAGMENT(unif2ace_cpu, m) {
-  m.def("lse_gather(Tensor logits, Tensor target, int ignore_index) -> (Tensor, Tensor)", &lse_gather);
+  m.def("lse_gather(Tensor logits, Tensor target, int ignore_index) -> (Tensor, Tensor)", &unif2ace::cpu::lse_gather);
   m.def(
       "lse_gather_backward(Tensor logits, Tensor target, Tensor lse, Tensor grad_lse, Tensor grad_tgt, "
       "int ignore_index) -> Tensor",
-      &lse_gather_backward);
+      &unif2ace::cpu::lse_gather_backward);
   m.def(
       "lse_gather_backward_(Tensor(a!) logits, Tensor target, Tensor lse, Tensor grad_lse, Tensor grad_tgt, "
       "int ignore_index) -> ()",
-      &lse_gather_backward_inplace);
+      &unif2ace::cpu::lse_gather_backward_inplace);
 }
