@@ -298,12 +298,14 @@ def test_training_faces_never_use_held_out_combinations():
     assert len({faces.attribute_key(a) for a in drawn}) > 450  # still varied
 
 
-def _set_record(d, shard, rec, field, value):
-    from unif2ace.data.shards import RECORD_FIELDS
+# the columns of a shard's records.npy (unif2ace/data/shards.py)
+FIELDS = ("kind", "image", "text_start", "text_len", "answer_start", "answer_len")
 
+
+def _set_record(d, shard, rec, field, value):
     p = d / f"shard-{shard:05d}.records.npy"
     r = np.load(p)
-    r[rec, RECORD_FIELDS.index(field)] = value
+    r[rec, FIELDS.index(field)] = value
     np.save(p, r)
 
 

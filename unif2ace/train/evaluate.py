@@ -33,28 +33,45 @@ class Run:
         return [int(t) for t in text]
 
 
-def load_run(path: str, device="cpu", backend: str = "auto") -> Run:
-    from unif2ace.model import UniF2ace, UniF2aceConfig, load_checkpoint
+def load_run(path: str, device="cpu", backend: str = "auto", log=None) -> Run:
+    """A run directory (its ``model.safetensors``, else its newest good training checkpoint, falling
+    back past damaged ones), a ``.safetensors`` file, or a training checkpoint file."""
+    from unif2ace.kernels import BACKENDS, backend_usable
+    from unif2ace.model import load_checkpoint
 
-    from .checkpoint import latest_checkpoint, load_training_checkpoint
+    from .checkpoint import checkpoint_candidates, load_training_checkpoint
 
-    run_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if backend not in ("auto", "reference"):
+        if backend not in BACKENDS:
+            raise ValueError(f"load_run: backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
+        ok, why = backend_usable(backend, torch.device(device))
+        if not ok:
+            raise ValueError(f"backend {backend!r} cannot run on {torch.device(device).type}: {why}")
+    if log is None:
+        import sys
+
+        def log(msg):
+            print(msg, file=sys.stderr)
+
+    def owner(p):  # RUN/checkpoints/step-N[.pt] -> RUN (where data.json lives)
+        d = os.path.dirname(os.path.abspath(p))
+        return os.path.dirname(d) if os.path.basename(d) == "checkpoints" else d
+
+    run_dir = owner(path)
     if os.path.isdir(path):
+        run_dir = path
         st_path = os.path.join(path, "model.safetensors")
+        paths, problems = checkpoint_candidates(path)
         if os.path.isfile(st_path):
             model = load_checkpoint(st_path)
-        elif latest_checkpoint(path):
-            st = load_training_checkpoint(path)
-            model = UniF2ace(UniF2aceConfig.from_json(st["model_config"]))
-            model.load_state_dict(st["model"])
-        else:
+        elif not paths and not problems:
             raise ValueError(f"load_run: {path!r} has neither model.safetensors nor checkpoints/")
+        else:
+            model = _model_from_state(load_training_checkpoint(path, log=log))
     elif path.endswith(".safetensors"):
         model = load_checkpoint(path)
     elif path.endswith(".pt"):
-        st = load_training_checkpoint(path)
-        model = UniF2ace(UniF2aceConfig.from_json(st["model_config"]))
-        model.load_state_dict(st["model"])
+        model = _model_from_state(load_training_checkpoint(path))
     else:
         raise ValueError(f"load_run: {path!r} is not a run directory, .safetensors or .pt checkpoint")
     model = model.to(device).eval().set_backend(backend)
@@ -75,6 +92,14 @@ def load_run(path: str, device="cpu", backend: str = "auto") -> Run:
     return Run(model, tok, vq)
 
 
+def _model_from_state(st):
+    from unif2ace.model import UniF2ace, UniF2aceConfig
+
+    model = UniF2ace(UniF2aceConfig.from_json(st["model_config"]))
+    model.load_state_dict(st["model"])
+    return model
+
+
 def generate_faces(
     run: Run,
     captions: Sequence,
@@ -88,6 +113,8 @@ def generate_faces(
 ):
     """Captions (strings or id lists) -> (codes ``[N, L]``, images ``[N, H, W, 3]`` uint8 or None).
     Sampling settings default to the model config's generation fields."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"generate_faces: argument 'steps' must be an int >= 1, got {steps!r}")
     ids = [run.encode_text(c) for c in captions]
     out = []
     for i in range(0, len(ids), batch):

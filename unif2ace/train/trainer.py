@@ -1,6 +1,7 @@
 """The training loop: AdamW, warmup + cosine, gradient clipping and accumulation, bf16 autocast on
-GPU, DDP under ``torchrun`` (gloo on CPU, nccl on CUDA), JSONL metrics + loss-curve PNG, atomic
-checkpoints and exact resume.
+GPU, DDP under ``torchrun`` (gloo on CPU, nccl on CUDA), JSONL metrics +
+loss-curve PNG, atomic checksummed checkpoints and exact resume, and the run-directory rules of
+:mod:`unif2ace.train.checkpoint` (no run starts over another one).
 
 Determinism: every sample's randomness (D3Diff masking, caption dropout, the Noise expert's
 features) comes from a generator keyed by (seed, step, position in the global batch), and the data
@@ -25,12 +26,18 @@ import torch.distributed as dist
 from unif2ace.model import Batch, UniF2ace, collate
 
 from .checkpoint import (
+    RunDirectoryError,
     TrainCheckpointError,
     check_compatible,
+    checkpoint_candidates,
+    clean_stale_temps,
     load_training_checkpoint,
+    new_run_id,
+    prepare_run_dir,
     rng_state,
     save_training_checkpoint,
     set_rng_state,
+    write_run_info,
 )
 from .config import TrainConfig
 
@@ -88,25 +95,73 @@ def _sample_key(seed: int, step: int, k: int) -> int:
     return (seed * 1_000_003 + step * 8191 + k * 131) % (2**62) + 1
 
 
+def resolve_device(name: str, local_rank: int = 0, world: int = 1) -> torch.device:
+    """``auto | cpu | cuda | cuda:N`` -> a device that exists here, or a ValueError saying why not."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"train: --device {name} needs a CUDA GPU, but {why}; use --device cpu (or auto)")
+    if name == "cuda":
+        if world > 1:
+            name = f"cuda:{local_rank}"
+        else:
+            return torch.device("cuda")
+    idx = int(name.split(":", 1)[1])
+    if idx >= n:
+        raise ValueError(
+            f"train: device {name} does not exist: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})"
+        )
+    return torch.device(name)
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: Optional[str] = None, dataset=None, log=print):
-        from unif2ace.data.shards import EpochSampler, TokenDataset
+    """One training run. ``resume``: a checkpoint file, a run
+    directory (its newest good checkpoint), or ``"auto"`` (``cfg.out``'s newest good checkpoint;
+    a fresh start when it has none). ``overwrite``: replace the run in a non-empty ``cfg.out``
+    (deleting only the files a run writes). Without either, a non-empty ``cfg.out`` is refused."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        resume: Optional[str] = None,
+        dataset=None,
+        log=print,
+        *,
+        overwrite: bool = False,
+        origin: str = "train",
+    ):
+        from unif2ace.kernels import backend_usable
 
         self.cfg = cfg.validate()
         self.log = log
+        self.origin = origin
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        dev = cfg.device
-        if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-        if dev == "cuda" and self.world > 1:
-            dev = f"cuda:{self.local_rank}"
-        self.device = torch.device(dev)
+        self.device = resolve_device(cfg.device, self.local_rank, self.world)
+        if cfg.backend not in ("auto", "reference"):
+            ok, why = backend_usable(cfg.backend, self.device)
+            if not ok:
+                raise ValueError(f"train: backend {cfg.backend!r} cannot run on {self.device.type}: {why}")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        self._own_pg = False
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self._own_pg = True
+        try:
+            self._setup(cfg, resume, dataset, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, cfg: TrainConfig, resume: Optional[str], dataset, overwrite: bool) -> None:
+        from unif2ace.data.shards import EpochSampler, TokenDataset
+
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
@@ -141,8 +196,13 @@ class Trainer:
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.step = 0
-        if resume:
-            self._resume(resume)
+        # the run directory and the checkpoint to resume from
+        st = self._find_resume(resume)
+        self.run_id = self._check_run_dir(
+            resuming=resume is not None, checkpoint_run_id=st.get("run_id") if st else None, overwrite=overwrite
+        )
+        if st is not None:
+            self._resume(st)
         self.ddp = None
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -153,8 +213,70 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True,
             )
-        os.makedirs(cfg.out, exist_ok=True)
         self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+
+    # -- collectives helpers
+    def _collective(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def _from_rank0(self, fn):
+        """Run ``fn`` on rank 0 and hand its result (or its exception) to every rank."""
+        res, err = None, None
+        if self.rank == 0:
+            try:
+                res = fn()
+            except Exception as e:
+                err = e
+        if self._collective():
+            box = [(res, err)]
+            dist.broadcast_object_list(box, src=0)
+            res, err = box[0]
+        if err is not None:
+            raise err
+        return res
+
+    def _find_resume(self, resume: Optional[str]) -> Optional[Dict[str, Any]]:
+        """The verified checkpoint state to resume from, or None for a fresh start."""
+        if resume is None:
+            return None
+        log = self.log if self.rank == 0 else None
+        if resume == "auto":
+            resume = self.cfg.out
+            paths, problems = checkpoint_candidates(resume) if os.path.isdir(resume) else ([], [])
+            if not paths and not problems:
+                if self.rank == 0:
+                    self.log(f"train: no checkpoint in {resume}, starting fresh")
+                return None
+        return load_training_checkpoint(resume, map_location="cpu", log=log)
+
+    def _check_run_dir(self, *, resuming: bool, checkpoint_run_id: Optional[str], overwrite: bool) -> str:
+        """Apply the run-directory rules on rank 0 (clearing on ``overwrite``, removing stale temporaries);
+        returns this run's id (the directory's or the checkpoint's when continuing, else a new one)."""
+        out = self.cfg.out
+
+        def check():
+            if os.path.exists(out) and not os.path.isdir(out):
+                raise RunDirectoryError(f"train: --out {out!r} is a file, not a directory")
+            have = prepare_run_dir(out, resuming=resuming, checkpoint_run_id=checkpoint_run_id, overwrite=overwrite)
+            removed = clean_stale_temps(out)
+            if removed:
+                self.log(f"train: removed {len(removed)} temporary file(s) of interrupted writes in {out}")
+            return have or checkpoint_run_id or new_run_id()
+
+        try:
+            return self._from_rank0(check)
+        except RunDirectoryError as e:
+            raise RunDirectoryError(f"train: {e}") from None
+
+    def _ensure_run_dir(self) -> None:
+        if self.rank == 0:
+            write_run_info(self.cfg.out, self.run_id, self.origin)
+
+    def close(self) -> None:
+        """Tear down a process group this trainer created in a one-process run."""
+        if self._own_pg and self.world == 1 and dist.is_initialized():
+            dist.destroy_process_group()
+            self._own_pg = False
 
     def _rank0_first(self, fn):
         if self.world > 1 and not dist.is_initialized():
@@ -172,8 +294,7 @@ class Trainer:
         d["world_size"] = self.world
         return d
 
-    def _resume(self, path: str):
-        st = load_training_checkpoint(path, map_location="cpu")
+    def _resume(self, st: Dict[str, Any]):
         if st["model_config"] != self.mcfg.to_json():
             old = json.loads(st["model_config"])
             new = json.loads(self.mcfg.to_json())
@@ -195,6 +316,8 @@ class Trainer:
             self.opt.load_state_dict(st["optimizer"])
             self.sched.load_state_dict(st["scheduler"])
         except (RuntimeError, ValueError, KeyError) as e:
+            if isinstance(e, TrainCheckpointError):
+                raise
             raise TrainCheckpointError(f"resume: {st['path']!r} does not fit this model/optimizer: {e}") from None
         set_rng_state(st["rng"])
         self.step = int(st["step"])
@@ -218,19 +341,28 @@ class Trainer:
         }
 
     def save(self) -> Optional[str]:
+        """Write a checkpoint of the current step (rank 0 writes)."""
+        self._ensure_run_dir()
         if self.rank != 0:
             return None
         return save_training_checkpoint(
-            self.cfg.out, self.step, self.checkpoint_state(), keep=self.cfg.keep_checkpoints
+            self.cfg.out, self.step, self.checkpoint_state(), keep=self.cfg.keep_checkpoints, run_id=self.run_id
         )
 
     def _truncate_metrics(self):
+        from .checkpoint import atomic_write_bytes
+
         if not os.path.exists(self.metrics_path):
             return
+        keep = []
         with open(self.metrics_path) as f:
-            keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
-        with open(self.metrics_path, "w") as f:
-            f.writelines(keep)
+            for ln in f:
+                try:
+                    if ln.strip() and json.loads(ln).get("step", 0) <= self.step:
+                        keep.append(ln if ln.endswith("\n") else ln + "\n")
+                except ValueError:  # a line cut by a killed run
+                    pass
+        atomic_write_bytes(self.metrics_path, lambda f: f.write("".join(keep).encode()))
 
     def train_step(self) -> Dict[str, float]:
         """One optimizer step over this rank's share of the global batch. Returns the metrics."""
@@ -286,6 +418,7 @@ class Trainer:
 
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
+        self._ensure_run_dir()
         if self.rank == 0:
             with open(os.path.join(cfg.out, "train_config.json"), "w") as f:
                 json.dump(self.train_config_dict(), f, indent=1)
@@ -347,13 +480,19 @@ class Trainer:
             if metrics is not None:
                 metrics.close()
         wall = time.perf_counter() - t_start
+        export = self.model
         if self.rank == 0:
             from unif2ace.model import save_checkpoint
 
+            from .checkpoint import fsync_dir
+
             tmp = os.path.join(cfg.out, ".model.safetensors.tmp")
             try:
-                save_checkpoint(self.model, tmp)
+                save_checkpoint(export, tmp)
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
                 os.replace(tmp, os.path.join(cfg.out, "model.safetensors"))
+                fsync_dir(cfg.out)
             except ImportError as e:  # safetensors is optional: the training checkpoint has the weights too
                 self.log(f"train: not writing model.safetensors ({e})")
             write_loss_curve(self.metrics_path, os.path.join(cfg.out, "loss_curve.png"))
@@ -387,6 +526,11 @@ def write_loss_curve(metrics_path: str, png_path: str) -> None:
     plot_curves(png_path, {k: [r[k] for r in recs] for k in ("loss", "mmu_loss", "d3diff_loss", "mask_loss")})
 
 
-def train(cfg: TrainConfig, resume: Optional[str] = None, log=print) -> Dict[str, Any]:
-    """Build a :class:`Trainer` and run it; returns the run summary."""
-    return Trainer(cfg, resume=resume, log=log).run()
+def train(cfg: TrainConfig, resume: Optional[str] = None, log=print, *, overwrite: bool = False) -> Dict[str, Any]:
+    """Build a :class:`Trainer` and run it; returns the run summary (see :class:`Trainer` for
+    ``resume`` and ``overwrite``)."""
+    tr = Trainer(cfg, resume=resume, log=log, overwrite=overwrite)
+    try:
+        return tr.run()
+    finally:
+        tr.close()
