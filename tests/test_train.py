@@ -557,3 +557,143 @@ def test_latest_only_names_a_checkpoint_inside_the_run(data, tmp_path):
         latest_checkpoint(str(a))
     with pytest.raises(TrainCheckpointError, match="no usable checkpoint"):
         load_training_checkpoint(str(a))
+
+
+# -- FSDP2 (issue 21, item 5) ------------------------------------------------------------------------
+
+
+def _torchrun(nproc, out, data, *extra):
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "unif2ace",
+        "train",
+        "--out",
+        str(out),
+        "--data",
+        data,
+        "--batch-size",
+        "4",
+        "--model",
+        json.dumps(SMALL),
+        "--no-progress",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--log-every",
+        "1",
+        *extra,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def fsdp_cfg(data, out, **kw):
+    return cfg_for(data, out, **{"model": CLI_SMALL, "batch_size": 4, "grad_accum": 2, "fsdp": True, **kw})
+
+
+def test_fsdp_two_processes_match_one_process_and_resume_on_one(data, tmp_path):
+    """torchrun --fsdp, gloo, 2 processes x batch 4 vs 1 process (plain) x batch 4 x accum 2: same global
+    batch, same samples -> the same losses. Then the 2-process sharded checkpoint of step 2 resumes on ONE
+    process (DCP reshards) and continues with the 2-process run's losses."""
+    recs = _torchrun(2, tmp_path / "fsdp", data, "--fsdp", "--steps", "4", "--ckpt-every", "2")
+    single = losses(
+        train(cfg_for(data, tmp_path / "one", model=CLI_SMALL, steps=4, batch_size=4, grad_accum=2), log=lambda *a: 0)
+    )
+    np.testing.assert_allclose([x["loss"] for x in recs], single, rtol=1e-3)
+    ck = tmp_path / "fsdp" / "checkpoints"
+    assert sorted(os.listdir(ck)) == ["index.json", "latest", "step-00000002", "step-00000004"]
+    assert sorted(os.listdir(ck / "step-00000002")) == [
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+        "checksums.json",
+        "train_state.pt",
+    ]
+    tr = Trainer(fsdp_cfg(data, tmp_path / "resumed", steps=4), resume=str(ck / "step-00000002"), log=lambda *a: 0)
+    try:
+        assert tr.step == 2
+        rest = losses(tr.run())
+    finally:
+        tr.close()
+    np.testing.assert_allclose(rest, [x["loss"] for x in recs][2:], rtol=1e-5)
+    # the run exports a whole model; a sharded checkpoint also loads without a process group
+    from unif2ace.train.evaluate import load_run
+
+    ref = load_run(str(tmp_path / "fsdp")).model.state_dict()
+    for src in (tmp_path / "resumed", ck / "step-00000004"):
+        got = load_run(str(src)).model.state_dict()
+        assert all(torch.allclose(got[k], ref[k], rtol=1e-5, atol=1e-7) for k in ref)
+
+
+def test_fsdp_resume_is_exact_and_survives_damage_and_killed_saves(data, tmp_path, monkeypatch):
+    """One process, --fsdp (a one-member group): stop + resume is bit-exact; a damaged shard makes
+    --resume auto fall back to the previous checkpoint; a killed sharded save leaves the last good one
+    and its temporary directory is removed at the next start."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    full = losses(train(fsdp_cfg(data, tmp_path / "full"), log=lambda *a: 0))
+    assert not dist.is_initialized()  # train() tore its group down
+    tr = Trainer(fsdp_cfg(data, tmp_path / "part"), log=lambda *a: 0)
+    try:
+        first = [tr.train_step()["loss"] for _ in range(4)]
+        tr.save()
+        tr.train_step()
+
+        def killed(*a, **k):
+            os.makedirs(k["checkpoint_id"], exist_ok=True)
+            open(os.path.join(k["checkpoint_id"], "__0_0.distcp"), "wb").write(b"half")
+            raise KeyboardInterrupt("killed mid-save")
+
+        monkeypatch.setattr(dcp, "save", killed)
+        with pytest.raises(KeyboardInterrupt):
+            tr.save()
+        monkeypatch.undo()
+    finally:
+        tr.close()
+    ck = tmp_path / "part" / "checkpoints"
+    assert (ck / "latest").read_text() == "step-00000004" and (ck / ".step-00000005.tmp").is_dir()
+    torch.manual_seed(12345)
+    rest = losses(train(fsdp_cfg(data, tmp_path / "part"), resume="auto", log=lambda *a: 0))
+    assert first + rest == full  # bit-exact
+    assert not (ck / ".step-00000005.tmp").exists()
+    _flip(ck / "step-00000008" / "__0_0.distcp", n=8)
+    msgs = []
+    tr = Trainer(fsdp_cfg(data, tmp_path / "part"), resume="auto", log=msgs.append)
+    try:
+        assert tr.step == 4 and any("__0_0.distcp" in m and "falling back" in m for m in msgs)
+        assert losses(tr.run()) == full[4:]
+    finally:
+        tr.close()
+    with pytest.raises(TrainCheckpointError, match="resume it with --fsdp"):
+        Trainer(cfg_for(data, tmp_path / "x"), resume=str(ck / "step-00000008"), log=lambda *a: 0)
+
+
+@pytest.mark.slow
+def test_fsdp_one_process_checkpoint_resumes_on_two(data, tmp_path):
+    """The other direction: a checkpoint written by one process resumes under torchrun on two, and the
+    two-process continuation matches the one-process run."""
+    s = train(fsdp_cfg(data, tmp_path / "one", steps=4, ckpt_every=2), log=lambda *a: 0)
+    recs = _torchrun(
+        2,
+        tmp_path / "two",
+        data,
+        "--fsdp",
+        "--steps",
+        "4",
+        "--ckpt-every",
+        "2",
+        "--resume",
+        str(tmp_path / "one" / "checkpoints" / "step-00000002"),
+    )
+    np.testing.assert_allclose([x["loss"] for x in recs], losses(s)[2:], rtol=1e-5)

@@ -16,7 +16,7 @@ def add_subcommands(sub) -> None:
         "train",
         help="train a model (preset or JSON config) on the synthetic set or a shard directory",
         description="Train with AdamW + warmup/cosine. Multi-process: torchrun --nproc-per-node N "
-        "-m unif2ace train ... (DDP; gloo on CPU, nccl on GPU). A non-empty --out "
+        "-m unif2ace train ... (DDP, or FSDP2 with --fsdp; gloo on CPU, nccl on GPU). A non-empty --out "
         "is refused unless --resume continues the run in it or --overwrite replaces it.",
     )
     p.add_argument("--config", help="JSON file with TrainConfig fields (command-line flags override it)")
@@ -51,6 +51,13 @@ def add_subcommands(sub) -> None:
         "--overwrite",
         action="store_true",
         help="replace the run in a non-empty --out (deletes only the files a run writes there)",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        default=None,
+        help="FSDP2: shard parameters, gradients and optimizer state (fully_shard; bf16 compute on GPU); "
+        "sharded checkpoints (torch.distributed.checkpoint) that resume on any number of processes",
     )
 
     g = sub.add_parser("generate", help="generate faces from captions into a PNG grid")
@@ -120,6 +127,7 @@ def _train_config(args):
             "log_every",
             "max_minutes",
             "progress",
+            "fsdp",
         )
     }
     flags = {k: v for k, v in flags.items() if v is not None}

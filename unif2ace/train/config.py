@@ -42,6 +42,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # > 0: stop (with a checkpoint) after this wall time
     progress: bool = True
     threads: int = 0  # > 0: torch.set_num_threads
+    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP; sharded torch.distributed.checkpoint checkpoints
 
     def validate(self) -> "TrainConfig":
         c = "TrainConfig"
@@ -76,7 +77,7 @@ class TrainConfig:
             raise ValueError(f"{c}: field 'betas' must be two numbers in [0, 1), got {self.betas!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"{c}: field 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        for f in ("progress",):
+        for f in ("fsdp", "progress"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{c}: field '{f}' must be true or false, got {getattr(self, f)!r}")
         if self.amp not in ("auto", "bf16", "none"):

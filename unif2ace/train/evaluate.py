@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -35,11 +36,12 @@ class Run:
 
 def load_run(path: str, device="cpu", backend: str = "auto", log=None) -> Run:
     """A run directory (its ``model.safetensors``, else its newest good training checkpoint, falling
-    back past damaged ones), a ``.safetensors`` file, or a training checkpoint file."""
+    back past damaged ones), a ``.safetensors`` file, or a training checkpoint (file, or a sharded
+    ``--fsdp`` checkpoint directory)."""
     from unif2ace.kernels import BACKENDS, backend_usable
     from unif2ace.model import load_checkpoint
 
-    from .checkpoint import checkpoint_candidates, load_training_checkpoint
+    from .checkpoint import NAME_RE, checkpoint_candidates, find_good_checkpoint, load_training_checkpoint
 
     if backend not in ("auto", "reference"):
         if backend not in BACKENDS:
@@ -58,7 +60,9 @@ def load_run(path: str, device="cpu", backend: str = "auto", log=None) -> Run:
         return os.path.dirname(d) if os.path.basename(d) == "checkpoints" else d
 
     run_dir = owner(path)
-    if os.path.isdir(path):
+    if os.path.isdir(path) and NAME_RE.fullmatch(os.path.basename(os.path.normpath(path))):
+        model = _model_from_sharded(path)
+    elif os.path.isdir(path):
         run_dir = path
         st_path = os.path.join(path, "model.safetensors")
         paths, problems = checkpoint_candidates(path)
@@ -66,6 +70,8 @@ def load_run(path: str, device="cpu", backend: str = "auto", log=None) -> Run:
             model = load_checkpoint(st_path)
         elif not paths and not problems:
             raise ValueError(f"load_run: {path!r} has neither model.safetensors nor checkpoints/")
+        elif any(os.path.isdir(p) for p in paths):
+            model = find_good_checkpoint(path, _model_from_sharded, log)[1]
         else:
             model = _model_from_state(load_training_checkpoint(path, log=log))
     elif path.endswith(".safetensors"):
@@ -97,6 +103,24 @@ def _model_from_state(st):
 
     model = UniF2ace(UniF2aceConfig.from_json(st["model_config"]))
     model.load_state_dict(st["model"])
+    return model
+
+
+def _model_from_sharded(path: str):
+    """A model from a sharded (``--fsdp``) checkpoint, read in this one process (no process group)."""
+    import torch.distributed.checkpoint as dcp
+
+    from unif2ace.model import UniF2ace, UniF2aceConfig
+
+    from .fsdp import verify_sharded
+
+    st = verify_sharded(path)
+    model = UniF2ace(UniF2aceConfig.from_json(st["model_config"]))
+    sd = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(sd, checkpoint_id=path, no_dist=True)
+    model.load_state_dict(sd["model"])
     return model
 
 

@@ -1,5 +1,5 @@
 """The training loop: AdamW, warmup + cosine, gradient clipping and accumulation, bf16 autocast on
-GPU, DDP under ``torchrun`` (gloo on CPU, nccl on CUDA), JSONL metrics +
+GPU, DDP or FSDP2 (``fsdp=True``) under ``torchrun`` (gloo on CPU, nccl on CUDA), JSONL metrics +
 loss-curve PNG, atomic checksummed checkpoints and exact resume, and the run-directory rules of
 :mod:`unif2ace.train.checkpoint` (no run starts over another one).
 
@@ -60,7 +60,10 @@ RESUME_FIELDS = [
     "grad_clip",
     "seed",
     "world_size",
+    "fsdp",
 ]
+# an FSDP2 checkpoint resumes on any number of processes: only the global batch must stay
+FSDP_FREE_FIELDS = ("world_size", "batch_size", "grad_accum")
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -119,7 +122,7 @@ def resolve_device(name: str, local_rank: int = 0, world: int = 1) -> torch.devi
 
 
 class Trainer:
-    """One training run. ``resume``: a checkpoint file, a run
+    """One training run. ``resume``: a checkpoint (file, or sharded directory with ``fsdp``), a run
     directory (its newest good checkpoint), or ``"auto"`` (``cfg.out``'s newest good checkpoint;
     a fresh start when it has none). ``overwrite``: replace the run in a non-empty ``cfg.out``
     (deleting only the files a run writes). Without either, a non-empty ``cfg.out`` is refused."""
@@ -150,8 +153,12 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self._own_pg = False
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if (self.world > 1 or cfg.fsdp) and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.world > 1:
+                dist.init_process_group(backend)
+            else:  # --fsdp in one process (no torchrun): a one-member group
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
             self._own_pg = True
         try:
             self._setup(cfg, resume, dataset, overwrite)
@@ -187,8 +194,15 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = UniF2ace(self.mcfg).to(self.device)
         self.model.set_backend(cfg.backend)
-        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-        no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+        # parameter groups by name before sharding (FSDP2 keeps the names, the parameters become DTensors)
+        no_decay_names = {n for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)}
+        if cfg.fsdp:
+            from .fsdp import shard_model
+
+            # bf16 compute with fp32 gradient reduction on GPU; CPU stays fp32
+            shard_model(self.model, self.device, bf16=self.amp and self.device.type == "cuda")
+        decay = [p for n, p in self.model.named_parameters() if n not in no_decay_names]
+        no_decay = [p for n, p in self.model.named_parameters() if n in no_decay_names]
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr,
@@ -204,7 +218,7 @@ class Trainer:
         if st is not None:
             self._resume(st)
         self.ddp = None
-        if self.world > 1:
+        if self.world > 1 and not cfg.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             # experts a micro-batch does not route to get no gradient, hence find_unused_parameters
@@ -236,7 +250,8 @@ class Trainer:
         return res
 
     def _find_resume(self, resume: Optional[str]) -> Optional[Dict[str, Any]]:
-        """The verified checkpoint state to resume from, or None for a fresh start."""
+        """The verified checkpoint state to resume from (model/optimizer tensors excluded for sharded
+        checkpoints), or None for a fresh start."""
         if resume is None:
             return None
         log = self.log if self.rank == 0 else None
@@ -247,6 +262,10 @@ class Trainer:
                 if self.rank == 0:
                     self.log(f"train: no checkpoint in {resume}, starting fresh")
                 return None
+        if self.cfg.fsdp:
+            from .fsdp import resolve_sharded
+
+            return self._from_rank0(lambda: resolve_sharded(resume, log))
         return load_training_checkpoint(resume, map_location="cpu", log=log)
 
     def _check_run_dir(self, *, resuming: bool, checkpoint_run_id: Optional[str], overwrite: bool) -> str:
@@ -273,7 +292,7 @@ class Trainer:
             write_run_info(self.cfg.out, self.run_id, self.origin)
 
     def close(self) -> None:
-        """Tear down a process group this trainer created in a one-process run."""
+        """Tear down the process group this trainer created for a one-process ``fsdp`` run."""
         if self._own_pg and self.world == 1 and dist.is_initialized():
             dist.destroy_process_group()
             self._own_pg = False
@@ -306,14 +325,25 @@ class Trainer:
             raise TrainCheckpointError(
                 f"resume: {st['path']!r} was trained with a different model config: " + "; ".join(diff)
             )
-        check_compatible(st, self.train_config_dict(), RESUME_FIELDS)
+        if bool(st["train_config"].get("fsdp")) != bool(self.cfg.fsdp):
+            raise TrainCheckpointError(
+                f"resume: {st['path']!r} was written {'with' if st['train_config'].get('fsdp') else 'without'} "
+                f"--fsdp; resume it {'with' if st['train_config'].get('fsdp') else 'without'} --fsdp"
+            )
+        fields = [f for f in RESUME_FIELDS if not (self.cfg.fsdp and f in FSDP_FREE_FIELDS)]
+        check_compatible(st, self.train_config_dict(), fields)
         want = {"num_records": len(self.data), "global_batch": self.sampler.gb}
         got = {k: st["data"].get(k) for k in want}
         if got != want:
             raise TrainCheckpointError(f"resume: {st['path']!r} was trained on data with {got}, this run has {want}")
         try:
-            self.model.load_state_dict(st["model"])
-            self.opt.load_state_dict(st["optimizer"])
+            if self.cfg.fsdp:
+                from .fsdp import load_sharded
+
+                load_sharded(st["path"], self.model, self.opt)
+            else:
+                self.model.load_state_dict(st["model"])
+                self.opt.load_state_dict(st["optimizer"])
             self.sched.load_state_dict(st["scheduler"])
         except (RuntimeError, ValueError, KeyError) as e:
             if isinstance(e, TrainCheckpointError):
@@ -325,9 +355,10 @@ class Trainer:
             self.log(f"resumed from {st['path']} at step {self.step}")
 
     def checkpoint_state(self) -> Dict[str, Any]:
+        """Everything but the model/optimizer tensors for sharded checkpoints (those go through DCP)."""
+        st = {} if self.cfg.fsdp else {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
+            **st,
             "scheduler": self.sched.state_dict(),
             "rng": rng_state(),
             "data": {
@@ -341,8 +372,20 @@ class Trainer:
         }
 
     def save(self) -> Optional[str]:
-        """Write a checkpoint of the current step (rank 0 writes)."""
+        """Write a checkpoint of the current step (collective under FSDP; rank 0 writes otherwise)."""
         self._ensure_run_dir()
+        if self.cfg.fsdp:
+            from .fsdp import save_sharded
+
+            return save_sharded(
+                self.cfg.out,
+                self.step,
+                self.model,
+                self.opt,
+                self.checkpoint_state(),
+                keep=self.cfg.keep_checkpoints,
+                run_id=self.run_id,
+            )
         if self.rank != 0:
             return None
         return save_training_checkpoint(
@@ -379,6 +422,8 @@ class Trainer:
             batch = make_batch(self.mcfg, [self.data[int(i)] for i in sel], keys, self.device)
             ntok += int(batch.valid.sum())
             last = a == cfg.grad_accum - 1
+            if self.cfg.fsdp:
+                self.model.set_requires_gradient_sync(last)
             ctx = model.no_sync() if (self.ddp is not None and not last) else _null()
             with ctx:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -396,6 +441,8 @@ class Trainer:
                 dtype=torch.float64,
             )
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
+            gnorm = gnorm.full_tensor()
         lr = self.sched.get_last_lr()[0]
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -481,6 +528,13 @@ class Trainer:
                 metrics.close()
         wall = time.perf_counter() - t_start
         export = self.model
+        if cfg.fsdp:
+            from .fsdp import full_model_state
+
+            full = full_model_state(self.model)  # collective
+            if self.rank == 0:
+                export = UniF2ace(self.mcfg)
+                export.load_state_dict(full)
         if self.rank == 0:
             from unif2ace.model import save_checkpoint
 
