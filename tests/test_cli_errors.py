@@ -145,3 +145,16 @@ def test_generate_backend_that_cannot_run(capfd, run, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     argv = ["generate", run, "red hair", "--out", str(tmp_path / "g.png"), "--backend", "triton", "--steps", "1"]
     fails_in_one_line(capfd, argv, "backend 'triton' cannot run on cpu")
+
+
+def test_answer_bad_codes(capfd, run, tmp_path):
+    q = ["what", "color", "is", "the", "hair", "?"]
+    empty = tmp_path / "empty.npy"
+    empty.write_bytes(b"")
+    fails_in_one_line(capfd, ["answer", run, "--codes", str(empty), *q], "cannot read --codes")
+    np.save(tmp_path / "short.npy", np.zeros(3, np.int64))
+    fails_in_one_line(capfd, ["answer", run, "--codes", str(tmp_path / "short.npy"), *q], "64 integer image codes")
+    np.save(tmp_path / "big.npy", np.full(64, 999, np.int64))
+    fails_in_one_line(capfd, ["answer", run, "--codes", str(tmp_path / "big.npy"), *q], "values must be in [0, 64)")
+    np.save(tmp_path / "ok.npy", np.zeros(64, np.int64))
+    assert main(["answer", run, "--codes", str(tmp_path / "ok.npy"), *q, "--max-new-tokens", "1"]) == 0

@@ -208,7 +208,19 @@ def _answer(args) -> int:
         raise ValueError(f"answer: --max-new-tokens must be >= 1, got {args.max_new_tokens}")
     run = load_run(args.run, backend=args.backend)
     if args.codes:
-        codes = np.load(args.codes).reshape(1, -1)
+        try:
+            codes = np.load(args.codes)
+        except (OSError, ValueError, EOFError) as e:  # EOFError: a zero-byte file
+            raise ValueError(f"answer: cannot read --codes {args.codes!r}: {type(e).__name__}: {e}") from None
+        cfg = run.model.cfg
+        if not np.issubdtype(codes.dtype, np.integer) or codes.size != cfg.image_tokens:
+            raise ValueError(
+                f"answer: --codes must hold {cfg.image_tokens} integer image codes, "
+                f"got {codes.dtype} {list(codes.shape)}"
+            )
+        if codes.min() < 0 or codes.max() >= cfg.codebook_size:
+            raise ValueError(f"answer: --codes values must be in [0, {cfg.codebook_size})")
+        codes = codes.reshape(1, -1).astype(np.int64)
     else:
         if run.vq is None:
             raise ValueError("answer: this run has no image tokenizer; pass --codes")
