@@ -497,7 +497,7 @@ def find_good_checkpoint(run_dir: str, load: Callable[[str], Any], log: Optional
         except CheckpointDamagedError as e:
             problems.append(str(e))
             if log:
-                log(f"resume: skipping {e}; falling back to an earlier checkpoint")
+                log(f"{e}; falling back to an earlier checkpoint")
     if not paths and not problems:
         raise TrainCheckpointError(f"resume: {run_dir!r} has no checkpoints/latest (no checkpoint written yet)")
     raise CheckpointDamagedError(f"resume: no usable checkpoint in {run_dir!r}: " + " | ".join(problems))
