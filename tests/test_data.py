@@ -296,3 +296,51 @@ def test_training_faces_never_use_held_out_combinations():
     drawn = [_train_attrs(rng, spec) for _ in range(500)]
     assert not any(faces.is_held_out(a) for a in drawn)
     assert len({faces.attribute_key(a) for a in drawn}) > 450  # still varied
+
+
+# the columns of a shard's records.npy (unif2ace/data/shards.py)
+FIELDS = ("kind", "image", "text_start", "text_len", "answer_start", "answer_len")
+
+
+def _set_record(d, shard, rec, field, value):
+    p = d / f"shard-{shard:05d}.records.npy"
+    r = np.load(p)
+    r[rec, FIELDS.index(field)] = value
+    np.save(p, r)
+
+
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        (lambda d: (d / "shard-00001.codes.npy").write_bytes(b""), r"shard-00001.codes.npy: EOFError"),
+        (lambda d: _edit_index(d, shards=None), r"field 'shards' must be a non-empty list"),
+        (lambda d: _edit_index(d, shards=[]), r"field 'shards' must be a non-empty list"),
+        (lambda d: _edit_index(d, shards=[{"name": "../x", "images": 1, "records": 1, "text_tokens": 1}]), "'name'"),
+        (lambda d: _edit_index(d, image_tokens="4"), r"field 'image_tokens' must be an int >= 1"),
+        (lambda d: _edit_index(d, num_records=99), r"'num_records' is 99 but the shards hold 14"),
+        (lambda d: _set_record(d, 0, 1, "image", -1), r"record 1 .*field 'image' must index .*got -1"),
+        (lambda d: _set_record(d, 1, 0, "text_start", -3), r"field 'text_start' must be in .*got -3"),
+        (lambda d: _set_record(d, 1, 0, "text_start", 10**9), r"field 'text_start' must be in .*got 1000000000"),
+        (lambda d: _set_record(d, 2, 0, "text_len", 50), r"field 'text_len'"),
+        (lambda d: _set_record(d, 0, 2, "kind", 7), r"field 'kind' must be 0 \(caption\) or 1 \(VQA pair\), got 7"),
+        (lambda d: _set_record(d, 0, 0, "answer_len", 2), r"must be 0 for a caption"),
+        (lambda d: _set_record(d, 0, 1, "answer_len", 0), r"must be >= 1 for a VQA pair"),
+        (lambda d: np.save(d / "shard-00000.codes.npy", np.full((3, 4), 10, np.uint16)), r"image code 10 .*\[0, 10\)"),
+        (lambda d: np.save(d / "shard-00000.text.npy", -1 - np.load(d / "shard-00000.text.npy")), r"text id -\d+ "),
+        (lambda d: np.save(d / "shard-00000.codes.npy", np.zeros((3, 4), np.float32)), "integer array"),
+    ],
+)
+def test_hostile_data_directories_are_refused_when_opened(tmp_path, damage, match):
+    """Every index field and every record field is checked when the dataset is opened: nothing trains
+    silently on wrong data (a record with image -1 used to read the shard's last image) and nothing
+    ends in a raw EOFError/TypeError."""
+    _write(tmp_path / "d")
+    TokenDataset(str(tmp_path / "d"))  # intact: opens
+    damage(tmp_path / "d")
+    with pytest.raises(DataFormatError, match=match):
+        TokenDataset(str(tmp_path / "d"))
+
+
+def _edit_index(d, **fields):
+    idx = d / "index.json"
+    idx.write_text(json.dumps(dict(json.loads(idx.read_text()), **fields)))

@@ -12,11 +12,14 @@ import torch
 from unif2ace.data.synthetic import SyntheticSpec, build_synthetic
 from unif2ace.train import TrainConfig, Trainer, train
 from unif2ace.train.checkpoint import TrainCheckpointError, latest_checkpoint, load_training_checkpoint
+from unif2ace.train.config import DEMO_MODEL_OVERRIDES
 from unif2ace.train.trainer import lr_lambda
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a small model so each step takes milliseconds
 SMALL = {"text_len": 32, "codebook_size": 64, "hidden_size": 64, "num_layers": 1, "num_heads": 2, "mlp_width": 256}
+# what `unif2ace train --model SMALL` trains: --model merges into the default overrides
+CLI_SMALL = {**DEMO_MODEL_OVERRIDES, **SMALL}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +74,7 @@ def test_short_run_lowers_the_loss_and_writes_outputs(data, tmp_path):
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run / "model.safetensors").exists() and (run / "data.json").exists()
     assert latest_checkpoint(str(run)).endswith("step-00000030.pt")
-    assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step-00000020.pt", "step-00000030.pt"]  # keep=2
+    assert sorted(os.listdir(run / "checkpoints")) == ["index.json", "latest", "step-00000020.pt", "step-00000030.pt"]
 
 
 def test_fused_and_reference_training_curves_agree(data, tmp_path):
@@ -114,7 +117,7 @@ def test_atomic_checkpoint_survives_a_killed_write(data, tmp_path, monkeypatch):
         tr.save()
     monkeypatch.setattr(torch, "save", real_save)
     d = tmp_path / "run" / "checkpoints"
-    assert sorted(os.listdir(d)) == ["latest", "step-00000001.pt"]  # no partial file, pointer unchanged
+    assert sorted(os.listdir(d)) == ["index.json", "latest", "step-00000001.pt"]  # no partial file, pointer unchanged
     assert latest_checkpoint(str(tmp_path / "run")) == good
     st = load_training_checkpoint(str(tmp_path / "run"))
     assert st["step"] == 1
@@ -350,7 +353,347 @@ def test_ddp_two_processes_match_one_process(data, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     single = losses(
-        train(cfg_for(data, tmp_path / "one", steps=4, batch_size=4, grad_accum=2, lr=3e-3), log=lambda *a: None)
+        train(
+            cfg_for(data, tmp_path / "one", model=CLI_SMALL, steps=4, batch_size=4, grad_accum=2, lr=3e-3),
+            log=lambda *a: None,
+        )
     )
     recs = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([x["loss"] for x in recs], single, rtol=1e-3)
+
+
+# -- run directories (issue 18, item 4) ------------------------------------------------------------
+
+
+def test_a_run_never_starts_over_another_run(data, tmp_path):
+    """`train --out EXISTING_RUN` without --resume used to truncate metrics.jsonl, overwrite the model and
+    mix checkpoints. Now it is refused, unless --resume continues the run or --overwrite replaces it
+    (deleting only the files a run writes)."""
+    from unif2ace.__main__ import main
+    from unif2ace.train.checkpoint import RunDirectoryError
+
+    run = tmp_path / "run"
+    train(cfg_for(data, run, steps=4, ckpt_every=2), log=lambda *a: None)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    (run / "notes.txt").write_text("mine")  # a file the program did not write
+    with pytest.raises(RunDirectoryError, match="already holds run .*--resume auto.*--overwrite"):
+        train(cfg_for(data, run, steps=4, ckpt_every=2), log=lambda *a: None)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "notes.txt"} == before
+    argv = ["train", "--data", data, "--out", str(run), "--steps", "4", "--model", json.dumps(SMALL), "--no-progress"]
+    assert main(argv) == 2  # the CLI: one line, exit 2
+    # a directory of someone else's files is never a run directory, --overwrite or not
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.bin").write_bytes(b"x")
+    for kw in ({}, {"overwrite": True}):
+        with pytest.raises(RunDirectoryError, match="not a unif2ace run directory"):
+            train(cfg_for(data, other), log=lambda *a: None, **kw)
+    assert (other / "data.bin").read_bytes() == b"x"
+    # --overwrite replaces the run: its checkpoints and outputs go, other files stay
+    s = train(cfg_for(data, run, steps=2, ckpt_every=1), log=lambda *a: None, overwrite=True)
+    assert s["steps"] == 2 and (run / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(run / "checkpoints")) == ["index.json", "latest", "step-00000001.pt", "step-00000002.pt"]
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2]
+    with pytest.raises(RunDirectoryError, match="exclude each other"):
+        Trainer(cfg_for(data, run), resume="auto", overwrite=True, log=lambda *a: None)
+
+
+def test_keep_cleanup_removes_only_this_runs_checkpoints(data, tmp_path):
+    """The keep-2 cleanup used to delete every older step-*.pt in checkpoints/ (whoever wrote it)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(cfg_for(data, b, steps=1, ckpt_every=1), log=lambda *a: None)
+    tr = Trainer(cfg_for(data, a, steps=8, ckpt_every=2), log=lambda *a: None)
+    for _ in range(2):
+        tr.train_step(), tr.train_step(), tr.save()  # checkpoints at steps 2 and 4
+    foreign = a / "checkpoints" / "step-00000001.pt"  # a user's copy of another run's checkpoint
+    foreign.write_bytes((b / "checkpoints" / "step-00000001.pt").read_bytes())
+    (a / "checkpoints" / "step-00000003.pt").write_bytes(b"a user's file")
+    train(cfg_for(data, a, steps=8, ckpt_every=2), resume="auto", log=lambda *a: None)
+    assert sorted(os.listdir(a / "checkpoints")) == [
+        "index.json",
+        "latest",
+        "step-00000001.pt",
+        "step-00000003.pt",
+        "step-00000006.pt",
+        "step-00000008.pt",
+    ]
+
+
+def test_demo_never_deletes_what_it_did_not_write(tmp_path, monkeypatch):
+    """`demo --out DIR` used to rmtree DIR/run without a word."""
+    import unif2ace.data.synthetic as synthetic
+    from unif2ace.train import demo
+    from unif2ace.train.checkpoint import RunDirectoryError
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+
+    monkeypatch.setattr(synthetic, "build_synthetic", stop)  # the demo's first heavy step
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "precious.txt").write_text("keep me")
+    with pytest.raises(RunDirectoryError, match="files unif2ace did not write"):
+        demo.run_demo(str(tmp_path), log=lambda *a: None)
+    assert (tmp_path / "run" / "precious.txt").read_text() == "keep me"
+    # a previous demo run is replaced (with a message), and only its own files go
+    from unif2ace.train.checkpoint import write_run_info
+
+    write_run_info(str(tmp_path / "run"), "0" * 32, "demo")
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    msgs = []
+    with pytest.raises(Stop):
+        demo.run_demo(str(tmp_path), log=msgs.append)
+    assert any("replacing the previous demo run" in m for m in msgs)
+    # nothing is deleted before training starts; the trainer (overwrite) deletes only run outputs
+    from unif2ace.train.checkpoint import clear_run_outputs
+
+    clear_run_outputs(str(tmp_path / "run"))
+    assert sorted(os.listdir(tmp_path / "run")) == ["precious.txt"]
+
+
+# -- checkpoint integrity (issue 18, item 5) -------------------------------------------------------
+
+
+def _flip(path, n=32, seed=0):
+    """Flip ``n`` bytes in the middle half of a file (where the tensors are)."""
+    b = bytearray(open(path, "rb").read())
+    rng = np.random.default_rng(seed)
+    for i in rng.integers(len(b) // 4, 3 * len(b) // 4, n):
+        b[i] ^= 0xFF
+    open(path, "wb").write(bytes(b))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_damaged_checkpoints_are_refused(data, tmp_path, seed):
+    """Flipped bytes used to load silently (changed weights/moments; the next step died in a raw
+    FloatingPointError). Every checkpoint carries SHA-256 checksums that loading verifies."""
+    from unif2ace.train.checkpoint import CheckpointDamagedError
+
+    tr = Trainer(cfg_for(data, tmp_path / "run"), log=lambda *a: None)
+    tr.train_step()
+    path = tr.save()
+    assert load_training_checkpoint(path)["step"] == 1
+    _flip(path, n=20 + 10 * seed, seed=seed)
+    with pytest.raises(CheckpointDamagedError, match="damaged|corrupt"):
+        load_training_checkpoint(path)
+    with pytest.raises(TrainCheckpointError):
+        Trainer(cfg_for(data, tmp_path / "x"), resume=path, log=lambda *a: None)
+
+
+def test_checksums_name_the_damaged_tensor(tmp_path):
+    from unif2ace.train.checkpoint import CheckpointDamagedError, tree_checksums, verify_checksums
+
+    st = {"model": {"w": torch.ones(3), "b": torch.zeros(2)}, "step": 4, "rng": (1, [2, 3])}
+    sums = tree_checksums(st)
+    verify_checksums(st, sums, "x")
+    st["model"]["w"][1] = 1.0000001
+    with pytest.raises(CheckpointDamagedError, match="1 tensor.*model/w"):
+        verify_checksums(st, sums, "x")
+    st["model"]["w"][1] = 1.0
+    st["rng"][1][0] = 5
+    with pytest.raises(CheckpointDamagedError, match="non-tensor fields"):
+        verify_checksums(st, sums, "x")
+
+
+def test_resume_auto_falls_back_to_the_previous_good_checkpoint(data, tmp_path):
+    full = train(cfg_for(data, tmp_path / "full"), log=lambda *a: None)
+    run = tmp_path / "run"
+    train(cfg_for(data, run), log=lambda *a: None)  # checkpoints at steps 4 and 8
+    _flip(run / "checkpoints" / "step-00000008.pt")
+    msgs = []
+    tr = Trainer(cfg_for(data, run), resume="auto", log=msgs.append)
+    assert tr.step == 4 and any("step-00000008.pt" in m and "falling back" in m for m in msgs)
+    rest = losses(tr.run())
+    assert rest == losses(full)[4:]  # continues exactly
+    assert load_training_checkpoint(str(run))["step"] == 8  # the damaged one was rewritten
+    # nothing good left: a clear error, not a crash
+    for n in ("step-00000004.pt", "step-00000008.pt"):
+        _flip(run / "checkpoints" / n)
+    with pytest.raises(TrainCheckpointError, match="no usable checkpoint"):
+        Trainer(cfg_for(data, run), resume="auto", log=lambda *a: None)
+
+
+def test_temp_files_of_killed_writes_are_removed_at_the_next_start(data, tmp_path):
+    run = tmp_path / "run"
+    tr = Trainer(cfg_for(data, run), log=lambda *a: None)
+    tr.train_step()
+    tr.save()
+    d = run / "checkpoints"
+    stale = [d / ".step-00000002.pt.tmp4242", d / ".latest.tmp17", d / ".index.json.tmp3"]
+    stale.append(run / ".model.safetensors.tmp")
+    for p in stale:
+        p.write_bytes(b"half")
+    (d / ".step-00000006.tmp").mkdir()  # a killed sharded save
+    (d / ".step-00000006.tmp" / "__0_0.distcp").write_bytes(b"half")
+    (run / ".my.tmp").write_text("not ours")
+    msgs = []
+    Trainer(cfg_for(data, run), resume="auto", log=msgs.append)
+    assert not any(p.exists() for p in stale) and not (d / ".step-00000006.tmp").exists()
+    assert (run / ".my.tmp").exists() and any("temporary file" in m for m in msgs)
+
+
+def test_latest_only_names_a_checkpoint_inside_the_run(data, tmp_path):
+    """`latest` used to be joined to the directory as given: an absolute path or ../ escaped it."""
+    from unif2ace.train.checkpoint import CheckpointDamagedError
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for r in (a, b):
+        tr = Trainer(cfg_for(data, r), log=lambda *a: None)
+        tr.train_step()
+        tr.save()
+    outside = str(b / "checkpoints" / "step-00000001.pt")
+    latest = a / "checkpoints" / "latest"
+    for name in (outside, "../../b/checkpoints/step-00000001.pt", "step-00000001.pt/../../../b/checkpoints/x"):
+        latest.write_text(name)
+        with pytest.raises(CheckpointDamagedError, match="not a checkpoint of this run directory"):
+            latest_checkpoint(str(a))
+    os.remove(a / "checkpoints" / "step-00000001.pt")
+    os.symlink(outside, a / "checkpoints" / "step-00000001.pt")
+    latest.write_text("step-00000001.pt")
+    with pytest.raises(CheckpointDamagedError, match="leads outside"):
+        latest_checkpoint(str(a))
+    with pytest.raises(TrainCheckpointError, match="no usable checkpoint"):
+        load_training_checkpoint(str(a))
+
+
+# -- FSDP2 (issue 21, item 5) ------------------------------------------------------------------------
+
+
+def _torchrun(nproc, out, data, *extra):
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "unif2ace",
+        "train",
+        "--out",
+        str(out),
+        "--data",
+        data,
+        "--batch-size",
+        "4",
+        "--model",
+        json.dumps(SMALL),
+        "--no-progress",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--log-every",
+        "1",
+        *extra,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def fsdp_cfg(data, out, **kw):
+    return cfg_for(data, out, **{"model": CLI_SMALL, "batch_size": 4, "grad_accum": 2, "fsdp": True, **kw})
+
+
+def test_fsdp_two_processes_match_one_process_and_resume_on_one(data, tmp_path):
+    """torchrun --fsdp, gloo, 2 processes x batch 4 vs 1 process (plain) x batch 4 x accum 2: same global
+    batch, same samples -> the same losses. Then the 2-process sharded checkpoint of step 2 resumes on ONE
+    process (DCP reshards) and continues with the 2-process run's losses."""
+    recs = _torchrun(2, tmp_path / "fsdp", data, "--fsdp", "--steps", "4", "--ckpt-every", "2")
+    single = losses(
+        train(cfg_for(data, tmp_path / "one", model=CLI_SMALL, steps=4, batch_size=4, grad_accum=2), log=lambda *a: 0)
+    )
+    np.testing.assert_allclose([x["loss"] for x in recs], single, rtol=1e-3)
+    ck = tmp_path / "fsdp" / "checkpoints"
+    assert sorted(os.listdir(ck)) == ["index.json", "latest", "step-00000002", "step-00000004"]
+    assert sorted(os.listdir(ck / "step-00000002")) == [
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+        "checksums.json",
+        "train_state.pt",
+    ]
+    tr = Trainer(fsdp_cfg(data, tmp_path / "resumed", steps=4), resume=str(ck / "step-00000002"), log=lambda *a: 0)
+    try:
+        assert tr.step == 2
+        rest = losses(tr.run())
+    finally:
+        tr.close()
+    np.testing.assert_allclose(rest, [x["loss"] for x in recs][2:], rtol=1e-5)
+    # the run exports a whole model; a sharded checkpoint also loads without a process group
+    from unif2ace.train.evaluate import load_run
+
+    ref = load_run(str(tmp_path / "fsdp")).model.state_dict()
+    for src in (tmp_path / "resumed", ck / "step-00000004"):
+        got = load_run(str(src)).model.state_dict()
+        assert all(torch.allclose(got[k], ref[k], rtol=1e-5, atol=1e-7) for k in ref)
+
+
+def test_fsdp_resume_is_exact_and_survives_damage_and_killed_saves(data, tmp_path, monkeypatch):
+    """One process, --fsdp (a one-member group): stop + resume is bit-exact; a damaged shard makes
+    --resume auto fall back to the previous checkpoint; a killed sharded save leaves the last good one
+    and its temporary directory is removed at the next start."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    full = losses(train(fsdp_cfg(data, tmp_path / "full"), log=lambda *a: 0))
+    assert not dist.is_initialized()  # train() tore its group down
+    tr = Trainer(fsdp_cfg(data, tmp_path / "part"), log=lambda *a: 0)
+    try:
+        first = [tr.train_step()["loss"] for _ in range(4)]
+        tr.save()
+        tr.train_step()
+
+        def killed(*a, **k):
+            os.makedirs(k["checkpoint_id"], exist_ok=True)
+            open(os.path.join(k["checkpoint_id"], "__0_0.distcp"), "wb").write(b"half")
+            raise KeyboardInterrupt("killed mid-save")
+
+        monkeypatch.setattr(dcp, "save", killed)
+        with pytest.raises(KeyboardInterrupt):
+            tr.save()
+        monkeypatch.undo()
+    finally:
+        tr.close()
+    ck = tmp_path / "part" / "checkpoints"
+    assert (ck / "latest").read_text() == "step-00000004" and (ck / ".step-00000005.tmp").is_dir()
+    torch.manual_seed(12345)
+    rest = losses(train(fsdp_cfg(data, tmp_path / "part"), resume="auto", log=lambda *a: 0))
+    assert first + rest == full  # bit-exact
+    assert not (ck / ".step-00000005.tmp").exists()
+    _flip(ck / "step-00000008" / "__0_0.distcp", n=8)
+    msgs = []
+    tr = Trainer(fsdp_cfg(data, tmp_path / "part"), resume="auto", log=msgs.append)
+    try:
+        assert tr.step == 4 and any("__0_0.distcp" in m and "falling back" in m for m in msgs)
+        assert losses(tr.run()) == full[4:]
+    finally:
+        tr.close()
+    with pytest.raises(TrainCheckpointError, match="resume it with --fsdp"):
+        Trainer(cfg_for(data, tmp_path / "x"), resume=str(ck / "step-00000008"), log=lambda *a: 0)
+
+
+@pytest.mark.slow
+def test_fsdp_one_process_checkpoint_resumes_on_two(data, tmp_path):
+    """The other direction: a checkpoint written by one process resumes under torchrun on two, and the
+    two-process continuation matches the one-process run."""
+    s = train(fsdp_cfg(data, tmp_path / "one", steps=4, ckpt_every=2), log=lambda *a: 0)
+    recs = _torchrun(
+        2,
+        tmp_path / "two",
+        data,
+        "--fsdp",
+        "--steps",
+        "4",
+        "--ckpt-every",
+        "2",
+        "--resume",
+        str(tmp_path / "one" / "checkpoints" / "step-00000002"),
+    )
+    np.testing.assert_allclose([x["loss"] for x in recs], losses(s)[2:], rtol=1e-5)

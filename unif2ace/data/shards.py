@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -45,6 +46,54 @@ VERSION = 1
 
 class DataFormatError(ValueError):
     """A dataset directory does not follow the format (the message names the file and field)."""
+
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+RECORD_FIELDS = ("kind", "image", "text_start", "text_len", "answer_start", "answer_len")
+
+
+def _count(d: Dict, key: str, lo: int, where: str) -> int:
+    v = d.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise DataFormatError(f"TokenDataset: {where}: field {key!r} must be an int >= {lo}, got {v!r}")
+    return v
+
+
+def _check_values(a: np.ndarray, lo: int, hi: int, fp: str, what: str, chunk: int = 1 << 24) -> None:
+    """Every value of ``a`` in ``[lo, hi)`` (chunked over the memory map)."""
+    flat = a.reshape(-1)
+    for i in range(0, flat.shape[0], chunk):
+        c = np.asarray(flat[i : i + chunk])
+        bad = (c < lo) | (c >= hi)
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise DataFormatError(
+                f"TokenDataset: {fp}: {what} {int(c[j])} at flat position {i + j} is outside [{lo}, {hi})"
+            )
+
+
+def _check_records(r: np.ndarray, n_images: int, n_text: int, fp: str) -> None:
+    """Every field of every ``(kind, image, text_start, text_len, answer_start, answer_len)`` record."""
+    if r.shape[0] == 0:
+        return
+    kind, img, t0, tn, a0, an = (np.asarray(r[:, k], dtype=np.int64) for k in range(6))
+    checks = [
+        ("kind", (kind != 0) & (kind != 1), "must be 0 (caption) or 1 (VQA pair)"),
+        ("image", (img < 0) | (img >= n_images), f"must index this shard's images [0, {n_images})"),
+        ("text_start", (t0 < 0) | (t0 > n_text), f"must be in [0, {n_text}] (the shard's text tokens)"),
+        ("text_len", (tn < 0) | (t0 + tn > n_text), f"must be >= 0 with text_start + text_len <= {n_text}"),
+        ("answer_start", (a0 < 0) | (a0 > n_text), f"must be in [0, {n_text}] (the shard's text tokens)"),
+        ("answer_len", (an < 0) | (a0 + an > n_text), f"must be >= 0 with answer_start + answer_len <= {n_text}"),
+        ("answer_len", (kind == 0) & (an != 0), "must be 0 for a caption (kind 0)"),
+        ("answer_len", (kind == 1) & (an < 1), "must be >= 1 for a VQA pair (kind 1)"),
+    ]
+    for field, bad, rule in checks:
+        if bad.any():
+            j = int(np.argmax(bad))
+            rec = [int(v) for v in r[j]]
+            raise DataFormatError(
+                f"TokenDataset: {fp}: record {j} {rec}: field {field!r} {rule}, got {rec[RECORD_FIELDS.index(field)]}"
+            )
 
 
 class ShardWriter:
@@ -158,7 +207,14 @@ class ShardWriter:
 
 
 class TokenDataset:
-    """Memory-mapped reader of a dataset directory; ``ds[i]`` -> :class:`unif2ace.model.Sample`."""
+    """Memory-mapped reader of a dataset directory; ``ds[i]`` -> :class:`unif2ace.model.Sample`.
+
+    Opening checks everything a wrong dataset could silently train on: every index.json field
+    (types and ranges), every shard file (readable ``.npy``, integer dtype, the shape index.json
+    states) and every record field (kind 0 or 1; image inside its shard; text and answer spans
+    inside the shard's text; answer_len 0 for captions, >= 1 for VQA pairs), and the value ranges of
+    the image codes and text ids (one pass over the memory-mapped arrays). The first violation
+    raises a :class:`DataFormatError` naming the file, the record and the field."""
 
     def __init__(self, path: str):
         idx_path = os.path.join(path, "index.json")
@@ -169,6 +225,8 @@ class TokenDataset:
                 index = json.load(f)
         except json.JSONDecodeError as e:
             raise DataFormatError(f"TokenDataset: {idx_path} is not valid JSON: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataFormatError(f"TokenDataset: cannot read {idx_path}: {e}") from None
         if not isinstance(index, dict) or index.get("format") != FORMAT:
             raise DataFormatError(
                 f"TokenDataset: {idx_path}: field 'format' must be {FORMAT!r}, got "
@@ -183,31 +241,62 @@ class TokenDataset:
             if k not in index:
                 raise DataFormatError(f"TokenDataset: {idx_path}: missing field {k!r}")
         self.path, self.index = path, index
-        self.image_tokens = int(index["image_tokens"])
-        self.codebook_size = int(index["codebook_size"])
-        self.text_vocab_size = int(index["text_vocab_size"])
-        self.meta = index.get("meta", {})
+        self.image_tokens = _count(index, "image_tokens", 1, idx_path)
+        self.codebook_size = _count(index, "codebook_size", 1, idx_path)
+        self.text_vocab_size = _count(index, "text_vocab_size", 1, idx_path)
+        meta = index.get("meta", {})
+        if not isinstance(meta, dict):
+            raise DataFormatError(f"TokenDataset: {idx_path}: field 'meta' must be an object, got {meta!r}")
+        self.meta = meta
+        shards = index["shards"]
+        if not isinstance(shards, list) or not shards:
+            raise DataFormatError(
+                f"TokenDataset: {idx_path}: field 'shards' must be a non-empty list of shard objects, got {shards!r}"
+            )
         self.codes, self.records, self.text = [], [], []
-        for s in index["shards"]:
+        for i, s in enumerate(shards):
+            where = f"{idx_path}: shards[{i}]"
+            if not isinstance(s, dict):
+                raise DataFormatError(f"TokenDataset: {where} must be an object, got {s!r}")
+            name = s.get("name")
+            if not isinstance(name, str) or not _NAME.fullmatch(name):
+                raise DataFormatError(
+                    f"TokenDataset: {where}: field 'name' must be a file name stem (letters, digits, '._-'), "
+                    f"got {name!r}"
+                )
+            n_img, n_rec, n_txt = (_count(s, k, 0, where) for k in ("images", "records", "text_tokens"))
             arrs = []
             for part, shape in (
-                ("codes", (s["images"], self.image_tokens)),
-                ("records", (s["records"], 6)),
-                ("text", (s["text_tokens"],)),
+                ("codes", (n_img, self.image_tokens)),
+                ("records", (n_rec, 6)),
+                ("text", (n_txt,)),
             ):
-                fp = os.path.join(path, f"{s['name']}.{part}.npy")
+                fp = os.path.join(path, f"{name}.{part}.npy")
                 try:
                     a = np.load(fp, mmap_mode="r")
-                except (OSError, ValueError) as e:
-                    raise DataFormatError(f"TokenDataset: cannot read {fp}: {e}") from None
+                except (OSError, ValueError, EOFError) as e:  # EOFError: a zero-byte file
+                    raise DataFormatError(f"TokenDataset: cannot read {fp}: {type(e).__name__}: {e}") from None
+                if not isinstance(a, np.ndarray) or not np.issubdtype(a.dtype, np.integer):
+                    raise DataFormatError(
+                        f"TokenDataset: {fp} must hold an integer array, got {getattr(a, 'dtype', type(a).__name__)}"
+                    )
                 if tuple(a.shape) != tuple(shape):
                     raise DataFormatError(
                         f"TokenDataset: {fp} has shape {list(a.shape)}, index.json says {list(shape)}"
                     )
                 arrs.append(a)
-            self.codes.append(arrs[0]), self.records.append(arrs[1]), self.text.append(arrs[2])
+            codes, records, text = arrs
+            _check_values(codes, 0, self.codebook_size, os.path.join(path, f"{name}.codes.npy"), "image code")
+            _check_values(text, 0, self.text_vocab_size, os.path.join(path, f"{name}.text.npy"), "text id")
+            _check_records(np.asarray(records), n_img, n_txt, os.path.join(path, f"{name}.records.npy"))
+            self.codes.append(codes), self.records.append(records), self.text.append(text)
         counts = np.array([len(r) for r in self.records], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
+        if "num_records" in index and index["num_records"] != len(self):
+            raise DataFormatError(
+                f"TokenDataset: {idx_path}: field 'num_records' is {index['num_records']!r} but the shards hold "
+                f"{len(self)} records"
+            )
         if len(self) == 0:
             raise DataFormatError(f"TokenDataset: {path!r} has no records")
 

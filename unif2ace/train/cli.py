@@ -16,11 +16,16 @@ def add_subcommands(sub) -> None:
         "train",
         help="train a model (preset or JSON config) on the synthetic set or a shard directory",
         description="Train with AdamW + warmup/cosine. Multi-process: torchrun --nproc-per-node N "
-        "-m unif2ace train ... (DDP; gloo on CPU, nccl on GPU).",
+        "-m unif2ace train ... (DDP, or FSDP2 with --fsdp; gloo on CPU, nccl on GPU). A non-empty --out "
+        "is refused unless --resume continues the run in it or --overwrite replaces it.",
     )
     p.add_argument("--config", help="JSON file with TrainConfig fields (command-line flags override it)")
     p.add_argument("--preset", help="model preset: tiny | small | paper")
-    p.add_argument("--model", help="JSON object of UniF2aceConfig overrides, e.g. '{\"num_layers\": 4}'")
+    p.add_argument(
+        "--model",
+        help="JSON object of UniF2aceConfig overrides, merged into the config's overrides "
+        "(e.g. '{\"num_layers\": 4}'; a null value drops an override: the preset's value applies)",
+    )
     p.add_argument("--data", help="'synthetic' (default) or a pre-tokenized shard directory")
     p.add_argument("--out", help="run directory (checkpoints, metrics.jsonl, loss_curve.png)")
     p.add_argument("--steps", type=int)
@@ -37,7 +42,23 @@ def add_subcommands(sub) -> None:
     p.add_argument("--log-every", type=int, dest="log_every")
     p.add_argument("--max-minutes", type=float, dest="max_minutes")
     p.add_argument("--no-progress", action="store_false", dest="progress", default=None)
-    p.add_argument("--resume", help="checkpoint file or run directory to continue from ('auto': the --out directory)")
+    p.add_argument(
+        "--resume",
+        help="checkpoint or run directory to continue from ('auto': the --out directory; a run directory "
+        "falls back past damaged checkpoints to its newest good one)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in a non-empty --out (deletes only the files a run writes there)",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        default=None,
+        help="FSDP2: shard parameters, gradients and optimizer state (fully_shard; bf16 compute on GPU); "
+        "sharded checkpoints (torch.distributed.checkpoint) that resume on any number of processes",
+    )
 
     g = sub.add_parser("generate", help="generate faces from captions into a PNG grid")
     g.add_argument("run", help="run directory, model.safetensors or a training checkpoint")
@@ -74,11 +95,17 @@ def add_subcommands(sub) -> None:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     d.add_argument("--no-progress", action="store_false", dest="progress", default=True)
+    d.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a unif2ace run in OUT/run that is not a previous demo run (a previous demo run is "
+        "always replaced, with a message; only the files a run writes are deleted)",
+    )
 
 
-def _train(args) -> int:
+def _train_config(args):
+    """The TrainConfig of ``unif2ace train`` flags: --config file, then flags; --model merges."""
     from .config import TrainConfig
-    from .trainer import train
 
     flags = {
         k: getattr(args, k)
@@ -100,24 +127,37 @@ def _train(args) -> int:
             "log_every",
             "max_minutes",
             "progress",
+            "fsdp",
         )
     }
+    flags = {k: v for k, v in flags.items() if v is not None}
+    base = TrainConfig.read_file(args.config) if args.config else {}
     if args.model is not None:
         try:
-            flags["model"] = json.loads(args.model)
+            over = json.loads(args.model)
         except json.JSONDecodeError as e:
             raise ValueError(f"train: --model must be a JSON object of config overrides: {e}") from None
-    flags = {k: v for k, v in flags.items() if v is not None}
-    cfg = TrainConfig.from_file(args.config, **flags) if args.config else TrainConfig.from_dict(flags, where="flags")
-    resume = args.resume
-    if resume == "auto":
-        from .checkpoint import latest_checkpoint
+        if not isinstance(over, dict):
+            raise ValueError(f"train: --model must be a JSON object of config overrides, got {args.model!r}")
+        model = dict(base.get("model", TrainConfig().model))
+        if not isinstance(model, dict):
+            raise ValueError(f"train: the config file's 'model' must be a JSON object, got {model!r}")
+        for k, v in over.items():  # merge: --model changes only the fields it names
+            if v is None:
+                model.pop(k, None)
+            else:
+                model[k] = v
+        flags["model"] = model
+    where = f"config file {args.config!r} + flags" if args.config else "flags"
+    return TrainConfig.from_dict({**base, **flags}, where=where)
 
-        resume = latest_checkpoint(cfg.out)
-        if resume is None:
-            print(f"train: no checkpoint in {cfg.out}, starting fresh")
+
+def _train(args) -> int:
+    from .trainer import train
+
+    cfg = _train_config(args)
     try:
-        s = train(cfg, resume=resume)
+        s = train(cfg, resume=args.resume, overwrite=args.overwrite)
     finally:
         import torch.distributed as dist
 
@@ -134,6 +174,10 @@ def _generate(args) -> int:
 
     from .evaluate import generate_faces, load_run
 
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"generate: --steps must be >= 1 (MaskGIT decoding steps), got {args.steps}")
+    if args.per_caption < 1:
+        raise ValueError(f"generate: --per-caption must be >= 1, got {args.per_caption}")
     run = load_run(args.run, backend=args.backend)
     caps = [c for c in args.captions for _ in range(args.per_caption)]
     codes, imgs = generate_faces(
@@ -160,9 +204,23 @@ def _answer(args) -> int:
 
     from .evaluate import load_run
 
+    if args.max_new_tokens < 1:
+        raise ValueError(f"answer: --max-new-tokens must be >= 1, got {args.max_new_tokens}")
     run = load_run(args.run, backend=args.backend)
     if args.codes:
-        codes = np.load(args.codes).reshape(1, -1)
+        try:
+            codes = np.load(args.codes)
+        except (OSError, ValueError, EOFError) as e:  # EOFError: a zero-byte file
+            raise ValueError(f"answer: cannot read --codes {args.codes!r}: {type(e).__name__}: {e}") from None
+        cfg = run.model.cfg
+        if not np.issubdtype(codes.dtype, np.integer) or codes.size != cfg.image_tokens:
+            raise ValueError(
+                f"answer: --codes must hold {cfg.image_tokens} integer image codes, "
+                f"got {codes.dtype} {list(codes.shape)}"
+            )
+        if codes.min() < 0 or codes.max() >= cfg.codebook_size:
+            raise ValueError(f"answer: --codes values must be in [0, {cfg.codebook_size})")
+        codes = codes.reshape(1, -1).astype(np.int64)
     else:
         if run.vq is None:
             raise ValueError("answer: this run has no image tokenizer; pass --codes")
@@ -199,14 +257,21 @@ def _demo(args) -> int:
         seed=args.seed,
         threads=args.threads,
         progress=args.progress,
+        overwrite=args.overwrite,
     )
     return 0
 
 
 def run_subcommand(args) -> int:
+    """Run one subcommand. A user error (bad flag value, config, data, checkpoint or run directory,
+    a missing file, a non-finite loss) is one line on stderr and exit status 2; Ctrl-C is exit 130."""
     fn = {"train": _train, "generate": _generate, "answer": _answer, "demo": _demo}[args.cmd]
     try:
         return fn(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"unif2ace {args.cmd}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, FloatingPointError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"unif2ace {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"unif2ace {args.cmd}: interrupted", file=sys.stderr)
+        return 130

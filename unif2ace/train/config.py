@@ -42,6 +42,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # > 0: stop (with a checkpoint) after this wall time
     progress: bool = True
     threads: int = 0  # > 0: torch.set_num_threads
+    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP; sharded torch.distributed.checkpoint checkpoints
 
     def validate(self) -> "TrainConfig":
         c = "TrainConfig"
@@ -76,6 +77,9 @@ class TrainConfig:
             raise ValueError(f"{c}: field 'betas' must be two numbers in [0, 1), got {self.betas!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"{c}: field 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        for f in ("fsdp", "progress"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"{c}: field '{f}' must be true or false, got {getattr(self, f)!r}")
         if self.amp not in ("auto", "bf16", "none"):
             raise ValueError(f"{c}: field 'amp' must be 'auto', 'bf16' or 'none', got {self.amp!r}")
         from unif2ace.kernels import BACKENDS
@@ -116,10 +120,14 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"TrainConfig: {where} has unknown fields {unknown}; known fields: {sorted(known)}")
-        return cls(**d).validate()
+        try:
+            return cls(**d).validate()
+        except TypeError as e:  # a value of the wrong type (e.g. "betas": 5) fails a comparison
+            raise ValueError(f"TrainConfig: {where} has a value of the wrong type: {e}") from None
 
-    @classmethod
-    def from_file(cls, path: str, **overrides) -> "TrainConfig":
+    @staticmethod
+    def read_file(path: str) -> Dict[str, Any]:
+        """The JSON object of a config file (errors name the file)."""
         try:
             with open(path) as f:
                 d = json.load(f)
@@ -129,5 +137,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: config file {path!r} is not valid JSON: {e}") from None
         if not isinstance(d, dict):
             raise ValueError(f"TrainConfig: config file {path!r} must hold a JSON object")
+        return d
+
+    @classmethod
+    def from_file(cls, path: str, **overrides) -> "TrainConfig":
+        d = cls.read_file(path)
         d.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(d, where=f"config file {path!r}")

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 import time
 import traceback
 from typing import Dict, Optional
@@ -24,6 +25,7 @@ import torch
 from unif2ace.data import faces
 from unif2ace.data.png import image_grid, write_png
 
+from .checkpoint import RunDirectoryError, read_run_info
 from .config import TrainConfig
 from .trainer import Trainer
 
@@ -36,25 +38,26 @@ def time_backends(cfg: TrainConfig, data, steps: int = 12, warmup: int = 3) -> D
     """Tokens/s and s/step of training steps on the fused (``auto``) and the reference backend,
     same data, same model init, measured back to back."""
     out = {}
-    for name, be in (("fused", "auto"), ("reference", "reference")):
-        c = TrainConfig(**{**cfg.to_dict(), "backend": be, "progress": False, "out": os.path.join(cfg.out, "_speed")})
-        try:
-            tr = Trainer(c, dataset=data, log=lambda *a: None)
-            for _ in range(warmup):
-                tr.train_step()
-            t0 = time.perf_counter()
-            tok = sum(tr.train_step()["tokens"] for _ in range(steps))
-            dt = time.perf_counter() - t0
-            out[name] = {"backend": be, "tokens_per_s": tok / dt, "s_per_step": dt / steps, "steps": steps}
-        except Exception as e:  # a broken fused op must not sink the demo
-            out[name] = {"backend": be, "error": f"{type(e).__name__}: {e}"}
-    shutil.rmtree(os.path.join(cfg.out, "_speed"), ignore_errors=True)
+    # the timing trainers never write (no run(), no save()); their --out is a fresh temporary directory
+    with tempfile.TemporaryDirectory(prefix="unif2ace-speed-") as tmp:
+        for name, be in (("fused", "auto"), ("reference", "reference")):
+            c = TrainConfig(**{**cfg.to_dict(), "backend": be, "progress": False, "out": os.path.join(tmp, name)})
+            try:
+                tr = Trainer(c, dataset=data, log=lambda *a: None)
+                for _ in range(warmup):
+                    tr.train_step()
+                t0 = time.perf_counter()
+                tok = sum(tr.train_step()["tokens"] for _ in range(steps))
+                dt = time.perf_counter() - t0
+                out[name] = {"backend": be, "tokens_per_s": tok / dt, "s_per_step": dt / steps, "steps": steps}
+            except Exception as e:  # a broken fused op must not sink the demo
+                out[name] = {"backend": be, "error": f"{type(e).__name__}: {e}"}
     return out
 
 
-def _train_with_fallback(cfg: TrainConfig, log) -> Dict:
+def _train_with_fallback(cfg: TrainConfig, log, overwrite: bool) -> Dict:
     try:
-        summary = Trainer(cfg, log=log).run()
+        summary = Trainer(cfg, log=log, overwrite=overwrite, origin="demo").run()
         summary["backend"] = cfg.backend
         return summary
     except (RuntimeError, FloatingPointError, NotImplementedError) as e:
@@ -62,11 +65,31 @@ def _train_with_fallback(cfg: TrainConfig, log) -> Dict:
             raise
         log(f"[demo] training with the fused ops failed ({type(e).__name__}: {e}); restarting on the reference backend")
         traceback.print_exc()
-        shutil.rmtree(cfg.out, ignore_errors=True)
         ref = TrainConfig(**{**cfg.to_dict(), "backend": "reference"})
-        summary = Trainer(ref, log=log).run()
+        # the failed run is this demo's own: replacing it deletes only the files it wrote
+        summary = Trainer(ref, log=log, overwrite=read_run_info(cfg.out) is not None, origin="demo").run()
         summary["backend"] = "reference (fused failed: " + f"{type(e).__name__})"
         return summary
+
+
+def check_demo_out(out: str, overwrite: bool, log=print) -> bool:
+    """Whether the demo may train into ``out/run``: yes when it is empty or missing, or holds a previous
+    demo run (replaced, with a message), or holds another unif2ace run and ``overwrite`` is set.
+    Anything else raises :class:`RunDirectoryError`. Returns the ``overwrite`` the trainer needs."""
+    run_dir = os.path.join(out, "run")
+    if not os.path.isdir(run_dir) or not os.listdir(run_dir):
+        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+            raise RunDirectoryError(f"demo: {run_dir!r} is a file; choose another --out")
+        return False
+    info = read_run_info(run_dir)
+    if info is not None and (info.get("origin") == "demo" or overwrite):
+        log(
+            f"[demo] replacing the previous {'demo ' if info.get('origin') == 'demo' else ''}run in {run_dir} "
+            "(only the files it wrote)"
+        )
+        return True
+    what = "another unif2ace run (pass --overwrite to replace it)" if info else "files unif2ace did not write"
+    raise RunDirectoryError(f"demo: {run_dir!r} holds {what}; choose another --out")
 
 
 def run_demo(
@@ -79,14 +102,15 @@ def run_demo(
     seed: int = 0,
     threads: int = 0,
     progress: bool = True,
+    overwrite: bool = False,
     log=print,
 ) -> Dict:
     from .evaluate import eval_generation, eval_vqa, load_run
 
     t_all = time.perf_counter()
+    replace = check_demo_out(out, overwrite, log)
     os.makedirs(out, exist_ok=True)
     run_dir = os.path.join(out, "run")
-    shutil.rmtree(run_dir, ignore_errors=True)
     if threads:
         torch.set_num_threads(threads)
     cfg = TrainConfig(
@@ -117,7 +141,7 @@ def run_demo(
         f"batch {cfg.global_batch}, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
     )
     t0 = time.perf_counter()
-    summary = _train_with_fallback(cfg, log)
+    summary = _train_with_fallback(cfg, log, replace)
     train_s = time.perf_counter() - t0
     log(
         f"[demo] trained {summary['steps']} steps in {summary['wall_s']:.0f} s "

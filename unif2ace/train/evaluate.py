@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -33,28 +34,50 @@ class Run:
         return [int(t) for t in text]
 
 
-def load_run(path: str, device="cpu", backend: str = "auto") -> Run:
-    from unif2ace.model import UniF2ace, UniF2aceConfig, load_checkpoint
+def load_run(path: str, device="cpu", backend: str = "auto", log=None) -> Run:
+    """A run directory (its ``model.safetensors``, else its newest good training checkpoint, falling
+    back past damaged ones), a ``.safetensors`` file, or a training checkpoint (file, or a sharded
+    ``--fsdp`` checkpoint directory)."""
+    from unif2ace.kernels import BACKENDS, backend_usable
+    from unif2ace.model import load_checkpoint
 
-    from .checkpoint import latest_checkpoint, load_training_checkpoint
+    from .checkpoint import NAME_RE, checkpoint_candidates, find_good_checkpoint, load_training_checkpoint
 
-    run_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
+    if backend not in ("auto", "reference"):
+        if backend not in BACKENDS:
+            raise ValueError(f"load_run: backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
+        ok, why = backend_usable(backend, torch.device(device))
+        if not ok:
+            raise ValueError(f"backend {backend!r} cannot run on {torch.device(device).type}: {why}")
+    if log is None:
+        import sys
+
+        def log(msg):
+            print(msg, file=sys.stderr)
+
+    def owner(p):  # RUN/checkpoints/step-N[.pt] -> RUN (where data.json lives)
+        d = os.path.dirname(os.path.abspath(p))
+        return os.path.dirname(d) if os.path.basename(d) == "checkpoints" else d
+
+    run_dir = owner(path)
+    if os.path.isdir(path) and NAME_RE.fullmatch(os.path.basename(os.path.normpath(path))):
+        model = _model_from_sharded(path)
+    elif os.path.isdir(path):
+        run_dir = path
         st_path = os.path.join(path, "model.safetensors")
+        paths, problems = checkpoint_candidates(path)
         if os.path.isfile(st_path):
             model = load_checkpoint(st_path)
-        elif latest_checkpoint(path):
-            st = load_training_checkpoint(path)
-            model = UniF2ace(UniF2aceConfig.from_json(st["model_config"]))
-            model.load_state_dict(st["model"])
-        else:
+        elif not paths and not problems:
             raise ValueError(f"load_run: {path!r} has neither model.safetensors nor checkpoints/")
+        elif any(os.path.isdir(p) for p in paths):
+            model = find_good_checkpoint(path, _model_from_sharded, log)[1]
+        else:
+            model = _model_from_state(load_training_checkpoint(path, log=log))
     elif path.endswith(".safetensors"):
         model = load_checkpoint(path)
     elif path.endswith(".pt"):
-        st = load_training_checkpoint(path)
-        model = UniF2ace(UniF2aceConfig.from_json(st["model_config"]))
-        model.load_state_dict(st["model"])
+        model = _model_from_state(load_training_checkpoint(path))
     else:
         raise ValueError(f"load_run: {path!r} is not a run directory, .safetensors or .pt checkpoint")
     model = model.to(device).eval().set_backend(backend)
@@ -75,6 +98,32 @@ def load_run(path: str, device="cpu", backend: str = "auto") -> Run:
     return Run(model, tok, vq)
 
 
+def _model_from_state(st):
+    from unif2ace.model import UniF2ace, UniF2aceConfig
+
+    model = UniF2ace(UniF2aceConfig.from_json(st["model_config"]))
+    model.load_state_dict(st["model"])
+    return model
+
+
+def _model_from_sharded(path: str):
+    """A model from a sharded (``--fsdp``) checkpoint, read in this one process (no process group)."""
+    import torch.distributed.checkpoint as dcp
+
+    from unif2ace.model import UniF2ace, UniF2aceConfig
+
+    from .fsdp import verify_sharded
+
+    st = verify_sharded(path)
+    model = UniF2ace(UniF2aceConfig.from_json(st["model_config"]))
+    sd = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(sd, checkpoint_id=path, no_dist=True)
+    model.load_state_dict(sd["model"])
+    return model
+
+
 def generate_faces(
     run: Run,
     captions: Sequence,
@@ -88,6 +137,8 @@ def generate_faces(
 ):
     """Captions (strings or id lists) -> (codes ``[N, L]``, images ``[N, H, W, 3]`` uint8 or None).
     Sampling settings default to the model config's generation fields."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"generate_faces: argument 'steps' must be an int >= 1, got {steps!r}")
     ids = [run.encode_text(c) for c in captions]
     out = []
     for i in range(0, len(ids), batch):

@@ -1,6 +1,7 @@
 """The training loop: AdamW, warmup + cosine, gradient clipping and accumulation, bf16 autocast on
-GPU, DDP under ``torchrun`` (gloo on CPU, nccl on CUDA), JSONL metrics + loss-curve PNG, atomic
-checkpoints and exact resume.
+GPU, DDP or FSDP2 (``fsdp=True``) under ``torchrun`` (gloo on CPU, nccl on CUDA), JSONL metrics +
+loss-curve PNG, atomic checksummed checkpoints and exact resume, and the run-directory rules of
+:mod:`unif2ace.train.checkpoint` (no run starts over another one).
 
 Determinism: every sample's randomness (D3Diff masking, caption dropout, the Noise expert's
 features) comes from a generator keyed by (seed, step, position in the global batch), and the data
@@ -25,12 +26,18 @@ import torch.distributed as dist
 from unif2ace.model import Batch, UniF2ace, collate
 
 from .checkpoint import (
+    RunDirectoryError,
     TrainCheckpointError,
     check_compatible,
+    checkpoint_candidates,
+    clean_stale_temps,
     load_training_checkpoint,
+    new_run_id,
+    prepare_run_dir,
     rng_state,
     save_training_checkpoint,
     set_rng_state,
+    write_run_info,
 )
 from .config import TrainConfig
 
@@ -53,7 +60,10 @@ RESUME_FIELDS = [
     "grad_clip",
     "seed",
     "world_size",
+    "fsdp",
 ]
+# an FSDP2 checkpoint resumes on any number of processes: only the global batch must stay
+FSDP_FREE_FIELDS = ("world_size", "batch_size", "grad_accum")
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -88,25 +98,77 @@ def _sample_key(seed: int, step: int, k: int) -> int:
     return (seed * 1_000_003 + step * 8191 + k * 131) % (2**62) + 1
 
 
+def resolve_device(name: str, local_rank: int = 0, world: int = 1) -> torch.device:
+    """``auto | cpu | cuda | cuda:N`` -> a device that exists here, or a ValueError saying why not."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"train: --device {name} needs a CUDA GPU, but {why}; use --device cpu (or auto)")
+    if name == "cuda":
+        if world > 1:
+            name = f"cuda:{local_rank}"
+        else:
+            return torch.device("cuda")
+    idx = int(name.split(":", 1)[1])
+    if idx >= n:
+        raise ValueError(
+            f"train: device {name} does not exist: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})"
+        )
+    return torch.device(name)
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: Optional[str] = None, dataset=None, log=print):
-        from unif2ace.data.shards import EpochSampler, TokenDataset
+    """One training run. ``resume``: a checkpoint (file, or sharded directory with ``fsdp``), a run
+    directory (its newest good checkpoint), or ``"auto"`` (``cfg.out``'s newest good checkpoint;
+    a fresh start when it has none). ``overwrite``: replace the run in a non-empty ``cfg.out``
+    (deleting only the files a run writes). Without either, a non-empty ``cfg.out`` is refused."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        resume: Optional[str] = None,
+        dataset=None,
+        log=print,
+        *,
+        overwrite: bool = False,
+        origin: str = "train",
+    ):
+        from unif2ace.kernels import backend_usable
 
         self.cfg = cfg.validate()
         self.log = log
+        self.origin = origin
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        dev = cfg.device
-        if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-        if dev == "cuda" and self.world > 1:
-            dev = f"cuda:{self.local_rank}"
-        self.device = torch.device(dev)
+        self.device = resolve_device(cfg.device, self.local_rank, self.world)
+        if cfg.backend not in ("auto", "reference"):
+            ok, why = backend_usable(cfg.backend, self.device)
+            if not ok:
+                raise ValueError(f"train: backend {cfg.backend!r} cannot run on {self.device.type}: {why}")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self._own_pg = False
+        if (self.world > 1 or cfg.fsdp) and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.world > 1:
+                dist.init_process_group(backend)
+            else:  # --fsdp in one process (no torchrun): a one-member group
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            self._own_pg = True
+        try:
+            self._setup(cfg, resume, dataset, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, cfg: TrainConfig, resume: Optional[str], dataset, overwrite: bool) -> None:
+        from unif2ace.data.shards import EpochSampler, TokenDataset
+
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
@@ -132,8 +194,15 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = UniF2ace(self.mcfg).to(self.device)
         self.model.set_backend(cfg.backend)
-        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-        no_decay = [p for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+        # parameter groups by name before sharding (FSDP2 keeps the names, the parameters become DTensors)
+        no_decay_names = {n for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)}
+        if cfg.fsdp:
+            from .fsdp import shard_model
+
+            # bf16 compute with fp32 gradient reduction on GPU; CPU stays fp32
+            shard_model(self.model, self.device, bf16=self.amp and self.device.type == "cuda")
+        decay = [p for n, p in self.model.named_parameters() if n not in no_decay_names]
+        no_decay = [p for n, p in self.model.named_parameters() if n in no_decay_names]
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr,
@@ -141,10 +210,15 @@ class Trainer:
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.step = 0
-        if resume:
-            self._resume(resume)
+        # the run directory and the checkpoint to resume from
+        st = self._find_resume(resume)
+        self.run_id = self._check_run_dir(
+            resuming=resume is not None, checkpoint_run_id=st.get("run_id") if st else None, overwrite=overwrite
+        )
+        if st is not None:
+            self._resume(st)
         self.ddp = None
-        if self.world > 1:
+        if self.world > 1 and not cfg.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             # experts a micro-batch does not route to get no gradient, hence find_unused_parameters
@@ -153,8 +227,75 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True,
             )
-        os.makedirs(cfg.out, exist_ok=True)
         self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+
+    # -- collectives helpers
+    def _collective(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def _from_rank0(self, fn):
+        """Run ``fn`` on rank 0 and hand its result (or its exception) to every rank."""
+        res, err = None, None
+        if self.rank == 0:
+            try:
+                res = fn()
+            except Exception as e:
+                err = e
+        if self._collective():
+            box = [(res, err)]
+            dist.broadcast_object_list(box, src=0)
+            res, err = box[0]
+        if err is not None:
+            raise err
+        return res
+
+    def _find_resume(self, resume: Optional[str]) -> Optional[Dict[str, Any]]:
+        """The verified checkpoint state to resume from (model/optimizer tensors excluded for sharded
+        checkpoints), or None for a fresh start."""
+        if resume is None:
+            return None
+        log = self.log if self.rank == 0 else None
+        if resume == "auto":
+            resume = self.cfg.out
+            paths, problems = checkpoint_candidates(resume) if os.path.isdir(resume) else ([], [])
+            if not paths and not problems:
+                if self.rank == 0:
+                    self.log(f"train: no checkpoint in {resume}, starting fresh")
+                return None
+        if self.cfg.fsdp:
+            from .fsdp import resolve_sharded
+
+            return self._from_rank0(lambda: resolve_sharded(resume, log))
+        return load_training_checkpoint(resume, map_location="cpu", log=log)
+
+    def _check_run_dir(self, *, resuming: bool, checkpoint_run_id: Optional[str], overwrite: bool) -> str:
+        """Apply the run-directory rules on rank 0 (clearing on ``overwrite``, removing stale temporaries);
+        returns this run's id (the directory's or the checkpoint's when continuing, else a new one)."""
+        out = self.cfg.out
+
+        def check():
+            if os.path.exists(out) and not os.path.isdir(out):
+                raise RunDirectoryError(f"train: --out {out!r} is a file, not a directory")
+            have = prepare_run_dir(out, resuming=resuming, checkpoint_run_id=checkpoint_run_id, overwrite=overwrite)
+            removed = clean_stale_temps(out)
+            if removed:
+                self.log(f"train: removed {len(removed)} temporary file(s) of interrupted writes in {out}")
+            return have or checkpoint_run_id or new_run_id()
+
+        try:
+            return self._from_rank0(check)
+        except RunDirectoryError as e:
+            raise RunDirectoryError(f"train: {e}") from None
+
+    def _ensure_run_dir(self) -> None:
+        if self.rank == 0:
+            write_run_info(self.cfg.out, self.run_id, self.origin)
+
+    def close(self) -> None:
+        """Tear down the process group this trainer created for a one-process ``fsdp`` run."""
+        if self._own_pg and self.world == 1 and dist.is_initialized():
+            dist.destroy_process_group()
+            self._own_pg = False
 
     def _rank0_first(self, fn):
         if self.world > 1 and not dist.is_initialized():
@@ -172,8 +313,7 @@ class Trainer:
         d["world_size"] = self.world
         return d
 
-    def _resume(self, path: str):
-        st = load_training_checkpoint(path, map_location="cpu")
+    def _resume(self, st: Dict[str, Any]):
         if st["model_config"] != self.mcfg.to_json():
             old = json.loads(st["model_config"])
             new = json.loads(self.mcfg.to_json())
@@ -185,16 +325,29 @@ class Trainer:
             raise TrainCheckpointError(
                 f"resume: {st['path']!r} was trained with a different model config: " + "; ".join(diff)
             )
-        check_compatible(st, self.train_config_dict(), RESUME_FIELDS)
+        if bool(st["train_config"].get("fsdp")) != bool(self.cfg.fsdp):
+            raise TrainCheckpointError(
+                f"resume: {st['path']!r} was written {'with' if st['train_config'].get('fsdp') else 'without'} "
+                f"--fsdp; resume it {'with' if st['train_config'].get('fsdp') else 'without'} --fsdp"
+            )
+        fields = [f for f in RESUME_FIELDS if not (self.cfg.fsdp and f in FSDP_FREE_FIELDS)]
+        check_compatible(st, self.train_config_dict(), fields)
         want = {"num_records": len(self.data), "global_batch": self.sampler.gb}
         got = {k: st["data"].get(k) for k in want}
         if got != want:
             raise TrainCheckpointError(f"resume: {st['path']!r} was trained on data with {got}, this run has {want}")
         try:
-            self.model.load_state_dict(st["model"])
-            self.opt.load_state_dict(st["optimizer"])
+            if self.cfg.fsdp:
+                from .fsdp import load_sharded
+
+                load_sharded(st["path"], self.model, self.opt)
+            else:
+                self.model.load_state_dict(st["model"])
+                self.opt.load_state_dict(st["optimizer"])
             self.sched.load_state_dict(st["scheduler"])
         except (RuntimeError, ValueError, KeyError) as e:
+            if isinstance(e, TrainCheckpointError):
+                raise
             raise TrainCheckpointError(f"resume: {st['path']!r} does not fit this model/optimizer: {e}") from None
         set_rng_state(st["rng"])
         self.step = int(st["step"])
@@ -202,9 +355,10 @@ class Trainer:
             self.log(f"resumed from {st['path']} at step {self.step}")
 
     def checkpoint_state(self) -> Dict[str, Any]:
+        """Everything but the model/optimizer tensors for sharded checkpoints (those go through DCP)."""
+        st = {} if self.cfg.fsdp else {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
+            **st,
             "scheduler": self.sched.state_dict(),
             "rng": rng_state(),
             "data": {
@@ -218,19 +372,40 @@ class Trainer:
         }
 
     def save(self) -> Optional[str]:
+        """Write a checkpoint of the current step (collective under FSDP; rank 0 writes otherwise)."""
+        self._ensure_run_dir()
+        if self.cfg.fsdp:
+            from .fsdp import save_sharded
+
+            return save_sharded(
+                self.cfg.out,
+                self.step,
+                self.model,
+                self.opt,
+                self.checkpoint_state(),
+                keep=self.cfg.keep_checkpoints,
+                run_id=self.run_id,
+            )
         if self.rank != 0:
             return None
         return save_training_checkpoint(
-            self.cfg.out, self.step, self.checkpoint_state(), keep=self.cfg.keep_checkpoints
+            self.cfg.out, self.step, self.checkpoint_state(), keep=self.cfg.keep_checkpoints, run_id=self.run_id
         )
 
     def _truncate_metrics(self):
+        from .checkpoint import atomic_write_bytes
+
         if not os.path.exists(self.metrics_path):
             return
+        keep = []
         with open(self.metrics_path) as f:
-            keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
-        with open(self.metrics_path, "w") as f:
-            f.writelines(keep)
+            for ln in f:
+                try:
+                    if ln.strip() and json.loads(ln).get("step", 0) <= self.step:
+                        keep.append(ln if ln.endswith("\n") else ln + "\n")
+                except ValueError:  # a line cut by a killed run
+                    pass
+        atomic_write_bytes(self.metrics_path, lambda f: f.write("".join(keep).encode()))
 
     def train_step(self) -> Dict[str, float]:
         """One optimizer step over this rank's share of the global batch. Returns the metrics."""
@@ -247,6 +422,8 @@ class Trainer:
             batch = make_batch(self.mcfg, [self.data[int(i)] for i in sel], keys, self.device)
             ntok += int(batch.valid.sum())
             last = a == cfg.grad_accum - 1
+            if self.cfg.fsdp:
+                self.model.set_requires_gradient_sync(last)
             ctx = model.no_sync() if (self.ddp is not None and not last) else _null()
             with ctx:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -264,6 +441,8 @@ class Trainer:
                 dtype=torch.float64,
             )
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
+            gnorm = gnorm.full_tensor()
         lr = self.sched.get_last_lr()[0]
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -286,6 +465,7 @@ class Trainer:
 
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
+        self._ensure_run_dir()
         if self.rank == 0:
             with open(os.path.join(cfg.out, "train_config.json"), "w") as f:
                 json.dump(self.train_config_dict(), f, indent=1)
@@ -347,13 +527,26 @@ class Trainer:
             if metrics is not None:
                 metrics.close()
         wall = time.perf_counter() - t_start
+        export = self.model
+        if cfg.fsdp:
+            from .fsdp import full_model_state
+
+            full = full_model_state(self.model)  # collective
+            if self.rank == 0:
+                export = UniF2ace(self.mcfg)
+                export.load_state_dict(full)
         if self.rank == 0:
             from unif2ace.model import save_checkpoint
 
+            from .checkpoint import fsync_dir
+
             tmp = os.path.join(cfg.out, ".model.safetensors.tmp")
             try:
-                save_checkpoint(self.model, tmp)
+                save_checkpoint(export, tmp)
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
                 os.replace(tmp, os.path.join(cfg.out, "model.safetensors"))
+                fsync_dir(cfg.out)
             except ImportError as e:  # safetensors is optional: the training checkpoint has the weights too
                 self.log(f"train: not writing model.safetensors ({e})")
             write_loss_curve(self.metrics_path, os.path.join(cfg.out, "loss_curve.png"))
@@ -387,6 +580,11 @@ def write_loss_curve(metrics_path: str, png_path: str) -> None:
     plot_curves(png_path, {k: [r[k] for r in recs] for k in ("loss", "mmu_loss", "d3diff_loss", "mask_loss")})
 
 
-def train(cfg: TrainConfig, resume: Optional[str] = None, log=print) -> Dict[str, Any]:
-    """Build a :class:`Trainer` and run it; returns the run summary."""
-    return Trainer(cfg, resume=resume, log=log).run()
+def train(cfg: TrainConfig, resume: Optional[str] = None, log=print, *, overwrite: bool = False) -> Dict[str, Any]:
+    """Build a :class:`Trainer` and run it; returns the run summary (see :class:`Trainer` for
+    ``resume`` and ``overwrite``)."""
+    tr = Trainer(cfg, resume=resume, log=log, overwrite=overwrite)
+    try:
+        return tr.run()
+    finally:
+        tr.close()
