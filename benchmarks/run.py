@@ -3,8 +3,9 @@
 
     python benchmarks/run.py [OP ...] [--device cpu|cuda] [--quick] [--json PATH] [--dtype bf16 ...]
 
-OP filters the cases by family (``moe_routing``), public op name (``moe_align``) or case file
-(``moe`` for benchmarks/cases/moe.py); none = every case file not starting with ``_``. Each case
+OP filters the cases by family (``moe_routing``), public op name (``moe_align``), case file
+(``moe_routing`` for benchmarks/cases/moe_routing.py) or family prefix (``moe`` for every
+benchmarks/cases/moe_*.py); none = every case file not starting with ``_``. Each case
 file ``benchmarks/cases/<name>.py`` defines ``cases(device, quick) -> list[Case]`` (see
 ``benchmarks/common.py``); a file that fails to import is reported and skipped.
 
@@ -469,7 +470,8 @@ def main(argv=None) -> int:
     cases, case_errors = collect(modules, device, opts.quick)
     selected = select(cases, opts.ops, dtypes)
     known = sorted({c.family for _, c in cases} | {c.op for _, c in cases} | {s for s, _ in modules})
-    unknown = [o for o in opts.ops if o not in known]
+    # a family prefix ("moe") is known when it selects a case file (moe_gating.py, ...)
+    unknown = [o for o in opts.ops if o not in known and not any(s.startswith(o + "_") for s, _ in modules)]
 
     records: List[dict] = []
     for stem, err in import_errors + case_errors:

@@ -1,7 +1,7 @@
 // Grouped MoE gating on the CPU: top-k within each token's task group plus the per-group balance
 // statistics, forward and backward.
 //
-// Contract: unif2ace/kernels/reference/moe.py (moe_gating_ref, moe_gating_backward_ref).
+// Contract: unif2ace/kernels/reference/moe_gating.py (moe_gating_ref, moe_gating_backward_ref).
 //
 //   moe_gating(router_logits [T, E] float/half/bf16, group_ids [T] int32/int64 in [0, G),
 //              group_sizes int[G] (sum == E), top_k, score "softmax"|"sigmoid", renormalize,
@@ -41,6 +41,8 @@
 #include <string>
 #include <tuple>
 #include <vector>
+
+#include "cpu/vec_math.h"
 
 namespace unif2ace::cpu {
 namespace {
@@ -112,10 +114,6 @@ std::vector<int64_t> read_groups(const char* op, const at::Tensor& gid, int64_t 
   return out;
 }
 
-inline float to_f32(float v) { return v; }
-inline float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
-inline float to_f32(c10::Half v) { return static_cast<float>(v); }
-
 // scores of one token's group columns, fp32
 template <typename T>
 inline void token_scores(const T* z, int64_t n, bool softmax, float* s) {
@@ -149,6 +147,19 @@ inline void select_topk(const float* s, int64_t n, int64_t k, int64_t* idx) {
       --p;
     }
     idx[p] = e;
+  }
+}
+
+// Calls fn(t, g, lo, n) for the tokens t of statistics chunk c in order, after writing s[0..n) =
+// the scores of t's group columns [lo, lo + n) (group g).
+template <typename T, typename Fn>
+inline void for_chunk_tokens(const GatingArgs& a, const std::vector<int64_t>& gid, const T* lp, int64_t ls, int64_t c,
+                             float* s, Fn&& fn) {
+  const int64_t t1 = std::min(a.T, (c + 1) * a.per);
+  for (int64_t t = c * a.per; t < t1; ++t) {
+    const int64_t g = gid[t], lo = a.offs[g], n = a.offs[g + 1] - lo;
+    token_scores(lp + t * ls + lo, n, a.softmax, s);
+    fn(t, g, lo, n);
   }
 }
 
@@ -186,10 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_gatin
         double* sum = psum.data() + c * E;
         int64_t* cnt = pcnt.data() + c * E;
         int64_t* ng = pn.data() + c * G;
-        const int64_t t1 = std::min(T, (c + 1) * a.per);
-        for (int64_t t = c * a.per; t < t1; ++t) {
-          const int64_t g = gid[t], lo = a.offs[g], n = a.offs[g + 1] - lo;
-          token_scores(lp + t * ls + lo, n, a.softmax, s.data());
+        for_chunk_tokens(a, gid, lp, ls, c, s.data(), [&](int64_t t, int64_t g, int64_t lo, int64_t n) {
           select_topk(s.data(), n, k, idx.data());
           float csum = 0.f;
           for (int64_t j = 0; j < k; ++j) csum += s[idx[j]];
@@ -200,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_gatin
           }
           for (int64_t e = 0; e < n; ++e) sum[lo + e] += s[e];
           ++ng[g];
-        }
+        });
       }
     });
   });
@@ -269,15 +277,12 @@ at::Tensor moe_gating_backward(const at::Tensor& grad_gates_in, const at::Tensor
       for (int64_t c = c0; c < c1; ++c) {
         int64_t* cnt = pcnt.data() + c * E;
         int64_t* ng = pn.data() + c * G;
-        const int64_t t1 = std::min(T, (c + 1) * a.per);
-        for (int64_t t = c * a.per; t < t1; ++t) {
-          const int64_t g = gid[t], lo = a.offs[g], n = a.offs[g + 1] - lo;
-          token_scores(lp + t * ls + lo, n, a.softmax, s.data());
+        for_chunk_tokens(a, gid, lp, ls, c, s.data(), [&](int64_t t, int64_t g, int64_t lo, int64_t n) {
           int64_t* idx = sel.data() + t * k;
           select_topk(s.data(), n, k, idx);
           for (int64_t j = 0; j < k; ++j) ++cnt[lo + idx[j]];
           ++ng[g];
-        }
+        });
       }
     });
     // dP_e / T_g per expert (the token-independent part of ds)

@@ -1,6 +1,6 @@
 // Routed expert MLP on the CPU, forward and backward (the `cpu` backend of moe_expert_mlp).
 //
-// Contract: unif2ace/kernels/reference/moe.py (moe_expert_mlp_ref, moe_expert_mlp_backward_ref).
+// Contract: unif2ace/kernels/reference/moe_mlp.py (moe_expert_mlp_ref, moe_expert_mlp_backward_ref).
 //
 //   moe_expert_mlp(x [T, D], w1 [E, D, F1], w2 [E, F, D], expert_ids [T, k] int32/int64,
 //                  gates [T, k], b1 [E, F1]?, b2 [E, D]?, activation) -> out [T, D] (x's dtype)
@@ -31,10 +31,10 @@
 //   dO_p = g * G_p ; dH = act'(H) * g * dAr ; dw2[e] = A_e^T dO_e ; db2[e] = sum dO_e ;
 //   dw1[e] = X_e^T dH_e ; db1[e] = sum dH_e ; dX_e = dH_e w1[e]^T ; dx[t] = sum_j dX_p
 //   (fixed order j = 0..k-1). Five GEMMs per expert; the bias sums are column sums in row order.
-// Activations use a branch-free polynomial exp (|rel err| < 2e-7) and, for erf, the
-// Abramowitz-Stegun 7.1.26 form PyTorch's vectorised CPU gelu uses (|abs err| < 1.5e-7), so the
+// Activations use the branch-free polynomial exp of cpu/vec_math.h (|rel err| < 2e-7) and, for erf,
+// the Abramowitz-Stegun 7.1.26 form PyTorch's vectorised CPU gelu uses (|abs err| < 1.5e-7), so the
 // row loops vectorise; they are compiled for baseline x86-64, AVX2+FMA and AVX-512, picked at run
-// time.
+// time (cpu_isa()).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -56,16 +56,17 @@
 #include <string>
 #include <vector>
 
-// The clamped polynomial exp in the activation loops only if-converts (vectorises) without
-// -ftrapping-math; no code here relies on FP traps. Functions from headers included above (std::
-// math, <algorithm>) were compiled without this option and GCC will not inline them into code with
-// it, so the hot loops below call none of them.
+// The activation loops are compiled without -ftrapping-math (selects in them if-convert and
+// vectorise); no code here relies on FP traps. Functions from headers included above (std:: math,
+// <algorithm>) were compiled without this option and GCC will not inline them into code with it,
+// so the hot loops below call none of them; vec_math.h (to_f32, fast_exp, cpu_isa) is included
+// after the pragma, so its inline functions are compiled with it.
 #pragma GCC optimize("no-trapping-math")
+
+#include "cpu/vec_math.h"
 
 namespace unif2ace::cpu {
 namespace {
-
-#define U2A_INLINE inline __attribute__((always_inline))
 
 enum class Act { kGelu, kGeluTanh, kSwiglu };
 
@@ -75,41 +76,6 @@ Act parse_act(const char* op, c10::string_view s) {
   if (s == "swiglu") return Act::kSwiglu;
   TORCH_CHECK(false, op, ": activation must be 'gelu', 'gelu_tanh' or 'swiglu', got '", std::string(s), "'");
   return Act::kGelu;  // unreachable
-}
-
-// exp(x), x clamped to [-87, 88]: Cody-Waite reduction + degree-6 polynomial (branch-free).
-// fast_exp_core: the same for x already in [-87, 88].
-U2A_INLINE float fast_exp_core(float x);
-U2A_INLINE float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  return fast_exp_core(x);
-}
-// exp(x) for x <= 0. The clamp to -87 is an unsigned-integer min on the bits (for x <= 0, larger
-// magnitude = larger bit pattern): GCC 12 jump-threads a float select here, which blocks the
-// vectorisation of the erf loop.
-U2A_INLINE float fast_exp_nonpos(float x) {
-  uint32_t b;
-  std::memcpy(&b, &x, sizeof(b));
-  b = b < 0xC2AE0000u ? b : 0xC2AE0000u;  // bits of -87.0f
-  std::memcpy(&x, &b, sizeof(x));
-  return fast_exp_core(x);
-}
-U2A_INLINE float fast_exp_core(float x) {
-  const float kf = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - kf * 0.693145751953125f;
-  r = r - kf * 1.428606765330187045e-06f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
 }
 
 // erf, Abramowitz-Stegun 7.1.26 (what at::vec::Vectorized<float>::erf computes)
@@ -125,7 +91,7 @@ U2A_INLINE float fast_erf(float x) {
   r = r * t + 1.421413741f;
   r = r * t - 0.284496736f;
   r = r * t + 0.254829592f;
-  float y = 1.0f - r * t * fast_exp_nonpos(-ax * ax);
+  float y = 1.0f - r * t * fast_exp(-ax * ax);
   uint32_t yb;  // y takes x's sign (bit ops: a select here gets jump-threaded, blocking vectorisation)
   std::memcpy(&yb, &y, sizeof(yb));
   yb |= xb & 0x80000000u;
@@ -177,7 +143,7 @@ U2A_INLINE float act_bwd_row_impl(float* h, const float* bias, const float* dar,
     for (int64_t f = 0; f < F; ++f) {
       const float v = h[f] + bias[f];
       const float cdf = 0.5f * (1.0f + fast_erf(v * kSqrt1_2));
-      const float pdf = fast_exp_nonpos(-0.5f * v * v) * kInvSqrt2Pi;
+      const float pdf = fast_exp(-0.5f * v * v) * kInvSqrt2Pi;
       const float av = v * cdf;
       a[f] = av;
       dot += dar[f] * av;
@@ -213,26 +179,12 @@ U2A_INLINE float act_bwd_row_impl(float* h, const float* bias, const float* dar,
 }
 
 // The row loops compiled three times (baseline x86-64, AVX2+FMA, AVX-512) and picked at run time.
-enum class Isa { kBase, kAvx2, kAvx512 };
-
-Isa cpu_isa() {
-  static const Isa isa = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
-                             ? Isa::kAvx512
-                         : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? Isa::kAvx2
-                                                                                             : Isa::kBase;
-  return isa;
-}
-
-#define U2A_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")))
-#define U2A_AVX2 __attribute__((target("avx2,fma")))
-
 template <Act A>
-U2A_AVX512 void act_row_avx512(const float* h, const float* b, float* a, int64_t F) {
+U2A_TARGET_AVX512 void act_row_avx512(const float* h, const float* b, float* a, int64_t F) {
   act_row_impl<A>(h, b, a, F);
 }
 template <Act A>
-U2A_AVX2 void act_row_avx2(const float* h, const float* b, float* a, int64_t F) {
+U2A_TARGET_AVX2 void act_row_avx2(const float* h, const float* b, float* a, int64_t F) {
   act_row_impl<A>(h, b, a, F);
 }
 template <Act A>
@@ -247,11 +199,11 @@ void act_row(Isa isa, const float* h, const float* b, float* a, int64_t F) {
 }
 
 template <Act A>
-U2A_AVX512 float act_bwd_row_avx512(float* h, const float* b, const float* dar, float* a, float g, int64_t F) {
+U2A_TARGET_AVX512 float act_bwd_row_avx512(float* h, const float* b, const float* dar, float* a, float g, int64_t F) {
   return act_bwd_row_impl<A>(h, b, dar, a, g, F);
 }
 template <Act A>
-U2A_AVX2 float act_bwd_row_avx2(float* h, const float* b, const float* dar, float* a, float g, int64_t F) {
+U2A_TARGET_AVX2 float act_bwd_row_avx2(float* h, const float* b, const float* dar, float* a, float g, int64_t F) {
   return act_bwd_row_impl<A>(h, b, dar, a, g, F);
 }
 template <Act A>
@@ -311,11 +263,6 @@ Routing route(const at::Tensor& ids, int64_t E) {
 
 // ------------------------------------------------------------------------------------------------
 // helpers
-
-template <typename T>
-U2A_INLINE float to_f32(T v) {
-  return static_cast<float>(v);
-}
 
 // grain (rows per task) for row loops of width W
 inline int64_t row_grain(int64_t W) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(W, 1)); }
@@ -527,6 +474,29 @@ at::Tensor cast_like(const at::Tensor& f32, const at::Tensor& like) {
   return like.scalar_type() == at::kFloat ? f32 : f32.to(like.scalar_type());
 }
 
+// out[t] (out: [T, D], any float dtype) = fp32 sum over the valid slots (t, j) in the fixed order
+// j = 0..k-1 of add(acc, slot = t*k + j, packed row p, expert e), which accumulates into acc [D].
+template <typename AddFn>
+void combine_slots(const Routing& r, const at::Tensor& out, int64_t D, AddFn&& add) {
+  const int64_t k = r.k;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "moe_mlp_combine", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, r.T, row_grain(D * k), [&](int64_t t0, int64_t t1) {
+      std::vector<float> acc(D);
+      for (int64_t t = t0; t < t1; ++t) {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t p = r.pos[t * k + j];
+          if (p < 0) continue;
+          add(acc.data(), t * k + j, p, r.row_expert[p]);
+        }
+        scalar_t* orow = o + t * D;
+        for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<scalar_t>(acc[d]);
+      }
+    });
+  });
+}
+
 // ------------------------------------------------------------------------------------------------
 // ops
 
@@ -570,27 +540,13 @@ at::Tensor moe_expert_mlp(const at::Tensor& x_in, const at::Tensor& w1_in, const
     if (O[e].defined()) O_p[e] = O[e].const_data_ptr<float>();
   const float* g_p = gates.const_data_ptr<float>();
   const float* b2_p = b2.defined() ? b2.const_data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "moe_mlp_combine", [&] {
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, s.T, row_grain(D * k), [&](int64_t t0, int64_t t1) {
-      std::vector<float> acc(D);
-      for (int64_t t = t0; t < t1; ++t) {
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t p = r.pos[t * k + j];
-          if (p < 0) continue;
-          const int64_t e = r.row_expert[p];
-          const float* y = O_p[e] + (p - r.seg[e]) * D;
-          if (b2_p) {
-            axpy_bias(acc.data(), y, b2_p + e * D, g_p[t * k + j], D);
-          } else {
-            axpy(acc.data(), y, g_p[t * k + j], D);
-          }
-        }
-        scalar_t* orow = o + t * D;
-        for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<scalar_t>(acc[d]);
-      }
-    });
+  combine_slots(r, out, D, [&](float* acc, int64_t slot, int64_t p, int64_t e) {
+    const float* y = O_p[e] + (p - r.seg[e]) * D;
+    if (b2_p) {
+      axpy_bias(acc, y, b2_p + e * D, g_p[slot], D);
+    } else {
+      axpy(acc, y, g_p[slot], D);
+    }
   });
   return out;
 }
@@ -674,23 +630,8 @@ std::vector<at::Tensor> moe_expert_mlp_backward(const at::Tensor& grad_out_in, c
   std::vector<const float*> dX_p(E, nullptr);
   for (int64_t e = 0; e < E; ++e)
     if (dX[e].defined()) dX_p[e] = dX[e].const_data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "moe_mlp_dx", [&] {
-    scalar_t* o = dx.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, T, row_grain(D * k), [&](int64_t t0, int64_t t1) {
-      std::vector<float> acc(D);
-      for (int64_t t = t0; t < t1; ++t) {
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t p = r.pos[t * k + j];
-          if (p < 0) continue;
-          const int64_t e = r.row_expert[p];
-          axpy(acc.data(), dX_p[e] + (p - r.seg[e]) * D, 1.0f, D);
-        }
-        scalar_t* orow = o + t * D;
-        for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<scalar_t>(acc[d]);
-      }
-    });
-  });
+  combine_slots(r, dx, D,
+                [&](float* acc, int64_t, int64_t p, int64_t e) { axpy(acc, dX_p[e] + (p - r.seg[e]) * D, 1.0f, D); });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dgates.scalar_type(), "moe_mlp_dgates", [&] {
     scalar_t* o = dgates.mutable_data_ptr<scalar_t>();
     for (int64_t i = 0; i < T * k; ++i) {

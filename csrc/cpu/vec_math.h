@@ -57,4 +57,23 @@ U2A_INLINE float fast_exp(float x) {
   return p * scale;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Run-time ISA choice for loops compiled several times: the baseline x86-64 copy, one with
+// U2A_TARGET_AVX2 (AVX2 + FMA) and one with U2A_TARGET_AVX512 (AVX-512 F/DQ/VL/BW); cpu_isa()
+// says which copy this CPU runs (detected once).
+
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+#define U2A_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")))
+#define U2A_TARGET_AVX2 __attribute__((target("avx2,fma")))
+
+inline Isa cpu_isa() {
+  static const Isa isa = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+                             ? Isa::kAvx512
+                         : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? Isa::kAvx2
+                                                                                             : Isa::kBase;
+  return isa;
+}
+
 }  // namespace unif2ace::cpu

@@ -1,11 +1,11 @@
 // Grouped MoE gating on the GPU (torch-free device code): top-k within each token's task group,
 // the per-group balance statistics, and the backward w.r.t. the router logits.
 //
-// Contract: unif2ace/kernels/reference/moe.py (moe_gating_ref, moe_gating_backward_ref); the same
-// math as csrc/cpu/moe_gating.cpp.
+// Contract: unif2ace/kernels/reference/moe_gating.py (moe_gating_ref, moe_gating_backward_ref); the
+// same math as csrc/cpu/moe_gating.cpp.
 //
 // Geometry: one warp per token. Group g owns global columns [offs[g], offs[g+1]) (size <= 128 =
-// kMaxGroupExperts; the Python registration runs the reference for larger groups). Lane l holds
+// kMaxGroupExperts; unif2ace/kernels/cuda/moe_gating.py runs the reference for larger groups). Lane l holds
 // the group's local columns l, l+32, l+64, l+96 in registers (kSlots = 4), scores in fp32:
 //   softmax: warp max, expf(z - max), per-lane then butterfly warp sum, divide by the sum;
 //   sigmoid: 1 / (1 + expf(-z)).
@@ -185,6 +185,27 @@ __device__ __forceinline__ void select_topk(const float (&s)[kSlots], int n, int
   }
 }
 
+// One token's group window [lo, lo + n), its scores s (token_scores) and top-k selection
+// (select_topk's outputs). Lives in registers: every index into the arrays is a compile-time
+// constant after unrolling.
+struct TokenChoice {
+  int lo, n;
+  float s[kSlots];
+  unsigned taken;
+  int round_of[kSlots], sel_c[kSlots];
+  float sel_v[kSlots], csum;
+};
+
+// Scores and top-k of token t of group g (0 <= g < G), the whole warp.
+template <typename T>
+__device__ __forceinline__ void choose_experts(const T* __restrict__ logits, const Params& p, const Groups& grp,
+                                               int64_t t, int64_t g, int lane, TokenChoice& c) {
+  c.lo = grp.offs[g];
+  c.n = grp.offs[g + 1] - c.lo;
+  token_scores(logits + t * p.row_stride + c.lo, c.n, lane, p.softmax != 0, c.s);
+  select_topk(c.s, c.n, p.k, lane, c.taken, c.round_of, c.sel_c, c.sel_v, c.csum);
+}
+
 // Forward (kOutputs: ids and gates; kProb: score sums) and the backward's counts-only pass.
 // Dynamic shared memory: kWarps * (2E + G) 32-bit words when use_smem, else none (scratch holds
 // gridDim.x * kWarps * (2E + G) words). Partial outputs: part_P/part_C [gridDim.x, E],
@@ -220,20 +241,16 @@ __global__ void __launch_bounds__(kThreads)
       }
       continue;
     }
-    const int lo = grp.offs[g], n = grp.offs[g + 1] - lo;
-    float s[kSlots];
-    token_scores(logits + t * p.row_stride + lo, n, lane, p.softmax != 0, s);
-    unsigned taken;
-    int round_of[kSlots], sel_c[kSlots];
-    float sel_v[kSlots], csum;
-    select_topk(s, n, k, lane, taken, round_of, sel_c, sel_v, csum);
+    TokenChoice tc;
+    choose_experts(logits, p, grp, t, g, lane, tc);
+    const int lo = tc.lo, n = tc.n;
     if (kOutputs) {
 #pragma unroll
       for (int i = 0; i < kSlots; ++i) {
         const int j = lane + 32 * i;
         if (j < k) {
-          ids[t * k + j] = lo + sel_c[i];
-          gates[t * k + j] = p.renormalize ? sel_v[i] / csum : sel_v[i];
+          ids[t * k + j] = lo + tc.sel_c[i];
+          gates[t * k + j] = p.renormalize ? tc.sel_v[i] / tc.csum : tc.sel_v[i];
         }
       }
     }
@@ -241,8 +258,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < kSlots; ++i) {
       const int c = lane + 32 * i;
       if (c < n) {
-        if (kProb) wP[lo + c] += s[i];
-        if ((taken >> i) & 1u) wC[lo + c] += 1;
+        if (kProb) wP[lo + c] += tc.s[i];
+        if ((tc.taken >> i) & 1u) wC[lo + c] += 1;
       }
     }
     if (lane == 0) wN[g] += 1;
@@ -360,13 +377,9 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t c = lane; c < E; c += 32) row[c] = zero;
       continue;
     }
-    const int lo = grp.offs[g], n = grp.offs[g + 1] - lo;
-    float s[kSlots];
-    token_scores(logits + t * p.row_stride + lo, n, lane, p.softmax != 0, s);
-    unsigned taken;
-    int round_of[kSlots], sel_c[kSlots];
-    float sel_v[kSlots], csum;
-    select_topk(s, n, k, lane, taken, round_of, sel_c, sel_v, csum);
+    TokenChoice tc;
+    choose_experts(logits, p, grp, t, g, lane, tc);
+    const int lo = tc.lo, n = tc.n;
 
     const float* gt = gg + t * k;
     float ds[kSlots];
@@ -375,27 +388,27 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < kSlots; ++i) {
       const int c = lane + 32 * i;
       ds[i] = c < n ? dbase[lo + c] : 0.f;
-      if (p.renormalize && ((taken >> i) & 1u)) gdot += gt[round_of[i]] * (s[i] / csum);
+      if (p.renormalize && ((tc.taken >> i) & 1u)) gdot += gt[tc.round_of[i]] * (tc.s[i] / tc.csum);
     }
     if (p.renormalize) gdot = warp_sum(gdot);  // <grad_gates, gates>
 #pragma unroll
     for (int i = 0; i < kSlots; ++i) {
-      if ((taken >> i) & 1u) {
-        const float gj = gt[round_of[i]];
-        ds[i] += p.renormalize ? (gj - gdot) / csum : gj;
+      if ((tc.taken >> i) & 1u) {
+        const float gj = gt[tc.round_of[i]];
+        ds[i] += p.renormalize ? (gj - gdot) / tc.csum : gj;
       }
     }
     float out[kSlots];
     if (p.softmax) {
       float dot = 0.f;
 #pragma unroll
-      for (int i = 0; i < kSlots; ++i) dot += ds[i] * s[i];  // 0 outside the group (ds = s = 0)
+      for (int i = 0; i < kSlots; ++i) dot += ds[i] * tc.s[i];  // 0 outside the group (ds = s = 0)
       dot = warp_sum(dot);
 #pragma unroll
-      for (int i = 0; i < kSlots; ++i) out[i] = s[i] * (ds[i] - dot);
+      for (int i = 0; i < kSlots; ++i) out[i] = tc.s[i] * (ds[i] - dot);
     } else {
 #pragma unroll
-      for (int i = 0; i < kSlots; ++i) out[i] = ds[i] * s[i] * (1.f - s[i]);
+      for (int i = 0; i < kSlots; ++i) out[i] = ds[i] * tc.s[i] * (1.f - tc.s[i]);
     }
 #pragma unroll
     for (int i = 0; i < kSlots; ++i) {

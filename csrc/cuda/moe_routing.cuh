@@ -1,6 +1,6 @@
 // Grouped MoE routing metadata on the GPU: expert histogram and moe_align (torch-free device code).
 //
-// Contract: unif2ace/kernels/reference/moe.py (moe_expert_histogram_ref, moe_align_ref).
+// Contract: unif2ace/kernels/reference/moe_routing.py (moe_expert_histogram_ref, moe_align_ref).
 // expert ids are read in place from a 1-D [N] or 2-D [T, k] view with arbitrary strides; the
 // flat assignment index of (t, j) is t * k + j; ids outside [0, E) are dropped. Element
 // indexing is int64 throughout; per-expert counts and list positions are int32 (the host checks

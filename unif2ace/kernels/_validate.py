@@ -185,3 +185,11 @@ def check_int_list(op: str, name: str, v, *, low: Optional[int] = None) -> List[
         except (TypeError, ValueError) as e:
             raise type(e)(f"{e} (in {name}={list(v)!r})") from None
     return out
+
+
+def check_int_at_least(op: str, name: str, v, low: int) -> int:
+    """An integer argument ``>= low`` (a count or a size; the error says "must be >= low")."""
+    iv = check_int(op, name, v)
+    if iv < low:
+        raise ValueError(f"{op}: argument '{name}' must be >= {low}, got {iv}")
+    return iv

@@ -4,33 +4,49 @@ Experts of all task groups live in one global index space: group ``g`` owns expe
 ``[offset_g, offset_g + size_g)`` with ``offset_g = sum(group_sizes[:g])`` (docs/model.md §3).
 Routing never crosses groups.
 
-Ops and backends (see :mod:`unif2ace.kernels._dispatch` for how one is chosen):
+Ops, their stems and backends (see :mod:`unif2ace.kernels._dispatch` for how one is chosen; the
+implementation of an op on backend ``b`` is ``unif2ace.kernels.<b>.<stem>``):
 
-=======================  =====================================================================================
-moe_gating               reference, cpu (C++, deterministic statistics), triton (fused top-k + statistics),
-                         cuda (warp per token; groups > 128 experts or > 255 groups run the reference)
-moe_align                reference, cpu (C++ counting sort), cuda (E <= 1024), triton (cuda's fallback)
-moe_expert_histogram     reference, cpu, cuda
-moe_expert_mlp           reference, cpu (C++ counting sort + per-expert oneDNN GEMMs), triton (gather-GEMM)
-=======================  =====================================================================================
+=======================  ============  =======================================================================
+moe_gating               moe_gating    reference, cpu (C++, deterministic statistics), triton (fused top-k +
+                                       statistics), cuda (warp per token; groups > 128 experts or > 255 groups
+                                       run the reference)
+moe_align                moe_routing   reference, cpu (C++ counting sort), cuda (E <= 1024), triton (cuda's
+                                       fallback)
+moe_expert_histogram     moe_routing   reference, cpu, cuda
+moe_expert_mlp           moe_mlp       reference, cpu (C++ counting sort + per-expert oneDNN GEMMs), triton
+                                       (gather-GEMM)
+=======================  ============  =======================================================================
 
-The reference (plain PyTorch, fp32) in :mod:`unif2ace.kernels.reference.moe` defines the
-semantics. Every non-reference backend runs through a ``torch.library`` custom op
-(``unif2ace::moe_*``) with a fake impl (and, for the differentiable ops, an autograd formula
-whose backward is itself a custom op), so calls work under ``torch.compile(fullgraph=True)``.
+``moe_sequence_gating`` and ``moe_shared_expert`` are plain wrappers of ``moe_gating`` and
+``moe_expert_mlp``. The reference (plain PyTorch, fp32) in :mod:`unif2ace.kernels.reference`
+defines the semantics. Every non-reference backend runs through a ``torch.library`` custom op
+(:mod:`unif2ace.kernels._custom_ops.moe`) with a fake impl (and, for the differentiable ops, an
+autograd formula whose backward is itself a custom op), so calls work under
+``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
 
-import types
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
-from . import _ext
-from ._dispatch import Op
-from ._validate import FLOAT_DTYPES, INT_DTYPES, check_choice, check_range, check_same_device, check_tensor
-from .reference import moe as ref
+from ._custom_ops import moe as _ops
+from ._dispatch import BACKENDS, Op
+from ._validate import (
+    FLOAT_DTYPES,
+    INT_DTYPES,
+    check_choice,
+    check_int_at_least,
+    check_int_list,
+    check_range,
+    check_same_device,
+    check_tensor,
+)
+from .reference import moe_gating as ref_gating
+from .reference import moe_mlp as ref_mlp
+from .reference import moe_routing as ref_routing
 
 Tensor = torch.Tensor
 
@@ -47,7 +63,6 @@ __all__ = [
 
 SCORES = ("softmax", "sigmoid")
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
-CUDA_ALIGN_MAX_EXPERTS = 1024  # csrc/cuda/moe_routing.cuh kAlignMaxExperts
 
 
 class MoEGating(NamedTuple):
@@ -71,338 +86,55 @@ class MoEAlignment(NamedTuple):
 
 MOE_GATING = Op(
     "moe_gating",
+    stem="moe_gating",
+    backends=BACKENDS,
+    entry_points=("moe_gating", "moe_gating_backward"),
     cpu_order=("cpu",),
     cuda_order=("triton", "cuda"),
     doc="grouped top-k gating + per-group balance statistics",
 )
 MOE_ALIGN = Op(
     "moe_align",
+    stem="moe_routing",
+    backends=BACKENDS,
+    entry_points=("moe_align",),
     cpu_order=("cpu",),
     cuda_order=("cuda", "triton"),
     doc="expert ids -> block-padded per-expert index lists",
 )
-MOE_HISTOGRAM = Op("moe_expert_histogram", cpu_order=("cpu",), cuda_order=("cuda",), doc="assignments per expert")
+MOE_HISTOGRAM = Op(
+    "moe_expert_histogram",
+    stem="moe_routing",
+    backends=("reference", "cpu", "cuda"),
+    entry_points=("moe_expert_histogram",),
+    cpu_order=("cpu",),
+    cuda_order=("cuda",),
+    doc="assignments per expert",
+)
 MOE_MLP = Op(
-    "moe_expert_mlp", cpu_order=("cpu",), cuda_order=("triton", "cuda"), doc="routed expert MLPs combined with gates"
+    "moe_expert_mlp",
+    stem="moe_mlp",
+    backends=("reference", "cpu", "triton"),
+    entry_points=("moe_expert_mlp", "moe_expert_mlp_backward"),
+    cpu_order=("cpu",),
+    cuda_order=("triton", "cuda"),
+    doc="routed expert MLPs combined with gates",
 )
 
 
 # ------------------------------------------------------------------------------------------------
-# backend registrations
-
-
-MOE_GATING.register(
-    "reference", types.SimpleNamespace(forward=ref.moe_gating_ref, backward=ref.moe_gating_backward_ref)
-)
-MOE_MLP.register(
-    "reference", types.SimpleNamespace(forward=ref.moe_expert_mlp_ref, backward=ref.moe_expert_mlp_backward_ref)
-)
-MOE_GATING.register(
-    "cpu",
-    types.SimpleNamespace(
-        forward=lambda *a: tuple(_ext.cpu_ops().moe_gating(*a)),
-        backward=lambda *a: _ext.cpu_ops().moe_gating_backward(*a),
-    ),
-)
-MOE_MLP.register(
-    "cpu",
-    types.SimpleNamespace(
-        forward=lambda *a: _ext.cpu_ops().moe_expert_mlp(*a),
-        backward=lambda *a: tuple(_ext.cpu_ops().moe_expert_mlp_backward(*a)),
-    ),
-)
-
-MOE_HISTOGRAM.register("reference", ref.moe_expert_histogram_ref)
-MOE_HISTOGRAM.register("cpu", lambda ids, num_experts: _ext.cpu_ops().moe_expert_histogram(ids, num_experts))
-MOE_HISTOGRAM.register("cuda", lambda ids, num_experts: _ext.cuda_ops().moe_expert_histogram(ids, num_experts))
-
-MOE_ALIGN.register("reference", ref.moe_align_ref)
-MOE_ALIGN.register("cpu", lambda ids, e, bs: tuple(_ext.cpu_ops().moe_align(ids, e, bs)))
-
-
-@MOE_ALIGN.register("cuda")
-def _align_cuda(ids, num_experts, block_size):
-    # the single-CTA scan handles E <= 1024; more experts than that run the reference
-    if num_experts > CUDA_ALIGN_MAX_EXPERTS:
-        return ref.moe_align_ref(ids, num_experts, block_size)
-    return tuple(_ext.cuda_ops().moe_align(ids, num_experts, block_size))
-
-
-def _triton_moe():
-    from .triton import moe as k  # imported on first use (Triton's import and JIT decorators are not free)
-
-    return k
-
-
-MOE_GATING.register(
-    "triton",
-    types.SimpleNamespace(
-        forward=lambda *a: _triton_moe().gating_forward(*a), backward=lambda *a: _triton_moe().gating_backward(*a)
-    ),
-)
-MOE_MLP.register(
-    "triton",
-    types.SimpleNamespace(
-        forward=lambda *a: _triton_moe().expert_mlp_forward(*a),
-        backward=lambda *a: _triton_moe().expert_mlp_backward(*a),
-    ),
-)
-MOE_ALIGN.register("triton", lambda ids, e, bs: _triton_moe().align(ids, e, bs))
-
-
-CUDA_GATING_MAX_GROUP_EXPERTS = 128  # csrc/cuda/moe_gating.cuh kMaxGroupExperts (one warp, 4 columns per lane)
-CUDA_GATING_MAX_GROUPS = 255  # csrc/cuda/moe_gating.cuh kMaxGroups (group table passed by value)
-
-
-def _gating_cuda_fits(group_sizes) -> bool:
-    return len(group_sizes) <= CUDA_GATING_MAX_GROUPS and max(group_sizes) <= CUDA_GATING_MAX_GROUP_EXPERTS
-
-
-def _gating_cuda_forward(router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef):
-    # the warp-per-token kernel holds a group's scores in registers (<= 128 experts per group);
-    # larger groups (or more than 255 groups) run the reference
-    if not _gating_cuda_fits(group_sizes):
-        return ref.moe_gating_ref(router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef)
-    return tuple(
-        _ext.cuda_ops().moe_gating(router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef)
-    )
-
-
-def _gating_cuda_backward(
-    grad_gates, grad_prob, grad_loss, router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef
-):
-    if not _gating_cuda_fits(group_sizes):
-        return ref.moe_gating_backward_ref(
-            grad_gates,
-            grad_prob,
-            grad_loss,
-            router_logits,
-            group_ids,
-            group_sizes,
-            top_k,
-            score,
-            renormalize,
-            balance_coef,
-        )
-    return _ext.cuda_ops().moe_gating_backward(
-        grad_gates, grad_prob, grad_loss, router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef
-    )
-
-
-MOE_GATING.register("cuda", types.SimpleNamespace(forward=_gating_cuda_forward, backward=_gating_cuda_backward))
-
-
-# ------------------------------------------------------------------------------------------------
-# custom ops (non-reference backends)
-
-
-@torch.library.custom_op("unif2ace::moe_expert_histogram", mutates_args=())
-def _histogram_op(expert_ids: Tensor, num_experts: int, backend: str) -> Tensor:
-    return MOE_HISTOGRAM.impl(backend)(expert_ids, num_experts)
-
-
-@_histogram_op.register_fake
-def _(expert_ids, num_experts, backend):
-    return expert_ids.new_empty((num_experts,), dtype=torch.int32)
-
-
-@torch.library.custom_op("unif2ace::moe_align", mutates_args=())
-def _align_op(
-    expert_ids: Tensor, num_experts: int, block_size: int, backend: str
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return tuple(MOE_ALIGN.impl(backend)(expert_ids, num_experts, block_size))
-
-
-@_align_op.register_fake
-def _(expert_ids, num_experts, block_size, backend):
-    max_len = expert_ids.numel() + num_experts * (block_size - 1)
-    max_blocks = (max_len + block_size - 1) // block_size
-    e = expert_ids.new_empty
-    return (
-        e((max_len,), dtype=torch.int32),
-        e((max_blocks,), dtype=torch.int32),
-        e((1,), dtype=torch.int32),
-        e((num_experts,), dtype=torch.int32),
-    )
-
-
-@torch.library.custom_op("unif2ace::moe_gating", mutates_args=())
-def _gating_op(
-    router_logits: Tensor,
-    group_ids: Tensor,
-    group_sizes: List[int],
-    top_k: int,
-    score: str,
-    renormalize: bool,
-    balance_coef: float,
-    backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    outs = MOE_GATING.impl(backend).forward(
-        router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef
-    )
-    return tuple(o.detach().contiguous() for o in outs)
-
-
-@_gating_op.register_fake
-def _(router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef, backend):
-    T, E = router_logits.shape
-    n = router_logits.new_empty
-    return (
-        n((T, top_k), dtype=torch.int32),
-        n((T, top_k), dtype=torch.float32),
-        n((E,), dtype=torch.float32),
-        n((E,), dtype=torch.float32),
-        n((len(group_sizes),), dtype=torch.float32),
-    )
-
-
-@torch.library.custom_op("unif2ace::moe_gating_backward", mutates_args=())
-def _gating_bwd_op(
-    grad_gates: Tensor,
-    grad_prob: Tensor,
-    grad_loss: Tensor,
-    router_logits: Tensor,
-    group_ids: Tensor,
-    group_sizes: List[int],
-    top_k: int,
-    score: str,
-    renormalize: bool,
-    balance_coef: float,
-    backend: str,
-) -> Tensor:
-    return MOE_GATING.impl(backend).backward(
-        grad_gates, grad_prob, grad_loss, router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef
-    )
-
-
-@_gating_bwd_op.register_fake
-def _(grad_gates, grad_prob, grad_loss, router_logits, *args):
-    return torch.empty_like(router_logits)
-
-
-def _gating_setup(ctx, inputs, output):
-    router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef, backend = inputs
-    ctx.save_for_backward(router_logits, group_ids)
-    ctx.args = (list(group_sizes), top_k, score, renormalize, balance_coef, backend)
-    ctx.mark_non_differentiable(output[0], output[2])
-
-
-def _gating_backward(ctx, g_ids, g_gates, g_frac, g_prob, g_loss):
-    router_logits, group_ids = ctx.saved_tensors
-    group_sizes, top_k, score, renormalize, balance_coef, backend = ctx.args
-    T, E = router_logits.shape
-    z = router_logits.new_zeros
-    g_gates = z((T, top_k), dtype=torch.float32) if g_gates is None else g_gates.float()
-    g_prob = z((E,), dtype=torch.float32) if g_prob is None else g_prob.float()
-    g_loss = z((len(group_sizes),), dtype=torch.float32) if g_loss is None else g_loss.float()
-    gz = _gating_bwd_op(
-        g_gates, g_prob, g_loss, router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef, backend
-    )
-    return gz, None, None, None, None, None, None, None
-
-
-_gating_op.register_autograd(_gating_backward, setup_context=_gating_setup)
-
-
-@torch.library.custom_op("unif2ace::moe_expert_mlp", mutates_args=())
-def _mlp_op(
-    x: Tensor,
-    w1: Tensor,
-    w2: Tensor,
-    expert_ids: Tensor,
-    gates: Tensor,
-    b1: Optional[Tensor],
-    b2: Optional[Tensor],
-    activation: str,
-    backend: str,
-) -> Tensor:
-    return MOE_MLP.impl(backend).forward(x, w1, w2, expert_ids, gates, b1, b2, activation).detach().contiguous()
-
-
-@_mlp_op.register_fake
-def _(x, w1, w2, expert_ids, gates, b1, b2, activation, backend):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("unif2ace::moe_expert_mlp_backward", mutates_args=())
-def _mlp_bwd_op(
-    grad_out: Tensor,
-    x: Tensor,
-    w1: Tensor,
-    w2: Tensor,
-    expert_ids: Tensor,
-    gates: Tensor,
-    b1: Optional[Tensor],
-    b2: Optional[Tensor],
-    activation: str,
-    backend: str,
-) -> List[Tensor]:
-    grads = MOE_MLP.impl(backend).backward(grad_out, x, w1, w2, expert_ids, gates, b1, b2, activation)
-    # a missing bias gets an empty placeholder (custom ops return no None)
-    return [x.new_empty(0) if g is None else g.detach().contiguous() for g in grads]
-
-
-@_mlp_bwd_op.register_fake
-def _(grad_out, x, w1, w2, expert_ids, gates, b1, b2, activation, backend):
-    return [
-        torch.empty_like(x),
-        torch.empty_like(w1),
-        torch.empty_like(w2),
-        torch.empty_like(gates),
-        x.new_empty(0) if b1 is None else torch.empty_like(b1),
-        x.new_empty(0) if b2 is None else torch.empty_like(b2),
-    ]
-
-
-def _mlp_setup(ctx, inputs, output):
-    x, w1, w2, expert_ids, gates, b1, b2, activation, backend = inputs
-    ctx.save_for_backward(x, w1, w2, expert_ids, gates, b1, b2)
-    ctx.args = (activation, backend)
-
-
-def _mlp_backward(ctx, grad_out):
-    x, w1, w2, expert_ids, gates, b1, b2 = ctx.saved_tensors
-    activation, backend = ctx.args
-    dx, dw1, dw2, dg, db1, db2 = _mlp_bwd_op(grad_out, x, w1, w2, expert_ids, gates, b1, b2, activation, backend)
-    return (dx, dw1, dw2, None, dg, db1 if b1 is not None else None, db2 if b2 is not None else None, None, None)
-
-
-_mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
-
-
-# ------------------------------------------------------------------------------------------------
-# public API
-
-
-def _select(op_name: str, device: torch.device, backend: Optional[str]) -> str:
-    from ._dispatch import OPS
-
-    return OPS[op_name].select(device, backend)
-
-
-def _check_int(op: str, name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{op}: argument '{name}' must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{op}: argument '{name}' must be >= {low}, got {value}")
-    return value
+# validation
 
 
 def _check_group_sizes(op: str, group_sizes, E_total: Optional[int], *, what: str) -> List[int]:
-    if isinstance(group_sizes, torch.Tensor) or not isinstance(group_sizes, (list, tuple)) or not group_sizes:
-        raise TypeError(f"{op}: argument 'group_sizes' must be a non-empty list of ints, got {group_sizes!r}")
-    sizes = []
-    for g, s in enumerate(group_sizes):
-        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
-            raise ValueError(f"{op}: argument 'group_sizes' must hold ints >= 1, got {s!r} for group {g}")
-        sizes.append(int(s))
+    sizes = check_int_list(op, "group_sizes", group_sizes, low=1)
     if E_total is not None and sum(sizes) != E_total:
         raise ValueError(f"{op}: sum(group_sizes) = {sum(sizes)} (group_sizes={sizes}) must equal {what} = {E_total}")
     return sizes
 
 
 def _check_top_k(op: str, top_k, sizes: Sequence[int]) -> int:
-    _check_int(op, "top_k", top_k, 1)
+    top_k = check_int_at_least(op, "top_k", top_k, 1)
     for g, s in enumerate(sizes):
         if top_k > s:
             raise ValueError(
@@ -410,6 +142,14 @@ def _check_top_k(op: str, top_k, sizes: Sequence[int]) -> int:
                 f"top_k must be <= every group size (group_sizes={list(sizes)})"
             )
     return top_k
+
+
+def _check_ids(op: str, expert_ids) -> None:
+    check_tensor(op, "expert_ids", expert_ids, ndim=(1, 2), dtypes=INT_DTYPES)
+
+
+# ------------------------------------------------------------------------------------------------
+# public API
 
 
 def moe_gating(
@@ -445,20 +185,16 @@ def moe_gating(
     check_tensor(op, "group_ids", group_ids, shape=(T,), dtypes=INT_DTYPES)
     dev = check_same_device(op, router_logits=router_logits, group_ids=group_ids)
     sizes = _check_group_sizes(op, group_sizes, E_total, what="router_logits.shape[1]")
-    _check_top_k(op, top_k, sizes)
+    top_k = _check_top_k(op, top_k, sizes)
     check_choice(op, "score", score, SCORES)
     check_range(op, "group_ids", group_ids, 0, len(sizes))
     renormalize, balance_coef = bool(renormalize), float(balance_coef)
-    be = _select("moe_gating", dev, backend)
+    be = MOE_GATING.select(dev, backend)
     if be == "reference":
-        outs = ref.moe_gating_ref(router_logits, group_ids, sizes, top_k, score, renormalize, balance_coef)
+        outs = ref_gating.moe_gating_ref(router_logits, group_ids, sizes, top_k, score, renormalize, balance_coef)
     else:
-        outs = _gating_op(router_logits, group_ids, sizes, top_k, score, renormalize, balance_coef, be)
+        outs = _ops.gating_op(router_logits, group_ids, sizes, top_k, score, renormalize, balance_coef, be)
     return MoEGating(*outs)
-
-
-def _check_ids(op: str, expert_ids) -> None:
-    check_tensor(op, "expert_ids", expert_ids, ndim=(1, 2), dtypes=INT_DTYPES)
 
 
 def moe_expert_histogram(expert_ids: Tensor, num_experts: int, *, backend: Optional[str] = None) -> Tensor:
@@ -469,11 +205,11 @@ def moe_expert_histogram(expert_ids: Tensor, num_experts: int, *, backend: Optio
     """
     op = "moe_expert_histogram"
     _check_ids(op, expert_ids)
-    _check_int(op, "num_experts", num_experts, 1)
-    be = _select("moe_expert_histogram", expert_ids.device, backend)
+    num_experts = check_int_at_least(op, "num_experts", num_experts, 1)
+    be = MOE_HISTOGRAM.select(expert_ids.device, backend)
     if be == "reference":
-        return ref.moe_expert_histogram_ref(expert_ids, num_experts)
-    return _histogram_op(expert_ids, num_experts, be)
+        return ref_routing.moe_expert_histogram_ref(expert_ids, num_experts)
+    return _ops.histogram_op(expert_ids, num_experts, be)
 
 
 def moe_align(expert_ids: Tensor, num_experts: int, block_size: int, *, backend: Optional[str] = None) -> MoEAlignment:
@@ -496,20 +232,20 @@ def moe_align(expert_ids: Tensor, num_experts: int, block_size: int, *, backend:
     """
     op = "moe_align"
     _check_ids(op, expert_ids)
-    _check_int(op, "num_experts", num_experts, 1)
-    _check_int(op, "block_size", block_size, 1)
-    max_len, _ = ref.moe_align_size_bound(expert_ids.numel(), num_experts, block_size)
+    num_experts = check_int_at_least(op, "num_experts", num_experts, 1)
+    block_size = check_int_at_least(op, "block_size", block_size, 1)
+    max_len, _ = ref_routing.moe_align_size_bound(expert_ids.numel(), num_experts, block_size)
     if max_len >= 2**31:
         raise ValueError(
             f"{op}: expert_ids.numel() + num_experts*(block_size-1) = {max_len} must be < 2**31 "
             f"(int32 index lists); got expert_ids of shape {list(expert_ids.shape)}, num_experts={num_experts}, "
             f"block_size={block_size}"
         )
-    be = _select("moe_align", expert_ids.device, backend)
+    be = MOE_ALIGN.select(expert_ids.device, backend)
     if be == "reference":
-        outs = ref.moe_align_ref(expert_ids, num_experts, block_size)
+        outs = ref_routing.moe_align_ref(expert_ids, num_experts, block_size)
     else:
-        outs = _align_op(expert_ids, num_experts, block_size, be)
+        outs = _ops.align_op(expert_ids, num_experts, block_size, be)
     return MoEAlignment(*outs)
 
 
@@ -560,10 +296,10 @@ def moe_expert_mlp(
     if b2 is not None:
         check_tensor(op, "b2", b2, shape=(E, D), dtypes=FLOAT_DTYPES)
     dev = check_same_device(op, x=x, w1=w1, w2=w2, expert_ids=expert_ids, gates=gates, b1=b1, b2=b2)
-    be = _select("moe_expert_mlp", dev, backend)
+    be = MOE_MLP.select(dev, backend)
     if be == "reference":
-        return ref.moe_expert_mlp_ref(x, w1, w2, expert_ids, gates, b1, b2, activation)
-    return _mlp_op(x, w1, w2, expert_ids, gates, b1, b2, activation, be)
+        return ref_mlp.moe_expert_mlp_ref(x, w1, w2, expert_ids, gates, b1, b2, activation)
+    return _ops.mlp_op(x, w1, w2, expert_ids, gates, b1, b2, activation, be)
 
 
 def moe_shared_expert(
@@ -651,10 +387,7 @@ def moe_sequence_gating(
         router_bias=router_bias,
         group_ids=group_ids,
     )
-    pooled = ref.masked_mean_pool_ref(hidden, valid_mask)
-    logits = pooled @ router_weight.float().t()
-    if router_bias is not None:
-        logits = logits + router_bias.float()
+    logits = ref_gating.sequence_router_logits_ref(hidden, valid_mask, router_weight, router_bias)
     return moe_gating(
         logits,
         group_ids,

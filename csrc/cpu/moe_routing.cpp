@@ -1,6 +1,6 @@
 // Grouped MoE routing metadata on the CPU: expert histogram and moe_align (counting sort).
 //
-// Contract: unif2ace/kernels/reference/moe.py (moe_expert_histogram_ref, moe_align_ref).
+// Contract: unif2ace/kernels/reference/moe_routing.py (moe_expert_histogram_ref, moe_align_ref).
 // Inputs are 1-D [N] or 2-D [T, k] integer expert ids with any strides (read in place, no
 // copy); the flat assignment index of (t, j) is t * k + j. Ids outside [0, E) are dropped.
 // All element indexing is int64. Work is split into a fixed number of chunks that depends only

@@ -1,19 +1,13 @@
-"""Grouped MoE: the reference semantics (hand-computed cases) and input validation."""
+"""Grouped MoE gating: the reference semantics (hand-computed cases, the closed-form backward,
+sequence-level routing) and the public op's input validation (unif2ace/kernels/reference/moe_gating.py)."""
 
 import math
 
 import pytest
 import torch
 
-from unif2ace.kernels import (
-    moe_align,
-    moe_expert_histogram,
-    moe_expert_mlp,
-    moe_gating,
-    moe_sequence_gating,
-    moe_shared_expert,
-)
-from unif2ace.kernels.reference import moe as R
+from unif2ace.kernels import moe_gating, moe_sequence_gating
+from unif2ace.kernels.reference import moe_gating as R
 from unif2ace.testing import assert_close, randn
 
 REF = dict(backend="reference")
@@ -23,10 +17,6 @@ def _softmax(xs):
     m = max(xs)
     ex = [math.exp(v - m) for v in xs]
     return [v / sum(ex) for v in ex]
-
-
-# ------------------------------------------------------------------------------------------------
-# gating
 
 
 def test_gating_hand_softmax_two_uneven_groups():
@@ -166,144 +156,6 @@ def test_gating_low_precision_logits():
 
 
 # ------------------------------------------------------------------------------------------------
-# histogram and align
-
-
-def test_histogram_hand():
-    ids = torch.tensor([[0, 2], [2, -1], [0, 0], [4, 3]])
-    assert moe_expert_histogram(ids, 4, **REF).tolist() == [3, 0, 2, 1]
-    assert moe_expert_histogram(ids, 4, **REF).dtype == torch.int32
-
-
-def test_align_hand():
-    ids = torch.tensor([[0, 2], [2, -1], [0, 0]], dtype=torch.int32)  # flat 0..5; N = 6
-    a = moe_align(ids, 4, 4, **REF)
-    S = 6
-    assert a.sorted_token_ids.tolist() == [0, 4, 5, S, 1, 2, S, S] + [S] * 10  # len 6 + 4*3
-    assert a.block_expert_ids.tolist() == [0, 2, -1, -1, -1]  # cdiv(18, 4) blocks
-    assert a.num_tokens_post_padded.tolist() == [8]
-    assert a.expert_counts.tolist() == [3, 0, 2, 0]
-    for t in a:
-        assert t.dtype == torch.int32
-
-
-def test_align_contract_random_and_invalid_dropped():
-    T, k, E, bs = 97, 3, 10, 8
-    ids = torch.randint(-2, E + 2, (T, k))
-    a = moe_align(ids, E, bs, **REF)
-    N = T * k
-    flat = ids.flatten()
-    assert a.sorted_token_ids.numel() == N + E * (bs - 1)
-    assert a.block_expert_ids.numel() == -(-(N + E * (bs - 1)) // bs)
-    total = int(a.num_tokens_post_padded)
-    assert total % bs == 0
-    listed = a.sorted_token_ids[a.sorted_token_ids != N]
-    valid = ((flat >= 0) & (flat < E)).nonzero().flatten()
-    assert sorted(listed.tolist()) == valid.tolist()  # every valid entry once, no invalid ones
-    assert bool((a.sorted_token_ids[total:] == N).all())
-    for b in range(total // bs):
-        e = int(a.block_expert_ids[b])
-        blk = a.sorted_token_ids[b * bs : (b + 1) * bs]
-        real = blk[blk != N]
-        assert real.numel() > 0 and bool((flat[real.long()] == e).all())
-        assert bool((real.diff() > 0).all())
-    assert bool((a.block_expert_ids[total // bs :] == -1).all())
-    # blocks in ascending expert order; an expert with no tokens owns no block
-    owned = a.block_expert_ids[: total // bs]
-    assert bool((owned.diff() >= 0).all())
-    assert set(owned.tolist()) == {e for e in range(E) if int(a.expert_counts[e]) > 0}
-    assert a.expert_counts.tolist() == [int((flat == e).sum()) for e in range(E)]
-
-
-def test_align_all_tokens_one_expert():
-    ids = torch.full((10, 2), 3)
-    a = moe_align(ids, 5, 4, **REF)
-    assert a.expert_counts.tolist() == [0, 0, 0, 20, 0]
-    assert int(a.num_tokens_post_padded) == 20
-    assert a.sorted_token_ids[:20].tolist() == list(range(20))
-    assert a.block_expert_ids.tolist()[:5] == [3] * 5 and set(a.block_expert_ids.tolist()[5:]) == {-1}
-    none = moe_align(torch.full((4, 2), -1), 3, 4, **REF)
-    assert int(none.num_tokens_post_padded) == 0 and set(none.block_expert_ids.tolist()) == {-1}
-    assert set(none.sorted_token_ids.tolist()) == {8}
-
-
-# ------------------------------------------------------------------------------------------------
-# expert MLP
-
-
-def _mlp_loop(x, w1, w2, ids, gates, b1, b2, activation):
-    """Direct per-token, per-slot loop in float64."""
-    T, D = x.shape
-    E, F = w2.shape[0], w2.shape[1]
-    out = torch.zeros(T, D, dtype=torch.float64)
-    for t in range(T):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            if not 0 <= e < E:
-                continue
-            h = x[t].double() @ w1[e].double()
-            if b1 is not None:
-                h = h + b1[e].double()
-            if activation == "gelu":
-                a = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
-            else:
-                a = h[:F] * torch.sigmoid(h[:F]) * h[F:]
-            o = a @ w2[e].double()
-            if b2 is not None:
-                o = o + b2[e].double()
-            out[t] += float(gates[t, j]) * o
-    return out
-
-
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-@pytest.mark.parametrize("bias", [False, True])
-def test_expert_mlp_matches_loop(activation, bias):
-    T, D, F, E, k = 13, 6, 5, 4, 3
-    F1 = 2 * F if activation == "swiglu" else F
-    x, w1, w2 = randn(T, D), randn(E, D, F1, scale=0.5), randn(E, F, D, scale=0.5)
-    b1 = randn(E, F1) if bias else None
-    b2 = randn(E, D) if bias else None
-    ids = torch.randint(-1, E + 1, (T, k))  # includes invalid -1 and E
-    ids[0] = torch.tensor([-1, E, -1])  # a token with no valid expert
-    gates = torch.rand(T, k)
-    out = moe_expert_mlp(x, w1, w2, ids, gates, b1=b1, b2=b2, activation=activation, **REF)
-    want = _mlp_loop(x, w1, w2, ids, gates, b1, b2, activation)
-    assert out.dtype == x.dtype
-    assert_close(out, want)
-    assert out[0].abs().max().item() == 0.0
-
-
-def test_expert_mlp_backward_formula_and_dtype():
-    T, D, F, E, k = 9, 5, 4, 3, 2
-    for activation, F1 in (("gelu", F), ("gelu_tanh", F), ("swiglu", 2 * F)):
-        leaves = [randn(T, D), randn(E, D, F1), randn(E, F, D), torch.rand(T, k), randn(E, F1), randn(E, D)]
-        for t in leaves:
-            t.requires_grad_(True)
-        x, w1, w2, g, b1, b2 = leaves
-        ids = torch.randint(-1, E, (T, k))
-        out = R.moe_expert_mlp_ref(x, w1, w2, ids, g, b1, b2, activation)
-        go = randn(T, D)
-        want = torch.autograd.grad(out, leaves, go)
-        got = R.moe_expert_mlp_backward_ref(
-            go, x.detach(), w1.detach(), w2.detach(), ids, g.detach(), b1.detach(), b2.detach(), activation
-        )
-        for name, a, b in zip(("dx", "dw1", "dw2", "dgates", "db1", "db2"), got, want):
-            assert_close(a, b, name=f"{activation} {name}")
-    xb = randn(4, D, dtype=torch.bfloat16)
-    outb = moe_expert_mlp(
-        xb, randn(E, D, F), randn(E, F, D), torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1), **REF
-    )
-    assert outb.dtype == torch.bfloat16
-
-
-def test_shared_expert_is_plain_mlp():
-    x, w1, w2, b1, b2 = randn(7, 6), randn(6, 5), randn(5, 6), randn(5), randn(6)
-    out = moe_shared_expert(x, w1, w2, b1=b1, b2=b2, **REF)
-    want = torch.nn.functional.gelu(x @ w1 + b1) @ w2 + b2
-    assert_close(out, want)
-
-
-# ------------------------------------------------------------------------------------------------
 # sequence gating
 
 
@@ -358,42 +210,8 @@ def test_gating_bad_inputs():
         moe_gating(logits, gid.to("meta"), [3, 5], 2)
 
 
-def test_align_and_histogram_bad_inputs():
-    ids = torch.randint(0, 4, (5, 2))
-    with _raises(TypeError, "moe_align", "expert_ids", "dtype"):
-        moe_align(ids.float(), 4, 16)
-    with _raises(ValueError, "moe_align", "expert_ids", "1-D or 2-D"):
-        moe_align(ids.view(5, 2, 1), 4, 16)
-    with _raises(ValueError, "moe_align", "block_size", ">= 1"):
-        moe_align(ids, 4, 0)
-    with _raises(ValueError, "moe_expert_histogram", "num_experts", ">= 1"):
-        moe_expert_histogram(ids, 0)
-    with _raises(TypeError, "moe_expert_histogram", "num_experts", "int"):
-        moe_expert_histogram(ids, 4.0)
-    with _raises(ValueError, "moe_align", "2\\*\\*31"):
-        moe_align(torch.zeros(1, 1, dtype=torch.int32).expand(2**31, 1), 4, 16)
-
-
-def test_mlp_and_sequence_bad_inputs():
-    T, D, F, E = 4, 6, 5, 3
-    x, w1, w2 = randn(T, D), randn(E, D, F), randn(E, F, D)
-    ids, g = torch.zeros(T, 2, dtype=torch.long), torch.rand(T, 2)
-    with _raises(ValueError, "moe_expert_mlp", "w1", "shape"):
-        moe_expert_mlp(x, randn(E, D + 1, F), w2, ids, g)
-    with _raises(ValueError, "moe_expert_mlp", "w2", "shape"):
-        moe_expert_mlp(x, w1, randn(E, F, D + 1), ids, g)
-    with _raises(ValueError, "moe_expert_mlp", "w1", "swiglu"):
-        moe_expert_mlp(x, w1, w2, ids, g, activation="swiglu")
-    with _raises(ValueError, "moe_expert_mlp", "activation"):
-        moe_expert_mlp(x, w1, w2, ids, g, activation="relu")
-    with _raises(ValueError, "moe_expert_mlp", "gates", "shape"):
-        moe_expert_mlp(x, w1, w2, ids, g[:, :1])
-    with _raises(TypeError, "moe_expert_mlp", "expert_ids", "dtype"):
-        moe_expert_mlp(x, w1, w2, ids.float(), g)
-    with _raises(ValueError, "moe_expert_mlp", "b1", "shape"):
-        moe_expert_mlp(x, w1, w2, ids, g, b1=randn(E, F + 1))
-    with _raises(ValueError, "moe_expert_mlp", "w2", "meta"):
-        moe_expert_mlp(x, w1, w2.to("meta"), ids, g)
+def test_sequence_gating_bad_inputs():
+    D = 6
     hidden, mask = randn(2, 3, D), torch.ones(2, 3, dtype=torch.bool)
     with _raises(ValueError, "moe_sequence_gating", "router_weight", "=8", "D=6", r"got \[8, 7\]"):
         moe_sequence_gating(hidden, mask, randn(8, D + 1), torch.tensor([0, 1]), [4, 4])

@@ -1,0 +1,72 @@
+"""Helpers of the grouped-MoE test files (tests/test_moe_*.py): the backend parameter, the device of
+a backend's tensors, poisoned Triton allocations and random expert ids."""
+
+import importlib
+
+import pytest
+import torch
+
+from unif2ace.kernels._dispatch import backend_usable
+from unif2ace.testing import poison_
+
+CUDA = pytest.param("cuda", marks=pytest.mark.gpu)  # the cuda backend: skipped without a GPU
+
+
+def backend_cases(by_backend):
+    """pytest params ``(backend, *case)`` from per-backend case lists; the cuda ones are marked gpu."""
+    return [
+        pytest.param(be, *case, marks=pytest.mark.gpu if be == "cuda" else (), id="-".join(map(str, (be,) + case)))
+        for be, cases in by_backend.items()
+        for case in cases
+    ]
+
+
+def backend_device(backend: str) -> torch.device:
+    """The device of a backend's tensors: CUDA for cuda (the test is skipped when the CUDA extension is
+    missing), else the CPU (triton runs under the interpreter there)."""
+    if backend != "cuda":
+        return torch.device("cpu")
+    dev = torch.device("cuda")
+    ok, why = backend_usable("cuda", dev)
+    if not ok:
+        pytest.skip(why)
+    return dev
+
+
+def device_fixture():
+    """A ``dev`` fixture: :func:`backend_device` of the test's ``backend`` parameter."""
+
+    @pytest.fixture
+    def dev(backend):
+        return backend_device(backend)
+
+    return dev
+
+
+def poison_fixture(*stems: str):
+    """A ``poison`` fixture: :func:`poison_triton` of these stems when the test's ``backend`` is triton."""
+
+    @pytest.fixture
+    def poison(backend, monkeypatch):
+        if backend == "triton":
+            poison_triton(monkeypatch, *stems)
+
+    return poison
+
+
+def poison_triton(monkeypatch, *stems: str) -> None:
+    """Every buffer the launchers of ``unif2ace.kernels.triton.<stem>`` allocate starts as poison
+    (NaN / sentinel int), so a kernel that leaves an output element unwritten is caught."""
+    for stem in stems:
+        mod = importlib.import_module(f"unif2ace.kernels.triton.{stem}")
+        monkeypatch.setattr(mod, "_empty", lambda *shape, **kw: poison_(torch.empty(*shape, **kw)))
+        if hasattr(mod, "_empty_like"):
+            monkeypatch.setattr(mod, "_empty_like", lambda t, **kw: poison_(torch.empty_like(t, **kw)))
+
+
+def random_ids(T, k, E, dtype=torch.int64, device="cpu"):
+    """Mostly valid expert ids plus ~10% invalid ones (null -1 and out-of-range E)."""
+    ids = torch.randint(0, E, (T, k))
+    drop = torch.rand(T, k) < 0.1
+    ids[drop] = torch.where(torch.rand(int(drop.sum())) < 0.5, -1, E)
+    return ids.to(device=device, dtype=dtype)

@@ -1,0 +1,213 @@
+"""The ``torch.library`` custom ops of the grouped MoE family (``unif2ace::moe_*``): their fake
+implementations (shapes from host-known sizes, so no host sync) and autograd formulas, whose
+backwards are custom ops themselves. Every non-reference backend of :mod:`unif2ace.kernels.moe`
+runs behind them, so the public ops work under ``torch.compile(fullgraph=True)``; the ``backend``
+argument names the implementation, reached through the op's registry record as
+``OPS[op].kernels(backend).<entry point>`` (the reference's functions carry a ``_ref`` suffix;
+running the reference through these ops is how tests check the custom-op plumbing).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from .._dispatch import OPS
+
+Tensor = torch.Tensor
+
+
+def _kernel(op_name: str, backend: str, entry_point: str):
+    """``entry_point`` of op ``op_name`` on ``backend`` (``<entry_point>_ref`` for the reference)."""
+    mod = OPS[op_name].kernels(backend)
+    return getattr(mod, entry_point + "_ref" if backend == "reference" else entry_point)
+
+
+# ------------------------------------------------------------------------------------------------
+# routing metadata (not differentiable)
+
+
+@torch.library.custom_op("unif2ace::moe_expert_histogram", mutates_args=())
+def histogram_op(expert_ids: Tensor, num_experts: int, backend: str) -> Tensor:
+    return _kernel("moe_expert_histogram", backend, "moe_expert_histogram")(expert_ids, num_experts)
+
+
+@histogram_op.register_fake
+def _(expert_ids, num_experts, backend):
+    return expert_ids.new_empty((num_experts,), dtype=torch.int32)
+
+
+@torch.library.custom_op("unif2ace::moe_align", mutates_args=())
+def align_op(
+    expert_ids: Tensor, num_experts: int, block_size: int, backend: str
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(_kernel("moe_align", backend, "moe_align")(expert_ids, num_experts, block_size))
+
+
+@align_op.register_fake
+def _(expert_ids, num_experts, block_size, backend):
+    max_len = expert_ids.numel() + num_experts * (block_size - 1)
+    max_blocks = (max_len + block_size - 1) // block_size
+    e = expert_ids.new_empty
+    return (
+        e((max_len,), dtype=torch.int32),
+        e((max_blocks,), dtype=torch.int32),
+        e((1,), dtype=torch.int32),
+        e((num_experts,), dtype=torch.int32),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# gating
+
+
+@torch.library.custom_op("unif2ace::moe_gating", mutates_args=())
+def gating_op(
+    router_logits: Tensor,
+    group_ids: Tensor,
+    group_sizes: List[int],
+    top_k: int,
+    score: str,
+    renormalize: bool,
+    balance_coef: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    outs = _kernel("moe_gating", backend, "moe_gating")(
+        router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef
+    )
+    return tuple(o.detach().contiguous() for o in outs)
+
+
+@gating_op.register_fake
+def _(router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef, backend):
+    T, E = router_logits.shape
+    n = router_logits.new_empty
+    return (
+        n((T, top_k), dtype=torch.int32),
+        n((T, top_k), dtype=torch.float32),
+        n((E,), dtype=torch.float32),
+        n((E,), dtype=torch.float32),
+        n((len(group_sizes),), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("unif2ace::moe_gating_backward", mutates_args=())
+def gating_backward_op(
+    grad_gates: Tensor,
+    grad_prob: Tensor,
+    grad_loss: Tensor,
+    router_logits: Tensor,
+    group_ids: Tensor,
+    group_sizes: List[int],
+    top_k: int,
+    score: str,
+    renormalize: bool,
+    balance_coef: float,
+    backend: str,
+) -> Tensor:
+    return _kernel("moe_gating", backend, "moe_gating_backward")(
+        grad_gates, grad_prob, grad_loss, router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef
+    )
+
+
+@gating_backward_op.register_fake
+def _(grad_gates, grad_prob, grad_loss, router_logits, *args):
+    return torch.empty_like(router_logits)
+
+
+def _gating_setup(ctx, inputs, output):
+    router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef, backend = inputs
+    ctx.save_for_backward(router_logits, group_ids)
+    ctx.args = (list(group_sizes), top_k, score, renormalize, balance_coef, backend)
+    ctx.mark_non_differentiable(output[0], output[2])
+
+
+def _gating_backward(ctx, g_ids, g_gates, g_frac, g_prob, g_loss):
+    router_logits, group_ids = ctx.saved_tensors
+    group_sizes, top_k, score, renormalize, balance_coef, backend = ctx.args
+    T, E = router_logits.shape
+    z = router_logits.new_zeros
+    g_gates = z((T, top_k), dtype=torch.float32) if g_gates is None else g_gates.float()
+    g_prob = z((E,), dtype=torch.float32) if g_prob is None else g_prob.float()
+    g_loss = z((len(group_sizes),), dtype=torch.float32) if g_loss is None else g_loss.float()
+    gz = gating_backward_op(
+        g_gates, g_prob, g_loss, router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef, backend
+    )
+    return gz, None, None, None, None, None, None, None
+
+
+gating_op.register_autograd(_gating_backward, setup_context=_gating_setup)
+
+
+# ------------------------------------------------------------------------------------------------
+# expert MLP
+
+
+@torch.library.custom_op("unif2ace::moe_expert_mlp", mutates_args=())
+def mlp_op(
+    x: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    expert_ids: Tensor,
+    gates: Tensor,
+    b1: Optional[Tensor],
+    b2: Optional[Tensor],
+    activation: str,
+    backend: str,
+) -> Tensor:
+    out = _kernel("moe_expert_mlp", backend, "moe_expert_mlp")(x, w1, w2, expert_ids, gates, b1, b2, activation)
+    return out.detach().contiguous()
+
+
+@mlp_op.register_fake
+def _(x, w1, w2, expert_ids, gates, b1, b2, activation, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("unif2ace::moe_expert_mlp_backward", mutates_args=())
+def mlp_backward_op(
+    grad_out: Tensor,
+    x: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    expert_ids: Tensor,
+    gates: Tensor,
+    b1: Optional[Tensor],
+    b2: Optional[Tensor],
+    activation: str,
+    backend: str,
+) -> List[Tensor]:
+    grads = _kernel("moe_expert_mlp", backend, "moe_expert_mlp_backward")(
+        grad_out, x, w1, w2, expert_ids, gates, b1, b2, activation
+    )
+    # a missing bias gets an empty placeholder (custom ops return no None)
+    return [x.new_empty(0) if g is None else g.detach().contiguous() for g in grads]
+
+
+@mlp_backward_op.register_fake
+def _(grad_out, x, w1, w2, expert_ids, gates, b1, b2, activation, backend):
+    return [
+        torch.empty_like(x),
+        torch.empty_like(w1),
+        torch.empty_like(w2),
+        torch.empty_like(gates),
+        x.new_empty(0) if b1 is None else torch.empty_like(b1),
+        x.new_empty(0) if b2 is None else torch.empty_like(b2),
+    ]
+
+
+def _mlp_setup(ctx, inputs, output):
+    x, w1, w2, expert_ids, gates, b1, b2, activation, backend = inputs
+    ctx.save_for_backward(x, w1, w2, expert_ids, gates, b1, b2)
+    ctx.args = (activation, backend)
+
+
+def _mlp_backward(ctx, grad_out):
+    x, w1, w2, expert_ids, gates, b1, b2 = ctx.saved_tensors
+    activation, backend = ctx.args
+    dx, dw1, dw2, dg, db1, db2 = mlp_backward_op(grad_out, x, w1, w2, expert_ids, gates, b1, b2, activation, backend)
+    return (dx, dw1, dw2, None, dg, db1 if b1 is not None else None, db2 if b2 is not None else None, None, None)
+
+
+mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
