@@ -144,11 +144,8 @@ def _masked_step_kernel(
     u_row = UNC + unit * stride_u
     offs = tl.arange(0, BLOCK_V)
     n_cols = tl.where(masked, V, 0)  # unmasked positions skip the sweep
-    m = float("-inf")
-    ssum = 0.0
-    best = float("-inf")
-    best_idx = 0
-    best_x = float("-inf")
+    m, ssum = float("-inf"), 0.0  # running max and sum of exp(x - max)
+    best, best_idx, best_x = float("-inf"), 0, float("-inf")  # running best score, its code, its x
     for start in range(0, n_cols, BLOCK_V):
         cols = start + offs
         inb = cols < V
@@ -252,11 +249,8 @@ def _ar_kernel(
         thr = tl.load(THR + row)
     x_row = X + row * stride_x
     offs = tl.arange(0, BLOCK_V)
-    m = float("-inf")
-    ssum = 0.0
-    best = float("-inf")
-    best_idx = 0
-    best_x = float("-inf")
+    m, ssum = float("-inf"), 0.0  # running max and sum of exp(x - max)
+    best, best_idx, best_x = float("-inf"), 0, float("-inf")  # running best score, its code, its x
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         inb = cols < V
