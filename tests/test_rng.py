@@ -1,9 +1,14 @@
-"""The counter-based RNG of the sampling ops (unif2ace/kernels/reference/rng.py).
+"""The counter-based RNG of the sampling ops (stem ``rng``: unif2ace/kernels/reference/rng.py,
+csrc/common/rng.h, unif2ace/kernels/triton/rng.py).
 
 The definition is a contract that Triton/CUDA/C++ kernels reimplement bit for bit, so it is pinned
 three ways: an independent pure-Python uint32 implementation written here from the docstring,
 hard-coded known answers, and statistical checks of the output (fixed keys, so each statistical
 test is deterministic; the false-failure rate stated for each is what a fresh key would have).
+Then the backends against the reference: the C++ words and fp32 Gumbel values are bit-identical
+(float64 ``log``/``log1p`` of glibc vs. torch's may differ by an ulp in float64, which moves the
+fp32 rounding with probability ~2^-28 per value: the fixed seeds below have none), and Triton's
+fp32 Gumbel agrees within a few ulp.
 """
 
 from __future__ import annotations
@@ -13,10 +18,16 @@ import math
 import pytest
 import torch
 
+from unif2ace.kernels import _ext
+from unif2ace.kernels._dispatch import triton_interpreter_enabled
 from unif2ace.kernels.reference import rng
 from unif2ace.testing import chi2_sf
 
 M32 = 0xFFFFFFFF
+needs_cpu = pytest.mark.skipif(not _ext.cpu_status()[0], reason=f"C++ extension missing: {_ext.cpu_status()[1]}")
+needs_triton = pytest.mark.skipif(
+    not (torch.cuda.is_available() or triton_interpreter_enabled()), reason="needs a GPU or TRITON_INTERPRET=1"
+)
 
 
 # ------------------------------------------------------------------ independent Python version
@@ -266,3 +277,70 @@ def test_gumbel_broadcast_matches_words():
         else -math.log(-math.log(((M32 - w[0]) * 2.0**32 + (M32 - w[1]) + 0.5) * 2.0**-64))
     )
     assert float(g[1, 6]) == pytest.approx(want, rel=1e-6)
+
+
+# ------------------------------------------------------------------ the backends' RNG vs the reference
+
+
+@needs_cpu
+@pytest.mark.parametrize("seed", [0, 1, 2**32 - 1, 2**32, 2**64 - 1, 0x9E3779B97F4A7C15])
+def test_rng_words_bit_identical(seed):
+    """csrc/common/rng.h (through the C++ test hook) gives the reference's words."""
+    g = torch.Generator().manual_seed(seed % 1000)
+    n = 4000
+    sample = torch.randint(0, 2**62, (n,), generator=g)
+    sample[:3] = torch.tensor([0, 2**32 - 1, 2**32 + 5])  # only the low 32 bits enter
+    position = torch.randint(0, 2**32, (n,), generator=g)
+    token = torch.randint(0, 2**32, (n,), generator=g)
+    for stream in (0, 1):
+        hi, lo = _ext.cpu_ops().sampling_rng_words(sample, position, token, seed & M32, seed >> 32, stream)
+        want_hi, want_lo = rng.random_words(seed, stream, sample, position, token)
+        assert torch.equal(hi, want_hi) and torch.equal(lo, want_lo), stream
+
+
+def _edge_words():
+    vals = [0, 1, 2, 255, 256, 2**26 - 1, 2**26, 2**31 - 2, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 2, 2**32 - 1]
+    hi = torch.tensor([h for h in vals for _ in vals])
+    lo = torch.tensor([l for _ in vals for l in vals])
+    return hi, lo
+
+
+@needs_cpu
+def test_gumbel_bit_identical_and_upper_bound():
+    g = torch.Generator().manual_seed(5)
+    hi = torch.randint(0, 2**32, (200_000,), generator=g)
+    lo = torch.randint(0, 2**32, (200_000,), generator=g)
+    small = torch.randint(0, 2**12, (20_000,), generator=g)  # the far tails: hi near 0 and near 2^32
+    ehi, elo = _edge_words()
+    hi = torch.cat([hi, small, M32 - small, ehi])
+    lo = torch.cat([lo, lo[:40_000], elo])
+    gum, upper = _ext.cpu_ops().sampling_gumbel_from_words(hi, lo)
+    want = rng.gumbel_from_words(hi, lo)
+    assert torch.equal(gum, want)
+    assert float(gum.max()) == pytest.approx(rng.GUMBEL_MAX, rel=1e-6)  # hi = lo = 0 is in the set
+    # the pruning bound is a strict upper bound of the fp32 Gumbel for every word ...
+    assert bool((upper > gum).all()), (hi[upper <= gum][:5], lo[upper <= gum][:5])
+    # ... and tight (margin 1e-3 plus lo's part of the interval) where hi carries the precision
+    big = (hi > 2**20) & (hi < 2**32 - 2**20)
+    assert float((upper - gum)[big].max()) < 1.5e-3
+
+
+@needs_triton
+def test_gumbel_fp32_matches_reference():
+    """The Triton kernels' fp32 Gumbel (unif2ace/kernels/triton/rng.py) within a few ulp of the
+    reference's float64-then-rounded value, the far tail included."""
+    from unif2ace.kernels.triton import rng as triton_rng
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(1)
+    hi = torch.randint(0, 2**32, (50000,), generator=g, dtype=torch.int64)
+    lo = torch.randint(0, 2**32, (50000,), generator=g, dtype=torch.int64)
+    ext = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32 - 2, 12345], dtype=torch.int64)
+    hi = torch.cat([hi, ext, ext]).to(dev)
+    lo = torch.cat([lo, ext, ext.flip(0)]).to(dev)
+    got = triton_rng.gumbel_from_words(hi, lo).cpu()
+    want = rng.gumbel_from_words(hi.cpu(), lo.cpu())
+    err = (got - want).abs()
+    assert float(err.max()) <= 2e-6, float(err.max())
+    assert float((err / want.abs().clamp(min=1.0)).max()) <= 4 * torch.finfo(torch.float32).eps
+    assert float(got[-14]) == pytest.approx(rng.GUMBEL_MAX, rel=1e-6)  # hi = lo = 0: the far tail

@@ -81,39 +81,21 @@ def _step_case(tag: str, device, B: int, L: int, V: int, dtype) -> Case:
         is_masked = torch.ones(B, L, dtype=torch.bool, device=device)
         return {"cond": cond, "uncond": uncond, "tokens": tokens, "is_masked": is_masked}
 
+    step = dict(step=0, num_steps=T_STEPS, guidance_scale=GUIDANCE, confidence_noise=CONF_NOISE, mask_token_id=V)
+
     def ours(be):
         return lambda inp: masked_sample_step(
-            inp["cond"],
-            inp["tokens"],
-            inp["is_masked"],
-            step=0,
-            num_steps=T_STEPS,
-            seed=SEED,
-            mask_token_id=V,
-            uncond_logits=inp["uncond"],
-            guidance_scale=GUIDANCE,
-            confidence_noise=CONF_NOISE,
-            backend=be,
+            inp["cond"], inp["tokens"], inp["is_masked"], seed=SEED, uncond_logits=inp["uncond"], backend=be, **step
         )
 
     def showo(inp):
-        return showo_step(
-            inp["cond"],
-            inp["uncond"],
-            inp["tokens"],
-            inp["is_masked"],
-            step=0,
-            num_steps=T_STEPS,
-            guidance_scale=GUIDANCE,
-            confidence_noise=CONF_NOISE,
-            mask_token_id=V,
-        )
+        return showo_step(inp["cond"], inp["uncond"], inp["tokens"], inp["is_masked"], **step)
 
     impls = {be: ours(be) for be in ("reference", "cpu", "triton", "cuda")}
     impls["showo-sampler"] = showo
     esize = torch.finfo(dtype).bits // 8
     return Case(
-        family="masked_sample_step",
+        family="sampling",
         op="masked_sample_step",
         name=f"{tag} B={B} L={L} V={V} cfg",
         shape={"B": B, "L": L, "V": V, "guidance": GUIDANCE, "step": 0, "num_steps": T_STEPS},
@@ -140,7 +122,7 @@ def _ar_case(tag: str, device, B: int, V: int, dtype, *, temperature=1.0, top_k=
     filt = "".join([f" top_k={top_k}" if top_k else "", f" top_p={top_p}" if top_p else ""])
     esize = torch.finfo(dtype).bits // 8
     return Case(
-        family="ar_sample",
+        family="sampling",
         op="ar_sample",
         name=f"{tag} B={B} V={V} T={temperature}{filt}",
         shape={"B": B, "V": V, "temperature": temperature, "top_k": top_k, "top_p": top_p},

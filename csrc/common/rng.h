@@ -3,11 +3,13 @@
 // Torch-free and usable from host C++ and CUDA device code alike (UNIF2ACE_HD).
 //
 //   mix32, seed_stream_key, row_key, element   the uint32 word generator
+//   KeyPair, stream_keys, row_keys             the same keys for both words of a draw (hi, lo)
 //   exponential_from_words / gumbel_from_words Exponential(1) and Gumbel(0, 1) from the 64 bits
 //                                              (hi, lo), in double like the reference, Gumbel cast
 //                                              to fp32 (matches the reference up to libm ulps in
 //                                              double, i.e. bit-identical in fp32 except with
 //                                              probability ~2^-28 per value)
+//   gumbel_at(row keys, token)                 gumbel_from_words of one (row, token)
 //   gumbel_upper_f32(hi)                       a cheap fp32 upper bound of the Gumbel of (hi, *),
 //                                              from hi alone: used to skip the exact evaluation of
 //                                              codes that cannot win a Gumbel-max (see below)
@@ -55,6 +57,21 @@ UNIF2ACE_HD uint32_t row_key(uint32_t stream_key, uint32_t sample_lo, uint32_t p
 
 UNIF2ACE_HD uint32_t element(uint32_t row_key, uint32_t token) { return mix32(mix32(row_key ^ token) + ELEM_ADD); }
 
+// A key of each of the two words of a draw: word 0 makes the high, word 1 the low 32 bits.
+struct KeyPair {
+  uint32_t hi, lo;
+};
+
+// seed_stream_key of both words of `stream`.
+UNIF2ACE_HD KeyPair stream_keys(uint32_t seed_lo, uint32_t seed_hi, uint32_t stream) {
+  return {seed_stream_key(seed_lo, seed_hi, stream, 0u), seed_stream_key(seed_lo, seed_hi, stream, 1u)};
+}
+
+// row_key of both words.
+UNIF2ACE_HD KeyPair row_keys(KeyPair stream, uint32_t sample_lo, uint32_t position) {
+  return {row_key(stream.hi, sample_lo, position), row_key(stream.lo, sample_lo, position)};
+}
+
 // Exponential(1) from the 64 bits (hi, lo), float64, both tails at full precision:
 //   hi <  2^31: u = w      = (hi + (lo + 0.5) 2^-32) 2^-32,  E = -log1p(-u)
 //   hi >= 2^31: u = 1 - w  = (~hi + (~lo + 0.5) 2^-32) 2^-32, E = -log(u)
@@ -74,6 +91,11 @@ UNIF2ACE_HD float gumbel_from_words(uint32_t hi, uint32_t lo) {
   return static_cast<float>(-::log(exponential_from_words(hi, lo)));
 }
 
+// The fp32 Gumbel of (row, token), given the row's keys.
+UNIF2ACE_HD float gumbel_at(KeyPair row, uint32_t token) {
+  return gumbel_from_words(element(row.hi, token), element(row.lo, token));
+}
+
 // ------------------------------------------------------------------------- fp32 upper bound
 //
 // Gumbel-max needs the exact fp32 score x_v + g_v only for codes that can still beat the running
@@ -83,7 +105,7 @@ UNIF2ACE_HD float gumbel_from_words(uint32_t hi, uint32_t lo) {
 // end its error is within +-2.5e-6 (measured over 5e7 random and 5e6 edge words: near 0, 2^26,
 // 2^31, 2^32), by analysis below ~2e-5 (the rounding of 1 - u, u >= 2^-6, with E >= 0.0157), so
 // GUMBEL_BOUND_MARGIN = 1e-3 on top keeps it a strict upper bound of the fp32 Gumbel with a wide
-// safety factor (tests/test_sampling_cpu.py checks it on random and extreme words). hi == 0
+// safety factor (tests/test_rng.py checks it on random and extreme words). hi == 0
 // (w < 2^-32, g up to 45.05) gives 3e38: always evaluated exactly. Branch-free, so loops over it
 // vectorise.
 

@@ -138,12 +138,12 @@ U2A_INLINE int64_t argmax_first(const float* x, int64_t V, float mx) {
 }
 
 // argmax_v (min(x_v / t, FLT_MAX) + g_v) (DIV) or argmax_v (x_v + g_v), g_v the fp32 Gumbel of the
-// words (element(khi, v), element(klo, v)); ties -> lowest v, 0 if every score is -inf. A tile's
+// words (element(rk.hi, v), element(rk.lo, v)); ties -> lowest v, 0 if every score is -inf. A tile's
 // exact scores are computed only where the fp32 upper bound beats the running best: a code with
 // bound <= best has exact score <= bound <= best and cannot win (only a strictly larger score
 // replaces the best).
 template <bool DIV>
-U2A_INLINE int64_t gumbel_argmax(const float* __restrict__ x, int64_t V, float t, uint32_t khi, uint32_t klo) {
+U2A_INLINE int64_t gumbel_argmax(const float* __restrict__ x, int64_t V, float t, KeyPair rk) {
   constexpr int TILE = 256;
   alignas(64) float bnd[TILE];
   float best = -kInf;
@@ -160,7 +160,7 @@ U2A_INLINE int64_t gumbel_argmax(const float* __restrict__ x, int64_t V, float t
         sc = sc / t;
         sc = sc > kFltMax ? kFltMax : sc;
       }
-      const float b = sc + gumbel_upper_f32(element(khi, tok0 + static_cast<uint32_t>(j)));
+      const float b = sc + gumbel_upper_f32(element(rk.hi, tok0 + static_cast<uint32_t>(j)));
       bnd[j] = b;
       tmax = tmax > b ? tmax : b;
     }
@@ -173,7 +173,7 @@ U2A_INLINE int64_t gumbel_argmax(const float* __restrict__ x, int64_t V, float t
         sc = sc / t;
         sc = sc > kFltMax ? kFltMax : sc;
       }
-      const float score = sc + gumbel_from_words(element(khi, tok), element(klo, tok));
+      const float score = sc + gumbel_at(rk, tok);
       if (score > best) {
         best = score;
         best_i = v0 + j;
@@ -239,7 +239,7 @@ struct StepArgs {
   int64_t top_k;  // 0: none
   bool noise;
   float tau;
-  uint32_t k0_hi, k0_lo, k1_hi, k1_lo;  // seed/stream keys: stream 0 (token), stream 1 (confidence)
+  KeyPair k_token, k_conf;  // seed/stream keys: stream 0 (token), stream 1 (confidence)
   const int64_t* tokens;
   const bool* masked;
   const int64_t* ids;
@@ -273,9 +273,9 @@ U2A_INLINE void step_positions_impl(const StepArgs& p, int64_t begin, int64_t en
       if (p.top_k > 0 && p.top_k < V) top_k_filter(buf, tmp, V, p.top_k);
       const float lse_rel = std::log(sum_exp(buf, V, mx));
       if (p.sample) {
-        const uint32_t khi = row_key(p.k0_hi, sid, pos), klo = row_key(p.k0_lo, sid, pos);
+        const KeyPair rk = row_keys(p.k_token, sid, pos);
         // x / 1 == x exactly: skip the division at temperature 1
-        pick = p.t == 1.0f ? gumbel_argmax<false>(buf, V, 1.0f, khi, klo) : gumbel_argmax<true>(buf, V, p.t, khi, klo);
+        pick = p.t == 1.0f ? gumbel_argmax<false>(buf, V, 1.0f, rk) : gumbel_argmax<true>(buf, V, p.t, rk);
       } else {
         pick = argmax_first(buf, V, mx);  // top-k keeps the max
       }
@@ -283,7 +283,7 @@ U2A_INLINE void step_positions_impl(const StepArgs& p, int64_t begin, int64_t en
     }
     if (p.noise) {
       const float g1 =
-          gumbel_from_words(element(row_key(p.k1_hi, sid, pos), 0u), element(row_key(p.k1_lo, sid, pos), 0u));
+          gumbel_from_words(element(row_key(p.k_conf.hi, sid, pos), 0u), element(row_key(p.k_conf.lo, sid, pos), 0u));
       const float ng = p.tau * g1;
       lp = lp + ng;
     }
@@ -370,10 +370,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_sample_step(
   p.top_k = top_k;
   p.noise = tau != 0.0;
   p.tau = static_cast<float>(tau);
-  p.k0_hi = seed_stream_key(slo, shi, STREAM_TOKEN, 0);
-  p.k0_lo = seed_stream_key(slo, shi, STREAM_TOKEN, 1);
-  p.k1_hi = seed_stream_key(slo, shi, STREAM_CONFIDENCE, 0);
-  p.k1_lo = seed_stream_key(slo, shi, STREAM_CONFIDENCE, 1);
+  p.k_token = stream_keys(slo, shi, STREAM_TOKEN);
+  p.k_conf = stream_keys(slo, shi, STREAM_CONFIDENCE);
   p.tokens = tokens.const_data_ptr<int64_t>();
   p.masked = is_masked.const_data_ptr<bool>();
   p.ids = ids.const_data_ptr<int64_t>();
@@ -434,14 +432,14 @@ struct ArScratch {
 
 // Gumbel-max over the codes in ``idx`` (ascending): argmax (z_v + g_v), ties -> lowest v; the
 // exact Gumbel only where the fp32 bound beats the running best (as gumbel_argmax).
-U2A_INLINE int64_t gumbel_argmax_list(const float* z, const std::vector<int64_t>& idx, uint32_t khi, uint32_t klo) {
+U2A_INLINE int64_t gumbel_argmax_list(const float* z, const std::vector<int64_t>& idx, KeyPair rk) {
   float best = -kInf;
   int64_t best_i = 0;
   for (const int64_t v : idx) {
     const uint32_t tok = static_cast<uint32_t>(v);
-    const uint32_t hi = element(khi, tok);
+    const uint32_t hi = element(rk.hi, tok);
     if (!(z[v] + gumbel_upper_f32(hi) > best)) continue;
-    const float score = z[v] + gumbel_from_words(hi, element(klo, tok));
+    const float score = z[v] + gumbel_from_words(hi, element(rk.lo, tok));
     if (score > best) {
       best = score;
       best_i = v;
@@ -505,7 +503,7 @@ struct ArArgs {
   bool greedy;
   int64_t top_k;
   double top_p;
-  uint32_t k_hi, k_lo;
+  KeyPair k;  // seed/stream keys of stream 0 (token)
   const int64_t* ids;
   const int64_t* pos;
   int64_t* tokens;
@@ -538,11 +536,11 @@ U2A_INLINE void ar_rows_impl(const ArArgs& a, int64_t begin, int64_t end, ArScra
       scale_row(x, z, V, a.t);
       const uint32_t sid = static_cast<uint32_t>(static_cast<uint64_t>(a.ids[b]));
       const uint32_t pos = static_cast<uint32_t>(static_cast<uint64_t>(a.pos[b]));
-      const uint32_t khi = row_key(a.k_hi, sid, pos), klo = row_key(a.k_lo, sid, pos);
+      const KeyPair rk = row_keys(a.k, sid, pos);
       float mz = -kInf;
       for (int64_t v = 0; v < V; ++v) mz = z[v] > mz ? z[v] : mz;
       if (!do_k && !do_p) {
-        pick = gumbel_argmax<false>(z, V, 1.0f, khi, klo);
+        pick = gumbel_argmax<false>(z, V, 1.0f, rk);
       } else if (!(mz > -kInf)) {  // every z = -inf (x / T underflowed): the reference draws code 0
         pick = 0;
       } else {
@@ -561,9 +559,9 @@ U2A_INLINE void ar_rows_impl(const ArArgs& a, int64_t begin, int64_t end, ArScra
         }
         if (do_p) {
           top_p_keep(s, z, mz, sum, a.top_p);
-          pick = gumbel_argmax_list(z, s.kept, khi, klo);
+          pick = gumbel_argmax_list(z, s.kept, rk);
         } else {
-          pick = gumbel_argmax_list(z, s.cand, khi, klo);
+          pick = gumbel_argmax_list(z, s.cand, rk);
         }
       }
     }
@@ -613,8 +611,7 @@ std::tuple<at::Tensor, at::Tensor> ar_sample(const at::Tensor& logits_in, const 
   a.greedy = temperature == 0.0 || top_k == 1;
   a.top_k = top_k;
   a.top_p = top_p;
-  a.k_hi = seed_stream_key(slo, shi, STREAM_TOKEN, 0);
-  a.k_lo = seed_stream_key(slo, shi, STREAM_TOKEN, 1);
+  a.k = stream_keys(slo, shi, STREAM_TOKEN);
   a.ids = ids.const_data_ptr<int64_t>();
   a.pos = pos.const_data_ptr<int64_t>();
   a.tokens = tokens.data_ptr<int64_t>();
@@ -651,8 +648,7 @@ std::tuple<at::Tensor, at::Tensor> sampling_rng_words(const at::Tensor& sample, 
   const int64_t n = sa.size(0);
   at::Tensor hi = at::empty({n}, sa.options()), lo = at::empty({n}, sa.options());
   const uint32_t st = static_cast<uint32_t>(stream);
-  const uint32_t kh = seed_stream_key(static_cast<uint32_t>(seed_lo), static_cast<uint32_t>(seed_hi), st, 0);
-  const uint32_t kl = seed_stream_key(static_cast<uint32_t>(seed_lo), static_cast<uint32_t>(seed_hi), st, 1);
+  const KeyPair k = stream_keys(static_cast<uint32_t>(seed_lo), static_cast<uint32_t>(seed_hi), st);
   const int64_t *ps = sa.const_data_ptr<int64_t>(), *pp = po.const_data_ptr<int64_t>(),
                 *pt = to.const_data_ptr<int64_t>();
   int64_t *ph = hi.data_ptr<int64_t>(), *pl = lo.data_ptr<int64_t>();
@@ -660,8 +656,8 @@ std::tuple<at::Tensor, at::Tensor> sampling_rng_words(const at::Tensor& sample, 
     const uint32_t s32 = static_cast<uint32_t>(static_cast<uint64_t>(ps[j]));
     const uint32_t p32 = static_cast<uint32_t>(static_cast<uint64_t>(pp[j]));
     const uint32_t t32 = static_cast<uint32_t>(static_cast<uint64_t>(pt[j]));
-    ph[j] = element(row_key(kh, s32, p32), t32);
-    pl[j] = element(row_key(kl, s32, p32), t32);
+    ph[j] = element(row_key(k.hi, s32, p32), t32);
+    pl[j] = element(row_key(k.lo, s32, p32), t32);
   }
   return {hi, lo};
 }

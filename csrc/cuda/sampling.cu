@@ -1,7 +1,7 @@
 // Launchers for the sampling kernels (device code in sampling.cuh) and their registration as
 // torch.ops.unif2ace_cuda.masked_step_sample / masked_step_remask / ar_sample. The host-side
 // pre-passes (RNG keys, top-k / top-p thresholds, schedule count) are done in Python
-// (unif2ace/kernels/triton/sampling.py, shared with the Triton backend). No host syncs.
+// (unif2ace/kernels/cuda/sampling.py, shared with the Triton backend). No host syncs.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>

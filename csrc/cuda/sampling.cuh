@@ -2,7 +2,7 @@
 // (torch-free device code; launchers in sampling.cu).
 //
 // Contract: unif2ace/kernels/reference/sampling.py and the counter-based RNG of
-// unif2ace/kernels/reference/rng.py, whose definition is csrc/common/rng.h (copied below for device code). The Gumbel
+// unif2ace/kernels/reference/rng.py, whose definition is csrc/common/rng.h (shared with the C++ kernels). The Gumbel
 // noise is the exact one of the reference (float64 math, cast to fp32), but it is only evaluated for codes that can
 // still win: rng::gumbel_upper_f32(hi) bounds the fp32 Gumbel from above, so a code with fl(z + bound) <= the running
 // best is skipped.
@@ -107,8 +107,16 @@ __device__ __forceinline__ State block_merge(State st, State* sh) {
 struct Params {
   float temperature;
   bool greedy;
-  uint32_t rk_hi, rk_lo;
+  rng::KeyPair rk;  // the row keys of the token stream
 };
+
+// The Params of one row: its token-stream row keys from the host's keys[0], keys[1]
+// (rng::seed_stream_keys of stream 0).
+__device__ __forceinline__ Params row_params(const int64_t* keys, uint32_t sid, uint32_t pos, float temperature,
+                                             bool greedy) {
+  const rng::KeyPair k{static_cast<uint32_t>(keys[0]), static_cast<uint32_t>(keys[1])};
+  return Params{temperature, greedy, rng::row_keys(k, sid, pos)};
+}
 
 __device__ __forceinline__ void online(State& st, float x) {
   if (x > st.m) {
@@ -126,9 +134,9 @@ __device__ __forceinline__ void pick(State& st, float x, float z, int64_t v, con
   } else {
     if (!(z > -INFINITY)) return;
     const uint32_t t = static_cast<uint32_t>(v);
-    const uint32_t hi = rng::element(p.rk_hi, t);
+    const uint32_t hi = rng::element(p.rk.hi, t);
     if (__fadd_rn(z, rng::gumbel_upper_f32(hi)) <= st.best) return;  // cannot win
-    const uint32_t lo = rng::element(p.rk_lo, t);
+    const uint32_t lo = rng::element(p.rk.lo, t);
     score = __fadd_rn(z, rng::gumbel_from_words(hi, lo));
   }
   if (score > st.best) {  // codes are visited in increasing order per thread: ties keep the first
@@ -165,11 +173,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   const uint32_t sid = static_cast<uint32_t>(sample_ids[b]);
   const uint32_t pos = static_cast<uint32_t>(i);
-  Params p;
-  p.temperature = temperature;
-  p.greedy = greedy;
-  p.rk_hi = rng::row_key(static_cast<uint32_t>(keys[0]), sid, pos);
-  p.rk_lo = rng::row_key(static_cast<uint32_t>(keys[1]), sid, pos);
+  const Params p = row_params(keys, sid, pos, temperature, greedy);
   const bool has_thr = thr != nullptr;
   const float th = has_thr ? thr[unit] : -INFINITY;
   const T* c_row = cond + unit * stride_c;
@@ -203,9 +207,8 @@ __global__ void __launch_bounds__(kThreads)
     const bool finite = st.m > -INFINITY;
     float lp = finite ? __fsub_rn(__fsub_rn(st.bx, st.m), logf(st.s)) : -INFINITY;
     if (has_noise) {
-      const uint32_t h = rng::element(rng::row_key(static_cast<uint32_t>(keys[2]), sid, pos), 0u);
-      const uint32_t l = rng::element(rng::row_key(static_cast<uint32_t>(keys[3]), sid, pos), 0u);
-      lp = __fadd_rn(lp, __fmul_rn(tau, rng::gumbel_from_words(h, l)));
+      const rng::KeyPair k1{static_cast<uint32_t>(keys[2]), static_cast<uint32_t>(keys[3])};
+      lp = __fadd_rn(lp, __fmul_rn(tau, rng::gumbel_at(rng::row_keys(k1, sid, pos), 0u)));
     }
     sampled[unit] = finite ? st.idx : 0;
     conf[unit] = lp;
@@ -290,11 +293,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row = blockIdx.x;
   const uint32_t sid = static_cast<uint32_t>(sample_ids[row]);
   const uint32_t pos = static_cast<uint32_t>(position[row]);
-  Params p;
-  p.temperature = temperature;
-  p.greedy = greedy;
-  p.rk_hi = rng::row_key(static_cast<uint32_t>(keys[0]), sid, pos);
-  p.rk_lo = rng::row_key(static_cast<uint32_t>(keys[1]), sid, pos);
+  const Params p = row_params(keys, sid, pos, temperature, greedy);
   const bool has_thr = thr != nullptr;
   const float th = has_thr ? thr[row] : -INFINITY;
   const T* x_row = logits + row * stride;

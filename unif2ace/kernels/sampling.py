@@ -13,29 +13,31 @@ Randomness is a stateless counter-based RNG keyed by (seed, sample id, position,
 nothing is captured from a generator, and the noise has 64 random bits (no fp32 tail truncation).
 The exact semantics are in :mod:`unif2ace.kernels.reference.sampling`.
 
-Backends: ``reference``; ``cpu`` (C++/OpenMP, csrc/cpu/sampling.cpp: bit-identical RNG, sampled
-codes equal to the reference's); ``triton`` and ``cuda`` (fused kernels,
-unif2ace/kernels/triton/sampling.py and csrc/cuda/sampling.cu) run behind the custom ops
-``unif2ace::masked_sample_step`` / ``unif2ace::ar_sample``, so they work under torch.compile.
-Inputs are checked at the boundary with errors naming the argument.
+Backends (stem ``sampling``; the RNG's stem is ``rng``): ``reference``; ``cpu`` (C++/OpenMP,
+csrc/cpu/sampling.cpp behind unif2ace/kernels/cpu/sampling.py: bit-identical RNG, sampled codes
+equal to the reference's); ``triton`` and ``cuda`` (fused kernels, unif2ace/kernels/triton/sampling.py
+and csrc/cuda/sampling.cu behind unif2ace/kernels/cuda/sampling.py). The fast backends run behind
+the custom ops ``unif2ace::masked_sample_step`` / ``unif2ace::ar_sample``
+(unif2ace/kernels/_custom_ops/sampling.py), so they work under torch.compile. Inputs are checked at
+the boundary with errors naming the argument.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-import operator
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
+from ._custom_ops import sampling as _ops
 from ._dispatch import Op
 from ._validate import (
     FLOAT_DTYPES,
     INT_DTYPES,
     check_choice,
+    check_int,
     check_range,
+    check_real,
     check_same_device,
     check_tensor,
 )
@@ -54,286 +56,36 @@ __all__ = [
 
 SCHEDULES = _ref.SCHEDULES
 
+# both ops of the family: kernels in unif2ace/kernels/<backend>/sampling.py, C++ on CPU tensors, on
+# CUDA tensors Triton first
+_FAMILY = dict(
+    stem="sampling", backends=("reference", "cpu", "triton", "cuda"), cpu_order=("cpu",), cuda_order=("triton", "cuda")
+)
+
 MASKED_SAMPLE_STEP = Op(
     "masked_sample_step",
-    cpu_order=("cpu",),
-    cuda_order=("triton", "cuda"),
+    entry_points=("masked_sample_step",),
     doc="one MaskGIT step: guidance, sample, confidence, re-mask",
+    **_FAMILY,
 )
-MASKED_SAMPLE_STEP.register("reference", _ref.masked_sample_step_ref)
-
 AR_SAMPLE = Op(
     "ar_sample",
-    cpu_order=("cpu",),
-    cuda_order=("triton", "cuda"),
+    entry_points=("ar_sample",),
     doc="autoregressive temperature / top-k / top-p sampling",
+    **_FAMILY,
 )
-AR_SAMPLE.register("reference", _ref.ar_sample_ref)
-
-
-# cpu backend (csrc/cpu/sampling.cpp, torch.ops.unif2ace_cpu): host-side scalars here, the rest in C++
-
-
-def _cpu_masked_sample_step(
-    cond_logits,
-    tokens,
-    is_masked,
-    *,
-    step,
-    num_steps,
-    seed,
-    mask_token_id,
-    uncond_logits=None,
-    guidance_scale=0.0,
-    temperature=1.0,
-    confidence_noise=4.5,
-    schedule="cosine",
-    schedule_exponent=2.0,
-    top_k=None,
-    sample_ids=None,
-):
-    from . import _ext
-
-    B, L, _ = cond_logits.shape
-    unc = uncond_logits if uncond_logits is not None and guidance_scale != 0.0 else None
-    if unc is not None and unc.dtype != cond_logits.dtype:  # mixed dtypes: both to fp32 (exact)
-        cond_logits, unc = cond_logits.float(), unc.float()
-    ids = torch.arange(B, device=cond_logits.device) if sample_ids is None else sample_ids.long()
-    # n = max(0, min(n_cap, masked_count - 1)) per row; n_cap = 0 at the last step
-    n_cap = 0 if step == num_steps - 1 else max(num_to_keep_masked(L, step, num_steps, schedule, schedule_exponent), 1)
-    tau = confidence_noise * (1.0 - (step + 1) / num_steps)  # float64 on the host, as the reference
-    return MaskedStepOutput(
-        *_ext.cpu_ops().masked_sample_step(
-            cond_logits,
-            unc,
-            tokens.long(),
-            is_masked,
-            ids,
-            seed & 0xFFFFFFFF,
-            seed >> 32,
-            float(guidance_scale),
-            float(temperature),
-            float(tau),
-            top_k or 0,
-            n_cap,
-            mask_token_id,
-        )
-    )
-
-
-def _cpu_ar_sample(logits, *, seed, position, temperature=1.0, top_k=None, top_p=None, sample_ids=None):
-    from . import _ext
-
-    B = logits.shape[0]
-    ids = torch.arange(B, device=logits.device) if sample_ids is None else sample_ids.long()
-    if isinstance(position, Tensor):
-        pos = position.long().expand(B).contiguous()
-    else:
-        pos = torch.full((B,), int(position), dtype=torch.int64, device=logits.device)
-    return ARSample(
-        *_ext.cpu_ops().ar_sample(
-            logits,
-            ids,
-            pos,
-            seed & 0xFFFFFFFF,
-            seed >> 32,
-            float(temperature),
-            top_k or 0,
-            1.0 if top_p is None else float(top_p),
-        )
-    )
-
-
-MASKED_SAMPLE_STEP.register("cpu", _cpu_masked_sample_step)
-AR_SAMPLE.register("cpu", _cpu_ar_sample)
-
-
-# triton / cuda backends (unif2ace/kernels/triton/sampling.py, csrc/cuda/sampling.cu); imported
-# lazily so that importing unif2ace does not import triton
-
-
-def _triton_masked_sample_step(*args, **kwargs):
-    from .triton import sampling as _ts
-
-    return _ts.masked_sample_step(*args, **kwargs)
-
-
-def _triton_ar_sample(*args, **kwargs):
-    from .triton import sampling as _ts
-
-    return _ts.ar_sample(*args, **kwargs)
-
-
-def _cuda_masked_sample_step(*args, **kwargs):
-    from .triton import sampling as _ts  # the host-side pre-passes live there
-
-    return _ts.masked_sample_step_cuda(*args, **kwargs)
-
-
-def _cuda_ar_sample(*args, **kwargs):
-    from .triton import sampling as _ts
-
-    return _ts.ar_sample_cuda(*args, **kwargs)
-
-
-MASKED_SAMPLE_STEP.register("triton", _triton_masked_sample_step)
-MASKED_SAMPLE_STEP.register("cuda", _cuda_masked_sample_step)
-AR_SAMPLE.register("triton", _triton_ar_sample)
-AR_SAMPLE.register("cuda", _cuda_ar_sample)
-
-
-# custom ops: every non-reference backend runs behind one opaque op per public function, so the
-# public functions work under torch.compile(fullgraph=True). No autograd (integer / confidence
-# outputs). The 64-bit seed travels as two 32-bit halves (op ints are int64).
-
-
-@torch.library.custom_op("unif2ace::masked_sample_step", mutates_args=())
-def _masked_sample_step_op(
-    cond_logits: Tensor,
-    tokens: Tensor,
-    is_masked: Tensor,
-    uncond_logits: Optional[Tensor],
-    sample_ids: Optional[Tensor],
-    step: int,
-    num_steps: int,
-    seed_lo: int,
-    seed_hi: int,
-    mask_token_id: int,
-    guidance_scale: float,
-    temperature: float,
-    confidence_noise: float,
-    schedule: str,
-    schedule_exponent: float,
-    top_k: Optional[int],
-    backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(tokens int64, is_masked bool, sampled int64, confidence fp32), all [B, L]."""
-    out = MASKED_SAMPLE_STEP.impl(backend)(
-        cond_logits,
-        tokens,
-        is_masked,
-        step=step,
-        num_steps=num_steps,
-        seed=(seed_hi << 32) | seed_lo,
-        mask_token_id=mask_token_id,
-        uncond_logits=uncond_logits,
-        guidance_scale=guidance_scale,
-        temperature=temperature,
-        confidence_noise=confidence_noise,
-        schedule=schedule,
-        schedule_exponent=schedule_exponent,
-        top_k=top_k,
-        sample_ids=sample_ids,
-    )
-    return tuple(out)
-
-
-@_masked_sample_step_op.register_fake
-def _(
-    cond_logits,
-    tokens,
-    is_masked,
-    uncond_logits,
-    sample_ids,
-    step,
-    num_steps,
-    seed_lo,
-    seed_hi,
-    mask_token_id,
-    guidance_scale,
-    temperature,
-    confidence_noise,
-    schedule,
-    schedule_exponent,
-    top_k,
-    backend,
-):
-    B, L = tokens.shape
-    new = cond_logits.new_empty
-    return (
-        new((B, L), dtype=torch.int64),
-        new((B, L), dtype=torch.bool),
-        new((B, L), dtype=torch.int64),
-        new((B, L), dtype=torch.float32),
-    )
-
-
-@torch.library.custom_op("unif2ace::ar_sample", mutates_args=())
-def _ar_sample_op(
-    logits: Tensor,
-    position_t: Optional[Tensor],
-    position: int,
-    sample_ids: Optional[Tensor],
-    seed_lo: int,
-    seed_hi: int,
-    temperature: float,
-    top_k: Optional[int],
-    top_p: Optional[float],
-    backend: str,
-) -> Tuple[Tensor, Tensor]:
-    """(tokens [B] int64, logprobs [B] fp32); ``position_t`` (a [B] tensor) wins over ``position``."""
-    out = AR_SAMPLE.impl(backend)(
-        logits,
-        seed=(seed_hi << 32) | seed_lo,
-        position=position if position_t is None else position_t,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        sample_ids=sample_ids,
-    )
-    return tuple(out)
-
-
-@_ar_sample_op.register_fake
-def _(logits, position_t, position, sample_ids, seed_lo, seed_hi, temperature, top_k, top_p, backend):
-    B = logits.shape[0]
-    return logits.new_empty((B,), dtype=torch.int64), logits.new_empty((B,), dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
-# scalar argument checks
-
-
-def _int_arg(op: str, name: str, v, *, low: Optional[int] = None, high: Optional[int] = None) -> int:
-    """An integer argument (Python / numpy int, not bool) in [low, high)."""
-    if isinstance(v, bool):
-        raise TypeError(f"{op}: argument '{name}' must be an int, got bool")
-    try:
-        iv = operator.index(v)
-    except TypeError:
-        raise TypeError(f"{op}: argument '{name}' must be an int, got {type(v).__name__}") from None
-    if (low is not None and iv < low) or (high is not None and iv >= high):
-        lo = "-inf" if low is None else str(low)
-        hi = "inf" if high is None else str(high)
-        raise ValueError(f"{op}: argument '{name}' must be in [{lo}, {hi}), got {iv}")
-    return iv
-
-
-def _float_arg(
-    op: str, name: str, v, *, low: Optional[float] = None, low_open: bool = False, high: Optional[float] = None
-) -> float:
-    """A finite real argument with optional bounds (low < v when ``low_open``, v <= high)."""
-    if isinstance(v, (bool, Tensor)) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{op}: argument '{name}' must be a real number, got {type(v).__name__}")
-    fv = float(v)
-    bad = not math.isfinite(fv)
-    if low is not None:
-        bad = bad or (fv <= low if low_open else fv < low)
-    if high is not None:
-        bad = bad or fv > high
-    if bad:
-        lb = "(" if low_open else "["
-        rng = f"{lb}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-        raise ValueError(f"{op}: argument '{name}' must be a finite number in {rng}, got {v!r}")
-    return fv
+# argument checks (the scalar rules are _validate's check_int / check_real)
 
 
 def _seed_arg(op: str, seed) -> int:
-    return _int_arg(op, "seed", seed, low=0, high=1 << 64)
+    return check_int(op, "seed", seed, low=0, high=1 << 64)
 
 
 def _top_k_arg(op: str, top_k) -> Optional[int]:
-    return None if top_k is None else _int_arg(op, "top_k", top_k, low=1)
+    return None if top_k is None else check_int(op, "top_k", top_k, low=1)
 
 
 def _sample_ids_arg(op: str, sample_ids, B: int, device: torch.device) -> Optional[Tensor]:
@@ -408,26 +160,26 @@ def masked_sample_step(
     device = check_same_device(
         op, cond_logits=cond_logits, tokens=tokens, is_masked=is_masked, uncond_logits=uncond_logits
     )
-    num_steps = _int_arg(op, "num_steps", num_steps, low=1)
-    step = _int_arg(op, "step", step, low=0, high=num_steps)
+    num_steps = check_int(op, "num_steps", num_steps, low=1)
+    step = check_int(op, "step", step, low=0, high=num_steps)
     seed = _seed_arg(op, seed)
-    mask_token_id = _int_arg(op, "mask_token_id", mask_token_id, low=-(1 << 63), high=1 << 63)
-    guidance_scale = _float_arg(op, "guidance_scale", guidance_scale)
+    mask_token_id = check_int(op, "mask_token_id", mask_token_id, low=-(1 << 63), high=1 << 63)
+    guidance_scale = check_real(op, "guidance_scale", guidance_scale)
     if guidance_scale != 0.0 and uncond_logits is None:
         raise ValueError(
             f"{op}: argument 'guidance_scale' is {guidance_scale} but 'uncond_logits' is None; "
             "pass the unconditional logits or guidance_scale=0"
         )
-    temperature = _float_arg(op, "temperature", temperature, low=0.0)
-    confidence_noise = _float_arg(op, "confidence_noise", confidence_noise, low=0.0)
+    temperature = check_real(op, "temperature", temperature, low=0.0)
+    confidence_noise = check_real(op, "confidence_noise", confidence_noise, low=0.0)
     check_choice(op, "schedule", schedule, SCHEDULES)
-    schedule_exponent = _float_arg(op, "schedule_exponent", schedule_exponent, low=0.0, low_open=True)
+    schedule_exponent = check_real(op, "schedule_exponent", schedule_exponent, low=0.0, low_open=True)
     top_k = _top_k_arg(op, top_k)
     sample_ids = _sample_ids_arg(op, sample_ids, B, device)
 
     be = MASKED_SAMPLE_STEP.select(device, backend)
     if be != "reference":
-        out = _masked_sample_step_op(
+        out = _ops.masked_sample_step_op(
             cond_logits,
             tokens,
             is_masked,
@@ -510,18 +262,18 @@ def ar_sample(
         check_tensor(op, "position", position, shape=(B,), dtypes=INT_DTYPES, device=device)
         check_range(op, "position", position, 0, 1 << 32)
     else:
-        position = _int_arg(op, "position", position, low=0, high=1 << 32)
-    temperature = _float_arg(op, "temperature", temperature, low=0.0)
+        position = check_int(op, "position", position, low=0, high=1 << 32)
+    temperature = check_real(op, "temperature", temperature, low=0.0)
     top_k = _top_k_arg(op, top_k)
     if top_p is not None:
-        top_p = _float_arg(op, "top_p", top_p, low=0.0, low_open=True, high=1.0)
+        top_p = check_real(op, "top_p", top_p, low=0.0, low_open=True, high=1.0)
     sample_ids = _sample_ids_arg(op, sample_ids, B, device)
 
     be = AR_SAMPLE.select(device, backend)
     if be != "reference":
         pos_t = position if isinstance(position, Tensor) else None
         pos_i = 0 if isinstance(position, Tensor) else position
-        out = _ar_sample_op(
+        out = _ops.ar_sample_op(
             logits, pos_t, pos_i, sample_ids, seed & 0xFFFFFFFF, seed >> 32, temperature, top_k, top_p, be
         )
         return ARSample(*out)

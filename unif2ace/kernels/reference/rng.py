@@ -78,6 +78,7 @@ __all__ = [
     "gumbel_from_words",
     "gumbel",
     "split_seed",
+    "seed_stream_keys",
     "GUMBEL_MAX",
 ]
 
@@ -120,6 +121,13 @@ def _seed_stream_key(seed: int, stream: int, word: int) -> int:
     seed_lo, seed_hi = split_seed(seed)
     h = mix32_int(seed_hi ^ ((_GOLDEN * (2 * stream + word + 1)) & MASK32))
     return mix32_int(h ^ seed_lo)
+
+
+def seed_stream_keys(seed: int, device: torch.device) -> torch.Tensor:
+    """int64 ``[4]``: the (seed, stream, word) part of ``row_key`` for (stream 0, word 0), (0, 1),
+    (1, 0), (1, 1), each in [0, 2^32) -- the per-call host keys the kernels finish per row."""
+    keys = [_seed_stream_key(seed, st, w) for st in (STREAM_TOKEN, STREAM_CONFIDENCE) for w in (0, 1)]
+    return torch.tensor(keys, dtype=torch.int64).to(device, non_blocking=True)
 
 
 def row_key_int(seed: int, stream: int, word: int, sample: int, position: int) -> int:

@@ -23,13 +23,19 @@ at the boundary are kept, so more than k codes can survive); the rest become -in
 
 The work is done in chunks of rows so the temporaries (int64 random words, fp64 noise) stay
 bounded for any B·L·V.
+
+The pieces every backend's host code needs as well -- the guidance combine
+(:func:`guided_logits`), the top-k threshold (:func:`top_k_threshold`), the filtered AR scores
+(:func:`ar_scores`), a step's host scalars (:func:`step_scalars`), the sample-id / position
+defaults (:func:`row_sample_ids`, :func:`row_positions`) and the re-mask ranking
+(:func:`remask`) -- are defined here once; the fast backends call them instead of restating them.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -43,9 +49,21 @@ __all__ = [
     "FLT_MAX",
     "mask_schedule",
     "num_to_keep_masked",
+    "StepScalars",
+    "StepParams",
+    "step_scalars",
+    "row_sample_ids",
+    "row_positions",
     "sanitize_logits",
+    "guidance_factors",
+    "active_uncond",
+    "guided_logits",
+    "top_k_threshold",
     "top_k_filter",
     "top_p_filter",
+    "ar_greedy",
+    "ar_scores",
+    "remask",
     "masked_sample_step_ref",
     "ar_sample_ref",
 ]
@@ -144,7 +162,63 @@ def num_to_keep_masked(seq_len: int, step: int, num_steps: int, schedule: str = 
 
 
 # --------------------------------------------------------------------------------------------
-# shared pieces
+# host scalars and defaults (shared with every backend's host code)
+
+
+class StepScalars(NamedTuple):
+    """The host scalars of one masked step that derive from its schedule (:func:`step_scalars`)."""
+
+    tau: float
+    """``confidence_noise · (1 − (step + 1) / num_steps)``, float64 (0: no confidence noise)."""
+    n_cap: int
+    """The per-row re-mask cap: ``max(n_raw, 1)``, 0 at the last step; a row re-masks
+    ``n = max(0, min(n_cap, masked_count − 1))``."""
+    last: bool
+    """``step == num_steps − 1`` (nothing is re-masked)."""
+
+
+class StepParams(NamedTuple):
+    """The scalar arguments of one masked step as the fast backends take them (built once by the
+    custom op from the public arguments; the last three fields are :class:`StepScalars`)."""
+
+    seed: int
+    mask_token_id: int
+    guidance_scale: float
+    temperature: float
+    top_k: Optional[int]
+    tau: float
+    n_cap: int
+    last: bool
+
+
+def step_scalars(
+    seq_len: int, step: int, num_steps: int, confidence_noise: float, schedule: str = "cosine", exponent: float = 2.0
+) -> StepScalars:
+    """τ, the re-mask cap and the last-step flag of step ``step`` of ``num_steps`` (docs/model.md §4
+    steps 4-5), computed in float64 on the host."""
+    last = step == num_steps - 1
+    n_cap = 0 if last else max(num_to_keep_masked(seq_len, step, num_steps, schedule, exponent), 1)
+    return StepScalars(confidence_noise * (1.0 - (step + 1) / num_steps), n_cap, last)
+
+
+def row_sample_ids(sample_ids: Optional[Tensor], B: int, device: torch.device) -> Tensor:
+    """The RNG sample id of each row: ``sample_ids`` as contiguous int64 on ``device``, or
+    ``arange(B)`` when None."""
+    if sample_ids is None:
+        return torch.arange(B, device=device)
+    return sample_ids.to(device=device, dtype=torch.int64).contiguous()
+
+
+def row_positions(position: Union[int, Tensor], B: int, device: torch.device) -> Tensor:
+    """The RNG position word of each row of ``ar_sample``: contiguous int64 ``[B]`` from an int or
+    a ``[B]`` tensor."""
+    if isinstance(position, Tensor):
+        return position.to(device=device, dtype=torch.int64).expand(B).contiguous()
+    return torch.full((B,), int(position), dtype=torch.int64, device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# logits pieces (shared with the host pre-passes of the fused backends)
 
 
 def sanitize_logits(x: Tensor) -> Tensor:
@@ -152,9 +226,36 @@ def sanitize_logits(x: Tensor) -> Tensor:
     return torch.nan_to_num(x.float(), nan=float("-inf"), posinf=FLT_MAX, neginf=float("-inf"))
 
 
+def guidance_factors(guidance_scale: float) -> Tuple[float, float]:
+    """``(fp32(1 + s), fp32(s))`` as Python floats: the two factors of the guidance combine."""
+    a = float(torch.tensor(1.0 + guidance_scale, dtype=torch.float32))
+    return a, float(torch.tensor(guidance_scale, dtype=torch.float32))
+
+
+def active_uncond(uncond_logits: Optional[Tensor], guidance_scale: float) -> Optional[Tensor]:
+    """The unconditional logits when guidance is on (given and ``guidance_scale != 0``), else None."""
+    return uncond_logits if uncond_logits is not None and guidance_scale != 0.0 else None
+
+
+def guided_logits(cond: Tensor, uncond: Optional[Tensor], guidance_scale: float) -> Tensor:
+    """Step 1 of the masked step: the sanitised fp32 ``fp32(1 + s)·cond − fp32(s)·uncond`` (two
+    fp32 products, then the difference), or the sanitised fp32 ``cond`` when ``uncond`` is None
+    (pass :func:`active_uncond`)."""
+    if uncond is None:
+        return sanitize_logits(cond)
+    a, s = (torch.tensor(f, dtype=torch.float32, device=cond.device) for f in guidance_factors(guidance_scale))
+    return sanitize_logits(a * cond.float() - s * uncond.float())
+
+
 def _scale(x: Tensor, temperature: float) -> Tensor:
     t = torch.tensor(temperature, dtype=torch.float32, device=x.device)
     return torch.clamp(x / t, max=FLT_MAX)
+
+
+def top_k_threshold(x: Tensor, k: int) -> Tensor:
+    """The k-th largest value of each row of ``x`` (counting duplicates), ``[..., 1]``, 0 < k <= V:
+    top-k keeps exactly the ``x_v >=`` it."""
+    return x.topk(k, dim=-1, sorted=True).values[..., -1:]
 
 
 def top_k_filter(x: Tensor, k: Optional[int]) -> Tensor:
@@ -162,8 +263,7 @@ def top_k_filter(x: Tensor, k: Optional[int]) -> Tensor:
     ``k`` None or >= V: unchanged."""
     if k is None or k >= x.shape[-1]:
         return x
-    kth = x.topk(k, dim=-1, sorted=True).values[..., -1:]
-    return torch.where(x >= kth, x, float("-inf"))
+    return torch.where(x >= top_k_threshold(x, k), x, float("-inf"))
 
 
 def top_p_filter(x: Tensor, top_p: Optional[float]) -> Tensor:
@@ -191,6 +291,37 @@ def top_p_filter(x: Tensor, top_p: Optional[float]) -> Tensor:
     keep_sorted = mass_gt < top_p
     keep = torch.empty_like(keep_sorted).scatter_(-1, order, keep_sorted)
     return torch.where(keep, x, float("-inf"))
+
+
+def ar_greedy(temperature: float, top_k: Optional[int]) -> bool:
+    """``ar_sample`` is a plain argmax at temperature 0 or with ``top_k == 1``."""
+    return temperature == 0 or top_k == 1
+
+
+def ar_scores(x: Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> Tensor:
+    """The scores ``ar_sample`` takes the Gumbel-max of, from sanitised logits ``x``:
+    ``min(x / T, FLT_MAX)``, top-k filtered, then top-p filtered (-inf: dropped)."""
+    return top_p_filter(top_k_filter(_scale(x, temperature), top_k), top_p)
+
+
+def remask(
+    confidence: Tensor, is_masked: Tensor, tokens: Tensor, sampled: Tensor, n_cap: int, mask_token_id: int
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Steps 5-6 of the masked step on ``[B, L]`` tensors: per row ``n = max(0, min(n_cap,
+    masked_count − 1))`` (:class:`StepScalars`), the ``n`` lowest-confidence positions re-masked
+    (a stable sort: ties -> lowest position first). Returns ``(tokens, is_masked, sampled)`` with
+    ``sampled`` taken at input-masked positions and the input token elsewhere."""
+    B, L = confidence.shape
+    n = torch.clamp(torch.clamp(is_masked.sum(dim=-1) - 1, max=n_cap), min=0)
+    order = torch.sort(confidence, dim=-1, stable=True).indices
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(L, device=confidence.device).expand(B, L).contiguous()
+    )
+    new_mask = is_masked & (rank < n[:, None])
+    tok_in = tokens.to(torch.int64)
+    sampled_out = torch.where(is_masked, sampled, tok_in)
+    tokens_out = torch.where(new_mask, torch.full_like(tok_in, mask_token_id), sampled_out)
+    return tokens_out, new_mask, sampled_out
 
 
 def _chunks(rows: int, V: int, device: torch.device):
@@ -252,16 +383,13 @@ def masked_sample_step_ref(
     """
     B, L, V = cond_logits.shape
     device = cond_logits.device
-    if sample_ids is None:
-        sample_ids = torch.arange(B, device=device)
-    sample_ids = sample_ids.to(device=device, dtype=torch.int64)
-    guided = uncond_logits is not None and guidance_scale != 0.0
-    a = torch.tensor(1.0 + guidance_scale, dtype=torch.float32, device=device)
-    s = torch.tensor(guidance_scale, dtype=torch.float32, device=device)
+    sample_ids = row_sample_ids(sample_ids, B, device)
+    uncond = active_uncond(uncond_logits, guidance_scale)
+    sc = step_scalars(L, step, num_steps, confidence_noise, schedule, schedule_exponent)
 
     rows = B * L
     cond = cond_logits.reshape(rows, V)
-    unc = uncond_logits.reshape(rows, V) if guided else None
+    unc = uncond.reshape(rows, V) if uncond is not None else None
     row_sample = sample_ids.repeat_interleave(L)
     row_pos = torch.arange(L, device=device, dtype=torch.int64).repeat(B)
     codes = torch.arange(V, device=device, dtype=torch.int64)
@@ -269,11 +397,7 @@ def masked_sample_step_ref(
     sampled = torch.empty(rows, dtype=torch.int64, device=device)
     logp = torch.empty(rows, dtype=torch.float32, device=device)
     for r0, r1 in _chunks(rows, V, device):
-        if guided:
-            x = a * cond[r0:r1].float() - s * unc[r0:r1].float()
-        else:
-            x = cond[r0:r1].float()
-        x = top_k_filter(sanitize_logits(x), top_k)
+        x = top_k_filter(guided_logits(cond[r0:r1], None if unc is None else unc[r0:r1], guidance_scale), top_k)
         if temperature > 0:
             g = rng.gumbel(seed, rng.STREAM_TOKEN, row_sample[r0:r1, None], row_pos[r0:r1, None], codes[None, :])
             pick = (_scale(x, temperature) + g).argmax(dim=-1)
@@ -287,29 +411,12 @@ def masked_sample_step_ref(
     sampled = sampled.view(B, L)
     logp = logp.view(B, L)
 
-    tau = confidence_noise * (1.0 - (step + 1) / num_steps)
     confidence = logp
-    if tau != 0.0 and B * L > 0:
+    if sc.tau != 0.0 and B * L > 0:
         g1 = rng.gumbel(seed, rng.STREAM_CONFIDENCE, sample_ids[:, None], torch.arange(L, device=device)[None, :], 0)
-        confidence = logp + torch.tensor(tau, dtype=torch.float32, device=device) * g1
+        confidence = logp + torch.tensor(sc.tau, dtype=torch.float32, device=device) * g1
     confidence = torch.where(is_masked, confidence, float("inf"))
-
-    # per-row number to re-mask
-    masked_count = is_masked.sum(dim=-1)
-    if step == num_steps - 1:
-        n = torch.zeros_like(masked_count)
-    else:
-        n_raw = num_to_keep_masked(L, step, num_steps, schedule, schedule_exponent)
-        n = torch.clamp(torch.clamp(masked_count - 1, max=max(n_raw, 1)), min=0)
-
-    # rank of every position in ascending confidence (stable: ties -> lowest position first)
-    order = torch.sort(confidence, dim=-1, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(L, device=device).expand(B, L).contiguous())
-    new_mask = is_masked & (rank < n[:, None])
-
-    tok_in = tokens.to(torch.int64)
-    sampled_out = torch.where(is_masked, sampled, tok_in)
-    tokens_out = torch.where(new_mask, torch.full_like(tok_in, mask_token_id), sampled_out)
+    tokens_out, new_mask, sampled_out = remask(confidence, is_masked, tokens, sampled, sc.n_cap, mask_token_id)
     return MaskedStepOutput(tokens_out, new_mask, sampled_out, confidence)
 
 
@@ -339,14 +446,9 @@ def ar_sample_ref(
     """
     B, V = logits.shape
     device = logits.device
-    if sample_ids is None:
-        sample_ids = torch.arange(B, device=device)
-    sample_ids = sample_ids.to(device=device, dtype=torch.int64)
-    if isinstance(position, Tensor):
-        pos = position.to(device=device, dtype=torch.int64).expand(B)
-    else:
-        pos = torch.full((B,), int(position), dtype=torch.int64, device=device)
-    greedy = temperature == 0 or top_k == 1
+    sample_ids = row_sample_ids(sample_ids, B, device)
+    pos = row_positions(position, B, device)
+    greedy = ar_greedy(temperature, top_k)
     codes = torch.arange(V, device=device, dtype=torch.int64)
 
     tokens = torch.empty(B, dtype=torch.int64, device=device)
@@ -356,7 +458,7 @@ def ar_sample_ref(
         if greedy:
             pick = x.argmax(dim=-1)
         else:
-            z = top_p_filter(top_k_filter(_scale(x, temperature), top_k), top_p)
+            z = ar_scores(x, temperature, top_k, top_p)
             g = rng.gumbel(seed, rng.STREAM_TOKEN, sample_ids[r0:r1, None], pos[r0:r1, None], codes[None, :])
             pick = (z + g).argmax(dim=-1)
             del g, z

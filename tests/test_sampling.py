@@ -1,0 +1,963 @@
+"""The fast backends of the sampling ops (``masked_sample_step``, ``ar_sample``) against the reference
+(unif2ace/kernels/reference/sampling.py), with the backend as a parameter: ``cpu`` (C++/OpenMP,
+csrc/cpu/sampling.cpp), ``triton`` (CPU tensors under the interpreter, or a GPU) and ``cuda``
+(csrc/cuda/sampling.cu, marked ``gpu``). The distribution tests run on the ``reference`` too: one
+body for the oracle and every backend.
+
+Exactness contract tested here: sampled codes, tokens and masks equal the reference's (the C++ and
+CUDA kernels evaluate the reference's float64 Gumbel; Triton's fp32 Gumbel agrees to a few ulp, so
+a token could only differ on a near-tie of x/T + g, none with these seeds); confidences / logprobs
+agree within the fp32 tolerance (other exp / sum orders). The RNG itself is tested in
+tests/test_rng.py.
+
+Statistical tests use fixed seeds, so each is deterministic; the false-failure rate stated is what
+it would have with a fresh seed (χ² tests reject at p < 1e-4). Bodies that launch thousands of
+programs run Triton on a GPU only (the interpreter takes ~1 ms per program).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from unif2ace.kernels import _ext, ar_sample, masked_sample_step
+from unif2ace.kernels._custom_ops import sampling as custom_ops
+from unif2ace.kernels._dispatch import triton_interpreter_enabled
+from unif2ace.kernels.sampling import MASKED_SAMPLE_STEP, num_to_keep_masked
+from unif2ace.testing import assert_close, chi2_pvalue
+
+NEG_INF = float("-inf")
+
+CPU = pytest.param(
+    "cpu", marks=pytest.mark.skipif(not _ext.cpu_status()[0], reason=f"C++ extension missing: {_ext.cpu_status()[1]}")
+)
+TRITON = pytest.param(
+    "triton",
+    marks=pytest.mark.skipif(
+        not (torch.cuda.is_available() or triton_interpreter_enabled()), reason="needs a GPU or TRITON_INTERPRET=1"
+    ),
+)
+TRITON_GPU = pytest.param("triton", marks=pytest.mark.gpu)  # too many programs for the interpreter
+CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
+
+FAST = [CPU, TRITON, CUDA]
+FAST_HEAVY = [CPU, TRITON_GPU, CUDA]
+ALL = ["reference", CPU, TRITON, CUDA]
+ALL_HEAVY = ["reference", CPU, TRITON_GPU, CUDA]
+
+
+def device_for(backend: str) -> torch.device:
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def make_inputs(B, L, V, *, masked_frac=0.7, seed=0, guided=False, scale=2.0, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    cond = (torch.randn(B, L, V, generator=g) * scale).to(dtype)
+    unc = (torch.randn(B, L, V, generator=g) * scale).to(dtype) if guided else None
+    is_masked = torch.rand(B, L, generator=g) < masked_frac
+    tokens = torch.where(is_masked, V, torch.randint(0, V, (B, L), generator=g))
+    mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return mv(cond), mv(unc), mv(tokens), mv(is_masked), V
+
+
+def both_step(backend, cond, tokens, is_masked, **kw):
+    return (
+        masked_sample_step(cond, tokens, is_masked, backend=backend, **kw),
+        masked_sample_step(cond, tokens, is_masked, backend="reference", **kw),
+    )
+
+
+def assert_same_step(out, ref):
+    assert torch.equal(out.sampled, ref.sampled)
+    assert torch.equal(out.is_masked, ref.is_masked)
+    assert torch.equal(out.tokens, ref.tokens)
+    assert out.confidence.dtype == torch.float32
+    # ±inf at the same places, finite values within fp32 tolerance
+    assert torch.equal(torch.isposinf(out.confidence), torch.isposinf(ref.confidence))
+    assert torch.equal(torch.isneginf(out.confidence), torch.isneginf(ref.confidence))
+    fin = torch.isfinite(ref.confidence)
+    assert_close(out.confidence[fin], ref.confidence[fin], name="confidence")
+
+
+def assert_same_ar(out, ref):
+    assert torch.equal(out.tokens, ref.tokens)
+    assert torch.equal(torch.isneginf(out.logprobs), torch.isneginf(ref.logprobs))
+    fin = torch.isfinite(ref.logprobs)
+    assert_close(out.logprobs[fin], ref.logprobs[fin], name="logprobs")
+
+
+# ------------------------------------------------------------------ masked step vs reference
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("top_k", [None, 7])
+def test_greedy_matches_reference(backend, guided, top_k):
+    B, L, V = 3, 37, 111
+    cond, unc, tokens, is_masked, mid = make_inputs(B, L, V, guided=guided, seed=1)
+    is_masked[2] = False  # a row with nothing masked
+    tokens[2] = torch.randint(0, V, (L,))
+    dev = device_for(backend)
+    cond, tokens, is_masked = cond.to(dev), tokens.to(dev), is_masked.to(dev)
+    unc = None if unc is None else unc.to(dev)
+    for step in (0, 4, 6):
+        out, ref = both_step(
+            backend,
+            cond,
+            tokens,
+            is_masked,
+            step=step,
+            num_steps=7,
+            seed=5,
+            mask_token_id=mid,
+            uncond_logits=unc,
+            guidance_scale=1.75 if guided else 0.0,
+            temperature=0.0,
+            confidence_noise=0.0,
+            top_k=top_k,
+        )
+        assert_same_step(out, ref)
+        assert torch.equal(out.tokens[2], tokens[2]) and not out.is_masked[2].any()
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
+def test_masked_step_matches_reference(backend, guided, temperature):
+    dev = device_for(backend)
+    B, L, V = 3, 13, 333
+    cond, unc, tokens, is_masked, mid = make_inputs(B, L, V, guided=guided, seed=int(temperature * 10), device=dev)
+    out, ref = both_step(
+        backend,
+        cond,
+        tokens,
+        is_masked,
+        step=2,
+        num_steps=7,
+        seed=2**63 + 5,
+        mask_token_id=mid,
+        uncond_logits=unc,
+        guidance_scale=1.75 if guided else 0.0,
+        temperature=temperature,
+        sample_ids=torch.tensor([9, 2**40, 3], device=dev),
+    )
+    assert_same_step(out, ref)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("top_k", [1, 7, 332, 333, 500])
+def test_masked_step_top_k(backend, top_k):
+    B, L, V = 2, 9, 333
+    cond, unc, tokens, is_masked, mid = make_inputs(B, L, V, guided=True, seed=top_k, device=device_for(backend))
+    cond[0, 0, :20] = cond[0, 0, 20]  # ties at the threshold are all kept
+    out, ref = both_step(
+        backend,
+        cond,
+        tokens,
+        is_masked,
+        step=0,
+        num_steps=4,
+        seed=3,
+        mask_token_id=mid,
+        uncond_logits=unc,
+        guidance_scale=0.5,
+        top_k=top_k,
+    )
+    assert_same_step(out, ref)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_hand_computed_small_case(backend):
+    dev = device_for(backend)
+    c = torch.tensor([[[2.0, 0, 0], [0, 0, 1], [0, 3, 3], [5, 5, 5]]], device=dev)
+    tokens = torch.tensor([[9, 9, 9, 2]], device=dev)
+    is_masked = torch.tensor([[True, True, True, False]], device=dev)
+    out = masked_sample_step(
+        c,
+        tokens,
+        is_masked,
+        step=0,
+        num_steps=2,
+        seed=1,
+        mask_token_id=9,
+        temperature=0.0,
+        confidence_noise=0.0,
+        backend=backend,
+    )
+    # n_raw = floor(4 cos(π/4)) = 2, masked 3 -> n = 2: positions 2 and 1 (lowest log p) re-masked
+    assert out.tokens.tolist() == [[0, 9, 9, 2]]
+    assert out.is_masked.tolist() == [[False, True, True, False]]
+    assert out.sampled.tolist() == [[0, 2, 1, 2]]  # position 2: tie between codes 1 and 2 -> 1
+    want = [2 - math.log(math.e**2 + 2), 1 - math.log(2 + math.e), 3 - math.log(1 + 2 * math.e**3)]
+    assert out.confidence[0, :3].tolist() == pytest.approx(want, rel=1e-6)
+    assert math.isinf(out.confidence[0, 3]) and out.confidence[0, 3] > 0
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_confidence_ties_remask_lowest_positions_first(backend):
+    """Every position has the same row (expanded, stride 0): equal confidences, so the re-masked
+    positions are the lowest-indexed masked ones."""
+    dev = device_for(backend)
+    L, V = 50, 33
+    row = torch.randn(V).to(dev)
+    is_masked = (torch.rand(2, L, generator=torch.Generator().manual_seed(2)) < 0.8).to(dev)
+    tokens = torch.where(is_masked, V, 3)
+    out, ref = both_step(
+        backend,
+        row.expand(2, L, V),
+        tokens,
+        is_masked,
+        step=2,
+        num_steps=6,
+        seed=1,
+        mask_token_id=V,
+        temperature=0.0,
+        confidence_noise=0.0,
+    )
+    assert_same_step(out, ref)
+    for b in range(2):
+        pos = is_masked[b].nonzero().flatten()
+        n = int(out.is_masked[b].sum())
+        assert n > 0 and out.is_masked[b].nonzero().flatten().tolist() == pos[:n].tolist()
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_last_step_and_ties_in_confidence(backend):
+    """Equal confidences (identical rows, no noise): re-masking takes the lowest positions first."""
+    dev = device_for(backend)
+    B, L, V = 2, 11, 17
+    row = torch.randn(V)
+    cond = row.expand(B, L, V).clone().to(dev)
+    tokens = torch.full((B, L), V, device=dev)
+    is_masked = torch.ones(B, L, dtype=torch.bool, device=dev)
+    kw = dict(seed=1, mask_token_id=V, num_steps=3)
+    out, ref = both_step(backend, cond, tokens, is_masked, step=0, temperature=0.0, confidence_noise=0.0, **kw)
+    assert_same_step(out, ref)
+    n = num_to_keep_masked(L, 0, 3)
+    assert out.is_masked[0].tolist() == [i < n for i in range(L)]
+    out, ref = both_step(backend, cond, tokens, is_masked, step=2, **kw)
+    assert_same_step(out, ref)
+    assert not out.is_masked.any()
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize(
+    "B,L,V,guided,temp,top_k,step",
+    [
+        (3, 64, 333, True, 1.0, None, 0),
+        (2, 41, 1000, False, 0.7, None, 5),
+        (2, 23, 4099, True, 1.3, None, 1),  # several Gumbel tiles, a ragged last one
+        (3, 30, 257, True, 1.0, 17, 3),
+        (2, 19, 64, False, 2.5, 1, 8),  # top_k = 1 keeps the max (and its ties) only
+    ],
+)
+def test_sampling_with_noise_matches_reference(backend, B, L, V, guided, temp, top_k, step):
+    """Random inputs, Gumbel sampling and confidence noise on: tokens, masks and codes identical."""
+    dev = device_for(backend)
+    cond, unc, tokens, is_masked, mid = make_inputs(B, L, V, guided=guided, seed=V, scale=3.0, device=dev)
+    ids = torch.randint(0, 2**40, (B,), generator=torch.Generator().manual_seed(L)).to(dev)
+    out, ref = both_step(
+        backend,
+        cond,
+        tokens,
+        is_masked,
+        step=step,
+        num_steps=10,
+        seed=2**40 + V,
+        mask_token_id=mid,
+        uncond_logits=unc,
+        guidance_scale=1.75 if guided else 0.0,
+        temperature=temp,
+        confidence_noise=4.5,
+        top_k=top_k,
+        sample_ids=ids,
+    )
+    assert_same_step(out, ref)
+
+
+@pytest.mark.parametrize("backend", FAST_HEAVY)
+def test_sampling_match_rate_many_positions(backend):
+    """4096 positions x V = 2048 on near-flat logits (many near-ties in x/T + g): every code equal."""
+    dev = device_for(backend)
+    B, L, V = 4, 1024, 2048
+    g = torch.Generator().manual_seed(9)
+    cond = (torch.randn(B, L, V, generator=g) * 0.5).to(dev)
+    tokens = torch.full((B, L), V, device=dev)
+    is_masked = torch.ones(B, L, dtype=torch.bool, device=dev)
+    out, ref = both_step(backend, cond, tokens, is_masked, step=3, num_steps=12, seed=77, mask_token_id=V)
+    assert int((out.sampled != ref.sampled).sum()) == 0
+    assert_same_step(out, ref)
+
+
+@pytest.mark.parametrize("backend", FAST_HEAVY)
+def test_all_schedules_and_last_step(backend):
+    B, L, V = 3, 40, 29
+    cond, unc, tokens, is_masked, mid = make_inputs(
+        B, L, V, guided=True, masked_frac=0.9, seed=3, device=device_for(backend)
+    )
+    for schedule in ("cosine", "linear", "pow", "sigmoid"):
+        for step in (0, 2, 4):
+            out, ref = both_step(
+                backend,
+                cond,
+                tokens,
+                is_masked,
+                step=step,
+                num_steps=5,
+                seed=2,
+                mask_token_id=mid,
+                uncond_logits=unc,
+                guidance_scale=0.5,
+                schedule=schedule,
+                schedule_exponent=3.0,
+            )
+            assert_same_step(out, ref)
+    assert not out.is_masked.any()  # last step: everything decoded
+    assert bool((out.tokens < V).all())
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_multi_tile_and_bf16(backend):
+    """V > Triton's MAX_BLOCK_V (several tiles carried across), bf16 logits and int32 tokens."""
+    B, L, V = 1, 3, 4096 + 517
+    cond, unc, tokens, is_masked, mid = make_inputs(
+        B, L, V, guided=True, masked_frac=1.0, seed=4, device=device_for(backend)
+    )
+    for dt in (torch.float32, torch.bfloat16):
+        out, ref = both_step(
+            backend,
+            cond.to(dt),
+            tokens.int(),
+            is_masked,
+            step=0,
+            num_steps=3,
+            seed=8,
+            mask_token_id=mid,
+            uncond_logits=unc.to(dt),
+            guidance_scale=1.0,
+        )
+        assert_same_step(out, ref)
+
+
+# ------------------------------------------------------------------ masked step: edge cases
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_nan_inf_rows_match_reference(backend):
+    dev = device_for(backend)
+    L, V = 6, 9
+    c = torch.randn(2, L, V)
+    c[0, 1, ::2] = float("nan")  # partially NaN: NaN codes act as -inf
+    c[0, 2] = float("nan")  # all NaN
+    c[0, 4] = NEG_INF  # all -inf
+    c[0, 3, 5] = math.inf  # +inf acts as FLT_MAX: always drawn, log p = 0
+    c[1, 0, 2] = c[1, 0, 7] = math.inf  # two +inf: a tie at FLT_MAX
+    c[1, 5] = torch.finfo(torch.float32).max  # FLT_MAX / T overflows: clamped
+    c = c.to(dev)
+    tokens = torch.full((2, L), V, device=dev)
+    is_masked = torch.ones(2, L, dtype=torch.bool, device=dev)
+    for temp in (0.0, 1.0, 0.3):
+        for noise in (0.0, 4.5):
+            out, ref = both_step(
+                backend,
+                c,
+                tokens,
+                is_masked,
+                step=0,
+                num_steps=2,
+                seed=4,
+                mask_token_id=V,
+                temperature=temp,
+                confidence_noise=noise,
+            )
+            assert_same_step(out, ref)
+            assert out.sampled[0, 2] == 0 and out.sampled[0, 4] == 0
+            assert bool(torch.isneginf(out.confidence[0, [2, 4]]).all())
+            assert out.sampled[0, 3] == 5 and int(out.sampled[0, 1]) % 2 == 1
+            assert not torch.isnan(out.confidence).any()
+    # guidance that makes inf - inf = NaN -> -inf, and +inf - finite -> FLT_MAX
+    u = torch.randn(2, L, V)
+    u[0, 0] = math.inf
+    c2 = torch.randn(2, L, V)
+    c2[0, 0] = math.inf
+    c2[1, 1, 3] = math.inf
+    out, ref = both_step(
+        backend,
+        c2.to(dev),
+        tokens,
+        is_masked,
+        step=0,
+        num_steps=2,
+        seed=4,
+        mask_token_id=V,
+        uncond_logits=u.to(dev),
+        guidance_scale=1.0,
+    )
+    assert_same_step(out, ref)
+    assert out.sampled[0, 0] == 0 and math.isinf(out.confidence[0, 0]) and out.sampled[1, 1] == 3
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_edge_rows_nan_inf_and_no_masked_positions(backend):
+    dev = device_for(backend)
+    L, V = 6, 40
+    c = torch.randn(2, L, V)
+    c[0, 1, ::2] = float("nan")
+    c[0, 2] = float("nan")
+    c[0, 4] = NEG_INF
+    c[0, 3, 5] = math.inf
+    tokens = torch.full((2, L), V)
+    is_masked = torch.ones(2, L, dtype=torch.bool)
+    is_masked[1] = False  # a row with nothing masked
+    tokens[1] = torch.arange(L)
+    c, tokens, is_masked = c.to(dev), tokens.to(dev), is_masked.to(dev)
+    for temp in (0.0, 1.0, 0.3):
+        out, ref = both_step(
+            backend, c, tokens, is_masked, step=0, num_steps=2, seed=4, mask_token_id=V, temperature=temp
+        )
+        assert_same_step(out, ref)
+        assert out.sampled[0, 2] == 0 and out.sampled[0, 4] == 0 and out.sampled[0, 3] == 5
+        assert torch.equal(out.tokens[1], tokens[1]) and not out.is_masked[1].any()
+        assert bool(torch.isposinf(out.confidence[1]).all())
+
+
+@pytest.mark.parametrize("backend", ALL_HEAVY)
+def test_neg_inf_codes_never_sampled(backend):
+    dev = device_for(backend)
+    B, L, V = 4, 256, 40
+    g = torch.Generator().manual_seed(3)
+    cond = torch.randn(B, L, V, generator=g) * 3
+    dead = torch.rand(B, L, V, generator=g) < 0.6
+    dead[..., 0] = False
+    cond, dead = cond.masked_fill(dead, NEG_INF).to(dev), dead.to(dev)
+    tokens = torch.full((B, L), V, device=dev)
+    is_masked = torch.ones(B, L, dtype=torch.bool, device=dev)
+    for temp in (1.0, 2.5):
+        out = masked_sample_step(
+            cond, tokens, is_masked, step=0, num_steps=2, seed=11, mask_token_id=V, temperature=temp, backend=backend
+        )
+        assert not bool(dead.gather(-1, out.sampled[..., None]).any())
+        assert bool(torch.isfinite(out.confidence).all())
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_top_k_at_least_vocab_and_small_shapes(backend):
+    dev = device_for(backend)
+    B, L, V = 2, 21, 13
+    cond, unc, tokens, is_masked, mid = make_inputs(B, L, V, guided=True, seed=8, device=dev)
+    kw = dict(step=1, num_steps=4, seed=8, mask_token_id=mid, uncond_logits=unc, guidance_scale=0.5, backend=backend)
+    base = masked_sample_step(cond, tokens, is_masked, **kw)
+    for k in (V, V + 3):
+        out = masked_sample_step(cond, tokens, is_masked, top_k=k, **kw)
+        for a, b in zip(out, base):
+            assert torch.equal(a, b)
+    out = masked_sample_step(cond, tokens, is_masked, top_k=V - 1, **kw)
+    assert not torch.equal(out.confidence, base.confidence)  # the filter is real below V
+    # V = 1, L = 1, and empty batches
+    out, ref = both_step(
+        backend,
+        torch.randn(3, 1, 1, device=dev),
+        torch.ones(3, 1, dtype=torch.long, device=dev),
+        torch.tensor([[True], [False], [True]], device=dev),
+        step=0,
+        num_steps=3,
+        seed=1,
+        mask_token_id=1,
+    )
+    assert_same_step(out, ref)
+    for B, L in ((0, 5), (3, 0)):
+        out = masked_sample_step(
+            torch.randn(B, L, 7, device=dev),
+            torch.zeros(B, L, dtype=torch.long, device=dev),
+            torch.ones(B, L, dtype=torch.bool, device=dev),
+            step=0,
+            num_steps=3,
+            seed=1,
+            mask_token_id=7,
+            backend=backend,
+        )
+        assert all(t.shape == (B, L) for t in out)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_batch_order_sub_batch_and_thread_count(backend):
+    dev = device_for(backend)
+    B, L, V = 5, 19, 333
+    cond, unc, tokens, is_masked, mid = make_inputs(B, L, V, guided=True, seed=6, device=dev)
+    ids = torch.tensor([10, 3, 7, 42, 2**33], device=dev)
+    kw = dict(step=2, num_steps=8, seed=123456789, mask_token_id=mid, guidance_scale=1.5, top_k=200, backend=backend)
+    a = masked_sample_step(cond, tokens, is_masked, uncond_logits=unc, sample_ids=ids, **kw)
+    b = masked_sample_step(cond, tokens, is_masked, uncond_logits=unc, sample_ids=ids, **kw)
+    for x, y in zip(a, b):  # deterministic
+        assert torch.equal(x, y)
+    perm = torch.tensor([3, 0, 4, 1, 2], device=dev)
+    c = masked_sample_step(
+        cond[perm], tokens[perm], is_masked[perm], uncond_logits=unc[perm], sample_ids=ids[perm], **kw
+    )
+    for x, y in zip(a, c):
+        assert torch.equal(x[perm], y)
+    d = masked_sample_step(cond[1:3], tokens[1:3], is_masked[1:3], uncond_logits=unc[1:3], sample_ids=ids[1:3], **kw)
+    for x, y in zip(a, d):
+        assert torch.equal(x[1:3], y)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        e = masked_sample_step(cond, tokens, is_masked, uncond_logits=unc, sample_ids=ids, **kw)
+    finally:
+        torch.set_num_threads(n)
+    for x, y in zip(a, e):
+        assert torch.equal(x, y)
+    f = masked_sample_step(cond, tokens, is_masked, uncond_logits=unc, sample_ids=ids, **{**kw, "seed": 1})
+    assert not torch.equal(a.sampled, f.sampled)
+
+
+@pytest.mark.parametrize("backend", [CPU, TRITON])  # the cuda kernels take one logits dtype
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_and_strided_inputs(backend, dtype):
+    dev = device_for(backend)
+    B, L, V = 2, 15, 210
+    cond, unc, tokens, is_masked, mid = make_inputs(B, L, V, guided=True, seed=4, dtype=dtype, device=dev)
+    kw = dict(step=0, num_steps=3, seed=4, mask_token_id=mid, guidance_scale=1.0)
+    out, ref = both_step(backend, cond, tokens.int(), is_masked, uncond_logits=unc, **kw)
+    assert out.tokens.dtype == torch.int64
+    assert_same_step(out, ref)
+    # mixed dtypes (uncond fp32), and non-contiguous views: a V-slice and a transposed layout
+    out, ref = both_step(backend, cond, tokens, is_masked, uncond_logits=unc.float(), **kw)
+    assert_same_step(out, ref)
+    big = torch.randn(B, V + 5, L).to(dtype).to(dev).transpose(1, 2)[..., 3 : 3 + V]
+    assert not big.is_contiguous() and big.stride(-1) != 1
+    out, ref = both_step(backend, big, tokens, is_masked, uncond_logits=unc[:, :, :], **kw)
+    assert_same_step(out, ref)
+    sl = torch.randn(B, L, V + 9).to(dtype).to(dev)[..., 4 : 4 + V]  # last dim contiguous, row stride V + 9
+    out, ref = both_step(backend, sl, tokens, is_masked, uncond_logits=unc, **kw)
+    assert_same_step(out, ref)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_outputs_fully_written(backend):
+    """Outputs are allocated inside the backend (torch.empty, so garbage if unwritten): two calls give
+    identical, fully defined results (no NaN confidence, codes in range)."""
+    prev = None
+    cond, unc, tokens, is_masked, mid = make_inputs(3, 7, 31, seed=6, device=device_for(backend))
+    for _ in range(2):
+        a = masked_sample_step(cond, tokens, is_masked, step=0, num_steps=3, seed=2, mask_token_id=mid, backend=backend)
+        assert not torch.isnan(a.confidence).any()
+        assert bool(((a.sampled >= 0) & (a.sampled <= mid)).all())
+        assert bool(((a.tokens >= 0) & (a.tokens <= mid)).all())
+        if prev is not None:
+            for x, y in zip(a, prev):
+                assert torch.equal(x, y)
+        prev = a
+
+
+@pytest.mark.parametrize("backend", [TRITON, CUDA])
+def test_long_rows_use_torch_selection(backend, monkeypatch):
+    """Rows longer than the re-mask kernel's limit take the reference's ranking (MAX_L patched to 8)."""
+    monkeypatch.setattr(MASKED_SAMPLE_STEP.kernels(backend), "MAX_L", 8)
+    cond, unc, tokens, is_masked, mid = make_inputs(2, 21, 50, seed=2, device=device_for(backend))
+    out, ref = both_step(backend, cond, tokens, is_masked, step=1, num_steps=5, seed=5, mask_token_id=mid)
+    assert_same_step(out, ref)
+
+
+# ------------------------------------------------------------------ masked step: distribution
+
+
+@pytest.mark.parametrize("backend", ALL_HEAVY)
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_masked_step_chi2(backend, top_k):
+    """Codes drawn at 40000 positions sharing one logit row, temperature 0.7, match
+    softmax(logits / 0.7) (renormalised over the top-k codes when filtered; the others never
+    appear). χ² rejects at p < 1e-4: false-failure rate 1e-4 for a fresh seed."""
+    dev = device_for(backend)
+    V, temp = 12, 0.7
+    row = torch.linspace(-2.0, 1.5, V)[torch.randperm(V, generator=torch.Generator().manual_seed(0))]
+    B, L = 8, 5000
+    out = masked_sample_step(
+        row.to(dev).expand(B, L, V),
+        torch.full((B, L), V, device=dev),
+        torch.ones(B, L, dtype=torch.bool, device=dev),
+        step=0,
+        num_steps=12,
+        seed=2024,
+        mask_token_id=V,
+        temperature=temp,
+        top_k=top_k,
+        backend=backend,
+    )
+    z = row.double() / temp
+    if top_k is not None:
+        z = torch.where(row >= row.topk(top_k).values[-1], z, -math.inf)
+    assert chi2_pvalue(out.sampled.cpu(), torch.softmax(z, 0)) > 1e-4
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_neg_inf_never_sampled_and_chi2(backend):
+    """All L·B positions share one distribution: code frequencies vs softmax(x / T) (χ², p > 1e-4:
+    false-failure rate 1e-4 per fresh seed); -inf codes never drawn."""
+    dev = device_for(backend)
+    B, L, V, T = 4, 250, 12, 0.8
+    x = torch.randn(V) * 1.5
+    x[3] = NEG_INF
+    x[7] = -9.0  # a rare code
+    cond = x.expand(B, L, V).contiguous().to(dev)
+    tokens = torch.full((B, L), V, device=dev)
+    is_masked = torch.ones(B, L, dtype=torch.bool, device=dev)
+    out = masked_sample_step(
+        cond, tokens, is_masked, step=0, num_steps=2, seed=77, mask_token_id=V, temperature=T, backend=backend
+    )
+    assert not bool((out.sampled == 3).any())
+    p = torch.softmax(x.double() / T, 0)
+    keep = p * B * L >= 5
+    probs = torch.where(keep, p, 0.0)
+    samples = out.sampled.cpu().flatten()
+    samples = samples[keep[samples]]
+    assert chi2_pvalue(samples, probs / probs.sum()) > 1e-4
+
+
+def _capped_gumbel(cap):
+    from unif2ace.kernels.reference import rng
+
+    orig = rng.gumbel
+
+    def gumbel(*args, **kwargs):
+        return orig(*args, **kwargs).clamp(max=cap)
+
+    return gumbel
+
+
+TAIL_CASES = [("reference", None, 2), ("reference", 9.0, 2)] + [
+    pytest.param(b.values[0], None, 4, marks=b.marks) for b in FAST_HEAVY
+]
+
+
+@pytest.mark.parametrize("backend,cap,B", TAIL_CASES)
+def test_tail_mass(monkeypatch, backend, cap, B):
+    """Rare codes keep their probability mass. V = 2048: four common codes (logits 0 … −1.5) and
+    2044 rare ones (logits spread over [−11, −8.5], each p < 1e-4, together ≈ 6.5% of the mass).
+    Over B·2048 draws their total frequency must be within 5 sigma of their total mass (binomial;
+    false-failure rate ~6e-7). The reference with its Gumbel noise capped at 9 (a truncated noise
+    source: rare codes then need a common code's noise to be very low) must fail, showing the test
+    can fail.
+
+    Reach: a rare code with logit gap Δ needs noise ≳ Δ, so this catches caps below ≈ 10 (e.g.
+    uniforms from ≤ 16 random bits, or fp16/bf16 noise). The fp32-uniform cap of ≈16.6 only shows
+    for codes with p ≲ 1e-7, which would need ~1e8 draws; that tail is pinned by construction in
+    tests/test_rng.py instead (exact E for the smallest words, Gumbel max 45.05 at hi = lo = 0).
+    """
+    if cap is not None:
+        from unif2ace.kernels.reference import rng
+
+        monkeypatch.setattr(rng, "gumbel", _capped_gumbel(cap))
+    dev = device_for(backend)
+    V = 2048
+    row = torch.empty(V)
+    row[:4] = torch.tensor([0.0, -0.5, -1.0, -1.5])
+    row[4:] = torch.linspace(-11.0, -8.5, V - 4)
+    probs = torch.softmax(row.double(), 0)
+    assert float(probs[4:].max()) < 1e-4
+    mass = float(probs[4:].sum())
+    L = 2048
+    out = masked_sample_step(
+        row.to(dev).expand(B, L, V),
+        torch.full((B, L), V, device=dev),
+        torch.ones(B, L, dtype=torch.bool, device=dev),
+        step=0,
+        num_steps=10,
+        seed=31337,
+        mask_token_id=V,
+        backend=backend,
+    )
+    n = B * L
+    rare = int((out.sampled >= 4).sum())
+    sigma = math.sqrt(n * mass * (1 - mass))
+    ok = abs(rare - n * mass) < 5 * sigma
+    if cap is None:
+        assert ok, (rare, n * mass, sigma)
+    else:
+        assert not ok, (rare, n * mass, sigma)
+
+
+# ------------------------------------------------------------------ autoregressive sampling
+
+AR_CASES = [
+    dict(),
+    dict(temperature=0.7),
+    dict(temperature=0.0),
+    dict(top_k=1),
+    dict(top_k=5),
+    dict(top_k=40, temperature=1.3),
+    dict(top_p=0.8),
+    dict(top_k=50, top_p=0.9, temperature=0.8),
+    dict(top_p=1.0, top_k=10**6),
+    dict(top_k=50, temperature=0.8),
+    dict(top_p=0.5, temperature=1.3),
+    dict(top_k=5000),
+    dict(top_p=1.0, temperature=0.5),
+]
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("kw", AR_CASES, ids=[str(k) for k in AR_CASES])
+def test_ar_matches_reference(backend, kw):
+    dev = device_for(backend)
+    B, V = 24, 3001
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(B, V, generator=g) * 3
+    logits[1, 100:110] = logits[1, 99]  # ties
+    ids = torch.randint(0, 2**40, (B,), generator=g)
+    pos = torch.randint(0, 2**32, (B,), generator=g)
+    pos[2] = 2**32 - 1
+    logits, ids, pos = logits.to(dev), ids.to(dev), pos.to(dev)
+    out = ar_sample(logits, seed=99, position=pos, sample_ids=ids, backend=backend, **kw)
+    ref = ar_sample(logits, seed=99, position=pos, sample_ids=ids, backend="reference", **kw)
+    assert_same_ar(out, ref)
+    out = ar_sample(logits, seed=2**63 + 1, position=17, backend=backend, **kw)
+    ref = ar_sample(logits, seed=2**63 + 1, position=17, backend="reference", **kw)
+    assert_same_ar(out, ref)
+
+
+@pytest.mark.parametrize("backend", [TRITON_GPU, CUDA])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, None, None), (1.0, None, None), (0.8, 50, 0.9)])
+def test_ar_large_vocab_matches_reference(backend, dtype, temperature, top_k, top_p):
+    x = (torch.randn(64, 32000) * 3).to(dtype).to(device_for(backend))
+    kw = dict(seed=3, position=9, temperature=temperature, top_k=top_k, top_p=top_p)
+    assert_same_ar(ar_sample(x, backend=backend, **kw), ar_sample(x, backend="reference", **kw))
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("top_p", [0.5, 0.95, 0.999])
+def test_ar_top_p_large_nucleus_matches_reference(backend, top_p):
+    """Flat logits: the nucleus holds thousands of codes (the C++ kernel widens its candidate set
+    1024, 4096, ... largest before sorting); fp16 and bf16 logits too."""
+    B, V = 8, 6000
+    logits = torch.randn(B, V, generator=torch.Generator().manual_seed(1)) * 0.5
+    logits[0, :100] = 4.0  # a 100-way tie at the top
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        x = logits.to(dt).to(device_for(backend))
+        out = ar_sample(x, seed=5, position=3, top_p=top_p, temperature=0.9, backend=backend)
+        ref = ar_sample(x, seed=5, position=3, top_p=top_p, temperature=0.9, backend="reference")
+        assert_same_ar(out, ref)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_ar_nan_and_neg_inf_rows(backend):
+    dev = device_for(backend)
+    V = 20
+    logits = torch.randn(5, V)
+    logits[0] = float("nan")
+    logits[1] = NEG_INF
+    logits[2, :15] = float("nan")
+    logits[3, 4] = math.inf
+    logits[4, 7] = logits[4, 9] = math.inf  # tie at FLT_MAX
+    logits = logits.to(dev)
+    for kw in (dict(), dict(temperature=0.0), dict(top_k=3, top_p=0.5, temperature=0.5), dict(temperature=1e-30)):
+        out = ar_sample(logits, seed=1, position=0, backend=backend, **kw)
+        assert_same_ar(out, ar_sample(logits, seed=1, position=0, backend="reference", **kw))
+        assert out.tokens[:2].tolist() == [0, 0] and bool(torch.isneginf(out.logprobs[:2]).all())
+        assert int(out.tokens[2]) >= 15 and math.isfinite(out.logprobs[2])
+        assert int(out.tokens[3]) == 4 and float(out.logprobs[3]) == 0.0
+    out = ar_sample(torch.randn(0, 5, device=dev), seed=1, position=0, backend=backend)
+    assert out.tokens.shape == (0,) and out.logprobs.shape == (0,)
+
+
+@pytest.mark.parametrize("backend", ALL_HEAVY)
+def test_ar_neg_inf_never_sampled(backend):
+    dev = device_for(backend)
+    B, V = 4000, 25
+    x = torch.randn(B, V) * 2
+    dead = torch.rand(B, V) < 0.7
+    dead[:, 3] = False
+    x, dead = x.masked_fill(dead, NEG_INF).to(dev), dead.to(dev)
+    for kw in (dict(), dict(temperature=3.0, top_p=0.99), dict(top_k=20)):
+        out = ar_sample(x, seed=6, position=2, backend=backend, **kw)
+        assert not bool(dead.gather(-1, out.tokens[:, None]).any())
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_ar_edge_rows_and_bf16(backend):
+    dev = device_for(backend)
+    V = 300
+    x = torch.randn(4, V)
+    x[0] = float("nan")
+    x[1] = NEG_INF
+    x[2, ::3] = float("nan")
+    x[3, 17] = math.inf
+    x = x.to(dev)
+    for temp in (0.0, 1.0):
+        a = ar_sample(x, seed=1, position=3, temperature=temp, backend=backend)
+        b = ar_sample(x, seed=1, position=3, temperature=temp, backend="reference")
+        assert torch.equal(a.tokens, b.tokens)
+        assert a.tokens[:2].tolist() == [0, 0] and bool(torch.isneginf(a.logprobs[:2]).all())
+        assert int(a.tokens[2]) % 3 != 0 and int(a.tokens[3]) == 17
+    xb = (torch.randn(3, V) * 2).to(torch.bfloat16).to(dev)
+    a = ar_sample(xb, seed=2, position=0, top_k=40, backend=backend)
+    b = ar_sample(xb, seed=2, position=0, top_k=40, backend="reference")
+    assert torch.equal(a.tokens, b.tokens)
+    assert_close(a.logprobs, b.logprobs, name="logprobs")
+
+
+def independent_top_p_set(row: torch.Tensor, temp: float, top_p: float):
+    z = (row.float() / torch.tensor(temp, dtype=torch.float32)).double()
+    p = torch.softmax(z, 0)
+    keep = set()
+    for v in range(row.numel()):
+        s = sum(float(p[u]) for u in range(row.numel()) if z[u] > z[v])
+        if s < top_p:
+            keep.add(v)
+    return keep
+
+
+@pytest.mark.parametrize("backend", ALL_HEAVY)
+def test_ar_top_p_support_and_distribution(backend):
+    """Draws lie exactly on {v : mass of strictly likelier codes < top_p} (computed here by brute
+    force) and follow the renormalised tempered distribution (χ², p < 1e-4 rejection); tied codes
+    are kept or dropped together."""
+    dev = device_for(backend)
+    V, temp, top_p = 40, 0.8, 0.7
+    row = torch.randn(V, generator=torch.Generator().manual_seed(6)) * 1.5
+    allowed = independent_top_p_set(row, temp, top_p)
+    assert 2 < len(allowed) < V
+    B = 20000
+    out = ar_sample(row.to(dev).expand(B, V), seed=99, position=4, temperature=temp, top_p=top_p, backend=backend)
+    assert set(out.tokens.unique().tolist()) == allowed
+    z = row.double() / temp
+    mask = torch.tensor([v in allowed for v in range(V)])
+    probs = torch.softmax(torch.where(mask, z, -math.inf), 0)
+    assert chi2_pvalue(out.tokens.cpu(), probs) > 1e-4
+    row2 = torch.tensor([3.0, 1.0, 1.0, 1.0, 0.0])
+    p2 = torch.softmax(row2, 0)
+    tp = float(p2[0]) + 0.01  # just above the top code's mass: the three tied codes all survive
+    out2 = ar_sample(row2.to(dev).expand(4000, 5), seed=3, position=1, top_p=tp, backend=backend)
+    assert set(out2.tokens.unique().tolist()) == {0, 1, 2, 3}
+    out3 = ar_sample(row2.to(dev).expand(2000, 5), seed=3, position=1, top_p=float(p2[0]) * 0.999, backend=backend)
+    assert set(out3.tokens.unique().tolist()) == {0}
+
+
+@pytest.mark.parametrize("backend", ALL_HEAVY)
+def test_ar_chi2_temperature(backend):
+    """20000 draws from one row at temperature 1.3 match softmax(row / 1.3); χ² rejects at
+    p < 1e-4 (false-failure rate 1e-4 for a fresh seed)."""
+    V, temp = 10, 1.3
+    row = torch.randn(V, generator=torch.Generator().manual_seed(8))
+    x = row.to(device_for(backend)).expand(20000, V)
+    out = ar_sample(x, seed=4242, position=17, temperature=temp, backend=backend)
+    assert chi2_pvalue(out.tokens.cpu(), torch.softmax(row.double() / temp, 0)) > 1e-4
+
+
+@pytest.mark.parametrize("backend", ALL_HEAVY)
+def test_ar_top_k_support(backend):
+    """top_k = 7 with a tie at the 7th/8th value: exactly those 8 codes are drawn (all of them,
+    over 3000 draws: each has p > 4%, so a miss has probability < 1e-50)."""
+    V = 50
+    row = torch.randn(V, generator=torch.Generator().manual_seed(4))
+    order = row.argsort(descending=True)
+    row[order[7]] = row[order[6]]
+    out = ar_sample(
+        row.to(device_for(backend)).expand(3000, V), seed=77, position=0, temperature=1.5, top_k=7, backend=backend
+    )
+    assert set(out.tokens.unique().tolist()) == set(order[:8].tolist())
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_ar_position_keys_and_batch_order(backend):
+    dev = device_for(backend)
+    B, V = 64, 300
+    logits = torch.randn(B, V, device=dev)
+    a = ar_sample(logits, seed=1, position=5, backend=backend)
+    b = ar_sample(logits, seed=1, position=torch.full((B,), 5, device=dev), backend=backend)
+    assert torch.equal(a.tokens, b.tokens)
+    assert not torch.equal(a.tokens, ar_sample(logits, seed=1, position=6, backend=backend).tokens)
+    ids = torch.randperm(1000)[:B].to(dev)
+    perm = torch.randperm(B).to(dev)
+    pos = torch.randint(0, 100, (B,)).to(dev)
+    for kw in (dict(), dict(top_p=0.9)):
+        d = ar_sample(logits, seed=2, position=pos, sample_ids=ids, backend=backend, **kw)
+        e = ar_sample(logits[perm], seed=2, position=pos[perm], sample_ids=ids[perm], backend=backend, **kw)
+        assert torch.equal(d.tokens[perm], e.tokens) and torch.equal(d.logprobs[perm], e.logprobs)
+
+
+# ------------------------------------------------------------------ cpu backend only
+
+
+@pytest.mark.skipif(not _ext.cpu_status()[0], reason="C++ extension missing")
+def test_cpu_is_the_default_backend_on_cpu_tensors():
+    cond, _, tokens, is_masked, mid = make_inputs(2, 9, 31, seed=2)
+    kw = dict(step=0, num_steps=3, seed=3, mask_token_id=mid)
+    a = masked_sample_step(cond, tokens, is_masked, **kw)
+    b = masked_sample_step(cond, tokens, is_masked, backend="cpu", **kw)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.skipif(not _ext.cpu_status()[0], reason="C++ extension missing")
+def test_bad_inputs_name_the_argument():
+    ops = _ext.cpu_ops()
+    cond, unc, tokens, is_masked, mid = make_inputs(2, 5, 7, guided=True)
+    with pytest.raises(ValueError, match="'step'"):
+        masked_sample_step(cond, tokens, is_masked, step=3, num_steps=3, seed=1, mask_token_id=mid, backend="cpu")
+    with pytest.raises(ValueError, match="'tokens'"):
+        masked_sample_step(
+            cond, tokens[:, :4], is_masked, step=0, num_steps=3, seed=1, mask_token_id=mid, backend="cpu"
+        )
+    with pytest.raises(ValueError, match="'top_p'"):
+        ar_sample(cond[0], seed=1, position=0, top_p=0.0, backend="cpu")
+    # the raw C++ ops check their own contract too
+    with pytest.raises(RuntimeError, match="tokens must be int64"):
+        ops.masked_sample_step(cond, None, tokens.int(), is_masked, torch.arange(2), 0, 0, 0.0, 1.0, 0.0, 0, 1, 7)
+    with pytest.raises(RuntimeError, match="position must be int64"):
+        ops.ar_sample(cond[0], torch.arange(5), torch.zeros(4, dtype=torch.long), 0, 0, 1.0, 0, 1.0)
+    with pytest.raises(RuntimeError, match="seed_lo"):
+        ops.ar_sample(cond[0], torch.arange(5), torch.zeros(5, dtype=torch.long), 2**32, 0, 1.0, 0, 1.0)
+
+
+# ------------------------------------------------------------------ cuda backend only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [8192, 1001])
+@pytest.mark.parametrize("temperature,top_k", [(0.0, None), (1.0, None), (0.7, 50)])
+@pytest.mark.parametrize("L", [256, 5000])
+def test_masked_step_cuda_matches_reference(dtype, V, temperature, top_k, L):
+    """GPU-sized steps (L = 5000 > MAX_L takes the reference's ranking after kernel A)."""
+    cond, unc, tokens, is_masked, _ = make_inputs(2, L, V, masked_frac=0.8, guided=True, dtype=dtype, device="cuda")
+    out, ref = both_step(
+        "cuda",
+        cond,
+        tokens,
+        is_masked,
+        step=3,
+        num_steps=18,
+        seed=2**63 + 1,
+        mask_token_id=V,
+        uncond_logits=unc,
+        guidance_scale=1.75,
+        temperature=temperature,
+        top_k=top_k,
+    )
+    assert_same_step(out, ref)
+
+
+# ------------------------------------------------------------------ the custom ops
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_custom_op_opcheck(backend):
+    """The custom ops' schemas / fake impls are consistent (torch.compile of the fast backends is
+    not exercised on CPU; opcheck runs the fake-tensor and schema checks instead)."""
+    cond, unc, tokens, is_masked, mid = make_inputs(1, 4, 20, guided=True, seed=1, device=device_for(backend))
+    torch.library.opcheck(
+        custom_ops.masked_sample_step_op,
+        (cond, tokens, is_masked, unc, None, 0, 3, 5, 1, mid, 1.0, 1.0, 4.5, "cosine", 2.0, None, backend),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    torch.library.opcheck(
+        custom_ops.ar_sample_op,
+        (cond[0], None, 3, None, 5, 0, 1.0, 3, 0.9, backend),
+        test_utils=("test_schema", "test_faketensor"),
+    )
