@@ -153,8 +153,8 @@ class Op:
         self,
         name: str,
         *,
-        stem: Optional[str] = None,  # TRANSITIONAL (issue 15): required once every family is migrated
-        backends: Sequence[str] = (),
+        stem: str,
+        backends: Sequence[str],
         entry_points: Sequence[str] = (),
         cpu_order: Sequence[str] = ("cpu",),
         cuda_order: Sequence[str] = ("triton", "cuda"),
@@ -171,23 +171,7 @@ class Op:
         self.cpu_order = tuple(cpu_order)
         self.cuda_order = tuple(cuda_order)
         self.doc = doc
-        self.impls: Dict[str, object] = {}  # TRANSITIONAL (issue 15): legacy register()/impl()
         OPS[name] = self
-
-    def register(self, backend: str, impl: object = None):  # TRANSITIONAL (issue 15)
-        def deco(fn):
-            self.impls[backend] = fn
-            if backend not in self.backends:
-                self.backends = self.backends + (backend,)
-            return fn
-
-        return deco(impl) if impl is not None else deco
-
-    def impl(self, backend: str):  # TRANSITIONAL (issue 15)
-        try:
-            return self.impls[backend]
-        except KeyError:
-            raise BackendUnavailableError(f"{self.name}: no {backend!r} implementation") from None
 
     def module_name(self, backend: str) -> str:
         return f"{__package__}.{backend}.{self.stem}"
