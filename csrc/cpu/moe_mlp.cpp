@@ -342,7 +342,9 @@ GemmPath gemm_path() {
 }
 
 at::Tensor mm_nt(GemmPath path, const at::Tensor& a, const at::Tensor& w) {
-  if (path == GemmPath::kOneDnn) {
+  // oneDNN rejects empty operands ("could not create a primitive descriptor"); at::mm gives the
+  // empty product its value (zeros when K = 0, i.e. F = 0 or D = 0)
+  if (path == GemmPath::kOneDnn && a.numel() != 0 && w.numel() != 0) {
     return onednn_linear()->call(a, w, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
   }
   return at::mm(a, w.t());

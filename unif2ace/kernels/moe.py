@@ -37,10 +37,12 @@ from ._dispatch import BACKENDS, Op
 from ._validate import (
     FLOAT_DTYPES,
     INT_DTYPES,
+    check_bool,
     check_choice,
     check_int_at_least,
     check_int_list,
     check_range,
+    check_real,
     check_same_device,
     check_tensor,
 )
@@ -187,8 +189,9 @@ def moe_gating(
     sizes = _check_group_sizes(op, group_sizes, E_total, what="router_logits.shape[1]")
     top_k = _check_top_k(op, top_k, sizes)
     check_choice(op, "score", score, SCORES)
+    renormalize = check_bool(op, "renormalize", renormalize)
+    balance_coef = check_real(op, "balance_coef", balance_coef)
     check_range(op, "group_ids", group_ids, 0, len(sizes))
-    renormalize, balance_coef = bool(renormalize), float(balance_coef)
     be = MOE_GATING.select(dev, backend)
     if be == "reference":
         outs = ref_gating.moe_gating_ref(router_logits, group_ids, sizes, top_k, score, renormalize, balance_coef)
@@ -369,6 +372,10 @@ def moe_sequence_gating(
     B, S, D = hidden.shape
     check_tensor(op, "valid_mask", valid_mask, shape=(B, S), dtypes=(torch.bool,))
     sizes = _check_group_sizes(op, group_sizes, None, what="")
+    _check_top_k(op, top_k, sizes)
+    check_choice(op, "score", score, SCORES)
+    check_bool(op, "renormalize", renormalize)
+    check_real(op, "balance_coef", balance_coef)
     E_total = sum(sizes)
     check_tensor(op, "router_weight", router_weight, ndim=2, dtypes=FLOAT_DTYPES)
     if tuple(router_weight.shape) != (E_total, D):

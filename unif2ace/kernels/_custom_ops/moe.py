@@ -18,6 +18,12 @@ from .._dispatch import OPS
 Tensor = torch.Tensor
 
 
+def _like(t: Tensor) -> Tensor:
+    """A fake result shaped and typed like ``t`` but contiguous, as every kernel returns it (never
+    ``empty_like``, which copies a transposed input's strides)."""
+    return t.new_empty(t.shape)
+
+
 def _kernel(op_name: str, backend: str, entry_point: str):
     """``entry_point`` of op ``op_name`` on ``backend`` (``<entry_point>_ref`` for the reference)."""
     mod = OPS[op_name].kernels(backend)
@@ -106,14 +112,15 @@ def gating_backward_op(
     balance_coef: float,
     backend: str,
 ) -> Tensor:
-    return _kernel("moe_gating", backend, "moe_gating_backward")(
+    dz = _kernel("moe_gating", backend, "moe_gating_backward")(
         grad_gates, grad_prob, grad_loss, router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef
     )
+    return dz.detach().contiguous()
 
 
 @gating_backward_op.register_fake
 def _(grad_gates, grad_prob, grad_loss, router_logits, *args):
-    return torch.empty_like(router_logits)
+    return _like(router_logits)
 
 
 def _gating_setup(ctx, inputs, output):
@@ -162,7 +169,7 @@ def mlp_op(
 
 @mlp_op.register_fake
 def _(x, w1, w2, expert_ids, gates, b1, b2, activation, backend):
-    return torch.empty_like(x)
+    return _like(x)
 
 
 @torch.library.custom_op("unif2ace::moe_expert_mlp_backward", mutates_args=())
@@ -187,14 +194,8 @@ def mlp_backward_op(
 
 @mlp_backward_op.register_fake
 def _(grad_out, x, w1, w2, expert_ids, gates, b1, b2, activation, backend):
-    return [
-        torch.empty_like(x),
-        torch.empty_like(w1),
-        torch.empty_like(w2),
-        torch.empty_like(gates),
-        x.new_empty(0) if b1 is None else torch.empty_like(b1),
-        x.new_empty(0) if b2 is None else torch.empty_like(b2),
-    ]
+    biases = [x.new_empty(0) if b is None else _like(b) for b in (b1, b2)]
+    return [_like(x), _like(w1), _like(w2), _like(gates)] + biases
 
 
 def _mlp_setup(ctx, inputs, output):

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from .._dispatch import triton_interpreter_enabled as _interpreting
+from ..reference.moe_mlp import moe_expert_mlp_backward_ref, moe_expert_mlp_ref
 from .moe_routing import _pow2, moe_align
 
 __all__ = ["MLP_CONFIGS", "mlp_config", "moe_expert_mlp", "moe_expert_mlp_backward"]
@@ -469,7 +470,7 @@ class _Launch:
     """What the forward and backward launches share: shapes, the compute dtype and the operands
     cast to it, the tiles and the routing."""
 
-    def __init__(self, x, w1, w2, expert_ids, gates, config: Optional[Dict[str, int]]):
+    def __init__(self, x, w1, w2, expert_ids, gates, b1, b2, config: Optional[Dict[str, int]]):
         self.T, self.D = x.shape
         self.E, _, self.F1 = w1.shape
         self.F = w2.shape[1]
@@ -482,6 +483,9 @@ class _Launch:
         self.kw = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
         self.xc, self.w1c, self.w2c = x.to(self.cdt), w1.to(self.cdt), w2.to(self.cdt)
         self.g = gates.contiguous()
+        # the kernels index bias columns with unit stride
+        self.b1 = None if b1 is None else b1.contiguous()
+        self.b2 = None if b2 is None else b2.contiguous()
         self.rt = _Routing(expert_ids.reshape(self.T, self.k), self.E, self.BM)
 
     def gather_gemm(self, a: Tensor, b: Tensor, bias: Optional[Tensor], apply_gate: bool, R: int) -> Tensor:
@@ -595,8 +599,10 @@ def moe_expert_mlp(
     T, D = x.shape
     if T == 0 or expert_ids.shape[1] == 0:
         return torch.zeros((T, D), dtype=x.dtype, device=x.device)
-    s = _Launch(x, w1, w2, expert_ids, gates, config)
-    rt = s.rt
+    if D == 0 or w2.shape[1] == 0:  # no GEMM to run (F = 0: out = sum_j g * b2); the reference
+        return moe_expert_mlp_ref(x, w1, w2, expert_ids, gates, b1, b2, activation)
+    s = _Launch(x, w1, w2, expert_ids, gates, b1, b2, config)
+    rt, b1, b2 = s.rt, s.b1, s.b2
     h = _empty((rt.L, s.F), dtype=s.cdt, device=s.dev)
     _mlp_up_kernel[(rt.NB, triton.cdiv(s.F, s.BF))](
         s.xc,
@@ -643,12 +649,14 @@ def moe_expert_mlp_backward(
     config: Optional[Dict[str, int]] = None,
 ):
     """Same contract as ``moe_expert_mlp_backward_ref``: ``(dx, dw1, dw2, dgates, db1, db2)``."""
+    if x.shape[1] == 0 or w2.shape[1] == 0:  # D = 0 or F = 0: no GEMM to run
+        return moe_expert_mlp_backward_ref(grad_out, x, w1, w2, expert_ids, gates, b1, b2, activation)
     dw1 = _empty_like(w1, memory_format=torch.contiguous_format)
     dw2 = _empty_like(w2, memory_format=torch.contiguous_format)
     db1 = None if b1 is None else _empty_like(b1, memory_format=torch.contiguous_format)
     db2 = None if b2 is None else _empty_like(b2, memory_format=torch.contiguous_format)
-    s = _Launch(x, w1, w2, expert_ids, gates, config)
-    rt, T, D, F, F1, k = s.rt, s.T, s.D, s.F, s.F1, s.k
+    s = _Launch(x, w1, w2, expert_ids, gates, b1, b2, config)
+    rt, T, D, F, F1, k, b1, b2 = s.rt, s.T, s.D, s.F, s.F1, s.k, s.b1, s.b2
     BM, BF, BD, kw, prec = s.BM, s.BF, s.BD, s.kw, s.prec
     xc, w1c, w2c, g = s.xc, s.w1c, s.w2c, s.g
     go = grad_out.to(s.cdt).contiguous()
