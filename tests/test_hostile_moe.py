@@ -333,14 +333,17 @@ def _custom_op_cases(backend):
     w2, g = randn(E, D, F_, scale=0.3).transpose(1, 2), torch.rand(k, T).t()
     b1, b2 = randn(E, 2 * F_)[:, ::2], randn(D, E).t()
     gating = (z, gid, [4, 2], k, "softmax", True, 0.1, backend)
+    mlp = (x, w1, w2, ids, g, b1, b2, "gelu")
+    saved = C.mlp_op(*mlp, backend)[1]  # what the forward keeps for the backward (cpu: pre-activations)
     return [
         (C.histogram_op, (ids, E, backend)),
         (C.align_op, (ids, E, 4, backend)),
         (C.gating_op, gating),
         (C.gating_backward_op, (randn(k, T).t(), randn(E), randn(2), *gating)),
-        (C.mlp_op, (x, w1, w2, ids, g, b1, b2, "gelu", backend)),
-        (C.mlp_backward_op, (randn(D, T).t(), x, w1, w2, ids, g, b1, b2, "gelu", backend)),
-        (C.mlp_backward_op, (randn(T, D), x, w1, w2, ids, g, None, None, "gelu_tanh", backend)),
+        (C.mlp_op, (*mlp, backend)),
+        (C.mlp_op, (x.bfloat16(), w1.bfloat16(), w2.bfloat16(), ids, g, None, None, "gelu", backend)),
+        (C.mlp_backward_op, (randn(D, T).t(), *mlp, saved, backend)),
+        (C.mlp_backward_op, (randn(T, D), x, w1, w2, ids, g, None, None, "gelu_tanh", x.new_empty(0), backend)),
     ]
 
 

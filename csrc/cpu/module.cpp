@@ -6,7 +6,13 @@
 #include <Python.h>
 #include <torch/library.h>
 
-TORCH_LIBRARY(unif2ace_cpu, m) {}
+#include "cpu/cpu_features.h"
+
+TORCH_LIBRARY(unif2ace_cpu, m) {
+  // the run-time choice of the kernels' GEMM precision (cpu_features.h), for `unif2ace info`
+  m.def("low_precision_gemm(ScalarType dtype) -> bool",
+        [](c10::ScalarType dtype) { return unif2ace::cpu::low_precision_gemm(dtype); });
+}
 
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {

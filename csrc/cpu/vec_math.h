@@ -23,6 +23,23 @@ U2A_INLINE float to_f32(c10::BFloat16 v) {
 }
 U2A_INLINE float to_f32(c10::Half v) { return static_cast<float>(v); }
 
+// fp32 -> storage type, round to nearest even; bf16 by bit arithmetic (branch-free, so the loops
+// that store bf16 vectorise), bit-identical to c10::BFloat16(float) including its NaN (0x7FC0)
+template <typename T>
+U2A_INLINE T from_f32(float v);
+template <>
+U2A_INLINE float from_f32<float>(float v) {
+  return v;
+}
+template <>
+U2A_INLINE c10::BFloat16 from_f32<c10::BFloat16>(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  const uint32_t nan_m = -static_cast<uint32_t>((b & 0x7FFFFFFFu) > 0x7F800000u);
+  const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>((rounded & ~nan_m) | (0x7FC0u & nan_m)), c10::BFloat16::from_bits());
+}
+
 // exp(x) for x in [-87, 88] (clamped outside; -inf -> exp(-87) ~ 1.6e-38): Cody-Waite reduction
 // x = k ln2 + r, |r| <= ln2/2, degree-6 Taylor polynomial for exp(r), scale by 2^k through the
 // exponent bits. Branch-free and without float compares or float->int conversions (which may trap,

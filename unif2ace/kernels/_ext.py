@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import Tuple
+from typing import Dict, Tuple
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,6 +42,23 @@ def cuda_status() -> Tuple[bool, str]:
 def triton_status() -> Tuple[bool, str]:
     """(importable, error) for Triton."""
     return _load("triton")
+
+
+def cpu_features() -> Dict[str, object]:
+    """What this CPU offers the C++ kernels: the vector ISA torch dispatches to, the low-precision
+    matrix instructions, and whether the kernels run bf16 / fp16 GEMMs on them (the C++ rule in
+    csrc/cpu/cpu_features.h: oneDNN plus AVX512-BF16 / AMX-BF16, resp. AVX512-FP16 / AMX-FP16;
+    ``UNIF2ACE_CPU_LOWP_GEMM=0`` turns it off). False for both when the extension is missing."""
+    import torch
+
+    caps = torch._C._cpu._get_cpu_capability()
+    out: Dict[str, object] = {"isa": torch.backends.cpu.get_cpu_capability(), "name": caps.get("cpu_name", "")}
+    for key in ("avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16"):
+        out[key] = bool(caps.get(key, False))
+    ok, _ = cpu_status()
+    for key, dtype in (("bf16_gemm", torch.bfloat16), ("fp16_gemm", torch.float16)):
+        out[key] = bool(ok and cpu_ops().low_precision_gemm(dtype))
+    return out
 
 
 def cpu_ops():

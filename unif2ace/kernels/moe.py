@@ -302,7 +302,7 @@ def moe_expert_mlp(
     be = MOE_MLP.select(dev, backend)
     if be == "reference":
         return ref_mlp.moe_expert_mlp_ref(x, w1, w2, expert_ids, gates, b1, b2, activation)
-    return _ops.mlp_op(x, w1, w2, expert_ids, gates, b1, b2, activation, be)
+    return _ops.mlp_op(x, w1, w2, expert_ids, gates, b1, b2, activation, be)[0]
 
 
 def moe_shared_expert(

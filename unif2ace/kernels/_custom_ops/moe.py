@@ -151,6 +151,17 @@ gating_op.register_autograd(_gating_backward, setup_context=_gating_setup)
 # expert MLP
 
 
+# The forward returns (out, saved): ``saved`` is what a backend keeps for its backward (the cpu
+# kernel's pre-activations, ``saved_h_meta`` of its module gives shape and dtype), an empty tensor
+# for backends that recompute everything. Only ``out`` is differentiable.
+
+
+def _saved_meta(x, w1, w2, expert_ids, backend):
+    """``(shape, dtype)`` of the forward's saved tensor on ``backend``."""
+    meta = None if backend == "reference" else getattr(OPS["moe_expert_mlp"].kernels(backend), "saved_h_meta", None)
+    return meta(x, w1, w2, expert_ids) if meta is not None else ((0,), x.dtype)
+
+
 @torch.library.custom_op("unif2ace::moe_expert_mlp", mutates_args=())
 def mlp_op(
     x: Tensor,
@@ -162,14 +173,16 @@ def mlp_op(
     b2: Optional[Tensor],
     activation: str,
     backend: str,
-) -> Tensor:
-    out = _kernel("moe_expert_mlp", backend, "moe_expert_mlp")(x, w1, w2, expert_ids, gates, b1, b2, activation)
-    return out.detach().contiguous()
+) -> Tuple[Tensor, Tensor]:
+    res = _kernel("moe_expert_mlp", backend, "moe_expert_mlp")(x, w1, w2, expert_ids, gates, b1, b2, activation)
+    out, saved = res if isinstance(res, (tuple, list)) else (res, x.new_empty(0))
+    return out.detach().contiguous(), saved.detach()
 
 
 @mlp_op.register_fake
 def _(x, w1, w2, expert_ids, gates, b1, b2, activation, backend):
-    return _like(x)
+    shape, dtype = _saved_meta(x, w1, w2, expert_ids, backend)
+    return _like(x), x.new_empty(shape, dtype=dtype)
 
 
 @torch.library.custom_op("unif2ace::moe_expert_mlp_backward", mutates_args=())
@@ -183,31 +196,36 @@ def mlp_backward_op(
     b1: Optional[Tensor],
     b2: Optional[Tensor],
     activation: str,
+    saved: Tensor,
     backend: str,
 ) -> List[Tensor]:
+    extra = (saved,) if saved.numel() else ()  # only a backend that saved something takes it back
     grads = _kernel("moe_expert_mlp", backend, "moe_expert_mlp_backward")(
-        grad_out, x, w1, w2, expert_ids, gates, b1, b2, activation
+        grad_out, x, w1, w2, expert_ids, gates, b1, b2, activation, *extra
     )
     # a missing bias gets an empty placeholder (custom ops return no None)
     return [x.new_empty(0) if g is None else g.detach().contiguous() for g in grads]
 
 
 @mlp_backward_op.register_fake
-def _(grad_out, x, w1, w2, expert_ids, gates, b1, b2, activation, backend):
+def _(grad_out, x, w1, w2, expert_ids, gates, b1, b2, activation, saved, backend):
     biases = [x.new_empty(0) if b is None else _like(b) for b in (b1, b2)]
     return [_like(x), _like(w1), _like(w2), _like(gates)] + biases
 
 
 def _mlp_setup(ctx, inputs, output):
     x, w1, w2, expert_ids, gates, b1, b2, activation, backend = inputs
-    ctx.save_for_backward(x, w1, w2, expert_ids, gates, b1, b2)
+    ctx.save_for_backward(x, w1, w2, expert_ids, gates, b1, b2, output[1])
     ctx.args = (activation, backend)
+    ctx.mark_non_differentiable(output[1])
 
 
-def _mlp_backward(ctx, grad_out):
-    x, w1, w2, expert_ids, gates, b1, b2 = ctx.saved_tensors
+def _mlp_backward(ctx, grad_out, _grad_saved):
+    x, w1, w2, expert_ids, gates, b1, b2, saved = ctx.saved_tensors
     activation, backend = ctx.args
-    dx, dw1, dw2, dg, db1, db2 = mlp_backward_op(grad_out, x, w1, w2, expert_ids, gates, b1, b2, activation, backend)
+    dx, dw1, dw2, dg, db1, db2 = mlp_backward_op(
+        grad_out, x, w1, w2, expert_ids, gates, b1, b2, activation, saved, backend
+    )
     return (dx, dw1, dw2, None, dg, db1 if b1 is not None else None, db2 if b2 is not None else None, None, None)
 
 
