@@ -326,11 +326,13 @@ def test_loss_parts_match_explicit_computation():
     b = make_batch()
     with use_backend("reference"):
         out = model(b)
+        span = image_span_mask(b.image_positions, CFG.seq_len)
         h, tb, sb = model.hidden(
             b.input_ids,
             b.valid,
             b.task,
-            span=image_span_mask(b.image_positions, CFG.seq_len),
+            span=span,
+            route_mask=model.route_mask(b.valid, b.task, span, b.labels),
             features=model.batch_features(b),
         )
     assert_close(out.loss, out.mmu_loss + out.d3diff_loss + out.token_balance.sum() + out.seq_balance.sum())
@@ -409,6 +411,43 @@ def test_backend_parity_loss_and_gradients(overrides):
         assert_close(g_fast[n], g_ref[n], name=n)
     with pytest.raises(ValueError, match="name"):
         model.set_backend("fastest")
+
+
+def _training_forward_hidden(model, batch):
+    """The final hidden states of a training-mode ``model(batch)`` (captured at ``ln_f``) and the loss."""
+    seen = []
+    hook = model.ln_f.register_forward_hook(lambda mod, inp, out: seen.append(out.detach()))
+    try:
+        out = model(batch)
+    finally:
+        hook.remove()
+    return seen[0], out
+
+
+def test_mmu_training_forward_is_causal():
+    """A future answer token never changes earlier positions (the sequence router pools the prompt only)."""
+    model = make_model().train()
+    b = make_batch(tasks=("mmu", "t2i", "mmu"))
+    answer_pos = (b.labels[2] != IGNORE_INDEX).nonzero()[:, 0]
+    p = int(answer_pos[-2])  # the last answer token before <eos>
+    ids = b.input_ids.clone()
+    ids[2, p] = (ids[2, p] + 1) % CFG.text_vocab_size
+    labels = b.labels.clone()
+    labels[2, p] = ids[2, p]
+    b2 = Batch(**{**b.__dict__, "input_ids": ids, "labels": labels})
+    h1, _ = _training_forward_hidden(model, b)
+    h2, _ = _training_forward_hidden(model, b2)
+    assert_close(h2[2, :p], h1[2, :p], atol=1e-6, rtol=1e-6, name="hidden before the changed answer token")
+    logits = lambda h: model.lm_head(h[2, :p])  # noqa: E731
+    assert_close(logits(h2), logits(h1), atol=1e-6, rtol=1e-6, name="logits")
+    assert not torch.allclose(h2[2, p:], h1[2, p:])  # the change itself is seen from p on
+    # the other samples do not see sample 2 at all
+    assert_close(h2[:2], h1[:2], atol=1e-6, rtol=1e-6)
+    # "nonpad" pools the answer too: the earlier positions move
+    leaky = make_model(seq_router_pool="nonpad").train()
+    g1, _ = _training_forward_hidden(leaky, b)
+    g2, _ = _training_forward_hidden(leaky, b2)
+    assert float((g2[2, :p] - g1[2, :p]).abs().max()) > 1e-5
 
 
 # ------------------------------------------------------------------------------------------------

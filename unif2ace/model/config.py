@@ -82,7 +82,10 @@ class UniF2aceConfig:
     seq_experts_und: Tuple[str, ...] = ("clip", "face", "copy", "copy")
     seq_top_k: int = 2
     seq_balance_coef: float = 0.01  # [choice]
-    seq_router_pool: str = "nonpad"  # [choice] "nonpad": mean over non-pad positions; "prefix": MMU image prefix only
+    # [choice] what the sequence router pools (a mean of LN3(h)): "prompt": T2I all non-pad positions, MMU the
+    # prompt only (image + question, never the answer: training stays causal and matches decoding);
+    # "prefix": MMU the image prefix only; "nonpad": every non-pad position (MMU answers leak backwards)
+    seq_router_pool: str = "prompt"
     resampler_queries: int = 16
     resampler_dim: int = 512
     resampler_heads: int = 8
@@ -217,7 +220,7 @@ class UniF2aceConfig:
         _choice("block_layout", self.block_layout, ("sequential", "parallel"))
         _choice("expert_activation", self.expert_activation, ("gelu", "gelu_tanh", "swiglu"))
         _choice("router_score", self.router_score, ("softmax", "sigmoid"))
-        _choice("seq_router_pool", self.seq_router_pool, ("nonpad", "prefix"))
+        _choice("seq_router_pool", self.seq_router_pool, ("prompt", "prefix", "nonpad"))
         _choice("resampler_mode", self.resampler_mode, ("pooled", "per_position"))
         _choice("parametrization", self.parametrization, ("posterior", "raw", "radd"))
         _choice("train_schedule", self.train_schedule, ("cosine", "loglinear"))

@@ -154,15 +154,28 @@ class UniF2ace(nn.Module):
         hi = lo + self.cfg.codebook_size
         return self.lm_head.weight[lo:hi], self.lm_head.bias[lo:hi]
 
-    def route_mask(self, valid: Tensor, task: Tensor, span: Tensor) -> Tensor:
-        """Positions the sequence router pools over (``cfg.seq_router_pool``): every non-pad position
-        ("nonpad"), or for MMU samples only the image prefix up to <|eoi|> ("prefix")."""
-        if self.cfg.seq_router_pool == "nonpad":
+    def route_mask(self, valid: Tensor, task: Tensor, span: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """``[B, T]`` bool: the positions the sequence router pools over (``cfg.seq_router_pool``).
+
+        T2I samples: every non-pad position. MMU samples: "prompt" (default) the prompt only, i.e.
+        the non-pad positions before the first labelled (answer) position of ``labels`` (all of
+        ``valid`` without labels: a decoding prompt); "prefix" the image prefix up to <|eoi|>;
+        "nonpad" every non-pad position (answers included: not causal, training differs from decoding).
+        """
+        mode = self.cfg.seq_router_pool
+        if mode == "nonpad":
             return valid
         pos = torch.arange(valid.shape[1], device=valid.device)
-        end = torch.where(span, pos, -1).amax(dim=1, keepdim=True)
-        prefix = valid & (pos <= end)
-        return torch.where((task == 1)[:, None], prefix, valid)
+        if mode == "prefix":
+            end = torch.where(span, pos, -1).amax(dim=1, keepdim=True)
+        elif labels is None:
+            return valid
+        else:
+            answer = labels != IGNORE_INDEX
+            first = torch.where(answer, pos, valid.shape[1]).amin(dim=1, keepdim=True)
+            end = first - 1
+        mmu = valid & (pos <= end)
+        return torch.where((task == 1)[:, None], mmu, valid)
 
     @staticmethod
     def batch_features(batch: Batch) -> Dict[str, Optional[Tensor]]:
@@ -185,7 +198,7 @@ class UniF2ace(nn.Module):
             batch.valid,
             batch.task,
             span=span,
-            route_mask=self.route_mask(batch.valid, batch.task, span),
+            route_mask=self.route_mask(batch.valid, batch.task, span, batch.labels),
             features=self.batch_features(batch),
         )
         with self.backend_scope():
