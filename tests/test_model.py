@@ -14,6 +14,7 @@ from unif2ace.model import (
     Batch,
     Sample,
     UniF2ace,
+    bidirectional_span,
     collate,
     load_checkpoint,
     load_phi_state_dict,
@@ -25,7 +26,7 @@ from unif2ace.model import (
     t2i_sequence,
 )
 from unif2ace.model.checkpoint import CheckpointError
-from unif2ace.model.modules import KVCache, SequenceMoE, TokenMoE, image_span_mask
+from unif2ace.model.modules import KVCache, SequenceMoE, TokenMoE
 from unif2ace.testing import TOLERANCES
 
 FP32_ATOL, FP32_RTOL = TOLERANCES[torch.float32]
@@ -118,9 +119,10 @@ def test_sequence_layouts_by_hand():
     ids, valid = t2i_sequence(c, [5, 6], img)
     t2i, soi, eoi, pad, mmu = (c.special_token_id(s) for s in ("<|t2i|>", "<|soi|>", "<|eoi|>", "[PAD]", "<|mmu|>"))
     npad = c.text_len - 3 - 2
-    assert ids == [t2i] + [pad] * npad + [c.bos_token_id, 5, 6, c.eos_token_id, soi] + img + [eoi]
-    assert valid == [True] + [False] * npad + [True] * (len(ids) - 1 - npad)
-    assert len(ids) == c.seq_len
+    # Show-o: the pads come before <|t2i|>
+    assert ids == [pad] * npad + [t2i, c.bos_token_id, 5, 6, c.eos_token_id, soi] + img + [eoi]
+    assert valid == [False] * npad + [True] * (len(ids) - npad)
+    assert len(ids) == c.seq_len and ids.index(soi) == c.text_len
 
     ids, valid, labels = mmu_sequence(c, img, [7, 8], [9, 10, 11])
     head = [mmu, soi] + img + [eoi, c.bos_token_id, 7, 8]
@@ -130,8 +132,13 @@ def test_sequence_layouts_by_hand():
         c.seq_len - len(head) - 4
     )
     assert valid == [True] * (len(head) + 4) + [False] * (c.seq_len - len(head) - 4)
-    with pytest.raises(ValueError, match="caption"):
-        t2i_sequence(c, [1] * c.text_len, img)
+    # a caption longer than the text budget is truncated (with a warning), <eos> kept
+    with pytest.warns(UserWarning, match="truncated"):
+        ids, valid = t2i_sequence(c, list(range(c.text_len)), img)
+    assert ids[: c.text_len + 1] == [t2i, c.bos_token_id] + list(range(c.text_len - 3)) + [c.eos_token_id, soi]
+    assert all(valid) and len(ids) == c.seq_len
+    with pytest.raises(ValueError, match="answer"):
+        mmu_sequence(c, img, [1], [2] * c.text_len)
     with pytest.raises(ValueError, match="question"):
         mmu_sequence(c, img, [c.text_vocab_size], [1])
 
@@ -172,44 +179,69 @@ def test_mask_image_tokens_loglinear():
 
 
 def test_omni_attention_mask_by_hand():
-    # T2I-like row: [t2i, pad, cap, cap, soi, img, img, eoi]; MMU-like row: [mmu, soi, img, img, eoi, txt, txt, pad]
-    valid = torch.tensor([[1, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
-    span = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    # T2I row (Show-o): [pad, t2i, cap, cap, soi, img, img, eoi]; MMU row: [mmu, soi, img, img, eoi, txt, txt, pad]
+    valid = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    img_pos = torch.tensor([[5, 6], [2, 3]])
+    span = bidirectional_span(img_pos, torch.tensor([0, 1]), 8)
+    assert span.int().tolist() == [[0, 0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0, 0]]
     m = omni_attention_mask(valid, span)[:, 0].int()
     t2i = torch.tensor(
         [
-            [1, 0, 0, 0, 0, 0, 0, 0],
-            [1, 0, 0, 0, 0, 0, 0, 0],  # pad row: sees the valid past only
-            [1, 0, 1, 0, 0, 0, 0, 0],  # caption: causal, never the pad
-            [1, 0, 1, 1, 0, 0, 0, 0],
-            [1, 0, 1, 1, 1, 1, 1, 1],  # image span: every non-pad position
-            [1, 0, 1, 1, 1, 1, 1, 1],
-            [1, 0, 1, 1, 1, 1, 1, 1],
-            [1, 0, 1, 1, 1, 1, 1, 1],
+            [1, 0, 0, 0, 0, 0, 0, 0],  # pad row: only itself (never attended; keeps SDPA finite)
+            [0, 1, 0, 0, 0, 0, 0, 0],  # <|t2i|>: causal, never the pad
+            [0, 1, 1, 0, 0, 0, 0, 0],  # caption: causal
+            [0, 1, 1, 1, 0, 0, 0, 0],
+            [0, 1, 1, 1, 1, 1, 1, 1],  # image span: every non-pad position
+            [0, 1, 1, 1, 1, 1, 1, 1],
+            [0, 1, 1, 1, 1, 1, 1, 1],
+            [0, 1, 1, 1, 1, 1, 1, 1],
         ]
     )
     mmu = torch.tensor(
         [
-            [1, 0, 0, 0, 0, 0, 0, 0],  # task token: causal
-            [1, 1, 1, 1, 1, 0, 0, 0],  # image prefix: bidirectional within the span, not the text after
+            [1, 1, 1, 1, 1, 0, 0, 0],  # <|mmu|> sees the image (Show-o: every row sees up to <|eoi|>)
+            [1, 1, 1, 1, 1, 0, 0, 0],  # image prefix: bidirectional within the prefix, not the text after
             [1, 1, 1, 1, 1, 0, 0, 0],
             [1, 1, 1, 1, 1, 0, 0, 0],
             [1, 1, 1, 1, 1, 0, 0, 0],
             [1, 1, 1, 1, 1, 1, 0, 0],  # text: causal
             [1, 1, 1, 1, 1, 1, 1, 0],
-            [1, 1, 1, 1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 1, 1, 1, 1],  # trailing pad: never attended, sees the past and itself
         ]
-    )  # trailing pad never attended
+    )
     assert torch.equal(m[0], t2i) and torch.equal(m[1], mmu)
+
+
+def test_showo_token_ids_and_layout():
+    """Special-token ids equal Show-o's (its tokenizer adds [PAD] first), text part 129 tokens."""
+    paper = preset("paper")
+    want = {
+        "[PAD]": 50295,
+        "<|soi|>": 50296,
+        "<|eoi|>": 50297,
+        "<|sov|>": 50298,
+        "<|eov|>": 50299,
+        "<|t2i|>": 50300,
+        "<|mmu|>": 50301,
+        "<|t2v|>": 50302,
+        "<|v2v|>": 50303,
+        "<|lvg|>": 50304,
+    }
+    assert {name: paper.special_token_id(name) for name in want} == want
+    assert paper.pad_token_id == 50295 and paper.image_token_offset == 50305
+    assert paper.text_len == 129 and paper.seq_len == 387  # Show-o: max_seq_length 128 + task token + 258
+    img = [paper.mask_token_id] * paper.image_tokens
+    ids, valid = t2i_sequence(paper, [10, 11], img)
+    assert ids[123:130] == [50295, 50300, paper.bos_token_id, 10, 11, paper.eos_token_id, 50296]
+    assert valid[:124] == [False] * 124 and all(valid[124:])
 
 
 def test_batch_masks_follow_layout():
     b = make_batch()
-    span = image_span_mask(b.image_positions, CFG.seq_len)
+    span = bidirectional_span(b.image_positions, b.task, CFG.seq_len)
     m = omni_attention_mask(b.valid, span)[:, 0]
-    assert not bool(m[:, :, ~b.valid[0]][0].any())  # no row of sample 0 sees its pads
     for i in range(b.size):
-        assert not bool(m[i][:, ~b.valid[i]].any())
+        assert not bool(m[i][b.valid[i]][:, ~b.valid[i]].any())  # no valid row sees a pad
         img = b.image_positions[i]
         # every image row sees the whole image span
         assert bool(m[i][img][:, img].all())
@@ -218,6 +250,7 @@ def test_batch_masks_follow_layout():
     txt = CFG.image_tokens + 4
     assert not bool(m[1, b.image_positions[1, 0], txt])
     assert bool(m[1, txt + 1, txt]) and not bool(m[1, txt, txt + 1])
+    assert bool(m[1, 0, b.image_positions[1]].all())  # the <|mmu|> row sees the image
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,7 +359,7 @@ def test_loss_parts_match_explicit_computation():
     b = make_batch()
     with use_backend("reference"):
         out = model(b)
-        span = image_span_mask(b.image_positions, CFG.seq_len)
+        span = bidirectional_span(b.image_positions, b.task, CFG.seq_len)
         h, tb, sb = model.hidden(
             b.input_ids,
             b.valid,

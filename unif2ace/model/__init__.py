@@ -13,7 +13,7 @@ from .checkpoint import load_checkpoint, load_phi_state_dict, save_checkpoint
 from .config import PRESETS, SPECIAL_TOKENS, TASKS, UniF2aceConfig, preset
 from .generate import answer, generate_images
 from .model import ModelOutput, UniF2ace
-from .modules import attention_mask, image_span_mask, omni_attention_mask
+from .modules import attention_mask, bidirectional_span, image_span_mask, omni_attention_mask
 
 __all__ = [
     "IGNORE_INDEX",
@@ -37,6 +37,7 @@ __all__ = [
     "ModelOutput",
     "UniF2ace",
     "attention_mask",
+    "bidirectional_span",
     "image_span_mask",
     "omni_attention_mask",
 ]

@@ -1,6 +1,8 @@
 """Model configuration: one dataclass, every [choice] of docs/model.md a field, three presets.
 
-Vocabulary layout (docs/model.md §1), ids in this order::
+Vocabulary layout (docs/model.md §1), ids in this order (Show-o's: its tokenizer adds ``[PAD]``
+first, then the nine task/boundary tokens, so ``[PAD]`` = 50295, ``<|soi|>`` = 50296, ...,
+``<|t2i|>`` = 50300, ``<|mmu|>`` = 50301 in the paper preset)::
 
     [0, text_vocab_size)                      text tokens (bos/eos among them)
     text_vocab_size + i, i < 10               special tokens, SPECIAL_TOKENS[i]
@@ -9,10 +11,16 @@ Vocabulary layout (docs/model.md §1), ids in this order::
 
 so ``vocab_size = text_vocab_size + 10 + codebook_size + 1`` (58,498 for the paper preset).
 
-Sequence layout (both tasks have the same length ``seq_len = text_len + image_tokens + 2``)::
+Sequence layout (Show-o's ``UniversalPrompting``; both tasks have the same length
+``seq_len = text_len + image_tokens + 2``, 129 + 256 + 2 = 387 in the paper preset, Show-o's
+``max_seq_length = 128`` plus its task token)::
 
-    T2I: <|t2i|> [PAD]... <bos> caption <eos> <|soi|> image... <|eoi|>   (text_len tokens before <|soi|>)
+    T2I: [PAD]... <|t2i|> <bos> caption <eos> <|soi|> image... <|eoi|>   (text_len tokens before <|soi|>)
     MMU: <|mmu|> <|soi|> image... <|eoi|> <bos> question answer <eos> [PAD]...
+
+Attention (Show-o's masks): text rows causal; in T2I the <|soi|>...<|eoi|> rows see every non-pad
+position; in MMU every row sees the whole prefix <|mmu|> <|soi|> image <|eoi|> (so the <|mmu|> row
+sees the image, as in Show-o). Pads are never attended.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import Tuple
 __all__ = ["SPECIAL_TOKENS", "TASKS", "UniF2aceConfig", "preset", "PRESETS"]
 
 SPECIAL_TOKENS = (
+    "[PAD]",
     "<|soi|>",
     "<|eoi|>",
     "<|sov|>",
@@ -34,8 +43,8 @@ SPECIAL_TOKENS = (
     "<|t2v|>",
     "<|v2v|>",
     "<|lvg|>",
-    "[PAD]",
 )
+"""Special tokens in id order: Show-o's order (``[PAD]`` first), so the ids equal Show-o's."""
 TASKS = ("t2i", "mmu")
 """Task of a sample; its index is also the MoE group: 0 = generation (t2i), 1 = understanding (mmu)."""
 
@@ -55,7 +64,9 @@ class UniF2aceConfig:
     bos_token_id: int = 50256  # Phi's <|endoftext|> is both bos and eos
     eos_token_id: int = 50256
     # -- sequence layout
-    text_len: int = 128  # tokens before <|soi|> in T2I (incl. <|t2i|>); MMU text part is text_len - 1
+    # tokens before <|soi|> in T2I (pads, <|t2i|>, <bos> caption <eos>); the MMU text part is text_len - 1.
+    # 129 = Show-o's max_seq_length 128 + its task token
+    text_len: int = 129
     image_grid: int = 16  # image tokens = image_grid ** 2 (256 at 256 px with 16x down-sampling) [choice]
     # -- backbone (Phi-1.5-like)
     hidden_size: int = 2048

@@ -22,7 +22,7 @@ from torch import Tensor
 from unif2ace.kernels import ar_sample, masked_sample_step
 
 from .batch import mmu_sequence, t2i_sequence
-from .modules import KVCache, image_span_mask
+from .modules import KVCache, bidirectional_span, image_span_mask
 
 __all__ = ["generate_images", "answer"]
 
@@ -147,7 +147,7 @@ def answer(
     valid[:, :P] = torch.tensor([r[1][:P] for r in rows], device=dev)
     task = torch.ones(B, dtype=torch.int64, device=dev)
     img_pos = torch.arange(2, 2 + cfg.image_tokens, device=dev).expand(B, -1)
-    span = image_span_mask(img_pos, cap)
+    span = bidirectional_span(img_pos, task, cap)
     route_mask = model.route_mask(valid, task, span).clone()  # the prompt only: frozen for the decoded tokens
     features = {"clip": clip_features, "face": None if face_embeddings is None else face_embeddings[:, None, :]}
     b = torch.arange(B, device=dev)

@@ -27,7 +27,7 @@ from unif2ace.kernels import BACKENDS, d3diff_loss, use_backend
 
 from .batch import IGNORE_INDEX, Batch
 from .config import UniF2aceConfig
-from .modules import NUM_GROUPS, Block, BlockContext, KVCache, attention_mask, image_span_mask, rotary_tables
+from .modules import NUM_GROUPS, Block, BlockContext, KVCache, attention_mask, bidirectional_span, rotary_tables
 
 __all__ = ["UniF2ace", "ModelOutput"]
 
@@ -93,11 +93,12 @@ class UniF2ace(nn.Module):
         """Final hidden states ``[B, T, D]`` (after ``ln_f``) and the balance losses.
 
         input_ids/valid ``[B, T]``; task ``[B]`` (the MoE group); span ``[B, T]`` bool, the
-        bidirectional image span (None: all causal); route_mask ``[B, T]`` bool, the positions the
-        sequence router pools over (default ``valid``); features: {"clip": [B, Nc, Dc],
-        "face": [B, 1, Df], "noise": [B, Nn, Dn]} (missing -> zero features; noise drawn when
-        missing); positions ``[B, T]`` absolute positions (default 0..T-1); cache: a
-        :class:`KVCache` the keys/values are written into (attention then runs over the cache).
+        bidirectional span (:func:`~unif2ace.model.modules.bidirectional_span`; None: all causal);
+        route_mask ``[B, T]`` bool, the positions the sequence router pools over (default
+        ``valid``; see :meth:`route_mask`); features: {"clip": [B, Nc, Dc], "face": [B, 1, Df],
+        "noise": [B, Nn, Dn]} (missing -> zero features; noise drawn when missing); positions
+        ``[B, T]`` absolute positions (default 0..T-1); cache: a :class:`KVCache` the keys/values
+        are written into (attention then runs over the cache).
         Returns (h, token_balance ``[G]``, seq_balance ``[G]``).
         """
         cfg = self.cfg
@@ -192,7 +193,7 @@ class UniF2ace(nn.Module):
         cfg = self.cfg
         if validate:
             batch.validate(cfg)
-        span = image_span_mask(batch.image_positions, cfg.seq_len)
+        span = bidirectional_span(batch.image_positions, batch.task, cfg.seq_len)
         h, token_bal, seq_bal = self.hidden(
             batch.input_ids,
             batch.valid,

@@ -24,6 +24,7 @@ __all__ = [
     "attention_mask",
     "omni_attention_mask",
     "image_span_mask",
+    "bidirectional_span",
     "rotary_tables",
     "KVCache",
     "Attention",
@@ -45,20 +46,24 @@ def attention_mask(q_pos: Tensor, q_span: Tensor, k_valid: Tensor, k_span: Tenso
     """Boolean SDPA mask ``[B, 1, Tq, Tk]`` (True = may attend) for keys at positions ``0..Tk-1``.
 
     Query at position p (``q_pos [B, Tq]``) sees key k iff the key is not padding and either
-    ``k <= p`` (causal) or both lie in the sequence's bidirectional image span
-    (``q_span [B, Tq]``, ``k_span [B, Tk]``: <|soi|> image... <|eoi|>).
+    ``k <= p`` (causal) or both lie in the sequence's bidirectional span (``q_span [B, Tq]``,
+    ``k_span [B, Tk]``, see :func:`bidirectional_span`); and every query sees its own key (a pad
+    row, never attended, then has a defined output).
     """
     k_pos = torch.arange(k_valid.shape[1], device=k_valid.device)
     causal = k_pos[None, None, :] <= q_pos[:, :, None]
     bidir = q_span[:, :, None] & k_span[:, None, :]
-    return (k_valid[:, None, :] & (causal | bidir))[:, None]
+    # every row also sees its own key: a pad row before any valid token (T2I's leading pads) would
+    # otherwise see nothing, and SDPA would return NaN there (which no valid row ever reads)
+    own = k_pos[None, None, :] == q_pos[:, :, None]
+    return ((k_valid[:, None, :] & (causal | bidir)) | own)[:, None]
 
 
 def omni_attention_mask(valid: Tensor, span: Tensor) -> Tensor:
     """``[B, 1, S, S]`` omni-attention mask of whole sequences (``valid``, ``span``: ``[B, S]`` bool).
 
     T2I (image span last): caption rows causal, image rows see every non-pad position.
-    MMU (image span first): image prefix bidirectional, text after it causal.
+    MMU (span = <|mmu|> + image prefix): prefix bidirectional, text after it causal.
     """
     pos = torch.arange(valid.shape[1], device=valid.device).expand(valid.shape[0], -1)
     return attention_mask(pos, span, valid, span)
@@ -70,6 +75,18 @@ def image_span_mask(image_positions: Tensor, seq_len: int) -> Tensor:
     lo = image_positions[:, :1] - 1
     hi = image_positions[:, -1:] + 1
     return (pos >= lo) & (pos <= hi)
+
+
+def bidirectional_span(image_positions: Tensor, task: Tensor, seq_len: int) -> Tensor:
+    """``[B, seq_len]`` bool, the bidirectional span of each sequence (Show-o's masks).
+
+    T2I (task 0): <|soi|> image... <|eoi|> (:func:`image_span_mask`). MMU (task 1): the whole
+    prefix from position 0 (<|mmu|>) to <|eoi|>, so the task token sees the image too.
+    """
+    span = image_span_mask(image_positions, seq_len)
+    pos = torch.arange(seq_len, device=image_positions.device)
+    prefix = pos <= image_positions[:, -1:] + 1
+    return torch.where((task == 1)[:, None], prefix, span)
 
 
 # ------------------------------------------------------------------------------------------------
