@@ -393,7 +393,67 @@ def test_loss_parts_match_explicit_computation():
     n_masked = int(b.is_masked.sum())
     assert_close(out.mask_loss.double(), ce_sum / n_masked, atol=1e-5, rtol=1e-5)
     assert_close(out.score_loss.double(), score / 2, atol=1e-4, rtol=1e-5)
-    assert bool((out.token_balance > 0).all()) and bool((out.seq_balance > 0).all())
+    assert bool((out.token_balance > 0).all())
+    assert torch.equal(out.seq_balance, torch.zeros(2))  # no sequence-level balance loss unless asked
+
+
+def test_defaults_follow_paper_and_showo():
+    paper = preset("paper")
+    assert paper.seq_balance_coef == 0.0 and paper.balance_coef == 0.01
+    assert (paper.confidence_noise, paper.confidence_schedule) == (1.0, "showo")
+    assert paper.expert_activation == "gelu_tanh"  # Phi's gelu_new: the paper's weights come from Phi/Show-o
+    assert (paper.alpha, paper.mask_weight) == (0.01, 1.0)
+    b = make_batch()
+    out = make_model(seq_balance_coef=0.01)(b)
+    assert bool((out.seq_balance > 0).all())  # asked for: the f·P loss per group
+    with pytest.raises(ValueError, match="mask_weight"):
+        preset("tiny", mask_weight=-1.0)
+
+
+def test_only_score_and_only_mask_ablations():
+    """The paper's D3Diff ablation (Table 3): mask_weight = 0 ("Only Score"), alpha = 0 ("Only Mask")."""
+    b = make_batch()
+    full = make_model()(b)
+    only_score = make_model(mask_weight=0.0)(b)
+    only_mask = make_model(alpha=0.0)(b)
+    # same parameters and batch: the parts agree, only the weighted sum changes
+    assert_close(only_score.mask_loss, full.mask_loss) and assert_close(only_score.score_loss, full.score_loss)
+    assert_close(only_score.d3diff_loss, CFG.alpha * full.score_loss)
+    assert_close(only_mask.d3diff_loss, full.mask_loss)
+    assert_close(only_score.loss, full.loss - full.mask_loss)
+    # no gradient from the mask term: Only Score's gradient is exactly α·∇score (+ MMU + balance)
+    m = make_model(mask_weight=0.0)
+    m(b).d3diff_loss.backward()
+    g0 = m.lm_head.weight.grad.clone()
+    m.zero_grad()
+    (CFG.alpha * m(b).score_loss).backward()
+    assert_close(m.lm_head.weight.grad, g0)
+
+
+def test_confidence_noise_schedules(monkeypatch):
+    """Show-o's schedule (default): τ_t = 1.0·Π_{s<=t}(1 − (s+1)/T); MaskGIT's: 4.5·(1 − (t+1)/T)."""
+    import unif2ace.model.generate as gen
+
+    seen = []
+    real = gen.masked_sample_step
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["step"], kwargs["num_steps"], kwargs["seed"], kwargs["confidence_noise"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "masked_sample_step", spy)
+    model = make_model().eval()
+    T = 5
+    model.generate_images([[1, 2]], steps=T, seed=7)
+    assert [s[:3] for s in seen] == [(t, T, 7) for t in range(T)]  # the step goes to every call
+    effective = [tau * (1 - (t + 1) / T) for t, _, _, tau in seen]  # what the kernel anneals to
+    want = [math.prod(1 - (s + 1) / T for s in range(t + 1)) for t in range(T)]
+    assert effective == pytest.approx(want, rel=1e-12)
+    seen.clear()
+    model.generate_images([[1, 2]], steps=T, seed=7, confidence_schedule="maskgit", confidence_noise=4.5)
+    assert [tau for *_, tau in seen] == [4.5] * T
+    with pytest.raises(ValueError, match="confidence_schedule"):
+        model.generate_images([[1]], steps=2, confidence_schedule="muse")
 
 
 def ModelOutputDetached(out):

@@ -82,7 +82,8 @@ class UniF2aceConfig:
     top_k: int = 4
     routed_width: int = 0  # 0 -> mlp_width // num_routed_experts [choice]
     shared_width: int = 0  # 0 -> mlp_width // num_routed_experts [choice]
-    expert_activation: str = "gelu"  # [choice] "gelu" | "gelu_tanh" | "swiglu"
+    # [choice] "gelu_tanh" (Phi's gelu_new: the paper's experts come from Phi / Show-o) | "gelu" | "swiglu"
+    expert_activation: str = "gelu_tanh"
     expert_bias: bool = True
     gate_renormalize: bool = False  # [choice] gates = softmax probs (False) or renormalised over top-k
     router_score: str = "softmax"
@@ -92,7 +93,7 @@ class UniF2aceConfig:
     seq_experts_gen: Tuple[str, ...] = ("copy", "zero", "noise", "copy")
     seq_experts_und: Tuple[str, ...] = ("clip", "face", "copy", "copy")
     seq_top_k: int = 2
-    seq_balance_coef: float = 0.01  # [choice]
+    seq_balance_coef: float = 0.0  # [choice] the paper has no sequence-level balance loss; > 0 adds one
     # [choice] what the sequence router pools (a mean of LN3(h)): "prompt": T2I all non-pad positions, MMU the
     # prompt only (image + question, never the answer: training stays causal and matches decoding);
     # "prefix": MMU the image prefix only; "nonpad": every non-pad position (MMU answers leak backwards)
@@ -107,7 +108,8 @@ class UniF2aceConfig:
     noise_tokens: int = 16  # Gaussian "features" of the Noise expert [B, noise_tokens, noise_dim]
     noise_dim: int = 512
     # -- D3Diff loss (docs/model.md §2)
-    alpha: float = 0.01
+    alpha: float = 0.01  # weight of the score-entropy term (0: the paper's "Only Mask" ablation)
+    mask_weight: float = 1.0  # weight of the mask (MaskGIT CE) term (0: the paper's "Only Score" ablation)
     parametrization: str = "posterior"  # "posterior" | "raw" | "radd"
     train_schedule: str = "cosine"  # [choice] "cosine" (exact count) | "loglinear" (Bernoulli)
     loglinear_eps: float = 1e-3
@@ -118,7 +120,10 @@ class UniF2aceConfig:
     gen_steps: int = 18
     guidance_scale: float = 1.75
     temperature: float = 1.0
-    confidence_noise: float = 4.5
+    # confidence noise: τ0 and how it shrinks over the T steps. "showo" (Show-o's t2i_generate): τ_t =
+    # τ0·Π_{s<=t}(1 − (s+1)/T), τ0 = 1.0; "maskgit": τ_t = τ0·(1 − (t+1)/T), MaskGIT uses τ0 = 4.5
+    confidence_noise: float = 1.0
+    confidence_schedule: str = "showo"
     gen_schedule: str = "cosine"
     name: str = field(default="custom", compare=False)
 
@@ -237,6 +242,11 @@ class UniF2aceConfig:
         _choice("train_schedule", self.train_schedule, ("cosine", "loglinear"))
         _choice("d3diff_vocab", self.d3diff_vocab, ("codebook", "full"))
         _choice("gen_schedule", self.gen_schedule, ("cosine", "linear", "pow", "sigmoid"))
+        _choice("confidence_schedule", self.confidence_schedule, ("showo", "maskgit"))
+        for f in ("alpha", "mask_weight", "balance_coef", "seq_balance_coef", "confidence_noise"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
+                raise ValueError(f"{c}: field '{f}' must be a finite number >= 0, got {v!r}")
         if not 0.0 < self.rotary_fraction <= 1.0:
             raise ValueError(f"{c}: field 'rotary_fraction' must be in (0, 1], got {self.rotary_fraction}")
         if not 0.0 <= self.cond_dropout_prob <= 1.0:
@@ -271,6 +281,7 @@ PRESETS = {
         num_layers=2,
         num_heads=4,
         mlp_width=512,
+        expert_activation="gelu",
         resampler_queries=4,
         resampler_dim=64,
         resampler_heads=4,
@@ -292,6 +303,7 @@ PRESETS = {
         num_layers=6,
         num_heads=8,
         mlp_width=2048,
+        expert_activation="gelu",
         resampler_queries=8,
         resampler_dim=256,
         resampler_heads=4,

@@ -3,6 +3,10 @@
 
     loss = L_MMU + L_D3Diff + Σ_g token balance_g + Σ_g sequence balance_g
 
+L_D3Diff = mask_weight · L_mask + α · L_score (``cfg.mask_weight`` 1 and ``cfg.alpha`` 0.01 by
+default; the paper's "Only Mask" ablation is α = 0, its "Only Score" ablation mask_weight = 0).
+The sequence balance is 0 unless ``cfg.seq_balance_coef`` > 0 (the paper has none).
+
 - L_D3Diff (docs/model.md §2) on the masked image tokens of T2I samples, with the head restricted to
   the image-code rows (``cfg.d3diff_vocab``): :func:`unif2ace.kernels.d3diff_loss`, fused with the
   LM head, so ``[N, V]`` logits are never formed by the fast backends.
@@ -37,7 +41,7 @@ class ModelOutput(NamedTuple):
 
     loss: Tensor  # mmu_loss + d3diff_loss + token_balance.sum() + seq_balance.sum()
     mmu_loss: Tensor  # next-token CE over MMU answer tokens (0 without MMU samples)
-    d3diff_loss: Tensor  # mask_loss + alpha * score_loss (0 without T2I samples)
+    d3diff_loss: Tensor  # mask_weight * mask_loss + alpha * score_loss (0 without T2I samples)
     mask_loss: Tensor
     score_loss: Tensor
     token_balance: Tensor  # [G] per group (0 = gen, 1 = und), mean over layers
@@ -205,7 +209,7 @@ class UniF2ace(nn.Module):
         with self.backend_scope():
             mask_loss, score_loss = self._d3diff(h, batch)
             mmu = self._mmu(h, batch)
-        d3 = mask_loss + cfg.alpha * score_loss
+        d3 = cfg.mask_weight * mask_loss + cfg.alpha * score_loss
         total = mmu + d3 + token_bal.sum() + seq_bal.sum()
         return ModelOutput(total, mmu, d3, mask_loss, score_loss, token_bal, seq_bal)
 
