@@ -329,7 +329,7 @@ def test_sequence_moe_feature_experts_and_groups():
     r = moe.route(x, torch.ones(B, S, dtype=torch.bool), group)
     assert bool((r.expert_ids >= 4).all())  # und sequences never use gen experts
     clip = torch.randn(B, CFG.clip_tokens, CFG.clip_dim)
-    face = torch.randn(B, 1, CFG.face_dim)
+    face = torch.randn(B, CFG.face_dim)
     y = moe(x, group, r.expert_ids, r.gates, {"clip": clip, "face": face})
     want = torch.zeros_like(x)
     for e, f in ((4, clip), (5, face)):
@@ -348,6 +348,71 @@ def test_sequence_moe_feature_experts_and_groups():
     w5 = torch.softmax(moe.experts["5"].mix(x), -1)[..., :1]
     g = lambda e: torch.where(r.expert_ids == e, r.gates, 0).sum(1)[:, None, None]  # noqa: E731
     assert_close(y0, (g(4) * w4 * x + g(5) * w5 * x).detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_face_expert_sees_several_tokens_through_a_deep_resampler():
+    """The 512-d face embedding becomes face_tokens feature tokens, and the resampler is
+    resampler_depth layers with FFNs, so different queries read different things (one key would
+    make every query's attention output the same)."""
+    cfg = preset("tiny", resampler_depth=2, face_tokens=3)
+    torch.manual_seed(0)
+    moe = SequenceMoE(cfg)
+    face_e = cfg.seq_experts_gen.__len__() + cfg.seq_experts_und.index("face")
+    res = moe.experts[str(face_e)].resampler
+    assert len(res.layers) == 2 and all(isinstance(layer.ff, torch.nn.Sequential) for layer in res.layers)
+    keys, per_query = [], []
+    h1 = res.layers[0].norm_feats.register_forward_hook(lambda m, i, o: keys.append(o))
+    h2 = res.proj_out.register_forward_hook(lambda m, i, o: per_query.append(o))
+    B = 2
+    with torch.no_grad():
+        y = res(torch.randn(B, cfg.face_dim), torch.randn(B, 5, cfg.hidden_size))
+    h1.remove(), h2.remove()
+    assert y.shape == (B, 1, cfg.hidden_size)
+    assert keys[0].shape == (B, 3, cfg.resampler_dim)  # three face tokens, distinct
+    assert float((keys[0][:, 0] - keys[0][:, 1]).abs().max()) > 1e-3
+    q = per_query[0]  # [B, queries, D] before pooling
+    assert q.shape[1] == cfg.resampler_queries
+    assert float((q[:, 0] - q[:, 1]).abs().max()) > 1e-3
+
+
+def test_missing_features_rule_holds_after_training():
+    """A sample without features gets zeros from collate, and zeros mean exactly "missing" at the
+    experts (S(f) = 0), also once training has moved every bias away from zero."""
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(3):  # a few steps with features present: biases and norms move
+        opt.zero_grad()
+        model(make_batch(seed=step)).loss.backward()
+        opt.step()
+    model.eval()
+    g = torch.Generator().manual_seed(9)
+    codes = torch.randint(0, CFG.codebook_size, (2, L), generator=g)
+    with_feats = Sample(
+        "mmu",
+        codes[0],
+        [1, 2],
+        [3],
+        clip_features=torch.randn(CFG.clip_tokens, CFG.clip_dim, generator=g),
+        face_embedding=torch.randn(CFG.face_dim, generator=g),
+    )
+    without = Sample("mmu", codes[1], [4, 5], [6])
+    noise = torch.randn(2, CFG.noise_tokens, CFG.noise_dim, generator=g)
+    mixed = collate(CFG, [with_feats, without], generator=torch.Generator().manual_seed(0))
+    alone = collate(CFG, [without], generator=torch.Generator().manual_seed(0))
+    assert mixed.face_embeddings is not None and alone.face_embeddings is None
+    assert not bool(mixed.face_embeddings[1].any()) and not bool(mixed.clip_features[1].any())
+    mixed.noise_features, alone.noise_features = noise, noise[1:]
+    with torch.no_grad():
+        h_mixed, _ = _training_forward_hidden(model, mixed)
+        h_alone, _ = _training_forward_hidden(model, alone)
+    assert_close(h_mixed[1], h_alone[0], atol=1e-5, rtol=1e-5, name="zero-filled features vs None")
+    # and at the expert itself: all-zero rows give exactly w0·x
+    und = CFG.seq_experts_und
+    ex = model.blocks[0].seq_moe.experts[str(len(CFG.seq_experts_gen) + und.index("face"))]
+    x = torch.randn(2, 3, CFG.hidden_size)
+    with torch.no_grad():
+        assert torch.equal(ex(x, torch.zeros(2, CFG.face_dim)), ex(x, None))
+        assert not torch.equal(ex(x, torch.randn(2, CFG.face_dim)), ex(x, None))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -561,7 +626,7 @@ def test_kv_cache_matches_full_recompute():
     route[:, P:] = False
     feats = {
         "clip": torch.randn(B, CFG.clip_tokens, CFG.clip_dim),
-        "face": torch.randn(B, 1, CFG.face_dim),
+        "face": torch.randn(B, CFG.face_dim),
         "noise": torch.randn(B, CFG.noise_tokens, CFG.noise_dim),
     }
     with torch.no_grad():

@@ -69,9 +69,11 @@ class Batch:
     labels:           ``[B, S]`` int64: the token id at MMU answer positions (incl. its <eos>),
                       ``IGNORE_INDEX`` elsewhere. Unshifted: the model predicts labels[p] from
                       position p - 1.
-    clip_features:    optional ``[B, clip_tokens, clip_dim]`` float; missing -> the CLIP expert
-                      sees zero features (its output is then w0·x only).
-    face_embeddings:  optional ``[B, face_dim]`` float; missing -> zero features likewise.
+    clip_features:    optional ``[B, clip_tokens, clip_dim]`` float. Missing features, one rule:
+                      None (the whole batch) or a sample's all-zero rows (what :func:`collate`
+                      fills) -> that sample's CLIP expert outputs w0·x only (S(f) = 0 exactly).
+    face_embeddings:  optional ``[B, face_dim]`` float (projected to ``cfg.face_tokens`` tokens by
+                      the Face expert); missing -> None or all-zero rows, likewise.
     noise_features:   optional ``[B, noise_tokens, noise_dim]`` for the Noise expert; missing ->
                       drawn from ``torch.randn`` (the global generator) at every forward.
     """
@@ -323,8 +325,8 @@ def collate(
 ) -> Batch:
     """Samples -> :class:`Batch`: T2I image tokens masked by :func:`mask_image_tokens`, captions
     dropped (empty prompt) with probability ``drop_caption_prob`` (default ``cfg.cond_dropout_prob``),
-    MMU answers labelled. Features are stacked when every sample has them, zero-filled for samples
-    without them when only some have them.
+    MMU answers labelled. Features are stacked when some sample has them; samples without them get
+    zeros, which the feature experts treat exactly as missing (see :class:`Batch`).
     """
     if not samples:
         raise ValueError("collate: 'samples' is empty")

@@ -98,13 +98,18 @@ class UniF2aceConfig:
     # prompt only (image + question, never the answer: training stays causal and matches decoding);
     # "prefix": MMU the image prefix only; "nonpad": every non-pad position (MMU answers leak backwards)
     seq_router_pool: str = "prompt"
+    # the Perceiver resampler S of each feature expert (IP-Adapter / InstantID form: depth layers of
+    # cross-attention + FFN; InstantID uses depth 4, dim 1280, ff_mult 4 for one SDXL adapter)
     resampler_queries: int = 16
-    resampler_dim: int = 512
-    resampler_heads: int = 8
+    resampler_dim: int = 256
+    resampler_heads: int = 4
+    resampler_depth: int = 2
+    resampler_ff_mult: int = 4
     resampler_mode: str = "pooled"  # [choice] "pooled" (queries mean-pooled, broadcast) | "per_position"
     clip_dim: int = 1024  # precomputed CLIP image features [B, clip_tokens, clip_dim]
     clip_tokens: int = 257
     face_dim: int = 512  # face-identity embedding [B, face_dim] (ArcFace / AntelopeV2)
+    face_tokens: int = 4  # the embedding is projected to this many feature tokens (IP-Adapter-FaceID style)
     noise_tokens: int = 16  # Gaussian "features" of the Noise expert [B, noise_tokens, noise_dim]
     noise_dim: int = 512
     # -- D3Diff loss (docs/model.md §2)
@@ -197,6 +202,9 @@ class UniF2aceConfig:
             "resampler_queries",
             "resampler_dim",
             "resampler_heads",
+            "resampler_depth",
+            "resampler_ff_mult",
+            "face_tokens",
             "clip_dim",
             "clip_tokens",
             "face_dim",

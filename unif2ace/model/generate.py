@@ -164,7 +164,7 @@ def answer(
     img_pos = torch.arange(2, 2 + cfg.image_tokens, device=dev).expand(B, -1)
     span = bidirectional_span(img_pos, task, cap)
     route_mask = model.route_mask(valid, task, span).clone()  # the prompt only: frozen for the decoded tokens
-    features = {"clip": clip_features, "face": None if face_embeddings is None else face_embeddings[:, None, :]}
+    features = {"clip": clip_features, "face": face_embeddings}
     b = torch.arange(B, device=dev)
     pos = prompt_len.clone()  # where the next token goes
     out = torch.full((B, max_new_tokens), -1, dtype=torch.int64, device=dev)

@@ -99,8 +99,9 @@ class UniF2ace(nn.Module):
         input_ids/valid ``[B, T]``; task ``[B]`` (the MoE group); span ``[B, T]`` bool, the
         bidirectional span (:func:`~unif2ace.model.modules.bidirectional_span`; None: all causal);
         route_mask ``[B, T]`` bool, the positions the sequence router pools over (default
-        ``valid``; see :meth:`route_mask`); features: {"clip": [B, Nc, Dc], "face": [B, 1, Df],
-        "noise": [B, Nn, Dn]} (missing -> zero features; noise drawn when missing); positions
+        ``valid``; see :meth:`route_mask`); features: {"clip": [B, Nc, Dc], "face": [B, Df],
+        "noise": [B, Nn, Dn]} (None, or a sample's all-zero rows: missing, S(f) = 0 at the expert;
+        noise drawn when None); positions
         ``[B, T]`` absolute positions (default 0..T-1); cache: a :class:`KVCache` the keys/values
         are written into (attention then runs over the cache).
         Returns (h, token_balance ``[G]``, seq_balance ``[G]``).
@@ -184,12 +185,7 @@ class UniF2ace(nn.Module):
 
     @staticmethod
     def batch_features(batch: Batch) -> Dict[str, Optional[Tensor]]:
-        face = batch.face_embeddings
-        return {
-            "clip": batch.clip_features,
-            "face": None if face is None else face[:, None, :],
-            "noise": batch.noise_features,
-        }
+        return {"clip": batch.clip_features, "face": batch.face_embeddings, "noise": batch.noise_features}
 
     # -- training forward
     def forward(self, batch: Batch, *, validate: bool = True) -> ModelOutput:

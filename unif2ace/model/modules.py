@@ -29,6 +29,7 @@ __all__ = [
     "KVCache",
     "Attention",
     "TokenMoE",
+    "ResamplerLayer",
     "PerceiverResampler",
     "FeatureExpert",
     "SequenceMoE",
@@ -235,58 +236,117 @@ class TokenMoE(nn.Module):
 # sequence-level grouped MoE
 
 
-class PerceiverResampler(nn.Module):
-    """Learned queries cross-attend to projected features, then project to the model width.
+class ResamplerLayer(nn.Module):
+    """One Perceiver layer (IP-Adapter / InstantID ``Resampler``): the queries cross-attend to the
+    features, then a pre-LN FFN; both residual. With ``attend_self`` the queries also attend to each
+    other (keys/values = features + queries, as IP-Adapter does), which keeps a layer expressive even
+    over few feature tokens; per-position queries must not (that would mix sequence positions)."""
 
-    mode "pooled": ``[B, Nf, in_dim] -> [B, 1, D]`` (queries mean-pooled, broadcast to every
-    position); mode "per_position": the tokens themselves are the queries, ``-> [B, S, D]``.
+    def __init__(self, dim: int, heads: int, ff_mult: int, attend_self: bool):
+        super().__init__()
+        self.heads, self.attend_self = heads, attend_self
+        self.norm_feats = nn.LayerNorm(dim)
+        self.norm_q = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+        self.ff = nn.Sequential(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, ff_mult * dim, bias=False),
+            nn.GELU(),
+            nn.Linear(ff_mult * dim, dim, bias=False),
+        )
+
+    def forward(self, feats: Tensor, q: Tensor) -> Tensor:
+        B, Tq, dim = q.shape
+        f, qn = self.norm_feats(feats), self.norm_q(q)
+        kv_in = torch.cat((f, qn), dim=1) if self.attend_self else f
+
+        def heads(t):
+            return t.view(B, t.shape[1], self.heads, dim // self.heads).transpose(1, 2)
+
+        k, v = self.to_kv(kv_in).chunk(2, dim=-1)
+        y = F.scaled_dot_product_attention(heads(self.to_q(qn)), heads(k), heads(v))
+        q = q + self.to_out(y.transpose(1, 2).reshape(B, Tq, dim))
+        return q + self.ff(q)
+
+
+class PerceiverResampler(nn.Module):
+    """S(f): ``depth`` Perceiver layers (:class:`ResamplerLayer`) of queries over projected features,
+    then a projection to the model width and a LayerNorm (the IP-Adapter / InstantID resampler).
+
+    Features ``[B, Nf, in_dim]``, or with ``in_tokens > 0`` one vector ``[B, in_dim]`` projected to
+    ``in_tokens`` feature tokens (the face embedding: a single key would reduce cross-attention to
+    an affine map). mode "pooled": learned queries, mean-pooled to ``[B, 1, D]`` and broadcast to
+    every position; mode "per_position": the tokens themselves are the queries, ``-> [B, S, D]``.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, dim: int, num_queries: int, heads: int, mode: str):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        dim: int,
+        num_queries: int,
+        heads: int,
+        mode: str,
+        depth: int = 1,
+        ff_mult: int = 4,
+        in_tokens: int = 0,
+    ):
         super().__init__()
-        self.mode, self.heads = mode, heads
-        self.proj_in = nn.Linear(in_dim, dim)
-        self.norm_kv = nn.LayerNorm(dim)
+        self.mode, self.in_tokens, self.dim = mode, in_tokens, dim
+        self.proj_in = nn.Linear(in_dim, max(in_tokens, 1) * dim)
         if mode == "pooled":
             self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
         else:
             self.query_proj = nn.Linear(out_dim, dim)
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.layers = nn.ModuleList(ResamplerLayer(dim, heads, ff_mult, mode == "pooled") for _ in range(depth))
         self.proj_out = nn.Linear(dim, out_dim)
         self.norm_out = nn.LayerNorm(out_dim)
 
     def forward(self, feats: Tensor, x: Tensor) -> Tensor:
         B = feats.shape[0]
-        kv = self.norm_kv(self.proj_in(feats.to(x.dtype)))
-        q_in = self.queries.expand(B, -1, -1) if self.mode == "pooled" else self.query_proj(x)
-        dim = kv.shape[-1]
-
-        def heads(t):
-            return t.view(B, t.shape[1], self.heads, dim // self.heads).transpose(1, 2)
-
-        k, v = self.to_kv(kv).chunk(2, dim=-1)
-        y = F.scaled_dot_product_attention(heads(self.to_q(q_in)), heads(k), heads(v))
-        y = self.norm_out(self.proj_out(y.transpose(1, 2).reshape(B, -1, dim)))
+        f = self.proj_in(feats.to(x.dtype))
+        if self.in_tokens:
+            f = f.view(B, self.in_tokens, self.dim)
+        q = self.queries.expand(B, -1, -1) if self.mode == "pooled" else self.query_proj(x)
+        for layer in self.layers:
+            q = layer(f, q)
+        y = self.norm_out(self.proj_out(q))
         return y.mean(dim=1, keepdim=True) if self.mode == "pooled" else y
 
 
 class FeatureExpert(nn.Module):
     """MoE++ constant expert with the constant replaced by resampled features:
-    ``E(x) = w0·x + w1·S(f)``, ``[w0, w1] = softmax(W x)`` per token. Missing features -> S(f) = 0."""
+    ``E(x) = w0·x + w1·S(f)``, ``[w0, w1] = softmax(W x)`` per token.
 
-    def __init__(self, cfg: UniF2aceConfig, in_dim: int):
+    Missing features, one rule: a sample whose features are all zero (what :func:`collate` fills
+    for samples without them), or ``feats=None`` (the whole batch), has ``S(f) = 0`` exactly, so
+    ``E(x) = w0·x`` whatever the weights have learned.
+    """
+
+    def __init__(self, cfg: UniF2aceConfig, in_dim: int, in_tokens: int = 0):
         super().__init__()
         self.mix = nn.Linear(cfg.hidden_size, 2, bias=False)
         self.resampler = PerceiverResampler(
-            in_dim, cfg.hidden_size, cfg.resampler_dim, cfg.resampler_queries, cfg.resampler_heads, cfg.resampler_mode
+            in_dim,
+            cfg.hidden_size,
+            cfg.resampler_dim,
+            cfg.resampler_queries,
+            cfg.resampler_heads,
+            cfg.resampler_mode,
+            depth=cfg.resampler_depth,
+            ff_mult=cfg.resampler_ff_mult,
+            in_tokens=in_tokens,
         )
 
     def forward(self, x: Tensor, feats: Optional[Tensor]) -> Tensor:
         w = torch.softmax(self.mix(x).float(), dim=-1).to(x.dtype)
         out = w[..., :1] * x
         if feats is not None:
-            out = out + w[..., 1:] * self.resampler(feats, x)
+            present = feats.reshape(feats.shape[0], -1).ne(0).any(dim=1)[:, None, None]
+            s = torch.where(present, self.resampler(feats, x), 0.0)
+            out = out + w[..., 1:] * s
         return out
 
 
@@ -307,8 +367,9 @@ class SequenceMoE(nn.Module):
         nn.init.normal_(self.router.weight, std=0.02)
         nn.init.zeros_(self.router.bias)
         dims = {"clip": cfg.clip_dim, "face": cfg.face_dim, "noise": cfg.noise_dim}
+        tokens = {"face": cfg.face_tokens}  # one embedding vector -> face_tokens feature tokens
         self.experts = nn.ModuleDict(
-            {str(e): FeatureExpert(cfg, dims[k]) for e, k in enumerate(self.kinds) if k in dims}
+            {str(e): FeatureExpert(cfg, dims[k], tokens.get(k, 0)) for e, k in enumerate(self.kinds) if k in dims}
         )
 
     def route(self, x: Tensor, route_mask: Tensor, group: Tensor):
