@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unif2ace.kernels import moe_expert_mlp, use_backend
+from unif2ace.kernels import use_backend
 from unif2ace.model import (
     IGNORE_INDEX,
     Batch,
@@ -88,13 +88,54 @@ def test_presets_and_vocabulary_layout():
     assert paper.vocab_size == 58498 and paper.mask_token_id == 58497
     assert paper.image_token_offset == 50305 and paper.image_tokens == 256
     assert (paper.hidden_size, paper.num_layers, paper.num_heads, paper.head_dim) == (2048, 24, 32, 64)
-    assert paper.expert_width == 1024 and paper.rotary_dim == 32
-    with torch.device("meta"):
-        n = UniF2ace(paper).num_parameters()
-    print(f"paper preset: {n / 1e9:.3f} B parameters")
-    assert 1.0e9 < n < 3.0e9
+    assert (paper.expert_width, paper.shared_expert_width) == (512, 1024) and paper.rotary_dim == 32
     assert CFG.seq_len == CFG.text_len + L + 2 and CFG.hidden_size == 128 and CFG.image_grid == 8
     assert preset("small").seq_len == 32 + 256 + 2
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("tiny", {}),
+        ("small", {}),
+        ("paper", {}),
+        ("showo", {}),
+        ("tiny", {"expert_activation": "swiglu", "block_layout": "parallel", "resampler_mode": "per_position"}),
+        ("tiny", {"expert_bias": False, "face_tokens": 1, "resampler_depth": 3, "resampler_ff_mult": 1}),
+        ("tiny", {"seq_moe": False}),
+    ],
+)
+def test_parameter_count_per_part(name, overrides):
+    """The analytic count equals the built model's (on the meta device: nothing allocated)."""
+    cfg = preset(name, **overrides)
+    with torch.device("meta"):
+        model = UniF2ace(cfg)
+    counts = cfg.parameter_counts()
+    assert counts == model.parameter_counts()
+    assert counts["total"] == model.num_parameters() == sum(v for k, v in counts.items() if k != "total")
+
+
+def test_paper_preset_is_about_1_8b_as_documented():
+    import unif2ace.model.config as config_module
+
+    c = preset("paper").parameter_counts()
+    assert 1.78e9 < c["total"] < 1.85e9  # the paper: about 1.8B
+    documented = {
+        "embedding + LM head": "239.7M",
+        "attention": "402.8M",
+        "routed experts": "806.3M",
+        "shared experts": "201.5M",
+        "feature experts (resamplers)": "174.3M",
+        "token routers": "0.8M",
+        "sequence routers + gains": "0.4M",
+        "layer norms": "0.3M",
+        "total": "1,826.1M",
+    }
+    doc = config_module.__doc__
+    for part, text in documented.items():
+        assert f"{c[part] / 1e6:,.1f}M" == text, part
+        assert any(line.strip().startswith(part) and text in line for line in doc.splitlines()), part
+    assert f"{preset('showo').parameter_counts()['total'] / 1e6:,.1f}M" in doc
 
 
 def test_config_errors_name_the_field():
@@ -748,59 +789,165 @@ def test_safetensors_roundtrip(tmp_path):
         load_checkpoint(tmp_path / "bad.safetensors")
     msg = str(e.value)
     assert "blocks.0.attn.q_proj.bias" in msg and "extra.weight" in msg and "ln_f.weight" in msg
+    # a checkpoint of the old model format (no model_format in its config) says so
+    import json
+
+    old = json.loads(model.cfg.to_json())
+    del old["model_format"]
+    save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata={"config": json.dumps(old)})
+    for target in (None, model):
+        with pytest.raises(CheckpointError, match="model format 1.*train again"):
+            load_checkpoint(tmp_path / "old.safetensors", target)
 
 
-def _random_phi(cfg, vocab_rows, mlp, layers):
+def _random_phi(cfg, vocab_rows, mlp, layers, seed=0):
+    """A Phi-1.5-shaped state dict (HF ``PhiForCausalLM`` tensor names) with random, well-scaled weights."""
+    g = torch.Generator().manual_seed(seed)
     D = cfg.hidden_size
+
+    def w(*shape):
+        return torch.randn(*shape, generator=g) / math.sqrt(shape[-1])
+
+    def b(n, scale=0.1):
+        return torch.randn(n, generator=g) * scale
+
     sd = {
-        "model.embed_tokens.weight": torch.randn(vocab_rows, D),
-        "lm_head.weight": torch.randn(vocab_rows, D),
-        "lm_head.bias": torch.randn(vocab_rows),
-        "model.final_layernorm.weight": torch.randn(D),
-        "model.final_layernorm.bias": torch.randn(D),
+        "model.embed_tokens.weight": torch.randn(vocab_rows, D, generator=g),
+        "lm_head.weight": w(vocab_rows, D),
+        "lm_head.bias": b(vocab_rows),
+        "model.final_layernorm.weight": 1 + b(D),
+        "model.final_layernorm.bias": b(D),
     }
     for i in range(layers):
         s = f"model.layers.{i}."
-        sd[s + "input_layernorm.weight"], sd[s + "input_layernorm.bias"] = torch.randn(D), torch.randn(D)
+        sd[s + "input_layernorm.weight"], sd[s + "input_layernorm.bias"] = 1 + b(D), b(D)
         for p in ("q_proj", "k_proj", "v_proj", "dense"):
-            sd[f"{s}self_attn.{p}.weight"], sd[f"{s}self_attn.{p}.bias"] = torch.randn(D, D), torch.randn(D)
-        sd[s + "mlp.fc1.weight"], sd[s + "mlp.fc1.bias"] = torch.randn(mlp, D), torch.randn(mlp)
-        sd[s + "mlp.fc2.weight"], sd[s + "mlp.fc2.bias"] = torch.randn(D, mlp), torch.randn(D)
+            sd[f"{s}self_attn.{p}.weight"], sd[f"{s}self_attn.{p}.bias"] = w(D, D), b(D)
+        sd[s + "mlp.fc1.weight"], sd[s + "mlp.fc1.bias"] = w(mlp, D), b(mlp)
+        sd[s + "mlp.fc2.weight"], sd[s + "mlp.fc2.bias"] = w(D, mlp), b(D)
     return sd
 
 
-def test_phi_import_upcycles_dense_mlp(tmp_path):
+SHOWO_ORDER = "[PAD] <|soi|> <|eoi|> <|sov|> <|eov|> <|t2i|> <|mmu|> <|t2v|> <|v2v|> <|lvg|>".split()
+
+
+def _showo_mask(ids, cfg, task):
+    """Show-o's attention masks, written from its rules (training/prompting_utils.py), ``[S, S]`` bool.
+
+    T2I (``create_attention_mask_predict_next`` with ``rm_pad_in_image``): causal; rows after the
+    leading pads never see them; rows of <|soi|>...<|eoi|> see every non-pad position.
+    MMU (``create_attention_mask_for_mmu``): causal, and every row sees the prefix up to <|eoi|>.
+    """
+    S = len(ids)
+    ids = torch.tensor(ids)
+    m = torch.ones(S, S).tril().bool()
+    soi = int((ids == cfg.special_token_id("<|soi|>")).nonzero()[0])
+    eoi = int((ids == cfg.special_token_id("<|eoi|>")).nonzero()[0])
+    pad = ids == cfg.pad_token_id
+    if task == "t2i":
+        if pad.any():
+            last = int(pad.nonzero()[-1])
+            m[last + 1 :, : last + 1] = False
+        m[soi : eoi + 1] = ~pad[None, :]
+    else:
+        m[:, : eoi + 1] = True
+    return m
+
+
+def _dense_phi_logits(sd, cfg, ids, mask):
+    """The dense Phi-1.5 / Show-o forward (parallel block, partial NeoX rotary, tanh gelu), fp64."""
+    sd = {k: v.double() for k, v in sd.items()}
+    D, H = cfg.hidden_size, cfg.num_heads
+    hd, r = D // H, cfg.rotary_dim
+    B, S = ids.shape
+    x = sd["model.embed_tokens.weight"][ids]
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float64) / r)
+    ang = torch.arange(S, dtype=torch.float64)[:, None] * inv
+    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
+
+    def rope(t):  # [B, H, S, hd]
+        t1, t2 = t[..., : r // 2], t[..., r // 2 : r]
+        return torch.cat((t[..., :r] * cos + torch.cat((-t2, t1), -1) * sin, t[..., r:]), -1)
+
+    def lin(a, name):
+        return a @ sd[name + ".weight"].t() + sd[name + ".bias"]
+
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        a = F.layer_norm(x, (D,), sd[p + "input_layernorm.weight"], sd[p + "input_layernorm.bias"], 1e-5)
+        q, k, v = (lin(a, p + f"self_attn.{n}_proj").view(B, S, H, hd).transpose(1, 2) for n in "qkv")
+        att = (rope(q) @ rope(k).transpose(-1, -2)) / math.sqrt(hd)
+        att = att.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
+        y = lin((att @ v).transpose(1, 2).reshape(B, S, D), p + "self_attn.dense")
+        mlp = lin(F.gelu(lin(a, p + "mlp.fc1"), approximate="tanh"), p + "mlp.fc2")
+        x = x + y + mlp
+    x = F.layer_norm(x, (D,), sd["model.final_layernorm.weight"], sd["model.final_layernorm.bias"], 1e-5)
+    return lin(x, "lm_head")
+
+
+def test_showo_import_reproduces_the_dense_forward(tmp_path):
+    """A Show-o checkpoint (random weights, Show-o's tensor names and vocabulary) imports into the
+    model's "showo" form and gives the dense model's logits; special tokens are mapped by name."""
     from safetensors.torch import save_file
 
-    cfg = preset("tiny", expert_activation="gelu_tanh")
-    model = UniF2ace(cfg)
-    sd = _random_phi(cfg, 100, cfg.mlp_width, cfg.num_layers)  # Phi-like: padded text vocabulary
-    save_file({f"showo.{k}": v for k, v in sd.items()}, str(tmp_path / "phi.safetensors"))
-    report = load_phi_state_dict(model, tmp_path / "phi.safetensors")
-    assert "blocks.0.ln3.weight" in report["initialised"] and "blocks.1.token_moe.w1" in report["loaded"]
+    cfg = preset("tiny", block_layout="parallel", expert_activation="gelu_tanh", shared_width=512)
+    sd = _random_phi(cfg, cfg.vocab_size, cfg.mlp_width, cfg.num_layers)  # Show-o: the full vocabulary
+    save_file({f"showo.{k}": v for k, v in sd.items()}, str(tmp_path / "showo.safetensors"))
+    torch.manual_seed(0)
+    model = UniF2ace(cfg).eval()
+    report = load_phi_state_dict(model, tmp_path / "showo.safetensors")
+    assert "blocks.1.token_moe.w2" in report["zeroed"] and "blocks.0.seq_gain" in report["zeroed"]
+    assert "blocks.0.ln3.weight" in report["initialised"] and "blocks.0.token_moe.router" in report["initialised"]
+    # special tokens by name: Show-o's row of each name lands on our id of that name
     T = cfg.text_vocab_size
-    assert torch.equal(model.embed.weight[:T], sd["model.embed_tokens.weight"][:T])
-    assert torch.equal(model.blocks[1].ln2.bias, sd["model.layers.1.input_layernorm.bias"])
-    assert torch.equal(model.blocks[0].attn.dense.weight, sd["model.layers.0.self_attn.dense.weight"])
-    # Σ_e routed_e(x) + dense fc2 bias == the dense MLP, for both groups
-    moe = model.blocks[0].token_moe
-    s = "model.layers.0.mlp."
-    x = torch.randn(5, cfg.hidden_size) * 0.1
-    dense = (
-        F.gelu(x @ sd[s + "fc1.weight"].t() + sd[s + "fc1.bias"], approximate="tanh") @ sd[s + "fc2.weight"].t()
-        + sd[s + "fc2.bias"]
-    )
-    N = cfg.num_routed_experts
-    for g in (0, 1):
-        ids = torch.arange(g * N, (g + 1) * N).expand(5, N)
+    for name in SHOWO_ORDER:
+        i, j = cfg.special_token_id(name), T + SHOWO_ORDER.index(name)
+        assert torch.equal(model.embed.weight[i], sd["model.embed_tokens.weight"][j]), name
+        assert torch.equal(model.lm_head.weight[i], sd["lm_head.weight"][j]), name
+    assert torch.equal(model.embed.weight[cfg.special_token_id("<|mmu|>")], sd["model.embed_tokens.weight"][T + 6])
+    # the same sequences through the imported model and through a dense Phi forward with Show-o's masks
+    g = torch.Generator().manual_seed(3)
+    img = (torch.randint(0, cfg.codebook_size, (L,), generator=g) + cfg.image_token_offset).tolist()
+    t2i, t2i_valid = t2i_sequence(cfg, [5, 6, 7], img)
+    mmu, mmu_valid, _ = mmu_sequence(cfg, img, [8, 9], [10])
+    ids = torch.tensor([t2i, mmu])
+    valid = torch.tensor([t2i_valid, mmu_valid])
+    task = torch.tensor([0, 1])
+    img_pos = torch.stack([torch.arange(cfg.text_len + 1, cfg.text_len + 1 + L), torch.arange(2, 2 + L)])
+    mask = torch.stack([_showo_mask(t2i, cfg, "t2i"), _showo_mask(mmu, cfg, "mmu")])
+    want = _dense_phi_logits(sd, cfg, ids, mask)
+    for backend in ("reference", "auto"):
+        model.set_backend(backend)
         with torch.no_grad():
-            y = moe_expert_mlp(x, moe.w1, moe.w2, ids, torch.ones(5, N), b1=moe.b1, b2=moe.b2, activation="gelu_tanh")
-        assert_close(y + sd[s + "fc2.bias"], dense, atol=1e-4, rtol=1e-4)
-    # full-vocabulary (Show-o) rows are copied whole
+            h, _, _ = model.hidden(ids, valid, task, span=bidirectional_span(img_pos, task, cfg.seq_len))
+            got = model.lm_head(h)
+        assert_close(got[valid], want[valid].float(), name=f"logits ({backend})")  # fp32 tolerance
+    # a Phi checkpoint (padded text vocabulary): text rows only, the rest keeps its initialisation
     m2 = UniF2ace(cfg)
-    full = _random_phi(cfg, cfg.vocab_size, cfg.mlp_width, cfg.num_layers)
-    load_phi_state_dict(m2, full)
-    assert torch.equal(m2.lm_head.weight, full["lm_head.weight"])
+    before = m2.embed.weight.detach().clone()
+    phi = _random_phi(cfg, T + 4, cfg.mlp_width, cfg.num_layers, seed=1)
+    load_phi_state_dict(m2, phi)
+    assert torch.equal(m2.embed.weight[:T], phi["model.embed_tokens.weight"][:T])
+    assert torch.equal(m2.embed.weight[T:], before[T:])
+    # the imported model trains from there: routed experts and the sequence MoE get gradients
+    model.set_backend("auto").train()
+    out = model(make_batch(cfg))
+    out.loss.backward()
+    assert float(model.blocks[0].token_moe.w2.grad.abs().sum()) > 0
+    assert float(model.blocks[0].seq_gain.grad.abs().sum()) > 0
+
+
+def test_phi_import_refuses_models_it_cannot_reproduce():
+    base = dict(block_layout="parallel", expert_activation="gelu_tanh", shared_width=512)
+    sd = _random_phi(CFG, 100, CFG.mlp_width, CFG.num_layers)
+    for overrides, match in (
+        ({"block_layout": "sequential"}, "block_layout='parallel'"),
+        ({"expert_activation": "gelu"}, "gelu_tanh"),
+        ({"shared_width": 64}, "shared_width=512"),
+    ):
+        with pytest.raises(CheckpointError, match=match):
+            load_phi_state_dict(UniF2ace(preset("tiny", **{**base, **overrides})), sd)
+    assert preset("showo").shared_expert_width == preset("showo").mlp_width  # the import form of the paper model
 
 
 def test_phi_import_errors_list_keys():
@@ -813,5 +960,6 @@ def test_phi_import_errors_list_keys():
         load_phi_state_dict(UniF2ace(cfg), sd)
     msg = str(e.value)
     assert "model.layers.1.mlp.fc2.bias" in msg and "rotary_emb.inv_freq" in msg and "q_proj.weight" in msg
-    with pytest.raises(CheckpointError, match="dense MLP width"):
+    cfg = preset("tiny", block_layout="parallel", expert_activation="gelu_tanh", shared_width=512)
+    with pytest.raises(CheckpointError, match="dense MLP width 96"):
         load_phi_state_dict(UniF2ace(cfg), _random_phi(cfg, 100, 96, cfg.num_layers))

@@ -81,6 +81,26 @@ class UniF2ace(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def parameter_counts(self) -> Dict[str, int]:
+        """Parameters per part, counted from the model's own tensors (same keys as
+        :meth:`UniF2aceConfig.parameter_counts`; works on the meta device)."""
+        out = dict.fromkeys(self.cfg.parameter_counts(), 0)
+        rules = (
+            (("embed.", "lm_head."), "embedding + LM head"),
+            ((".attn.",), "attention"),
+            ((".ln1.", ".ln2.", ".ln3.", "ln_f."), "layer norms"),
+            ((".token_moe.router",), "token routers"),
+            ((".token_moe.shared_",), "shared experts"),
+            ((".token_moe.",), "routed experts"),
+            ((".seq_moe.router.", ".seq_gain"), "sequence routers + gains"),
+            ((".seq_moe.experts.",), "feature experts (resamplers)"),
+        )
+        for name, p in self.named_parameters():
+            part = next(k for keys, k in rules if any(s in name or name.startswith(s) for s in keys))
+            out[part] += p.numel()
+        out["total"] = sum(v for k, v in out.items() if k != "total")
+        return out
+
     # -- the transformer
     def hidden(
         self,

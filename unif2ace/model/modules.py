@@ -1,8 +1,10 @@
 """The building blocks of a UniF²ace layer (docs/model.md §1, §3), readable top to bottom.
 
-    h = x + Attn(LN1(x))          omni-attention: causal text, bidirectional image span, pads never attended
-    h = h + TokenMoE_g(LN2(h))    per task group g: 1 shared expert + top-k of N routed experts
-    h = h + SeqMoE_g(LN3(h))      per task group g: one top-2 route per sequence over copy/zero/noise/CLIP/face
+    h = x + Attn(LN1(x))            omni-attention: causal text, bidirectional image span, pads never attended
+    h = h + TokenMoE_g(LN2(h))      per task group g: 1 shared expert + top-k of N routed experts
+    h = h + γ·SeqMoE_g(LN3(h))      per task group g: one top-2 route per sequence over copy/zero/noise/CLIP/face
+
+(the sequential layout; ``block_layout="parallel"`` is Phi's: attention and token MoE both read LN1(x)).
 
 Every hot spot calls :mod:`unif2ace.kernels` (gating, routed/shared expert MLPs, sequence gating),
 so whichever backend :func:`unif2ace.kernels.use_backend` selects is used.
@@ -405,8 +407,13 @@ class SequenceMoE(nn.Module):
 
 
 class Block(nn.Module):
-    """``h = x + Attn(LN1 x); h = h + TokenMoE(LN2 h); h = h + SeqMoE(LN3 h)`` (sequential layout) or
-    ``h = x + Attn(a) + TokenMoE(a) + SeqMoE(a), a = LN1 x`` (parallel, Phi's own layout)."""
+    """One layer; ``γ`` (``seq_gain``, per channel, 1 at init; 0 in a freshly imported model) scales the
+    sequence MoE's residual branch.
+
+    sequential (the paper's figure): ``h = x + Attn(LN1 x); h = h + TokenMoE(LN2 h); h = h + γ·SeqMoE(LN3 h)``
+    parallel (Phi's block; attention and MLP read the same LN1 x, the sequence MoE follows):
+    ``h = x + Attn(a) + TokenMoE(a), a = LN1 x; h = h + γ·SeqMoE(LN3 h)``
+    """
 
     def __init__(self, cfg: UniF2aceConfig, index: int):
         super().__init__()
@@ -414,14 +421,13 @@ class Block(nn.Module):
         D, eps = cfg.hidden_size, cfg.layer_norm_eps
         self.ln1 = nn.LayerNorm(D, eps=eps)
         self.attn = Attention(cfg)
-        sequential = cfg.block_layout == "sequential"
-        if sequential:
+        if cfg.block_layout == "sequential":
             self.ln2 = nn.LayerNorm(D, eps=eps)
         self.token_moe = TokenMoE(cfg)
         if cfg.seq_moe:
-            if sequential:
-                self.ln3 = nn.LayerNorm(D, eps=eps)
+            self.ln3 = nn.LayerNorm(D, eps=eps)
             self.seq_moe = SequenceMoE(cfg)
+            self.seq_gain = nn.Parameter(torch.ones(D))
 
     def _token_moe(self, a: Tensor, ctx: "BlockContext") -> Tuple[Tensor, Tensor]:
         # only non-pad tokens are routed (pads would skew the balance statistics); pads get 0
@@ -457,15 +463,15 @@ class Block(nn.Module):
         if self.cfg.block_layout == "parallel":
             a = self.ln1(x)
             t, tb = self._token_moe(a, ctx)
-            s, sb = self._seq_moe(a, ctx) if self.cfg.seq_moe else (0, zero)
-            return x + attn(a) + t + s, tb, sb
-        h = x + attn(self.ln1(x))
-        t, tb = self._token_moe(self.ln2(h), ctx)
-        h = h + t
+            h = x + attn(a) + t
+        else:
+            h = x + attn(self.ln1(x))
+            t, tb = self._token_moe(self.ln2(h), ctx)
+            h = h + t
         if not self.cfg.seq_moe:
             return h, tb, zero
         s, sb = self._seq_moe(self.ln3(h), ctx)
-        return h + s, tb, sb
+        return h + self.seq_gain.to(s.dtype) * s, tb, sb
 
 
 class BlockContext:
