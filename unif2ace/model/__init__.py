@@ -1,6 +1,6 @@
 """The UniF²ace model layer (docs/model.md), built on :mod:`unif2ace.kernels`.
 
-- :mod:`.config`: :class:`UniF2aceConfig` and the ``tiny`` / ``small`` / ``paper`` presets.
+- :mod:`.config`: :class:`UniF2aceConfig` and the ``tiny`` / ``small`` / ``paper`` / ``showo`` presets.
 - :mod:`.batch`: the T2I / MMU sequence layouts, the D3Diff corruption, :class:`Batch`.
 - :mod:`.modules`: omni-attention, token MoE, sequence MoE, Perceiver resampler, the block.
 - :mod:`.model`: :class:`UniF2ace` and its losses.
