@@ -221,6 +221,20 @@ def test_any_split_of_a_global_batch_sees_the_same_samples(data):
     assert not torch.equal(other.is_masked, whole.is_masked)
 
 
+def test_make_batch_keeps_features_of_a_mixed_batch():
+    """Samples without features get zeros (= missing at the feature experts), the others keep theirs."""
+    from unif2ace.model import Sample
+    from unif2ace.train.trainer import make_batch
+
+    cfg = TrainConfig(model=dict(SMALL)).model_config()
+    face = torch.randn(cfg.face_dim)
+    L = cfg.image_tokens
+    samples = [Sample("mmu", [0] * L, [1], [2], face_embedding=face), Sample("t2i", [1] * L, [3])]
+    b = make_batch(cfg, samples, [1, 2], "cpu")
+    assert torch.equal(b.face_embeddings, torch.stack([face, torch.zeros_like(face)]))
+    assert b.clip_features is None
+
+
 def test_grad_accumulation_runs_and_learns(data, tmp_path):
     ls = losses(train(cfg_for(data, tmp_path / "b", steps=12, batch_size=4, grad_accum=2), log=lambda *a: None))
     assert all(np.isfinite(ls)) and np.mean(ls[-3:]) < np.mean(ls[:3])
