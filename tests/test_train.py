@@ -646,7 +646,10 @@ def test_fsdp_two_processes_match_one_process_and_resume_on_one(data, tmp_path):
     ref = load_run(str(tmp_path / "fsdp")).model.state_dict()
     for src in (tmp_path / "resumed", ck / "step-00000004"):
         got = load_run(str(src)).model.state_dict()
-        assert all(torch.allclose(got[k], ref[k], rtol=1e-5, atol=1e-7) for k in ref)
+        # 1 vs 2 processes reduce in a different order; Adam turns ~1e-7 gradient differences into
+        # ~1e-6 parameter differences (a lost optimizer state would move them by ~lr = 3e-3)
+        bad = {k: float((got[k] - ref[k]).abs().max()) for k in ref if not torch.allclose(got[k], ref[k], atol=2e-5)}
+        assert not bad, bad
 
 
 def test_fsdp_resume_is_exact_and_survives_damage_and_killed_saves(data, tmp_path, monkeypatch):
