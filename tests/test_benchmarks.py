@@ -562,3 +562,28 @@ def test_pytest_benchmark_entry_point(tmp_path):
     assert "4 failed" in summary and "passed" in summary and "skipped" in summary, summary  # broken: 2 dtypes x 2 modes
     for why in SELFTEST_SKIPPED.values():  # skipped with run.py's reasons (triton: the interpreter, on)
         assert why in p.stdout or why.split(": ", 1)[-1] in p.stdout or "triton" in why, why
+
+
+def test_pytest_benchmark_collects_the_whole_registry():
+    """What `pytest benchmarks/ --collect-only` parametrizes (quick sizes, CPU): every case file
+    without errors, peers included; the same labels as run.py."""
+    from benchmarks import test_bench
+
+    class Config:
+        opts = {"--bench-device": "cpu", "--bench-full": False, "--bench-ops": "", "--bench-dtype": "",
+                "--bench-compile": False, "--bench-no-peers": False, "--bench-no-flush-l2": False,
+                "--bench-cuda-graph": False}  # fmt: skip
+
+        def getoption(self, name):
+            return self.opts[name]
+
+    items = test_bench.registry_items(Config())
+    ids = [it.id for it in items]
+    assert len(ids) == len(set(ids)) > 50 and not [it.error for it in items if it.error]
+    for want in ("|cce-torch_compile|fwd+bwd", "|torch._grouped_mm|fwd", "|torch-native|fwd", "machine|copy"):
+        assert any(want in i for i in ids), want
+    assert not any(i.startswith("softmax|") for i in ids)  # _selftest only when asked for
+    cases, _ = run.collect(run.discover()[0], torch.device("cpu"), True)
+    for _stem, case in run.select(cases, [], None):
+        for label, _kind, _fn in run.case_labels(case, False):
+            assert f"{case.op}|{case.name}|{run.dtype_name(case.dtype)}|{label}|fwd" in ids
