@@ -57,6 +57,7 @@ def plot_op(op: str, cases: Dict[tuple, List[dict]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     heights = []
     for recs in cases.values():
@@ -64,7 +65,7 @@ def plot_op(op: str, cases: Dict[tuple, List[dict]], path: Path) -> Path:
     fig, axes = plt.subplots(
         len(cases),
         2,
-        figsize=(12, 1.2 + sum(0.42 * h + 0.9 for h in heights)),
+        figsize=(12, 1.2 + sum(0.42 * h + 1.1 for h in heights)),
         gridspec_kw={"width_ratios": [3, 2], "height_ratios": heights},
         squeeze=False,
     )
@@ -110,7 +111,9 @@ def plot_op(op: str, cases: Dict[tuple, List[dict]], path: Path) -> Path:
                     ax_l.text(r["pct_limit"], y, " " + _pct(r["pct_limit"]), va="center", fontsize=7)
         for mode, r in limits.items():
             ls = "--" if mode == "fwd" else ":"
-            ax_t.axvline(r["median_ms"], color="k", ls=ls, lw=1, label=f"limit {mode}: {r.get('limit') or ''}")
+            ax_t.axvline(r["median_ms"], color="k", ls=ls, lw=1)
+            ax_t.text(r["median_ms"], -0.45, f"limit {mode}", fontsize=6.5, va="top", ha="center", rotation=90,
+                      bbox=dict(facecolor="white", alpha=0.8, pad=0.6, lw=0))  # fmt: skip
         for ax in (ax_t, ax_l):
             ax.set_yticks(range(len(labels)))
             ax.set_ylim(len(labels) - 0.5, -0.5)
@@ -118,14 +121,17 @@ def plot_op(op: str, cases: Dict[tuple, List[dict]], path: Path) -> Path:
         ax_t.set_yticklabels(names, fontsize=8)
         ax_l.set_yticklabels([])
         ax_t.set_xscale("log")
+        ax_t.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax_t.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax_t.xaxis.set_minor_formatter(NullFormatter())
         ax_t.set_xlabel("median ms (log; bars: p20-p80)  solid: fwd, hatched: fwd+bwd", fontsize=8)
-        ax_t.set_title(f"{case}  {dtype}", fontsize=9, loc="left")
+        descs = list(dict.fromkeys(r.get("limit") for r in limits.values() if r.get("limit")))
+        title = f"{case}  {dtype}" + "".join(f"\nlimit: {d}" for d in descs)
+        ax_t.set_title(title, fontsize=8.5, loc="left")
         ax_l.axvline(100, color="k", lw=1)
         ax_l.set_xlabel("% of the machine limit (same run)", fontsize=8)
         if not limits:
             ax_l.text(0.5, 0.5, "no limit for this case", transform=ax_l.transAxes, ha="center", fontsize=8)
-        else:
-            ax_t.legend(fontsize=6.5, loc="lower right", framealpha=0.8)
         ax_t.tick_params(axis="x", labelsize=8)
         ax_l.tick_params(axis="x", labelsize=8)
     kinds = sorted({r.get("kind") for recs in cases.values() for r in recs if r.get("kind") in COLORS},
