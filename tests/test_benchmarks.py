@@ -502,7 +502,7 @@ def test_plots_written(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out = tmp_path / "b.json"
-    args = ["_selftest", "--quick", "--backends", "peer-torch,peer-missing,broken", "--json", str(out)]
+    args = ["_selftest", "--quick", "--dtype", "bf16", "--backends", "peer-torch,peer-missing", "--json", str(out)]
     assert run.main(args + ["--plot", str(tmp_path / "plots")]) == 0
     assert [p.name for p in (tmp_path / "plots").iterdir()] == ["softmax.png"]
     assert _png(tmp_path / "plots" / "softmax.png")
@@ -511,7 +511,7 @@ def test_plots_written(tmp_path, monkeypatch):
 
     recs = json.loads(out.read_text())
     other = [dict(r, op="UniF2ace.forward", limit=None, limit_ms=None, pct_limit=None) for r in recs
-             if r["kind"] != "limit" and r["dtype"] == "float32"]  # fmt: skip
+             if r["kind"] != "limit"]  # fmt: skip
     (tmp_path / "c.json").write_text(json.dumps(other))
     assert plot.main([str(out), str(tmp_path / "c.json"), "--out", str(tmp_path / "p2")]) == 0
     assert sorted(p.name for p in (tmp_path / "p2").iterdir()) == ["UniF2ace.forward.png", "softmax.png"]
@@ -535,33 +535,33 @@ def _pytest_bench(args, tmp_path, timeout=300):
 
 def test_pytest_benchmark_entry_point(tmp_path):
     """`pytest benchmarks/ --benchmark-only` runs the same registry: one benchmark per case x
-    implementation x peer x mode, grouped by case and mode, skips with run.py's reasons, and a
-    --benchmark-json that pytest-benchmark can compare."""
+    implementation x peer x mode, grouped by case and mode, the machine limits, skips with run.py's
+    reasons, and a --benchmark-json that pytest-benchmark can compare (bf16 selftest case only)."""
     pytest.importorskip("pytest_benchmark")
     out = tmp_path / "pb.json"
-    p = _pytest_bench(["--benchmark-only", "--bench-ops", "_selftest", "--benchmark-json", str(out)], tmp_path)
-    assert p.returncode == 1, p.stdout + p.stderr  # the "broken" implementation fails its test
+    args = ["--benchmark-only", "--bench-ops", "_selftest", "--bench-dtype", "bf16", "--benchmark-json", str(out)]
+    p = _pytest_bench(args, tmp_path)
+    assert p.returncode == 1, p.stdout + p.stderr  # the "broken" implementation fails its tests
     data = json.loads(out.read_text())
     names = {b["name"] for b in data["benchmarks"]}
-    for dtype in ("float32", "bfloat16"):
-        for backend in ("reference", "cpu", "peer-torch"):
-            for mode in ("fwd", "fwd+bwd"):
-                assert f"test_registry[softmax|N=64 V=1000|{dtype}|{backend}|{mode}]" in names
-    assert {b["group"] for b in data["benchmarks"]} == {
-        f"softmax | N=64 V=1000 | {dt} | {m}" for dt in ("float32", "bfloat16") for m in ("fwd", "fwd+bwd")
-    } | {"machine limits"}
+    for backend in ("reference", "cpu", "peer-torch"):
+        for mode in ("fwd", "fwd+bwd"):
+            assert f"test_registry[softmax|N=64 V=1000|bfloat16|{backend}|{mode}]" in names
+    groups = {b["group"] for b in data["benchmarks"]}
+    assert groups == {"softmax | N=64 V=1000 | bfloat16 | fwd", "softmax | N=64 V=1000 | bfloat16 | fwd+bwd",
+                      "machine limits"}  # fmt: skip
     machine = {b["extra_info"]["limit"] for b in data["benchmarks"] if b["group"] == "machine limits"}
-    # fp32: the copy bandwidth; bf16: the forward product and (fwd+bwd) dX; dW has the forward's shape here
-    assert machine == {"copy 64 MiB", "torch.mm 64x64x1000 bfloat16", "torch.mm 64x1000x64 bfloat16"}
-    peer = next(b for b in data["benchmarks"] if "peer-torch|fwd+bwd" in b["name"] and "float32" in b["name"])
+    # the forward product and, for fwd+bwd, dX (dW has the forward's shape here)
+    assert machine == {"torch.mm 64x64x1000 bfloat16", "torch.mm 64x1000x64 bfloat16"}
+    peer = next(b for b in data["benchmarks"] if "peer-torch|fwd+bwd" in b["name"])
     info = peer["extra_info"]
     assert info["kind"] == "peer" and info["mode"] == "fwd+bwd" and info["device"] == "cpu"
-    assert info["limit"].startswith("copy ") and info["limit_ms"] > 0
+    assert info["limit"].startswith("torch.mm 64x64x1000 +dX,dW bfloat16") and info["limit_ms"] > 0
     assert info["pct_limit"] == pytest.approx(100 * info["limit_ms"] / (peer["stats"]["median"] * 1e3))
     summary = p.stdout.splitlines()[-1]
-    assert "4 failed" in summary and "passed" in summary and "skipped" in summary, summary  # broken: 2 dtypes x 2 modes
-    for why in SELFTEST_SKIPPED.values():  # skipped with run.py's reasons (triton: the interpreter, on)
-        assert why in p.stdout or why.split(": ", 1)[-1] in p.stdout or "triton" in why, why
+    assert "2 failed" in summary and "passed" in summary and "skipped" in summary, summary  # broken: 2 modes
+    for backend, why in SELFTEST_SKIPPED.items():  # skipped with run.py's reasons (triton: the interpreter is on)
+        assert (why if backend != "triton" else "TRITON_INTERPRET=1") in p.stdout, why
 
 
 def test_pytest_benchmark_collects_the_whole_registry():
