@@ -6,7 +6,9 @@ checks it against our reference wherever the peer runs on this machine):
 loss (``d3diff_loss`` with α = 0, i.e. mean cross-entropy over the rows whose target is not
 ``ignore_index``; the same rows are ignored by every peer):
     ``cce-torch_compile`` / ``cce``  Cut Cross-Entropy's ``linear_cross_entropy`` (``impl=
-                                      "torch_compile"`` anywhere, ``impl="cce"`` Triton, CUDA only)
+                                      "torch_compile"`` anywhere, ``impl="cce"`` Triton, CUDA only;
+                                      its default gradient filter, as users run it, skips
+                                      negligible softmax entries in the backward)
     ``liger-flce``                    Liger-Kernel's fused linear cross-entropy (Triton, CUDA only)
     ``eager``                         ``F.cross_entropy(F.linear(h, w).float(), target)``
     (from logits: ``eager`` ``F.cross_entropy(logits.float(), target)``, ``liger-ce`` on CUDA)
