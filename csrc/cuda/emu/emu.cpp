@@ -131,6 +131,9 @@ struct Worker {
   std::vector<Fiber> fibers;
   std::vector<int> ready;  // FIFO: ready[head..]
   size_t head = 0;
+  std::vector<int> scratch;  // fibers to make ready (push_ready)
+  // per warp of the running block: lanes that exist, have exited, wait in a warp primitive
+  unsigned exists[kMaxThreads / 32], exited[kMaxThreads / 32], waiting[kMaxThreads / 32];
   std::vector<uint64_t> smem;  // dynamic shared memory (8-byte aligned words; 16-byte aligned base below)
   unsigned char* smem_base = nullptr;
   Context sched;
@@ -286,13 +289,16 @@ Fiber& me() {
   return *tcur;
 }
 
-void push_ready(Worker& w, std::vector<int>& ids) {
+// Makes w.scratch's fibers ready, in the configured order.
+void push_ready(Worker& w) {
+  std::vector<int>& ids = w.scratch;
   if (w.order == 1) std::reverse(ids.begin(), ids.end());
   if (w.order == 2) std::shuffle(ids.begin(), ids.end(), w.rng);
   for (int i : ids) {
     w.fibers[i].state = State::kReady;
     w.ready.push_back(i);
   }
+  ids.clear();
 }
 
 void yield() {
@@ -319,24 +325,23 @@ void try_complete_active(Worker& w, int warp) {
     if (f.state == State::kWarp && f.op == WarpOp::kActivemask) waiting |= 1u << j;
   }
   if (waiting == 0) return;
-  std::vector<int> ids;
   for (int j = 0; j < 32; ++j) {
     if ((waiting >> j) & 1u) {
       w.fibers[base + j].result = waiting;
-      ids.push_back(base + j);
+      w.scratch.push_back(base + j);
     }
   }
   w.active_waiting -= __builtin_popcount(waiting);
-  push_ready(w, ids);
+  w.waiting[warp] &= ~waiting;
+  push_ready(w);
 }
 
 void release_barrier(Worker& w) {
-  std::vector<int> ids;
   for (int i = 0; i < w.nthreads; ++i) {
-    if (w.fibers[i].state == State::kBarrier) ids.push_back(i);
+    if (w.fibers[i].state == State::kBarrier) w.scratch.push_back(i);
   }
   w.bar_arrived = 0;
-  push_ready(w, ids);
+  push_ready(w);
 }
 
 [[noreturn]] void fiber_exit() {
@@ -345,9 +350,10 @@ void release_barrier(Worker& w) {
   f.state = State::kDone;
   --w.live;
   const int warp = f.tc.linear / 32, lane = f.tc.linear % 32;
-  for (int j = 0; j < 32; ++j) {  // a warp primitive waiting for this lane can never complete
-    const int t = warp * 32 + j;
-    if (t < w.nthreads && w.fibers[t].state == State::kWarp && ((w.fibers[t].mask >> lane) & 1u)) {
+  w.exited[warp] |= 1u << lane;
+  for (unsigned m = w.waiting[warp]; m != 0; m &= m - 1) {  // a primitive waiting for this lane cannot complete
+    const int j = __builtin_ctz(m), t = warp * 32 + j;
+    if ((w.fibers[t].mask >> lane) & 1u) {
       fail(format("%s exited while lane %d waits for it in %s(mask 0x%08x) at %s:%d", where(f).c_str(), j,
                   op_name(w.fibers[t].op), w.fibers[t].mask, short_path(w.fibers[t].file), w.fibers[t].line));
     }
@@ -396,12 +402,12 @@ void complete_warp_op(Worker& w, int warp, unsigned mask) {
   const int base = warp * 32;
   const WarpOp op = w.fibers[base + __builtin_ctz(mask)].op;
   unsigned vote = 0;
-  for (int j = 0; j < 32; ++j) {
-    if ((mask >> j) & 1u) vote |= (w.fibers[base + j].value != 0 ? 1u : 0u) << j;
+  for (unsigned m = mask; m != 0; m &= m - 1) {
+    const int j = __builtin_ctz(m);
+    vote |= (w.fibers[base + j].value != 0 ? 1u : 0u) << j;
   }
-  std::vector<int> ids;
-  for (int j = 0; j < 32; ++j) {
-    if (!((mask >> j) & 1u)) continue;
+  for (unsigned m = mask; m != 0; m &= m - 1) {
+    const int j = __builtin_ctz(m);
     Fiber& f = w.fibers[base + j];
     switch (op) {
       case WarpOp::kShflIdx:
@@ -428,20 +434,22 @@ void complete_warp_op(Worker& w, int warp, unsigned mask) {
         f.result = vote == mask;
         break;
       case WarpOp::kMatchAny: {
-        unsigned m = 0;
-        for (int k = 0; k < 32; ++k) {
-          if (((mask >> k) & 1u) && w.fibers[base + k].value == f.value) m |= 1u << k;
+        unsigned same = 0;
+        for (unsigned r = mask; r != 0; r &= r - 1) {
+          const int k = __builtin_ctz(r);
+          if (w.fibers[base + k].value == f.value) same |= 1u << k;
         }
-        f.result = m;
+        f.result = same;
         break;
       }
       default:
         f.result = 0;
         break;
     }
-    ids.push_back(base + j);
+    w.scratch.push_back(base + j);
   }
-  push_ready(w, ids);
+  w.waiting[warp] &= ~mask;
+  push_ready(w);
 }
 
 bool is_shuffle(WarpOp op) {
@@ -513,6 +521,7 @@ unsigned active_mask(const char* file, int line) {
   f.file = file;
   f.line = line;
   f.state = State::kWarp;
+  w.waiting[f.tc.linear / 32] |= 1u << (f.tc.linear % 32);
   ++w.active_waiting;
   try_complete_active(w, f.tc.linear / 32);
   yield();
@@ -556,17 +565,13 @@ uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width, c
       fail(format("%s at %s:%d: lane offset %d outside [0, 31] (not emulated)", name, short_path(file), line, arg));
     }
   }
-  for (int j = 0; j < 32; ++j) {
-    if (!((mask >> j) & 1u)) continue;
-    if (base + j >= w.nthreads) {
-      fail(format("%s at %s:%d: mask 0x%08x names lane %d of warp %d, which does not exist (%d threads per block)",
-                  name, short_path(file), line, mask, j, warp, w.nthreads));
-    }
-    const Fiber& o = w.fibers[base + j];
-    if (o.state == State::kDone) {
-      fail(format("%s at %s:%d: mask 0x%08x names lane %d of warp %d, which has exited", name, short_path(file), line,
-                  mask, j, warp));
-    }
+  if (mask & ~w.exists[warp]) {
+    fail(format("%s at %s:%d: mask 0x%08x names lane %d of warp %d, which does not exist (%d threads per block)",
+                name, short_path(file), line, mask, __builtin_ctz(mask & ~w.exists[warp]), warp, w.nthreads));
+  }
+  if (mask & w.exited[warp]) {
+    fail(format("%s at %s:%d: mask 0x%08x names lane %d of warp %d, which has exited", name, short_path(file), line,
+                mask, __builtin_ctz(mask & w.exited[warp]), warp));
   }
   f.op = op;
   f.mask = mask;
@@ -576,24 +581,22 @@ uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width, c
   f.file = file;
   f.line = line;
   f.state = State::kWarp;
-  bool all = true;
-  for (int j = 0; j < 32; ++j) {
-    if (!((mask >> j) & 1u) || j == lane) continue;
-    const Fiber& o = w.fibers[base + j];
-    if (o.state != State::kWarp) {
-      all = false;
-    } else if ((o.mask >> lane) & 1u) {
+  w.waiting[warp] |= 1u << lane;
+  if ((w.waiting[warp] & mask) == mask) {
+    // every lane of the mask waits: they must all be in this primitive with this mask (lanes stuck
+    // in different primitives that never all arrive end as a deadlock, listed per thread)
+    for (unsigned m = mask & ~(1u << lane); m != 0; m &= m - 1) {
+      const int j = __builtin_ctz(m);
+      const Fiber& o = w.fibers[base + j];
       if (o.op != op || o.mask != mask || (is_shuffle(op) && o.width != width)) {
         fail(format(
             "lanes %d and %d of warp %d meet at different warp primitives: %s(mask 0x%08x) at %s:%d and "
             "%s(mask 0x%08x) at %s:%d",
             lane, j, warp, name, mask, short_path(file), line, op_name(o.op), o.mask, short_path(o.file), o.line));
       }
-    } else {
-      all = false;  // busy with another primitive that does not involve this lane
     }
+    complete_warp_op(w, warp, mask);
   }
-  if (all) complete_warp_op(w, warp, mask);
   try_complete_active(w, warp);
   yield();
   return f.result;
@@ -667,8 +670,14 @@ void run_grid(const void* kernel, KernelThunk thunk, void* params, dim3 grid, di
         w.live = w.nthreads;
         w.bar_arrived = 0;
         w.active_waiting = 0;
+        for (int k = 0; k < (w.nthreads + 31) / 32; ++k) {
+          const int n = std::min(32, w.nthreads - 32 * k);
+          w.exists[k] = n == 32 ? ~0u : (1u << n) - 1u;
+          w.exited[k] = w.waiting[k] = 0;
+        }
         w.error.clear();
-        push_ready(w, ids);
+        w.scratch = ids;
+        push_ready(w);
         while (w.live > 0 && w.error.empty()) {
           if (w.head == w.ready.size()) {
             w.error = "CUDA emulator: deadlock: no thread can proceed\n(" + block_where(w) + ")" + describe_block(w);
