@@ -55,6 +55,19 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture(autouse=True)
+def _cuda_emulation(request):
+    """Tests marked cuda_emu (the ``cuda`` backend's parameter with id ``cuda_emu``, see
+    unif2ace.testing.cuda_emu.cuda_backends) run the cuda backend through the CPU emulator."""
+    if request.node.get_closest_marker("cuda_emu") is None:
+        yield
+        return
+    from unif2ace.testing import cuda_emu
+
+    with cuda_emu.emulated_cuda():
+        yield
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield

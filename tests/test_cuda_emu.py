@@ -488,3 +488,12 @@ def test_raw_moe_checks(emu):
         emu.moe_expert_histogram(gid.to(META), 4)
     with pytest.raises(RuntimeError, match="num_experts must be <= 1024"):
         emu.moe_align(gid, 1025, 4)
+
+
+@pytest.mark.parametrize("backend", cuda_emu.cuda_backends())
+def test_one_body_on_the_card_and_the_emulator(backend):
+    # the same test body: on a GPU (marked gpu) and through the emulator (marked cuda_emu)
+    dev = cuda_emu.device(backend)
+    assert _ext.cuda_emulated() == (dev.type == "cpu")
+    ids = torch.randint(0, 9, (50, 2), device=dev)
+    assert torch.equal(moe_expert_histogram(ids, 9, backend=backend), R.moe_expert_histogram_ref(ids, 9))

@@ -135,6 +135,30 @@ def emulated_cuda() -> Iterator[object]:
         _ext._cuda_emulation = previous
 
 
+def cuda_backends(*values):
+    """pytest params of the ``cuda`` backend: on the card (marked ``gpu``: skipped without one) and
+    through the emulator (marked ``cuda_emu``, id ``cuda_emu``; the root conftest enters
+    :func:`emulated_cuda` around such tests, whose tensors then live on the CPU). The parameter
+    value is ``"cuda"`` in both, so one test body serves both; ``values`` extend each param
+    (e.g. ``cuda_backends(333)`` for parametrize("backend,V"))."""
+    import pytest
+
+    return [
+        pytest.param("cuda", *values, marks=pytest.mark.gpu),
+        pytest.param("cuda", *values, marks=pytest.mark.cuda_emu, id="-".join(["cuda_emu", *map(str, values)])),
+    ]
+
+
+def device(backend: str):
+    """The device of a backend's tensors: CUDA for the cuda backend on the card, else the CPU
+    (also for the cuda backend under :func:`emulated_cuda`)."""
+    import torch
+
+    from unif2ace.kernels import _ext
+
+    return torch.device("cuda") if backend == "cuda" and not _ext.cuda_emulated() else torch.device("cpu")
+
+
 def main() -> int:
     t0 = time.time()
     ok, err = status()
