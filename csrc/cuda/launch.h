@@ -52,7 +52,10 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
   (void)stream;
   ::unif2ace::emu::launch(kernel, grid, block, smem, args...);
 #else
-  kernel<<<grid, block, smem, stream> > >(args...);
+  // a .h is formatted as plain C++, which would split the >>> token
+  // clang-format off
+  kernel<<<grid, block, smem, stream>>>(args...);
+  // clang-format on
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
 }
