@@ -566,8 +566,8 @@ uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width, c
     }
   }
   if (mask & ~w.exists[warp]) {
-    fail(format("%s at %s:%d: mask 0x%08x names lane %d of warp %d, which does not exist (%d threads per block)",
-                name, short_path(file), line, mask, __builtin_ctz(mask & ~w.exists[warp]), warp, w.nthreads));
+    fail(format("%s at %s:%d: mask 0x%08x names lane %d of warp %d, which does not exist (%d threads per block)", name,
+                short_path(file), line, mask, __builtin_ctz(mask & ~w.exists[warp]), warp, w.nthreads));
   }
   if (mask & w.exited[warp]) {
     fail(format("%s at %s:%d: mask 0x%08x names lane %d of warp %d, which has exited", name, short_path(file), line,
