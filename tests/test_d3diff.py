@@ -307,7 +307,8 @@ def _cuda_target(N, V, device):
 
 @pytest.mark.parametrize("backend", CUDA)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N,V", [(33, 111), (6, 8192), (3, 33333)])
+# V: shorter than a warp and than the 16-byte vector (1, 7), a warp's worth (31), warp/CTA rows
+@pytest.mark.parametrize("N,V", [(5, 1), (9, 7), (4, 31), (33, 111), (6, 8192), (3, 33333)])
 def test_cuda_row_kernels_write_every_element(backend, dev, dtype, N, V):
     from unif2ace.kernels import _ext
 

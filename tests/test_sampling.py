@@ -950,6 +950,26 @@ def test_masked_step_cuda_matches_reference(backend, dtype, V, temperature, top_
 
 
 @pytest.mark.parametrize("backend", [CUDA_GPU, CUDA_EMU])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_vector_and_scalar_rows(backend, dtype):
+    """The kernels read a row 4-wide when V % 4 == 0 and the row starts 4-element aligned, else
+    element by element: both paths, rows shifted off alignment, all three logits dtypes."""
+    dev = device_for(backend)
+    B, L = 2, 9
+    for V, shift in ((208, 0), (208, 1), (210, 0), (212, 2)):
+        wide = (torch.randn(B, L, V + 8) * 2).to(dtype).to(dev)
+        cond, unc = wide[..., shift : shift + V], (torch.randn(B, L, V) * 2).to(dtype).to(dev)
+        _, _, tokens, is_masked, _ = make_inputs(B, L, V, seed=V + shift, device=dev)
+        kw = dict(step=1, num_steps=4, seed=8, mask_token_id=V, uncond_logits=unc, guidance_scale=0.5)
+        for temperature in (0.0, 1.0):
+            assert_same_step(*both_step(backend, cond, tokens, is_masked, temperature=temperature, **kw))
+        x = wide[0, :, shift : shift + V]
+        for temperature in (0.0, 0.9):
+            akw = dict(seed=5, position=3, temperature=temperature)
+            assert_same_ar(ar_sample(x, backend=backend, **akw), ar_sample(x, backend="reference", **akw))
+
+
+@pytest.mark.parametrize("backend", [CUDA_GPU, CUDA_EMU])
 def test_cuda_raw_ops_check_what_they_index(backend):
     """The raw ops index every tensor with the shapes the others imply: a direct call with a short
     or misplaced tensor is an error, never an out-of-bounds read (is_masked and sample_ids were
