@@ -47,7 +47,6 @@ from ._validate import (
     check_tensor,
 )
 from .reference import moe_gating as ref_gating
-from .reference import moe_mlp as ref_mlp
 from .reference import moe_routing as ref_routing
 
 Tensor = torch.Tensor
@@ -273,6 +272,12 @@ def moe_expert_mlp(
     combine is in fp32 in the fixed order j = 0..k-1; output ``[T, D]`` in x's dtype.
     ``"gelu"`` is the exact erf gelu; ``"gelu_tanh"`` the tanh approximation.
     Ids outside ``[0, E)`` contribute nothing. Differentiable w.r.t. x, w1, w2, b1, b2, gates.
+
+    Under ``torch.autocast`` on x's device the op behaves like ``F.linear``: the GEMM operands x,
+    w1 and w2 are cast to the autocast dtype (through autocast's cast cache: a weight that is a
+    leaf requiring grad is cast once per autocast region), which the kernels' GEMMs then run in,
+    forward and backward, with fp32 accumulation, activations and combine; gates and biases keep
+    their dtypes. The output is in the autocast dtype; gradients come back in the inputs' dtypes.
     """
     op = "moe_expert_mlp"
     check_tensor(op, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
@@ -301,7 +306,7 @@ def moe_expert_mlp(
     dev = check_same_device(op, x=x, w1=w1, w2=w2, expert_ids=expert_ids, gates=gates, b1=b1, b2=b2)
     be = MOE_MLP.select(dev, backend)
     if be == "reference":
-        return ref_mlp.moe_expert_mlp_ref(x, w1, w2, expert_ids, gates, b1, b2, activation)
+        return _ops.mlp_ref_autocast(x, w1, w2, expert_ids, gates, b1, b2, activation)
     return _ops.mlp_op(x, w1, w2, expert_ids, gates, b1, b2, activation, be)[0]
 
 

@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .. import _ext
 from .._dispatch import OPS
 
 Tensor = torch.Tensor
@@ -230,3 +231,63 @@ def _mlp_backward(ctx, grad_out, _grad_saved):
 
 
 mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+
+
+# ------------------------------------------------------------------------------------------------
+# autocast. Like F.linear: inside torch.autocast the GEMM operands (x, w1, w2) go to the autocast
+# dtype, through autocast's own cast cache (fp32 weights that require grad are cast once per
+# autocast region, not on every call), and the op runs with autocast off; gates and biases stay as
+# they are, and the kernels keep fp32 accumulation, activations and combine. The output is in the
+# autocast dtype (x's); the casts are recorded by autograd, so fp32 weights get fp32 gradients.
+# The backward op casts nothing (its operands are the forward's) but runs with autocast off too, so
+# a backward called inside the autocast region computes exactly as one called outside it.
+
+_AUTOCAST_LIB = torch.library.Library("unif2ace", "FRAGMENT")
+_MLP_GEMM_ARGS = (0, 1, 2)  # x, w1, w2 of moe_expert_mlp
+
+
+def _autocast_cast(t: Tensor, dtype: torch.dtype, device_type: str) -> Tensor:
+    if not (t.is_floating_point() and t.device.type == device_type and t.dtype != torch.float64):
+        return t
+    if _ext.cpu_status()[0]:
+        return _ext.cpu_ops().autocast_cast(t, dtype, device_type)  # at::autocast::cached_cast
+    return t.to(dtype)  # without the C++ extension: no cache
+
+
+def autocast_cast_args(device_type: str, args, cast_args: Tuple[int, ...]) -> list:
+    """``args`` with those at positions ``cast_args`` cast as autocast casts a GEMM operand."""
+    dtype = torch.get_autocast_dtype(device_type)
+    return [_autocast_cast(a, dtype, device_type) if i in cast_args else a for i, a in enumerate(args)]
+
+
+def autocast_device(t: Tensor) -> Optional[str]:
+    """``t``'s device type if autocast is on for it, else None."""
+    kind = t.device.type
+    return kind if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind) else None
+
+
+def mlp_ref_autocast(*args) -> Tensor:
+    """The reference ``moe_expert_mlp_ref(*args)`` with the custom op's autocast behaviour."""
+    ref = OPS["moe_expert_mlp"].kernels("reference").moe_expert_mlp_ref
+    kind = autocast_device(args[0])
+    if kind is None:
+        return ref(*args)
+    args = autocast_cast_args(kind, args, _MLP_GEMM_ARGS)  # (in the region: its cast cache)
+    with torch.autocast(kind, enabled=False):
+        return ref(*args)
+
+
+def _register_autocast(op, name: str, cast_args: Tuple[int, ...]) -> None:
+    for device_type, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+        keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(*args, device_type=device_type, keyset=keyset):
+            args = autocast_cast_args(device_type, args, cast_args)
+            with torch._C._ExcludeDispatchKeyGuard(keyset):
+                return op(*args)
+
+        _AUTOCAST_LIB.impl(name, kernel, key)
+
+
+_register_autocast(mlp_op, "moe_expert_mlp", _MLP_GEMM_ARGS)
+_register_autocast(mlp_backward_op, "moe_expert_mlp_backward", ())
