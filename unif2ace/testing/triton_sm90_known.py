@@ -78,38 +78,6 @@ KNOWN = [
         "wgmma in the same iteration",
         consts="Y_BY_TOKEN_GATED=1",
     ),
-    # --- moe_gating (found by this check)
-    Known(
-        "_gating_fwd_kernel",
-        "spill",
-        _I3,
-        "bf16/fp16 gating forward: 152-164 B at 255 registers with 64-expert groups (BLOCK_E=64), 4-8 B at 64 "
-        "registers with 8-expert groups (softmax+renorm, sigmoid)",
-    ),
-    Known(
-        "_gating_bwd_kernel",
-        "spill",
-        _I3,
-        "bf16/fp16 gating backward, sigmoid with 8-expert groups: 4-8 B at 56-72 registers",
-    ),
-    # --- moe_routing: align with >= 64 experts (BLOCK_E=64; found by this check)
-    Known(
-        "_align_blocks_kernel",
-        "spill",
-        _I3,
-        "BLOCK_B=256 x BLOCK_E=64 tile: 2.9-5.9 KB spill stores at 32 registers",
-        config="BLOCK_E=64",
-    ),
-    Known(
-        "_align_count_kernel", "spill", _I3, "BLOCK_N=256 x BLOCK_E=64 tile: 96 B at 255 registers", config="BLOCK_E=64"
-    ),
-    Known(
-        "_align_scatter_kernel",
-        "spill",
-        _I3,
-        "BLOCK_N=256 x BLOCK_E=64 tile: 44-448 B at 255 registers (int64 ids worst)",
-        config="BLOCK_E=64",
-    ),
     # --- sampling
     Known(
         "_remask_kernel",
