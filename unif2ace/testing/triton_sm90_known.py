@@ -69,15 +69,6 @@ KNOWN = [
         _I3,
         "bf16/fp16 atomic backward with bias, large-D config (BLOCK_M=128 w8): 255 registers x 256 threads",
     ),
-    # --- moe_mlp
-    Known(
-        "_grouped_xty_kernel",
-        "serial-wgmma",
-        _I3,
-        "dW2 (gate-scaled grad_out operand rebuilt in registers each step): every 16-bit config waits for its "
-        "wgmma in the same iteration",
-        consts="Y_BY_TOKEN_GATED=1",
-    ),
     # --- sampling
     Known(
         "_remask_kernel",

@@ -360,7 +360,9 @@ def _mlp_bwd_act_kernel(
         dsilu = sig * (1.0 + h * (1.0 - sig))
         tl.store(dhp + fc[None, :], (dA * up * dsilu).to(DH.dtype.element_ty), mask=fm[None, :])
         tl.store(dhp + F + fc[None, :], (dA * silu).to(DH.dtype.element_ty), mask=fm[None, :])
-    tl.store(A_OUT + pos[:, None] * stride_at + fc[None, :], act.to(A_OUT.dtype.element_ty), mask=fm[None, :])
+    # gated activations: dW2 = (g * act)^T grad_out reads both GEMM operands straight from memory
+    a_out = (act * g[:, None]).to(A_OUT.dtype.element_ty)
+    tl.store(A_OUT + pos[:, None] * stride_at + fc[None, :], a_out, mask=fm[None, :])
 
 
 @triton.jit
@@ -385,16 +387,17 @@ def _grouped_xty_kernel(
     stride_be,
     K: tl.constexpr,
     X_BY_TOKEN: tl.constexpr,
-    Y_BY_TOKEN_GATED: tl.constexpr,
+    Y_BY_TOKEN: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
 ):
-    # OUT[e] = sum over expert e's assignment rows r of X_r^T Y_r ([P, Q]); DBIAS[e] = sum_r Y_r.
-    # X rows: x[token] (X_BY_TOKEN) or a per-position buffer; Y rows: gate * grad_out[token]
-    # (Y_BY_TOKEN_GATED) or a per-position buffer. Walks e's blocks of the index list in order.
+    # OUT[e] = sum over expert e's assignment rows r of X_r^T Y_r ([P, Q]); DBIAS[e] = sum_r Y_r,
+    # or sum_r gate_r * Y_r when Y is by token. X rows: x[token] (X_BY_TOKEN) or a per-position
+    # buffer; Y rows: grad_out[token] (Y_BY_TOKEN) or a per-position buffer. Walks e's blocks of
+    # the index list in order.
     e = tl.program_id(0).to(tl.int64)
     pid_p = tl.program_id(1)
     pid_q = tl.program_id(2)
@@ -420,21 +423,19 @@ def _grouped_xty_kernel(
             mask=valid[:, None] & pm[None, :],
             other=0.0,
         )
-        if Y_BY_TOKEN_GATED:
-            g = tl.load(GATES + a, mask=valid, other=0.0).to(tl.float32)
-            yf = (
-                tl.load(Y + tok[:, None] * stride_yr + qc[None, :], mask=valid[:, None] & qm[None, :], other=0.0).to(
-                    tl.float32
-                )
-                * g[:, None]
-            )
-            yt = yf.to(Y.dtype.element_ty)
+        # the dot's operands come straight from memory (pipelined wgmma); only the bias sum
+        # scales the grad_out rows by their gates (fp32)
+        if Y_BY_TOKEN:
+            yt = tl.load(Y + tok[:, None] * stride_yr + qc[None, :], mask=valid[:, None] & qm[None, :], other=0.0)
         else:
             yt = tl.load(Y + pos[:, None] * stride_yr + qc[None, :], mask=valid[:, None] & qm[None, :], other=0.0)
-            yf = yt.to(tl.float32)
         acc = tl.dot(tl.trans(xt), yt, acc, input_precision=PREC)
         if HAS_BIAS:
-            bacc += tl.sum(yf, 0)
+            if Y_BY_TOKEN:
+                g = tl.load(GATES + a, mask=valid, other=0.0).to(tl.float32)
+                bacc += tl.sum(yt.to(tl.float32) * g[:, None], 0)
+            else:
+                bacc += tl.sum(yt.to(tl.float32), 0)
     optr = OUT + e * stride_oe + pc[:, None].to(tl.int64) * stride_op + qc[None, :].to(tl.int64) * stride_oq
     tl.store(optr, acc.to(OUT.dtype.element_ty), mask=pm[:, None] & qm[None, :])
     if HAS_BIAS:
@@ -522,8 +523,8 @@ class _Launch:
         BQ: int,
     ) -> None:
         """``out[e] = X_e^T Y_e`` ``[P, Q]`` and ``dbias[e] = sum_r Y_e[r]`` over expert e's rows: X
-        per token and Y per padded position (x_by_token), or X per position and Y the gated
-        grad_out rows of the tokens."""
+        per token and Y per padded position (x_by_token), or X per position (the gated
+        activations) and Y the grad_out rows of the tokens, whose bias sum is gated."""
         rt = self.rt
         args = (X, Y, self.g, rt.sorted, rt.seg, rt.counts, out, out if dbias is None else dbias, rt.N, P, Q)
         args += (X.stride(0), X.stride(1), Y.stride(0), out.stride(0), out.stride(1), out.stride(2))
@@ -531,7 +532,7 @@ class _Launch:
         constexprs = dict(
             K=self.k,
             X_BY_TOKEN=x_by_token,
-            Y_BY_TOKEN_GATED=not x_by_token,
+            Y_BY_TOKEN=not x_by_token,
             HAS_BIAS=dbias is not None,
             PREC=self.prec,
             BLOCK_M=self.BM,
@@ -636,7 +637,7 @@ def moe_expert_mlp_backward(
         )
         launch(Launch(_mlp_bwd_act_kernel, (rt.NB, nF), args, constexprs, kw))
     dgates = dgp.sum(0).view(T, k).to(gates.dtype)  # fixed-order reduction over F tiles
-    # dW2[e] = a_e^T (g * grad_out)_e, db2[e] = sum (g * grad_out)_e
+    # dW2[e] = (g * a)_e^T grad_out_e (a_buf holds the gated activations), db2[e] = sum (g * grad_out)_e
     s.grouped_xty(a_buf, go, dw2, db2, F, D, False, BF, BD)
     # dW1[e] = x_e^T dh_e, db1[e] = sum dh_e
     s.grouped_xty(xc, dh, dw1, db1, D, F1, True, BD, BF)
