@@ -38,8 +38,9 @@ import triton
 import triton.language as tl
 
 from ..cuda import sampling as _host
+from ..reference import rng as _rng
 from ..reference import sampling as _ref
-from .rng import element, gumbel, row_keys
+from .rng import FP_OPTIONS, draw_target, element, exp_fixed, gumbel, log_f32, row_keys
 
 __all__ = ["masked_sample_step", "ar_sample", "MAX_L", "MAX_BLOCK_V"]
 
@@ -63,42 +64,55 @@ def _sanitize(x):
 
 
 @triton.jit
-def _online_sumexp(m, ssum, x):
-    """Fold the tile ``x`` into the running (max ``m``, ``sum exp(x - m)``)."""
-    m_new = tl.maximum(m, tl.max(x, 0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    return m_new, ssum * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
-
-
-@triton.jit
 def _scale(x, temperature):
     """``min(x / T, FLT_MAX)`` with IEEE division."""
     return tl.minimum(tl.math.div_rn(x, temperature), 3.4028234663852886e38)
 
 
-@triton.jit
-def _perturb(z, cols, rk_hi, rk_lo):
-    """``z + g`` with ``g`` the Gumbel of each code ``cols`` under the row keys (rk_hi, rk_lo)."""
-    t = cols.to(tl.uint32)
-    return z + gumbel(element(rk_hi, t), element(rk_lo, t))
+# --------------------------------------------------------------------------------------------
+# the draw: fixed-point softmax and inverse transform over a row streamed in tiles
 
 
 @triton.jit
-def _carry_best(best, best_idx, best_x, score, cols, x):
-    """Carry the tile's best (score, its lowest code, that code's ``x``) into the running best: only
-    a strictly larger score replaces it, so ties keep the lowest code."""
-    tmax = tl.max(score, 0)
-    tidx = tl.min(tl.where(score == tmax, cols, 2147483647), 0)
-    tx = tl.max(tl.where(cols == tidx, x, float("-inf")), 0)
-    upd = tmax > best
-    return tl.where(upd, tmax, best), tl.where(upd, tidx, best_idx), tl.where(upd, tx, best_x)
+def _first_max(m, idx, x, cols):
+    """Carry the tile's max and its lowest code into the running (max ``m``, its code ``idx``): only
+    a strictly larger max replaces it, so ties keep the lowest code."""
+    tmax = tl.max(x, 0)
+    tidx = tl.min(tl.where(x == tmax, cols, 2147483647), 0)
+    upd = tmax > m
+    return tl.where(upd, tmax, m), tl.where(upd, tidx, idx)
 
 
 @triton.jit
-def _log_p(best_x, m, ssum):
-    """``(log softmax of the best code, finite)``: -inf where the row had no finite value."""
+def _find_tile(TSUM, n_tiles, U):
+    """The tile holding the draw (the first whose running sum of the tile sums exceeds ``U``) and
+    the sum of the tiles before it."""
+    sel = n_tiles * 0 - 1
+    before = U * 0
+    acc = U * 0
+    for t in range(0, n_tiles):
+        ts = tl.load(TSUM + t)
+        hit = (sel < 0) & (acc + ts > U)
+        sel = tl.where(hit, t, sel)
+        before = tl.where(hit, acc, before)
+        acc += ts
+    return sel, before
+
+
+@triton.jit
+def _pick_in_tile(q, cols, before, U):
+    """The first code of the tile whose running sum ``before + q_0 + ... + q_v`` exceeds ``U``."""
+    c = tl.cumsum(q, 0) + before
+    return tl.min(tl.where(c > U, cols, 2147483647), 0)
+
+
+@triton.jit
+def _log_p(x_pick, m, S, inv_scale):
+    """``(x_pick - m) - lse_rel`` with lse_rel = log_f32(f32(S) 2^-K); -inf where the row had no
+    finite value (m = -inf)."""
     finite = m > float("-inf")
-    lp = (best_x - tl.where(finite, m, 0.0)) - tl.log(tl.where(finite, ssum, 1.0))
+    lse = log_f32(tl.where(finite, S, 1 << 50).to(tl.float32) * inv_scale)
+    lp = (x_pick - tl.where(finite, m, 0.0)) - lse
     return tl.where(finite, lp, float("-inf")), finite
 
 
@@ -107,27 +121,50 @@ def _log_p(best_x, m, ssum):
 
 
 @triton.jit
+def _step_tile(c_row, u_row, cols, V, a, s, thr, HAS_UNC: tl.constexpr, HAS_THR: tl.constexpr):
+    """The guided, sanitised, top-k-filtered fp32 logits of one tile (-inf past V)."""
+    inb = cols < V
+    x = tl.load(c_row + cols, mask=inb, other=float("-inf")).to(tl.float32)
+    if HAS_UNC:
+        xu = tl.load(u_row + cols, mask=inb, other=0.0).to(tl.float32)
+        x = a * x - s * xu
+    x = _sanitize(x)
+    x = tl.where(inb, x, float("-inf"))
+    if HAS_THR:
+        x = tl.where(x >= thr, x, float("-inf"))
+    return x
+
+
+@triton.jit(do_not_specialize=["K0", "K1", "K2", "K3", "kbias"])
 def _masked_step_kernel(
     COND,
     UNC,
     TOK,
     MASK,
     SID,
-    KEYS,
     THR,
+    TSUM,
     SAMPLED,
     CONF,
     L,
     V,
+    n_tiles,
     stride_c,
     stride_u,
     a,
     s,
     temperature,
     tau,
+    K0,
+    K1,
+    K2,
+    K3,
+    kbias,
+    inv_scale,
     HAS_UNC: tl.constexpr,
     HAS_THR: tl.constexpr,
     GREEDY: tl.constexpr,
+    TEMPERED: tl.constexpr,
     HAS_NOISE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -137,37 +174,59 @@ def _masked_step_kernel(
     masked = tl.load(MASK + unit) != 0
     sid = tl.load(SID + b).to(tl.uint32)
     pos = i.to(tl.uint32)
-    rk_hi, rk_lo = row_keys(KEYS, 0, sid, pos)  # stream 0: token sampling
+    thr = 0.0
     if HAS_THR:
         thr = tl.load(THR + unit)
     c_row = COND + unit * stride_c
     u_row = UNC + unit * stride_u
     offs = tl.arange(0, BLOCK_V)
-    n_cols = tl.where(masked, V, 0)  # unmasked positions skip the sweep
-    m, ssum = float("-inf"), 0.0  # running max and sum of exp(x - max)
-    best, best_idx, best_x = float("-inf"), 0, float("-inf")  # running best score, its code, its x
+    n_cols = tl.where(masked, V, 0)  # unmasked positions skip the sweeps
+    # pass 1: the row max (and, greedy, its first code)
+    m, pick = float("-inf"), 0
     for start in range(0, n_cols, BLOCK_V):
         cols = start + offs
-        inb = cols < V
-        x = tl.load(c_row + cols, mask=inb, other=float("-inf")).to(tl.float32)
-        if HAS_UNC:
-            xu = tl.load(u_row + cols, mask=inb, other=0.0).to(tl.float32)
-            x = a * x - s * xu
-        x = _sanitize(x)
-        x = tl.where(inb, x, float("-inf"))
-        if HAS_THR:
-            x = tl.where(x >= thr, x, float("-inf"))
-        m, ssum = _online_sumexp(m, ssum, x)
-        # Gumbel-max (or argmax) on this tile
-        if GREEDY:
-            score = x
-        else:
-            score = _perturb(_scale(x, temperature), cols, rk_hi, rk_lo)
-        best, best_idx, best_x = _carry_best(best, best_idx, best_x, score, cols, x)
-    lp, finite = _log_p(best_x, m, ssum)
-    code = tl.where(finite, best_idx, 0).to(tl.int64)
+        x = _step_tile(c_row, u_row, cols, V, a, s, thr, HAS_UNC, HAS_THR)
+        m, pick = _first_max(m, pick, x, cols)
+    m0 = tl.where(m > float("-inf"), m, 0.0)
+    mz = m0
+    if TEMPERED:
+        mz = _scale(m0, temperature)
+    # pass 2: the fixed-point sums at temperature 1 (log p) and of the draw's scores, per tile
+    S = n_cols.to(tl.int64) * 0
+    Sz = S
+    tsum = TSUM + unit * n_tiles
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + offs
+        x = _step_tile(c_row, u_row, cols, V, a, s, thr, HAS_UNC, HAS_THR)
+        ts = tl.sum(exp_fixed(x - m0, kbias), 0)
+        S += ts
+        if not GREEDY:
+            if TEMPERED:
+                ts = tl.sum(exp_fixed(_scale(x, temperature) - mz, kbias), 0)
+                Sz += ts
+            tl.store(tsum + start // BLOCK_V, ts)
+    if not TEMPERED:
+        Sz = S
+    # pass 3: the draw (the tile holding it, then the code within)
+    x_pick = m
+    if not GREEDY:
+        rk_hi, rk_lo = row_keys(K0, K1, sid, pos)  # stream 0: the code's draw
+        U = draw_target(rk_hi, rk_lo, Sz)
+        n_t = tl.where(masked & (mz > float("-inf")), n_tiles, 0)
+        sel, before = _find_tile(tsum, n_t, U)  # sel < 0: every score -inf, code 0
+        start = tl.maximum(sel, 0) * BLOCK_V
+        for _ in range(0, tl.where(masked, 1, 0)):  # the one tile holding the code
+            cols = start + offs
+            x = _step_tile(c_row, u_row, cols, V, a, s, thr, HAS_UNC, HAS_THR)
+            z = x
+            if TEMPERED:
+                z = _scale(x, temperature)
+            pick = tl.where(sel >= 0, _pick_in_tile(exp_fixed(z - mz, kbias), cols, before, U), 0)
+            x_pick = tl.max(tl.where(cols == pick, x, float("-inf")), 0)
+    lp, finite = _log_p(x_pick, m, S, inv_scale)
+    code = tl.where(finite, pick, 0).to(tl.int64)
     if HAS_NOISE:
-        ck_hi, ck_lo = row_keys(KEYS, 1, sid, pos)  # stream 1: confidence noise, token 0
+        ck_hi, ck_lo = row_keys(K2, K3, sid, pos)  # stream 1: confidence noise, token 0
         zero = pos * 0
         lp = lp + tau * gumbel(element(ck_hi, zero), element(ck_lo, zero))
     tok = tl.load(TOK + unit).to(tl.int64)
@@ -226,52 +285,108 @@ def _remask_kernel(
 
 
 @triton.jit
+def _ar_tile(x_row, cols, V):
+    """The sanitised fp32 logits of one tile (-inf past V)."""
+    inb = cols < V
+    x = _sanitize(tl.load(x_row + cols, mask=inb, other=float("-inf")).to(tl.float32))
+    return tl.where(inb, x, float("-inf"))
+
+
+@triton.jit
+def _ar_scores(x, temperature, thr, TEMPERED: tl.constexpr, HAS_THR: tl.constexpr):
+    """The scores the draw is over: ``min(x / T, FLT_MAX)`` (x at T = 1) kept where ``>= thr``."""
+    z = x
+    if TEMPERED:
+        z = _scale(x, temperature)
+    if HAS_THR:
+        z = tl.where(z >= thr, z, float("-inf"))
+    return z
+
+
+@triton.jit(do_not_specialize=["K0", "K1", "kbias"])
 def _ar_kernel(
     X,
     SID,
     POS,
-    KEYS,
     THR,
+    TSUM,
     TOKENS,
     LOGPROBS,
     V,
+    n_tiles,
     stride_x,
     temperature,
+    K0,
+    K1,
+    kbias,
+    inv_scale,
     HAS_THR: tl.constexpr,
     GREEDY: tl.constexpr,
+    TEMPERED: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    sid = tl.load(SID + row).to(tl.uint32)
-    pos = tl.load(POS + row).to(tl.uint32)
-    rk_hi, rk_lo = row_keys(KEYS, 0, sid, pos)
+    thr = 0.0
     if HAS_THR:
         thr = tl.load(THR + row)
     x_row = X + row * stride_x
     offs = tl.arange(0, BLOCK_V)
-    m, ssum = float("-inf"), 0.0  # running max and sum of exp(x - max)
-    best, best_idx, best_x = float("-inf"), 0, float("-inf")  # running best score, its code, its x
+    # pass 1: the row max (and, greedy, its first code)
+    m, pick = float("-inf"), 0
     for start in range(0, V, BLOCK_V):
         cols = start + offs
-        inb = cols < V
-        x = _sanitize(tl.load(x_row + cols, mask=inb, other=float("-inf")).to(tl.float32))
-        x = tl.where(inb, x, float("-inf"))
-        m, ssum = _online_sumexp(m, ssum, x)
-        if GREEDY:
-            score = x
-        else:
-            z = _scale(x, temperature)
-            if HAS_THR:
-                z = tl.where(z >= thr, z, float("-inf"))
-            score = _perturb(z, cols, rk_hi, rk_lo)
-        best, best_idx, best_x = _carry_best(best, best_idx, best_x, score, cols, x)
-    lp, finite = _log_p(best_x, m, ssum)
-    tl.store(TOKENS + row, tl.where(finite, best_idx, 0).to(tl.int64))
+        m, pick = _first_max(m, pick, _ar_tile(x_row, cols, V), cols)
+    m0 = tl.where(m > float("-inf"), m, 0.0)
+    mz = m0
+    if TEMPERED:
+        mz = _scale(m0, temperature)  # the top code survives the filters: the max of the scores
+    # pass 2: the fixed-point sums of the logits (logprob) and of the draw's scores, per tile
+    S = row * 0
+    Sz = S
+    tsum = TSUM + row * n_tiles
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        x = _ar_tile(x_row, cols, V)
+        ts = tl.sum(exp_fixed(x - m0, kbias), 0)
+        S += ts
+        if not GREEDY:
+            if TEMPERED or HAS_THR:
+                ts = tl.sum(exp_fixed(_ar_scores(x, temperature, thr, TEMPERED, HAS_THR) - mz, kbias), 0)
+                Sz += ts
+            tl.store(tsum + start // BLOCK_V, ts)
+    if not (TEMPERED or HAS_THR):
+        Sz = S
+    # pass 3: the draw
+    x_pick = m
+    if not GREEDY:
+        sid = tl.load(SID + row).to(tl.uint32)
+        pos = tl.load(POS + row).to(tl.uint32)
+        rk_hi, rk_lo = row_keys(K0, K1, sid, pos)
+        U = draw_target(rk_hi, rk_lo, Sz)
+        sel, before = _find_tile(tsum, tl.where(mz > float("-inf"), n_tiles, 0), U)  # sel < 0: code 0
+        cols = tl.maximum(sel, 0) * BLOCK_V + offs
+        x = _ar_tile(x_row, cols, V)
+        z = _ar_scores(x, temperature, thr, TEMPERED, HAS_THR)
+        pick = tl.where(sel >= 0, _pick_in_tile(exp_fixed(z - mz, kbias), cols, before, U), 0)
+        x_pick = tl.max(tl.where(cols == pick, x, float("-inf")), 0)
+    lp, finite = _log_p(x_pick, m, S, inv_scale)
+    tl.store(TOKENS + row, tl.where(finite, pick, 0).to(tl.int64))
     tl.store(LOGPROBS + row, lp)
 
 
 # --------------------------------------------------------------------------------------------
 # launch glue (the host pre-passes are shared with the cuda backend)
+
+
+def _signed32(k: int) -> int:
+    """A uint32 key as the int32 with its bits (scalar kernel arguments of one type)."""
+    return k - (1 << 32) if k >= (1 << 31) else k
+
+
+def _fixed_args(V: int, blk: int):
+    """``(kbias = 127 + K, 2^-K, n_tiles)`` of the fixed-point softmax of a V-code row."""
+    K = _rng.sum_bits(V)
+    return 127 + K, 2.0**-K, triton.cdiv(V, blk)
 
 
 def masked_sample_step(cond_logits, tokens, is_masked, uncond_logits, sample_ids, p: _ref.StepParams):
@@ -283,30 +398,39 @@ def masked_sample_step(cond_logits, tokens, is_masked, uncond_logits, sample_ids
         return _host.remask_in_torch(conf, sampled, tokens, is_masked, p)
     x = _host.masked_step_inputs(cond_logits, tokens, is_masked, uncond_logits, sample_ids, p)
     blk = block_v(V)
+    kbias, inv_scale, n_tiles = _fixed_args(V, blk)
+    greedy = p.temperature == 0
+    tsum = torch.empty(1 if greedy else rows * n_tiles, dtype=torch.int64, device=conf.device)
     _masked_step_kernel[(rows,)](
         x.cond,
         x.unc if x.unc is not None else x.cond,
         x.tokens,
         x.is_masked,
         x.sample_ids,
-        x.keys,
         x.thr if x.thr is not None else conf,
+        tsum,
         sampled,
         conf,
         L,
         V,
+        n_tiles,
         x.cond.stride(0),
         x.unc.stride(0) if x.unc is not None else 0,
         x.a,
         x.s,
         x.temperature,
         x.tau,
+        *(_signed32(k) for k in x.keys),
+        kbias,
+        inv_scale,
         HAS_UNC=x.unc is not None,
         HAS_THR=x.thr is not None,
-        GREEDY=p.temperature == 0,
+        GREEDY=greedy,
+        TEMPERED=not greedy and x.temperature != 1.0,
         HAS_NOISE=p.tau != 0.0,
         BLOCK_V=blk,
         num_warps=_num_warps(blk),
+        **FP_OPTIONS,
     )
     if L > MAX_L:
         return _host.remask_in_torch(conf, sampled, tokens, is_masked, p)
@@ -340,20 +464,28 @@ def ar_sample(logits, *, seed, position, temperature=1.0, top_k=None, top_p=None
         return _ref.ARSample(tokens, logprobs)
     x = _host.ar_inputs(logits, seed, position, temperature, top_k, top_p, sample_ids)
     blk = block_v(V)
+    kbias, inv_scale, n_tiles = _fixed_args(V, blk)
+    tsum = torch.empty(1 if x.greedy else B * n_tiles, dtype=torch.int64, device=logits.device)
     _ar_kernel[(B,)](
         x.logits,
         x.sample_ids,
         x.positions,
-        x.keys,
         x.thr if x.thr is not None else logprobs,
+        tsum,
         tokens,
         logprobs,
         V,
+        n_tiles,
         x.logits.stride(0),
         x.temperature,
+        *(_signed32(k) for k in x.keys[:2]),
+        kbias,
+        inv_scale,
         HAS_THR=x.thr is not None,
         GREEDY=x.greedy,
+        TEMPERED=not x.greedy and x.temperature != 1.0,
         BLOCK_V=blk,
         num_warps=_num_warps(blk),
+        **FP_OPTIONS,
     )
     return _ref.ARSample(tokens, logprobs)
