@@ -173,7 +173,6 @@ def masked_sample_step(cond_logits, tokens, is_masked, uncond_logits, sample_ids
         x.tokens,
         x.is_masked,
         x.sample_ids,
-        x.keys,
         x.thr,
         x.a,
         x.s,
@@ -181,6 +180,7 @@ def masked_sample_step(cond_logits, tokens, is_masked, uncond_logits, sample_ids
         x.tau,
         p.temperature == 0,
         p.tau != 0.0,
+        *x.keys,
     )
     if L > MAX_L:
         return remask_in_torch(conf, sampled, tokens, is_masked, p)
@@ -195,5 +195,5 @@ def ar_sample(logits, *, seed, position, temperature=1.0, top_k=None, top_p=None
     if logits.shape[0] == 0:
         return _ref.ARSample(logits.new_empty(0, dtype=torch.int64), logits.new_empty(0, dtype=torch.float32))
     x = ar_inputs(logits, seed, position, temperature, top_k, top_p, sample_ids)
-    out = _ext.cuda_ops().ar_sample(x.logits, x.sample_ids, x.positions, x.keys, x.thr, x.temperature, x.greedy)
+    out = _ext.cuda_ops().ar_sample(x.logits, x.sample_ids, x.positions, x.thr, x.temperature, x.greedy, *x.keys[:2])
     return _ref.ARSample(*out)
