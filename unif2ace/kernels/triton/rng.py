@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference import rng as _ref_rng
+from ._launch import Launch, launch
 
 __all__ = [
     "mix32",
@@ -177,5 +178,6 @@ def gumbel_from_words(hi: Tensor, lo: Tensor) -> Tensor:
     out = torch.empty(hi.numel(), dtype=torch.float32, device=hi.device)
     if hi.numel():
         blk = 1024
-        _gumbel_words_kernel[(triton.cdiv(hi.numel(), blk),)](hi, lo, out, hi.numel(), BLOCK=blk, **FP_OPTIONS)
+        grid = (triton.cdiv(hi.numel(), blk),)
+        launch(Launch(_gumbel_words_kernel, grid, (hi, lo, out, hi.numel()), dict(BLOCK=blk), dict(FP_OPTIONS)))
     return out

@@ -40,6 +40,7 @@ import triton.language as tl
 from ..cuda import sampling as _host
 from ..reference import rng as _rng
 from ..reference import sampling as _ref
+from ._launch import Launch, launch
 from .rng import FP_OPTIONS, draw_target, element, exp_fixed, gumbel, log_f32, row_keys
 
 __all__ = ["masked_sample_step", "ar_sample", "MAX_L", "MAX_BLOCK_V"]
@@ -401,57 +402,27 @@ def masked_sample_step(cond_logits, tokens, is_masked, uncond_logits, sample_ids
     kbias, inv_scale, n_tiles = _fixed_args(V, blk)
     greedy = p.temperature == 0
     tsum = torch.empty(1 if greedy else rows * n_tiles, dtype=torch.int64, device=conf.device)
-    _masked_step_kernel[(rows,)](
-        x.cond,
-        x.unc if x.unc is not None else x.cond,
-        x.tokens,
-        x.is_masked,
-        x.sample_ids,
-        x.thr if x.thr is not None else conf,
-        tsum,
-        sampled,
-        conf,
-        L,
-        V,
-        n_tiles,
-        x.cond.stride(0),
-        x.unc.stride(0) if x.unc is not None else 0,
-        x.a,
-        x.s,
-        x.temperature,
-        x.tau,
-        *(_signed32(k) for k in x.keys),
-        kbias,
-        inv_scale,
+    args = (x.cond, x.unc if x.unc is not None else x.cond, x.tokens, x.is_masked, x.sample_ids)
+    args += (x.thr if x.thr is not None else conf, tsum, sampled, conf, L, V, n_tiles)
+    args += (x.cond.stride(0), x.unc.stride(0) if x.unc is not None else 0, x.a, x.s, x.temperature, x.tau)
+    args += (*(_signed32(k) for k in x.keys), kbias, inv_scale)
+    constexprs = dict(
         HAS_UNC=x.unc is not None,
         HAS_THR=x.thr is not None,
         GREEDY=greedy,
         TEMPERED=not greedy and x.temperature != 1.0,
         HAS_NOISE=p.tau != 0.0,
         BLOCK_V=blk,
-        num_warps=_num_warps(blk),
-        **FP_OPTIONS,
     )
+    launch(Launch(_masked_step_kernel, (rows,), args, constexprs, dict(num_warps=_num_warps(blk), **FP_OPTIONS)))
     if L > MAX_L:
         return _host.remask_in_torch(conf, sampled, tokens, is_masked, p)
     tok_out = torch.empty(B, L, dtype=torch.int64, device=conf.device)
     new_mask = torch.empty(B, L, dtype=torch.bool, device=conf.device)
     smp_out = torch.empty(B, L, dtype=torch.int64, device=conf.device)
-    _remask_kernel[(B,)](
-        conf,
-        x.is_masked,
-        x.tokens,
-        sampled,
-        tok_out,
-        new_mask,
-        smp_out,
-        L,
-        p.n_cap,
-        int(p.mask_token_id),
-        LAST=p.last,
-        BLOCK_L=max(16, triton.next_power_of_2(L)),
-        num_warps=4,
-    )
+    args = (conf, x.is_masked, x.tokens, sampled, tok_out, new_mask, smp_out, L, p.n_cap, int(p.mask_token_id))
+    constexprs = dict(LAST=p.last, BLOCK_L=max(16, triton.next_power_of_2(L)))
+    launch(Launch(_remask_kernel, (B,), args, constexprs, dict(num_warps=4)))
     return _ref.MaskedStepOutput(tok_out, new_mask, smp_out, conf)
 
 
@@ -466,26 +437,10 @@ def ar_sample(logits, *, seed, position, temperature=1.0, top_k=None, top_p=None
     blk = block_v(V)
     kbias, inv_scale, n_tiles = _fixed_args(V, blk)
     tsum = torch.empty(1 if x.greedy else B * n_tiles, dtype=torch.int64, device=logits.device)
-    _ar_kernel[(B,)](
-        x.logits,
-        x.sample_ids,
-        x.positions,
-        x.thr if x.thr is not None else logprobs,
-        tsum,
-        tokens,
-        logprobs,
-        V,
-        n_tiles,
-        x.logits.stride(0),
-        x.temperature,
-        *(_signed32(k) for k in x.keys[:2]),
-        kbias,
-        inv_scale,
-        HAS_THR=x.thr is not None,
-        GREEDY=x.greedy,
-        TEMPERED=not x.greedy and x.temperature != 1.0,
-        BLOCK_V=blk,
-        num_warps=_num_warps(blk),
-        **FP_OPTIONS,
+    args = (x.logits, x.sample_ids, x.positions, x.thr if x.thr is not None else logprobs, tsum, tokens, logprobs)
+    args += (V, n_tiles, x.logits.stride(0), x.temperature, *(_signed32(k) for k in x.keys[:2]), kbias, inv_scale)
+    constexprs = dict(
+        HAS_THR=x.thr is not None, GREEDY=x.greedy, TEMPERED=not x.greedy and x.temperature != 1.0, BLOCK_V=blk
     )
+    launch(Launch(_ar_kernel, (B,), args, constexprs, dict(num_warps=_num_warps(blk), **FP_OPTIONS)))
     return _ref.ARSample(tokens, logprobs)
