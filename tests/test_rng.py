@@ -284,7 +284,9 @@ def test_exponential_exact_in_both_tails():
 def test_log_and_exp_accuracy():
     """log_f32 within 2 ulp (absolute 2^-23 near 1) of log; exp_fixed(d, K) within 2e-7 relative
     (plus the truncation's unit) of exp(d) 2^K; exp(0) exactly 2^K; 0 below -K ln 2 and at -inf."""
-    x = torch.cat([torch.rand(200_000, dtype=torch.float64) * 100, torch.logspace(-37, 38, 20_000, dtype=torch.float64)])
+    x = torch.cat(
+        [torch.rand(200_000, dtype=torch.float64) * 100, torch.logspace(-37, 38, 20_000, dtype=torch.float64)]
+    )
     x = x.float().clamp(min=torch.finfo(torch.float32).tiny)
     err = (rng.log_f32(x).double() - torch.log(x.double())).abs()
     assert float((err / torch.log(x.double()).abs().clamp(min=1.0)).max()) < 2 * F32_EPS
@@ -317,7 +319,9 @@ def test_mulhi_u64_matches_python_ints():
     hi = torch.randint(0, 2**32, (5000,), generator=g)
     lo = torch.randint(0, 2**32, (5000,), generator=g)
     s = torch.randint(0, 2**63 - 1, (5000,), generator=g)
-    hi, lo, s = (torch.cat([t, torch.tensor(e)]) for t, e in ((hi, [M32, 0, M32]), (lo, [M32, 0, 0]), (s, [2**63 - 1, 5, 1])))
+    hi, lo, s = (
+        torch.cat([t, torch.tensor(e)]) for t, e in ((hi, [M32, 0, M32]), (lo, [M32, 0, 0]), (s, [2**63 - 1, 5, 1]))
+    )
     want = [((int(a) << 32 | int(b)) * int(c)) >> 64 for a, b, c in zip(hi, lo, s)]
     assert rng.mulhi_u64(hi, lo, s).tolist() == want
 
@@ -326,7 +330,9 @@ def test_mulhi_u64_matches_python_ints():
 
 
 @needs_cpu
-@pytest.mark.parametrize("seed,step", [(0, 0), (2**32 - 1, 1), (2**32, 2**32), (2**64 - 1, 2**63 - 1), (0x9E3779B97F4A7C15, 17)])
+@pytest.mark.parametrize(
+    "seed,step", [(0, 0), (2**32 - 1, 1), (2**32, 2**32), (2**64 - 1, 2**63 - 1), (0x9E3779B97F4A7C15, 17)]
+)
 def test_cpu_words_bit_identical(seed, step):
     """csrc/common/rng.h (through the C++ test hook) gives the reference's words."""
     g = torch.Generator().manual_seed(seed % 1000)
@@ -336,7 +342,9 @@ def test_cpu_words_bit_identical(seed, step):
     position = torch.randint(0, 2**32, (n,), generator=g)
     token = torch.randint(0, 2**32, (n,), generator=g)
     for stream in (0, 1):
-        got = _ext.cpu_ops().sampling_rng_words(sample, position, token, *rng.split_seed(seed), *rng.split_step(step), stream)
+        got = _ext.cpu_ops().sampling_rng_words(
+            sample, position, token, *rng.split_seed(seed), *rng.split_step(step), stream
+        )
         want = rng.random_words(seed, step, stream, sample, position, token)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), stream
 

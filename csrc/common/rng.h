@@ -45,8 +45,8 @@ UNIF2ACE_HD uint32_t mix32(uint32_t x) {
 }
 
 // The part of row_key fixed per call: (seed, step, stream, word).
-UNIF2ACE_HD uint32_t call_key(uint32_t seed_lo, uint32_t seed_hi, uint32_t step_lo, uint32_t step_hi,
-                              uint32_t stream, uint32_t word) {
+UNIF2ACE_HD uint32_t call_key(uint32_t seed_lo, uint32_t seed_hi, uint32_t step_lo, uint32_t step_hi, uint32_t stream,
+                              uint32_t word) {
   uint32_t h = mix32(seed_hi ^ (GOLDEN * (2u * stream + word + 1u)));
   h = mix32(h ^ seed_lo);
   h = mix32(h ^ step_lo);
@@ -66,8 +66,7 @@ struct KeyPair {
 };
 
 // call_key of both words of `stream`.
-UNIF2ACE_HD KeyPair call_keys(uint32_t seed_lo, uint32_t seed_hi, uint32_t step_lo, uint32_t step_hi,
-                              uint32_t stream) {
+UNIF2ACE_HD KeyPair call_keys(uint32_t seed_lo, uint32_t seed_hi, uint32_t step_lo, uint32_t step_hi, uint32_t stream) {
   return {call_key(seed_lo, seed_hi, step_lo, step_hi, stream, 0u),
           call_key(seed_lo, seed_hi, step_lo, step_hi, stream, 1u)};
 }

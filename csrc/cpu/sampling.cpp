@@ -269,7 +269,7 @@ U2A_INLINE float kth_largest(const float* x, float* tmp, int64_t V, int64_t k, i
   int64_t reach = 0;
   for (int64_t c = 0; c < nch; ++c) reach += cmax[c] >= t;
   if (2 * reach * CH > V - nch) return kth_on_copy(x, tmp, V, k);  // many ties at t: no room, no gain
-  float* got = tmp + nch;  // the values >= t of the chunks that reach t
+  float* got = tmp + nch;                                          // the values >= t of the chunks that reach t
   int64_t m = 0;
   for (int64_t c = 0; c < nch; ++c) {
     if (!(cmax[c] >= t)) continue;
@@ -346,7 +346,7 @@ U2A_INLINE void step_positions_impl(const StepArgs& p, int64_t begin, int64_t en
       lp = -kInf;
     } else {
       if (p.top_k > 0 && p.top_k < V) top_k_filter(buf, rs.tmp.data(), V, p.top_k);  // keeps the max
-      Prefetch pf;  // the next position's rows
+      Prefetch pf;                                                                   // the next position's rows
       if (q + 1 < end) {
         const int64_t b1 = (q + 1) / p.L, i1 = q + 1 - b1 * p.L;
         pf.a = reinterpret_cast<const char*>(cond + b1 * p.cs0 + i1 * p.cs1);
@@ -354,7 +354,8 @@ U2A_INLINE void step_positions_impl(const StepArgs& p, int64_t begin, int64_t en
         pf.bpc = kChunk * static_cast<int64_t>(sizeof(T));
       }
       const int64_t S = sum_fixed<false>(buf, V, 1.0f, mx, fs, sums, pf);
-      pick = p.sample ? draw_row(buf, V, p.t, mx, fs, sums, S, row_keys(p.k_token, sid, pos)) : argmax_first(buf, V, mx);
+      pick =
+          p.sample ? draw_row(buf, V, p.t, mx, fs, sums, S, row_keys(p.k_token, sid, pos)) : argmax_first(buf, V, mx);
       lp = log_p(buf[pick], mx, lse_rel_from_sum(S, fs.inv));
     }
     if (p.noise) lp = fadd(lp, fmul(p.tau, gumbel_at(row_keys(p.k_conf, sid, pos), 0u)));
@@ -817,9 +818,9 @@ at::Tensor sampling_gumbel_from_words(const at::Tensor& hi_in, const at::Tensor&
 // rng.h's fp32 functions, for tests: (log_f32(x) for x > 0, exp_fixed(x, K = 40) for x <= 0)
 // elementwise on a 1-D fp32 tensor, and lse_rel of each row of rows [R, V] (a finite max per row).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sampling_f32_math(const at::Tensor& x_in, const at::Tensor& rows_in) {
-  TORCH_CHECK(x_in.dim() == 1 && x_in.scalar_type() == at::kFloat && rows_in.dim() == 2 &&
-                  rows_in.scalar_type() == at::kFloat,
-              "unif2ace_cpu::sampling_f32_math: x must be 1-D fp32, rows 2-D fp32");
+  TORCH_CHECK(
+      x_in.dim() == 1 && x_in.scalar_type() == at::kFloat && rows_in.dim() == 2 && rows_in.scalar_type() == at::kFloat,
+      "unif2ace_cpu::sampling_f32_math: x must be 1-D fp32, rows 2-D fp32");
   const at::Tensor x = x_in.contiguous(), rows = rows_in.contiguous();
   const int64_t n = x.size(0), R = rows.size(0), V = rows.size(1);
   at::Tensor lg = at::empty({n}, x.options()), ex = at::empty({n}, x.options().dtype(at::kLong));

@@ -93,12 +93,10 @@ void dispatch_float(at::ScalarType st, const char* op, F&& f) {
 }
 
 // cond (and unc) [rows, V] with unit column stride; tokens / is_masked [B, L]
-std::tuple<at::Tensor, at::Tensor> masked_step_sample(const at::Tensor& cond, const c10::optional<at::Tensor>& unc,
-                                                      const at::Tensor& tokens, const at::Tensor& is_masked,
-                                                      const at::Tensor& sample_ids, const c10::optional<at::Tensor>& thr,
-                                                      double a, double s, double temperature, double tau, bool greedy,
-                                                      bool has_noise, int64_t k_tok_hi, int64_t k_tok_lo,
-                                                      int64_t k_conf_hi, int64_t k_conf_lo) {
+std::tuple<at::Tensor, at::Tensor> masked_step_sample(
+    const at::Tensor& cond, const c10::optional<at::Tensor>& unc, const at::Tensor& tokens, const at::Tensor& is_masked,
+    const at::Tensor& sample_ids, const c10::optional<at::Tensor>& thr, double a, double s, double temperature,
+    double tau, bool greedy, bool has_noise, int64_t k_tok_hi, int64_t k_tok_lo, int64_t k_conf_hi, int64_t k_conf_lo) {
   const char* op = "masked_step_sample";
   const at::Device dev = check_rows(cond, op, "cond", "[rows, V]");
   const int64_t rows = cond.size(0), V = cond.size(1);
@@ -195,8 +193,8 @@ std::tuple<at::Tensor, at::Tensor> ar_sample(const at::Tensor& logits, const at:
     launch(sampling::ar_sample_kernel<T>, static_cast<unsigned>(B), kThreads, 0, stream,
            reinterpret_cast<const T*>(logits.const_data_ptr()), logits.stride(0), V,
            sample_ids.const_data_ptr<int64_t>(), position.const_data_ptr<int64_t>(),
-           thr.has_value() ? thr->const_data_ptr<float>() : nullptr, static_cast<float>(temperature), greedy,
-           k_token, fixed.kbias, fixed.inv, tokens.mutable_data_ptr<int64_t>(), logprobs.mutable_data_ptr<float>());
+           thr.has_value() ? thr->const_data_ptr<float>() : nullptr, static_cast<float>(temperature), greedy, k_token,
+           fixed.kbias, fixed.inv, tokens.mutable_data_ptr<int64_t>(), logprobs.mutable_data_ptr<float>());
   });
   return {tokens, logprobs};
 }

@@ -222,8 +222,8 @@ __device__ __forceinline__ int64_t draw_code(const R& row, int64_t V, ZF&& zf, f
 // scores) and get their own sum. Valid in every thread.
 template <typename R, typename XF, typename ZF>
 __device__ __forceinline__ void sample_row(const R& row, int64_t V, XF xf, ZF zf, bool greedy, bool own_scores,
-                                           int32_t kbias, float inv_scale, rng::KeyPair rk, Shared& sh,
-                                           int64_t* code, float* lp) {
+                                           int32_t kbias, float inv_scale, rng::KeyPair rk, Shared& sh, int64_t* code,
+                                           float* lp) {
   MaxIdx mi{-INFINITY, 0};
   for_each_code(row, V, [&](float raw, int64_t v) {
     const float x = xf(raw);
@@ -361,7 +361,6 @@ __global__ void __launch_bounds__(kRemaskThreads)
     tokens_out[base + j] = nm ? mask_token_id : smp;
   }
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // autoregressive sampling

@@ -16,8 +16,9 @@ random bits (no fp32 tail truncation). The exact semantics are in
 confidences, log-probabilities) for a seed.
 
 Backends (stem ``sampling``; the RNG's stem is ``rng``): ``reference``; ``cpu`` (C++/OpenMP,
-csrc/cpu/sampling.cpp behind unif2ace/kernels/cpu/sampling.py); ``triton`` and ``cuda`` (fused kernels, unif2ace/kernels/triton/sampling.py
-and csrc/cuda/sampling.cu behind unif2ace/kernels/cuda/sampling.py). The fast backends run behind
+csrc/cpu/sampling.cpp behind unif2ace/kernels/cpu/sampling.py); ``triton`` and ``cuda`` (fused
+kernels, unif2ace/kernels/triton/sampling.py and csrc/cuda/sampling.cu behind
+unif2ace/kernels/cuda/sampling.py). The fast backends run behind
 the custom ops ``unif2ace::masked_sample_step`` / ``unif2ace::ar_sample``
 (unif2ace/kernels/_custom_ops/sampling.py), so they work under torch.compile. Inputs are checked at
 the boundary with errors naming the argument.

@@ -250,9 +250,7 @@ def _as_word(v: IntOrTensor, device) -> torch.Tensor:
     return torch.tensor(int(v) & MASK32, dtype=torch.int64, device=device)
 
 
-def row_key(
-    seed: int, step: int, stream: int, word: int, sample: IntOrTensor, position: IntOrTensor
-) -> torch.Tensor:
+def row_key(seed: int, step: int, stream: int, word: int, sample: IntOrTensor, position: IntOrTensor) -> torch.Tensor:
     """``row_key`` for broadcastable int tensors (or ints) ``sample`` and ``position``; int64."""
     device = next((t.device for t in (sample, position) if isinstance(t, torch.Tensor)), torch.device("cpu"))
     h = _mix32_(_as_word(sample, device) ^ call_key_int(seed, step, stream, word))
