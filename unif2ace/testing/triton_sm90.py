@@ -455,7 +455,7 @@ def violations(spec: Spec, r: Dict[str, Any]) -> List[Violation]:
     if spec.strict and r["regs"] >= REG_CAP and r["regs"] * threads > REG_FILE // 2:
         v("reg-cap", f"{r['regs']} regs x {threads} threads")
     if r.get("inexact_fp") and any(c.stem in EXACT_FP_STEMS for c in spec.cases):
-        v("fp-exact", ", ".join(f"{n} x{k}" for k, n in sorted(r["inexact_fp"].items())))
+        v("fp-exact", ", ".join(f"{op} x{n}" for op, n in sorted(r["inexact_fp"].items())))
     return out
 
 
