@@ -989,7 +989,7 @@ def test_bad_inputs_name_the_argument():
         ar_sample(cond[0], seed=1, position=0, top_p=0.0, backend="cpu")
     # the raw C++ ops check their own contract too
     with pytest.raises(RuntimeError, match="tokens must be int64"):
-        ops.masked_sample_step(cond, None, tokens.int(), is_masked, torch.arange(2), 0, 0, 0.0, 1.0, 0.0, 0, 1, 7)
+        ops.masked_sample_step(cond, None, tokens.int(), is_masked, torch.arange(2), 0, 0, 0, 0, 0.0, 1.0, 0.0, 0, 1, 7)
     with pytest.raises(RuntimeError, match="position must be int64"):
         ops.ar_sample(cond[0], torch.arange(5), torch.zeros(4, dtype=torch.long), 0, 0, 1.0, 0, 1.0)
     with pytest.raises(RuntimeError, match="seed_lo"):
@@ -1056,8 +1056,8 @@ def test_cuda_raw_ops_check_what_they_index(backend):
     cond = torch.randn(B * L, V, device=dev)
     tok = torch.zeros(B, L, dtype=torch.long, device=dev)
     m = torch.ones(B, L, dtype=torch.bool, device=dev)
-    sid, keys = torch.arange(B, device=dev), torch.arange(4, device=dev)
-    args = (cond, None, tok, m, sid, keys, None, 1.0, 0.0, 1.0, 0.0, False, False)
+    sid = torch.arange(B, device=dev)
+    args = (cond, None, tok, m, sid, None, 1.0, 0.0, 1.0, 0.0, False, False, 1, 2, 2**32 - 1, 0)  # keys: scalars
     ops.masked_step_sample(*args)
 
     def bad(i, v, match):
@@ -1071,14 +1071,14 @@ def test_cuda_raw_ops_check_what_they_index(backend):
     bad(3, m.to(elsewhere), "'is_masked' must be on")
     bad(4, sid[:1], "'sample_ids' must have 2 elements")
     bad(4, sid.to(elsewhere), "'sample_ids' must be on")
-    bad(5, keys[:3], "'keys' must have 4 elements")
-    bad(5, keys.int(), "'keys' must be int64")
+    bad(14, 2**32, "32-bit words")
+    bad(13, -1, "32-bit words")
     bad(2, tok[:, :2], "'tokens' must have 6 elements")
     bad(2, tok.float(), "'tokens' must be int32 or int64")
     bad(0, cond.to(elsewhere), "'cond' must be a CUDA")
     bad(0, cond.t(), "'cond' must have unit column stride")
     bad(1, torch.randn(B * L, V + 1, device=dev), "'unc' must match 'cond'")
-    bad(6, torch.zeros(5, device=dev), "'thr' must have 6 elements")
+    bad(5, torch.zeros(5, device=dev), "'thr' must have 6 elements")
     conf = torch.zeros(B, L, device=dev)
     ops.masked_step_remask(conf, m, tok, tok, 1, False, V)
     with pytest.raises(RuntimeError, match="'sampled' must have 6 elements"):
@@ -1088,13 +1088,15 @@ def test_cuda_raw_ops_check_what_they_index(backend):
     with pytest.raises(RuntimeError, match="'tokens' must be on"):
         ops.masked_step_remask(conf, m, tok.to(elsewhere), tok, 1, False, V)
     x, pos = torch.randn(B, V, device=dev), torch.zeros(B, dtype=torch.long, device=dev)
-    ops.ar_sample(x, sid, pos, keys, None, 1.0, False)
+    ops.ar_sample(x, sid, pos, None, 1.0, False, 3, 4)
     with pytest.raises(RuntimeError, match="'position' must have 2 elements"):
-        ops.ar_sample(x, sid, pos[:1], keys, None, 1.0, False)
+        ops.ar_sample(x, sid, pos[:1], None, 1.0, False, 3, 4)
     with pytest.raises(RuntimeError, match="'position' must be int64"):
-        ops.ar_sample(x, sid, pos.int(), keys, None, 1.0, False)
+        ops.ar_sample(x, sid, pos.int(), None, 1.0, False, 3, 4)
     with pytest.raises(RuntimeError, match="'thr' must be on"):
-        ops.ar_sample(x, sid, pos, keys, torch.zeros(B, device=elsewhere), 1.0, False)
+        ops.ar_sample(x, sid, pos, torch.zeros(B, device=elsewhere), 1.0, False, 3, 4)
+    with pytest.raises(RuntimeError, match="32-bit words"):
+        ops.ar_sample(x, sid, pos, None, 1.0, False, 3, 2**32)
 
 
 # ------------------------------------------------------------------ the custom ops
