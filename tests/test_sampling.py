@@ -811,6 +811,23 @@ def test_ar_large_vocab_matches_reference(backend, dtype, temperature, top_k, to
     assert_same_ar(ar_sample(x, backend=backend, **kw), ar_sample(x, backend="reference", **kw))
 
 
+@pytest.mark.parametrize("backend", [TRITON])
+@pytest.mark.parametrize("segments", [2, 3])
+def test_ar_rows_split_across_programs(backend, segments, monkeypatch):
+    """Triton splits a row of a large vocabulary across programs (segments of whole tiles; on a GPU
+    when B rows alone would not fill it): the same tokens and logprobs, bit for bit, however the
+    row is split -- the fixed-point sums are exact (issue 16 item 5)."""
+    from unif2ace.kernels.triton import sampling as triton_sampling
+
+    monkeypatch.setattr(triton_sampling, "FORCE_AR_SEGMENTS", segments)
+    x = torch.randn(3, 9000, generator=torch.Generator().manual_seed(3)) * 2
+    x[1, :5000] = NEG_INF  # a segment with nothing finite
+    x = x.to(device_for(backend))
+    for kw in (dict(), dict(temperature=0.7), dict(top_k=50), dict(top_p=0.9, temperature=0.8), dict(temperature=0.0)):
+        out = ar_sample(x, seed=3, position=5, backend=backend, **kw)
+        assert_same_ar(out, ar_sample(x, seed=3, position=5, backend="reference", **kw))
+
+
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("top_p", [0.5, 0.95, 0.999])
 def test_ar_top_p_large_nucleus_matches_reference(backend, top_p):

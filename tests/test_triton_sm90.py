@@ -41,7 +41,8 @@ def test_every_case_plans(recorded):
     expected |= {"_bwd_atomic_kernel", "_gating_fwd_kernel", "_gating_stats_kernel", "_gating_bwd_kernel"}
     expected |= {"_align_count_kernel", "_align_scan_kernel", "_align_blocks_kernel", "_align_scatter_kernel"}
     expected |= {"_mlp_up_kernel", "_gather_gemm_kernel", "_combine_kernel", "_mlp_bwd_act_kernel"}
-    expected |= {"_grouped_xty_kernel", "_masked_step_kernel", "_remask_kernel", "_ar_kernel", "_gumbel_words_kernel"}
+    expected |= {"_grouped_xty_kernel", "_masked_step_kernel", "_remask_kernel", "_gumbel_words_kernel"}
+    expected |= {"_ar_max_kernel", "_ar_sum_kernel", "_ar_pick_kernel"}
     assert kernels == expected
 
 
@@ -63,7 +64,7 @@ def test_no_kernel_is_launched_outside_launch():
         if f.name == "_launch.py":
             continue
         assert not re.search(r"\b_\w+_kernel\[", f.read_text()), f"{f.name} launches a kernel directly"
-    assert len(_launched_jit_kernels()) == 22
+    assert len(_launched_jit_kernels()) == 24
 
 
 def _configs(recorded, kernel):

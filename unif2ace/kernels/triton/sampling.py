@@ -40,7 +40,7 @@ import triton.language as tl
 from ..cuda import sampling as _host
 from ..reference import rng as _rng
 from ..reference import sampling as _ref
-from ._launch import Launch, launch
+from ._launch import Launch, launch, on_gpu, sm_count
 from .rng import FP_OPTIONS, draw_target, element, exp_fixed, gumbel, log_f32, row_keys
 
 __all__ = ["masked_sample_step", "ar_sample", "MAX_L", "MAX_BLOCK_V"]
@@ -56,6 +56,13 @@ def block_v(V: int) -> int:
 
 def _num_warps(block: int) -> int:
     return 8 if block >= 2048 else 4
+
+
+def _remask_warps(block_l: int) -> int:
+    """Warps of the re-mask kernel: at most 8 of a row's positions per thread (each holds its
+    64-bit sort key, confidence, mask, token and code: at 32 per thread, L = 4096 on 4 warps, the
+    sort spilled at 255 registers)."""
+    return max(4, min(16, block_l // 256))
 
 
 @triton.jit
@@ -304,18 +311,103 @@ def _ar_scores(x, temperature, thr, TEMPERED: tl.constexpr, HAS_THR: tl.constexp
     return z
 
 
+# The rows are split into segments of whole BLOCK_V tiles, one program each, so that a few rows of a
+# large vocabulary still fill the GPU (B <= 8 rows of V = 256k on 132 SMs). The exact integer sums
+# make the split invisible: any partition of a row sums to the same bits.
+
+
+@triton.jit
+def _ar_max_kernel(X, MAXV, MAXI, V, stride_x, seg_len, n_seg, BLOCK_V: tl.constexpr):
+    """Per (row, segment): the segment's max and its first code."""
+    row = tl.program_id(0).to(tl.int64)
+    seg = tl.program_id(1)
+    x_row = X + row * stride_x
+    offs = tl.arange(0, BLOCK_V)
+    m, idx = float("-inf"), 0
+    for start in range(seg * seg_len, tl.minimum(seg * seg_len + seg_len, V), BLOCK_V):
+        cols = start + offs
+        m, idx = _first_max(m, idx, _ar_tile(x_row, cols, V), cols)
+    tl.store(MAXV + row * n_seg + seg, m)
+    tl.store(MAXI + row * n_seg + seg, idx)
+
+
+@triton.jit
+def _row_max(MAXV, MAXI, row, n_seg, BLOCK_S: tl.constexpr):
+    """The row's max and its first code from the segments' (segments in code order)."""
+    segs = tl.arange(0, BLOCK_S)
+    mv = tl.load(MAXV + row * n_seg + segs, mask=segs < n_seg, other=float("-inf"))
+    mi = tl.load(MAXI + row * n_seg + segs, mask=segs < n_seg, other=2147483647)
+    m = tl.max(mv, 0)
+    return m, tl.min(tl.where(mv == m, mi, 2147483647), 0)
+
+
+@triton.jit(do_not_specialize=["kbias"])
+def _ar_sum_kernel(
+    X,
+    THR,
+    MAXV,
+    MAXI,
+    TSUM,
+    SSUM,
+    V,
+    stride_x,
+    seg_len,
+    n_seg,
+    n_tiles,
+    temperature,
+    kbias,
+    HAS_THR: tl.constexpr,
+    GREEDY: tl.constexpr,
+    TEMPERED: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Per (row, segment): the fixed-point sums of the logits (logprob) and of the draw's scores,
+    per tile (TSUM) and per segment (SSUM)."""
+    row = tl.program_id(0).to(tl.int64)
+    seg = tl.program_id(1)
+    thr = 0.0
+    if HAS_THR:
+        thr = tl.load(THR + row)
+    x_row = X + row * stride_x
+    offs = tl.arange(0, BLOCK_V)
+    m, _ = _row_max(MAXV, MAXI, row, n_seg, BLOCK_S)
+    m0 = tl.where(m > float("-inf"), m, 0.0)
+    mz = m0
+    if TEMPERED:
+        mz = _scale(m0, temperature)  # the top code survives the filters: the max of the scores
+    S = row * 0
+    Sz = S
+    for start in range(seg * seg_len, tl.minimum(seg * seg_len + seg_len, V), BLOCK_V):
+        cols = start + offs
+        x = _ar_tile(x_row, cols, V)
+        ts = tl.sum(exp_fixed(x - m0, kbias), 0)
+        S += ts
+        if not GREEDY:
+            if TEMPERED or HAS_THR:
+                ts = tl.sum(exp_fixed(_ar_scores(x, temperature, thr, TEMPERED, HAS_THR) - mz, kbias), 0)
+                Sz += ts
+            tl.store(TSUM + row * n_tiles + start // BLOCK_V, ts)
+    tl.store(SSUM + (row * n_seg + seg) * 2, S)
+    tl.store(SSUM + (row * n_seg + seg) * 2 + 1, Sz)
+
+
 @triton.jit(do_not_specialize=["K0", "K1", "kbias"])
-def _ar_kernel(
+def _ar_pick_kernel(
     X,
     SID,
     POS,
     THR,
+    MAXV,
+    MAXI,
     TSUM,
+    SSUM,
     TOKENS,
     LOGPROBS,
     V,
-    n_tiles,
     stride_x,
+    n_seg,
+    n_tiles,
     temperature,
     K0,
     K1,
@@ -325,46 +417,34 @@ def _ar_kernel(
     GREEDY: tl.constexpr,
     TEMPERED: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
+    """Per row: the segments' results combined, the draw (the tile holding it, then the code
+    within), the logprob."""
     row = tl.program_id(0).to(tl.int64)
     thr = 0.0
     if HAS_THR:
         thr = tl.load(THR + row)
     x_row = X + row * stride_x
     offs = tl.arange(0, BLOCK_V)
-    # pass 1: the row max (and, greedy, its first code)
-    m, pick = float("-inf"), 0
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        m, pick = _first_max(m, pick, _ar_tile(x_row, cols, V), cols)
-    m0 = tl.where(m > float("-inf"), m, 0.0)
-    mz = m0
-    if TEMPERED:
-        mz = _scale(m0, temperature)  # the top code survives the filters: the max of the scores
-    # pass 2: the fixed-point sums of the logits (logprob) and of the draw's scores, per tile
-    S = row * 0
+    m, pick = _row_max(MAXV, MAXI, row, n_seg, BLOCK_S)
+    segs = tl.arange(0, BLOCK_S)
+    sums = SSUM + (row * n_seg + segs) * 2
+    S = tl.sum(tl.load(sums, mask=segs < n_seg, other=0), 0)
     Sz = S
-    tsum = TSUM + row * n_tiles
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        x = _ar_tile(x_row, cols, V)
-        ts = tl.sum(exp_fixed(x - m0, kbias), 0)
-        S += ts
-        if not GREEDY:
-            if TEMPERED or HAS_THR:
-                ts = tl.sum(exp_fixed(_ar_scores(x, temperature, thr, TEMPERED, HAS_THR) - mz, kbias), 0)
-                Sz += ts
-            tl.store(tsum + start // BLOCK_V, ts)
-    if not (TEMPERED or HAS_THR):
-        Sz = S
-    # pass 3: the draw
+    if TEMPERED or HAS_THR:
+        Sz = tl.sum(tl.load(sums + 1, mask=segs < n_seg, other=0), 0)
     x_pick = m
     if not GREEDY:
+        mz = tl.where(m > float("-inf"), m, 0.0)
+        if TEMPERED:
+            mz = _scale(mz, temperature)
         sid = tl.load(SID + row).to(tl.uint32)
         pos = tl.load(POS + row).to(tl.uint32)
         rk_hi, rk_lo = row_keys(K0, K1, sid, pos)
         U = draw_target(rk_hi, rk_lo, Sz)
-        sel, before = _find_tile(tsum, tl.where(mz > float("-inf"), n_tiles, 0), U)  # sel < 0: code 0
+        n_t = tl.where(mz > float("-inf"), n_tiles, 0)
+        sel, before = _find_tile(TSUM + row * n_tiles, n_t, U)  # sel < 0: every score -inf, code 0
         cols = tl.maximum(sel, 0) * BLOCK_V + offs
         x = _ar_tile(x_row, cols, V)
         z = _ar_scores(x, temperature, thr, TEMPERED, HAS_THR)
@@ -377,6 +457,20 @@ def _ar_kernel(
 
 # --------------------------------------------------------------------------------------------
 # launch glue (the host pre-passes are shared with the cuda backend)
+
+
+# AR rows are split into segments when they alone would not fill the GPU: about two programs per SM.
+# Under the interpreter one segment per row unless a test sets FORCE_AR_SEGMENTS.
+FORCE_AR_SEGMENTS = None
+
+
+def _ar_segments(B: int, n_tiles: int, device: torch.device) -> int:
+    """Segments (programs) per AR row: enough for ~2 programs per SM, at most one per tile."""
+    if FORCE_AR_SEGMENTS is not None:
+        return max(1, min(n_tiles, FORCE_AR_SEGMENTS))
+    if not on_gpu(device):
+        return 1
+    return max(1, min(n_tiles, triton.cdiv(2 * sm_count(device), B)))
 
 
 def _signed32(k: int) -> int:
@@ -421,8 +515,9 @@ def masked_sample_step(cond_logits, tokens, is_masked, uncond_logits, sample_ids
     new_mask = torch.empty(B, L, dtype=torch.bool, device=conf.device)
     smp_out = torch.empty(B, L, dtype=torch.int64, device=conf.device)
     args = (conf, x.is_masked, x.tokens, sampled, tok_out, new_mask, smp_out, L, p.n_cap, int(p.mask_token_id))
-    constexprs = dict(LAST=p.last, BLOCK_L=max(16, triton.next_power_of_2(L)))
-    launch(Launch(_remask_kernel, (B,), args, constexprs, dict(num_warps=4)))
+    block_l = max(16, triton.next_power_of_2(L))
+    constexprs = dict(LAST=p.last, BLOCK_L=block_l)
+    launch(Launch(_remask_kernel, (B,), args, constexprs, dict(num_warps=_remask_warps(block_l), **FP_OPTIONS)))
     return _ref.MaskedStepOutput(tok_out, new_mask, smp_out, conf)
 
 
@@ -436,11 +531,25 @@ def ar_sample(logits, *, seed, position, temperature=1.0, top_k=None, top_p=None
     x = _host.ar_inputs(logits, seed, position, temperature, top_k, top_p, sample_ids)
     blk = block_v(V)
     kbias, inv_scale, n_tiles = _fixed_args(V, blk)
-    tsum = torch.empty(1 if x.greedy else B * n_tiles, dtype=torch.int64, device=logits.device)
-    args = (x.logits, x.sample_ids, x.positions, x.thr if x.thr is not None else logprobs, tsum, tokens, logprobs)
-    args += (V, n_tiles, x.logits.stride(0), x.temperature, *(_signed32(k) for k in x.keys[:2]), kbias, inv_scale)
-    constexprs = dict(
-        HAS_THR=x.thr is not None, GREEDY=x.greedy, TEMPERED=not x.greedy and x.temperature != 1.0, BLOCK_V=blk
-    )
-    launch(Launch(_ar_kernel, (B,), args, constexprs, dict(num_warps=_num_warps(blk), **FP_OPTIONS)))
+    n_seg = _ar_segments(B, n_tiles, logits.device)
+    seg_len = triton.cdiv(n_tiles, n_seg) * blk
+    n_seg = triton.cdiv(V, seg_len)
+    dev = logits.device
+    maxv = torch.empty(B * n_seg, dtype=torch.float32, device=dev)
+    maxi = torch.empty(B * n_seg, dtype=torch.int32, device=dev)
+    tsum = torch.empty(B * n_tiles, dtype=torch.int64, device=dev)
+    ssum = torch.empty(B * n_seg * 2, dtype=torch.int64, device=dev)
+    thr = x.thr if x.thr is not None else logprobs
+    own = not x.greedy and x.temperature != 1.0
+    flags = dict(HAS_THR=x.thr is not None, GREEDY=x.greedy, TEMPERED=own)
+    opts = dict(num_warps=_num_warps(blk), **FP_OPTIONS)
+    blk_s = max(2, triton.next_power_of_2(n_seg))
+    stride = x.logits.stride(0)
+    args = (x.logits, maxv, maxi, V, stride, seg_len, n_seg)
+    launch(Launch(_ar_max_kernel, (B, n_seg), args, dict(BLOCK_V=blk), opts))
+    args = (x.logits, thr, maxv, maxi, tsum, ssum, V, stride, seg_len, n_seg, n_tiles, x.temperature, kbias)
+    launch(Launch(_ar_sum_kernel, (B, n_seg), args, dict(**flags, BLOCK_V=blk, BLOCK_S=blk_s), opts))
+    args = (x.logits, x.sample_ids, x.positions, thr, maxv, maxi, tsum, ssum, tokens, logprobs, V, stride, n_seg)
+    args += (n_tiles, x.temperature, *(_signed32(k) for k in x.keys[:2]), kbias, inv_scale)
+    launch(Launch(_ar_pick_kernel, (B,), args, dict(**flags, BLOCK_V=blk, BLOCK_S=blk_s), opts))
     return _ref.ARSample(tokens, logprobs)
