@@ -69,12 +69,4 @@ KNOWN = [
         _I3,
         "bf16/fp16 atomic backward with bias, large-D config (BLOCK_M=128 w8): 255 registers x 256 threads",
     ),
-    # --- sampling
-    Known(
-        "_remask_kernel",
-        "spill",
-        _I3,
-        "L=4096 (BLOCK_L=4096, one tl.sort of 4096 64-bit keys per row, 4 warps): 116 B at 255 registers",
-        config="BLOCK_L=4096",
-    ),
 ]
