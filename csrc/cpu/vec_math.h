@@ -57,6 +57,26 @@ U2A_INLINE float fast_exp(float x) {
   return p * scale;
 }
 
+// fast_exp with IEEE special values, for callers whose arguments may be NaN or infinite: NaN -> NaN
+// (propagated, not clamped), x < -87 (-inf included) -> 0, x > 88 (+inf included) -> +inf; in
+// between exactly fast_exp. Integer selects on the bit pattern only, so it vectorises like fast_exp.
+U2A_INLINE float fast_exp_special(float x) {
+  int32_t ix;
+  std::memcpy(&ix, &x, sizeof(ix));
+  const float e = fast_exp(x);
+  int32_t ie;
+  std::memcpy(&ie, &e, sizeof(ie));
+  const int32_t nan_m = -static_cast<int32_t>((ix & 0x7FFFFFFF) > 0x7F800000);
+  const int32_t lo_m = -static_cast<int32_t>(static_cast<uint32_t>(ix) > 0xC2AE0000u);  // below -87
+  const int32_t hi_m = -static_cast<int32_t>(ix > 0x42B00000);                          // above 88
+  ie &= ~lo_m;
+  ie = (ie & ~hi_m) | (0x7F800000 & hi_m);
+  ie = (ie & ~nan_m) | (ix & nan_m);
+  float r;
+  std::memcpy(&r, &ie, sizeof(r));
+  return r;
+}
+
 // ------------------------------------------------------------------------------------------------
 // Run-time ISA choice for loops compiled several times: the baseline x86-64 copy, one with
 // U2A_TARGET_AVX2 (AVX2 + FMA) and one with U2A_TARGET_AVX512 (AVX-512 F/DQ/VL/BW); cpu_isa()

@@ -13,6 +13,15 @@ Per-sample schedule quantities (m = masking rate, m' = dm/dτ, both per sample b
 - the per-token weight σ'·r is computed directly as m'/m.
 
 m and m' are schedule values: they receive no gradient.
+
+NaN / ±inf contract (docs/kernels.md §A, every backend follows it): a row whose target is
+``ignore_index`` is never read -- it contributes 0 to every output and gets exactly 0 gradient
+whatever it holds (NaN, inf); NaN anywhere in a masked row gives that row a NaN loss term and a
+NaN gradient row, and NaN wherever the row feeds (the reduced loss; dW and dbias of the fused
+head); ±inf are computed as this fp32 code computes them (a −inf non-target logit is a zero
+probability, a −inf target gives CE = +inf with a finite gradient, a +inf logit or a row without
+a finite logit gives NaN). Large common offsets cost no accuracy: the row max is subtracted
+before anything is rounded at the offset's scale (log_softmax).
 """
 
 from __future__ import annotations
@@ -143,6 +152,8 @@ def d3diff_loss_from_logits_ref(
     t = target.reshape(-1).long()
     valid = t != ignore_index
     t_safe = torch.where(valid, t, torch.zeros_like(t))
+    # ignored rows are never read: whatever they hold (NaN, inf), 0 loss and exactly 0 gradient
+    x = torch.where(valid[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
 
     logp = torch.log_softmax(x, dim=-1)
     ce = -logp.gather(1, t_safe[:, None]).squeeze(1)

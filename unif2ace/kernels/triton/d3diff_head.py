@@ -1,9 +1,10 @@
 """Triton kernels for the D3Diff loss fused with the LM head (vocabulary-tiled, CCE geometry).
 
-Computes, for logits ``ℓ = hidden @ weight.T + bias`` that are never written to memory, the two
-per-row numbers the whole D3Diff loss is assembled from (see ``unif2ace/kernels/_custom_ops/d3diff.py``):
-``lse_i = logsumexp_v ℓ_iv`` and ``tgt_i = ℓ_i[target_i]`` (fp32, 0 and 0 on rows with
-``target == ignore_index``), and their backward for hidden, weight and bias.
+Computes, for logits ``ℓ = hidden @ weight.T + bias`` that are never written to memory, the
+per-row numbers the whole D3Diff loss is assembled from (see ``unif2ace/kernels/_custom_ops/d3diff.py``,
+``RowStats``): ``row_max_i = max_v ℓ_iv``, ``lse_rel_i = log Σ_v exp(ℓ_iv − row_max_i)`` and
+``tgt_i = ℓ_i[target_i]`` (fp32, 0, 0, 0 on rows with ``target == ignore_index``), and their
+backward for hidden, weight and bias.
 
 Shapes and dtypes: hidden ``[N, D]``, weight ``[V, D]``, bias ``[V]`` or None, one dtype among
 fp32/fp16/bf16, unit column stride (otherwise copied); target ``[N]`` int. Gradients come back in
@@ -24,12 +25,12 @@ Masked-row compaction (no host sync)
 
 Forward (:func:`head_lse_gather`)
     Programs over (row block, vocabulary split). Each sweeps its split's BLOCK_V tiles with an
-    online max / sum-exp per row, picks the target logit in the tile that holds it, and writes
-    a partial ``lse`` and ``tgt`` per split; a tiny torch ``logsumexp`` / ``sum`` over the
-    splits finishes the job.
+    online max / sum-exp per row (the rescale guarded while the max is −inf), picks the target
+    logit in the tile that holds it, and writes a partial max, log-sum-exp relative to it and
+    ``tgt`` per split; a tiny torch max / ``logsumexp`` / ``sum`` over the splits finishes the job.
 
 Backward (:func:`head_lse_gather_backward`)
-    ``dℓ = grad_lse·exp(ℓ − lse) + grad_tgt·[v = target]`` from recomputed logit tiles, then
+    ``dℓ = grad_lse·exp((ℓ − row_max) − lse_rel) + grad_tgt·[v = target]`` from recomputed logit tiles, then
     ``dH = dℓ @ W``, ``dW = dℓᵀ @ H``, ``dbias = Σ_rows dℓ``. The ``dℓ`` tile is cast to the input
     dtype for the two gradient ``tl.dot`` s, by default as a hi + lo pair (:data:`PRECISE_GRAD`);
     for fp16 inputs this needs |dℓ| < 65504, i.e. per-row upstream gradients of sane size.
@@ -61,6 +62,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from .d3diff import online_lse_step
 
 __all__ = [
     "FusedConfig",
@@ -215,9 +218,9 @@ def _row_block(ORDER, COUNT, T, pid_m, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _dlogits(logits, tgt, cols, m_mask, c_mask, lse, gl, gt):
-    """dℓ = gl·exp(ℓ − lse) + gt·[v = t], 0 outside the valid rows/columns (fp32)."""
-    p = tl.exp(logits - lse[:, None])
+def _dlogits(logits, tgt, cols, m_mask, c_mask, mx, lse_rel, gl, gt):
+    """dℓ = gl·exp((ℓ − max) − lse_rel) + gt·[v = t], 0 outside the valid rows/columns (fp32)."""
+    p = tl.exp((logits - mx[:, None]) - lse_rel[:, None])
     g = gl[:, None] * p + tl.where(cols[None, :] == tgt[:, None], gt[:, None], 0.0)
     return tl.where(m_mask[:, None] & c_mask[None, :], g, 0.0)
 
@@ -230,7 +233,8 @@ def _fwd_kernel(
     T,
     ORDER,
     COUNT,
-    PART_LSE,
+    PART_MAX,
+    PART_LREL,
     PART_TGT,
     CTR,
     N,
@@ -278,15 +282,13 @@ def _fwd_kernel(
             PRECISION,
         )
         x = tl.where(c_mask[None, :], acc, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, 1))  # every tile holds >= 1 column: finite
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
+        m, s = online_lse_step(m, s, tl.max(x, 1), x, 1)
         tg += tl.sum(tl.where(cols[None, :] == tgt[:, None], acc, 0.0), 1)
-        m = m_new
         if DEBUG:
             tl.atomic_add(CTR, 1)
     out = pid_s.to(tl.int64) * N + rows
-    part = tl.where(m_mask, m, 0.0) + tl.log(tl.where(m_mask, s, 1.0))  # idle rows: no log(0)
-    tl.store(PART_LSE + out, part, mask=m_mask)
+    tl.store(PART_MAX + out, m, mask=m_mask)
+    tl.store(PART_LREL + out, tl.log(tl.where(m_mask, s, 1.0)), mask=m_mask)  # idle rows: no log(0)
     tl.store(PART_TGT + out, tg, mask=m_mask)
 
 
@@ -298,7 +300,8 @@ def _bwd_dh_kernel(
     T,
     ORDER,
     COUNT,
-    LSE,
+    MAX,
+    LREL,
     GL,
     GT,
     DH,
@@ -321,7 +324,8 @@ def _bwd_dh_kernel(
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows, m_mask, tgt, active = _row_block(ORDER, COUNT, T, pid_m, BLOCK_M)
-    lse = tl.load(LSE + rows, mask=m_mask, other=0.0)
+    mx = tl.load(MAX + rows, mask=m_mask, other=0.0)
+    lrel = tl.load(LREL + rows, mask=m_mask, other=0.0)
     gl = tl.load(GL + rows, mask=m_mask, other=0.0)
     gt = tl.load(GT + rows, mask=m_mask, other=0.0)
     n_tiles = tl.cdiv(V, BLOCK_V)
@@ -351,7 +355,7 @@ def _bwd_dh_kernel(
             BLOCK_K,
             PRECISION,
         )
-        g32 = _dlogits(acc, tgt, cols, m_mask, c_mask, lse, gl, gt)
+        g32 = _dlogits(acc, tgt, cols, m_mask, c_mask, mx, lrel, gl, gt)
         g = g32.to(W.dtype.element_ty)
         g_lo = (g32 - g.to(tl.float32)).to(W.dtype.element_ty)  # dead code unless SPLIT_GRAD
         for k0 in range(0, D, BLOCK_K):
@@ -376,7 +380,8 @@ def _bwd_dw_kernel(
     T,
     ORDER,
     COUNT,
-    LSE,
+    MAX,
+    LREL,
     GL,
     GT,
     DW,
@@ -410,7 +415,8 @@ def _bwd_dw_kernel(
     db = tl.zeros((BLOCK_V,), tl.float32)
     for rb in range(b_lo, b_hi):
         rows, m_mask, tgt, active = _row_block(ORDER, COUNT, T, rb, BLOCK_M)
-        lse = tl.load(LSE + rows, mask=m_mask, other=0.0)
+        mx = tl.load(MAX + rows, mask=m_mask, other=0.0)
+        lrel = tl.load(LREL + rows, mask=m_mask, other=0.0)
         gl = tl.load(GL + rows, mask=m_mask, other=0.0)
         gt = tl.load(GT + rows, mask=m_mask, other=0.0)
         acc = _logit_tile(
@@ -430,7 +436,7 @@ def _bwd_dw_kernel(
             BLOCK_K,
             PRECISION,
         )
-        g32 = _dlogits(acc, tgt, cols, m_mask, c_mask, lse, gl, gt)
+        g32 = _dlogits(acc, tgt, cols, m_mask, c_mask, mx, lrel, gl, gt)
         db += tl.sum(g32, 0)
         g = g32.to(H.dtype.element_ty)
         gT = tl.trans(g)
@@ -459,7 +465,8 @@ def _bwd_atomic_kernel(
     T,
     ORDER,
     COUNT,
-    LSE,
+    MAX,
+    LREL,
     GL,
     GT,
     DH,
@@ -484,7 +491,8 @@ def _bwd_atomic_kernel(
     pid_v = tl.program_id(1)
     rows, m_mask, tgt, active = _row_block(ORDER, COUNT, T, pid_m, BLOCK_M)
     if active:
-        lse = tl.load(LSE + rows, mask=m_mask, other=0.0)
+        mx = tl.load(MAX + rows, mask=m_mask, other=0.0)
+        lrel = tl.load(LREL + rows, mask=m_mask, other=0.0)
         gl = tl.load(GL + rows, mask=m_mask, other=0.0)
         gt = tl.load(GT + rows, mask=m_mask, other=0.0)
         cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -506,7 +514,7 @@ def _bwd_atomic_kernel(
             BLOCK_K,
             PRECISION,
         )
-        g32 = _dlogits(acc, tgt, cols, m_mask, c_mask, lse, gl, gt)
+        g32 = _dlogits(acc, tgt, cols, m_mask, c_mask, mx, lrel, gl, gt)
         if HAS_BIAS:
             tl.atomic_add(DB + cols, tl.sum(g32, 0), mask=c_mask)
         g = g32.to(H.dtype.element_ty)
@@ -572,10 +580,11 @@ def head_lse_gather(
     *,
     config: Optional[FusedConfig] = None,
     debug_counter: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``(lse [N], tgt [N])`` fp32 of ``hidden @ weight.T + bias`` without storing logits.
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ``(row_max, lse_rel, tgt)``, fp32 ``[N]``, of ``hidden @ weight.T + bias`` without
+    storing logits.
 
-    Rows with ``target == ignore_index`` get 0, 0 and cost nothing; a target outside [0, V)
+    Rows with ``target == ignore_index`` get 0, 0, 0 and cost nothing; a target outside [0, V)
     (value checks off) gives ``tgt = NaN``. ``debug_counter`` (int32 [1], test hook): incremented
     once per logit tile computed; also NaN-poisons the internal partial buffers.
     """
@@ -584,16 +593,14 @@ def head_lse_gather(
     )
     dev = hidden.device
     if N == 0:
-        z = torch.zeros(0, dtype=torch.float32, device=dev)
-        return z, z.clone()
+        return tuple(torch.zeros(0, dtype=torch.float32, device=dev) for _ in range(3))
     n_tiles = triton.cdiv(V, cfg.block_v)
     n_rb = triton.cdiv(N, cfg.block_m)
     S, per = _split(n_tiles, n_rb, cfg, dev)
-    part_lse = torch.empty((S, N), dtype=torch.float32, device=dev)
-    part_tgt = torch.empty((S, N), dtype=torch.float32, device=dev)
+    part_max, part_lrel, part_tgt = torch.empty((3, S, N), dtype=torch.float32, device=dev)
     if debug_counter is not None:  # test hook: rows that carry loss must all be written
-        part_lse.fill_(float("nan"))
-        part_tgt.fill_(float("nan"))
+        for part in (part_max, part_lrel, part_tgt):
+            part.fill_(float("nan"))
     ctr = debug_counter if debug_counter is not None else count
     _fwd_kernel[(n_rb, S)](
         hidden,
@@ -602,7 +609,8 @@ def head_lse_gather(
         target,
         order,
         count,
-        part_lse,
+        part_max,
+        part_lrel,
         part_tgt,
         ctr,
         N,
@@ -613,14 +621,18 @@ def head_lse_gather(
         per,
         **_meta(hidden, bias, cfg, debug_counter),
     )
-    # ignored rows were never written: select them away (no host sync)
-    lse = part_lse[0] if S == 1 else torch.logsumexp(part_lse, 0)
-    tgt = part_tgt[0] if S == 1 else part_tgt.sum(0)
+    # merge the splits (max, then the relative sums rescaled to it); ignored rows were never
+    # written: select them away (no host sync)
+    if S == 1:
+        mx, lse_rel, tgt = part_max[0], part_lrel[0], part_tgt[0]
+    else:
+        mx = part_max.max(0).values
+        lse_rel = torch.logsumexp((part_max - mx) + part_lrel, 0)
+        tgt = part_tgt.sum(0)
     zero = torch.zeros((), dtype=torch.float32, device=dev)
     in_range = (target >= 0) & (target < V)
-    lse = torch.where(valid, lse, zero)
-    tgt = torch.where(valid, torch.where(in_range, tgt, torch.full_like(zero, float("nan"))), zero)
-    return lse, tgt
+    tgt = torch.where(in_range, tgt, torch.full_like(zero, float("nan")))
+    return tuple(torch.where(valid, x, zero) for x in (mx, lse_rel, tgt))
 
 
 def head_lse_gather_backward(
@@ -628,7 +640,8 @@ def head_lse_gather_backward(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     target: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    lse_rel: torch.Tensor,
     grad_lse: torch.Tensor,
     grad_tgt: torch.Tensor,
     ignore_index: int,
@@ -652,7 +665,8 @@ def head_lse_gather_backward(
     dev = hidden.device
     if deterministic is None:
         deterministic = DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
-    lse = lse.contiguous().float()
+    row_max = row_max.contiguous().float()
+    lse_rel = lse_rel.contiguous().float()
     grad_lse = grad_lse.contiguous().float()
     grad_tgt = grad_tgt.contiguous().float()
     n_tiles = triton.cdiv(V, cfg.block_v)
@@ -663,7 +677,7 @@ def head_lse_gather_backward(
         precise_grad = PRECISE_GRAD
     meta["SPLIT_GRAD"] = bool(precise_grad) and hidden.dtype != torch.float32
     b_arg = bias if bias is not None else hidden
-    common = (hidden, weight, b_arg, target, order, count, lse, grad_lse, grad_tgt)
+    common = (hidden, weight, b_arg, target, order, count, row_max, lse_rel, grad_lse, grad_tgt)
     if N == 0:
         gh = torch.zeros((0, D), dtype=torch.float32, device=dev)
         gw = torch.zeros((V, D), dtype=torch.float32, device=dev)
