@@ -113,18 +113,26 @@ def schedule_scalars(mask_rate: Tensor, mask_rate_deriv: Tensor) -> Schedule:
 class RowStats(NamedTuple):
     """The per-row numbers every fast kernel returns (fp32 ``[N]``; 0, 0, 0 at ignored rows):
     ``row_max`` m_i (a shift, never differentiated), ``lse_rel`` r_i = log Σ_v exp(ℓ_iv − m_i)
-    and ``tgt`` t_i = ℓ_i[x0_i]."""
+    and ``tgt`` t_i = ℓ_i[x0_i].
+
+    A row whose max is not finite (NaN -- where a kernel's max caught it --, +inf, or no value
+    above −inf) is a NaN row of the contract (docs/kernels.md §A): its LSE and CE are NaN here,
+    whatever r is (kernels differ there), and the backward kernels' exp((ℓ − m) − r) is NaN on
+    it. NaN that a kernel's max skips reaches r through the sum."""
 
     row_max: Tensor
     lse_rel: Tensor
     tgt: Tensor
 
+    def _finite_max(self, x: Tensor) -> Tensor:
+        return torch.where(torch.isfinite(self.row_max), x, torch.full_like(x, float("nan")))
+
     def lse(self) -> Tensor:
-        return self.row_max + self.lse_rel
+        return self._finite_max(self.row_max + self.lse_rel)
 
     def ce(self) -> Tensor:
         """r − (t − m): no rounding at the scale of the row max (t − m is exact near the max)."""
-        return self.lse_rel - (self.tgt - self.row_max)
+        return self._finite_max(self.lse_rel - (self.tgt - self.row_max))
 
 
 def assemble(

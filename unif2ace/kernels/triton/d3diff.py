@@ -124,8 +124,9 @@ def _lse_gather_bwd_kernel(
         tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=in_row)
 
 
-def _rows(logits: torch.Tensor) -> torch.Tensor:
-    return logits if logits.stride(-1) == 1 else logits.contiguous()
+def _rows(logits: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Logits with unit column stride (any row stride) and a contiguous target."""
+    return (logits if logits.stride(-1) == 1 else logits.contiguous()), target.contiguous()
 
 
 def lse_gather(
@@ -137,7 +138,7 @@ def lse_gather(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row ``(row_max, lse_rel, tgt)`` of ``logits [N, V]``; ``out``: optional preallocated
     fp32 ``[N]`` outputs."""
-    logits = _rows(logits)
+    logits, target = _rows(logits, target)
     N, V = logits.shape
     if out is None:
         out = tuple(torch.empty(N, dtype=torch.float32, device=logits.device) for _ in range(3))
@@ -172,7 +173,7 @@ def lse_gather_backward(
     grad_out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Gradient w.r.t. ``logits`` (contiguous, logits' dtype); optional preallocated output."""
-    logits = _rows(logits)
+    logits, target = _rows(logits, target)
     N, V = logits.shape
     grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device) if grad_out is None else grad_out
     if N == 0 or V == 0:
