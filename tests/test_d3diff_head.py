@@ -402,6 +402,72 @@ def test_precise_grad_split_beats_single_rounding(backend, dev):
         assert err[True][i] < err[False][i], f"{name}: split {err[True][i]} not better than single {err[False][i]}"
 
 
+class _OperandDtypes:
+    """Records the dtypes of (hidden, weight, bias) every kernel entry point of a backend gets."""
+
+    ENTRY_POINTS = ("head_lse_gather", "head_lse_gather_backward", "head_lse_gather_eager_grad")
+
+    def __init__(self, monkeypatch, backend):
+        self.seen = []
+        module = d3mod.OP_HEAD.kernels(backend)
+        for name in self.ENTRY_POINTS:
+            fn = getattr(module, name, None)
+            if fn is not None:
+                monkeypatch.setattr(module, name, self._wrap(name, fn))
+
+    def _wrap(self, name, fn):
+        def f(hidden, weight, bias, *rest, **kw):
+            self.seen.append((name, hidden.dtype, weight.dtype, None if bias is None else bias.dtype))
+            return fn(hidden, weight, bias, *rest, **kw)
+
+        return f
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_bf16_operands(backend, dev, configure, monkeypatch, reduction):
+    """Under torch.autocast(bf16) the fused head behaves like F.linear: fp32 hidden / weight /
+    bias reach the kernels as bf16 GEMM operands (forward and backward entry points), the loss
+    matches PyTorch's own autocast numerics (F.linear + the reference loss) and the reference
+    within bf16 tolerance, and the gradients come back in fp32."""
+    configure(backend, "multi")
+    N, D, V = 57, 64, 333
+    h, w, b = _inputs(N, D, V, device=dev)
+    target = _target(N, V).to(dev)
+    kw = dict(_loss_kw(N, 3), reduction=reduction)
+    kw = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    rec = _OperandDtypes(monkeypatch, backend)
+
+    def fast(h, w, b):
+        return tuple(d3diff_loss(h, w, target, bias=b, backend=backend, **kw))
+
+    def torch_autocast(h, w, b):  # what autocast makes of F.linear: bf16 logits
+        return tuple(d3diff_loss_from_logits(F.linear(h, w, b), target, backend="reference", **kw))
+
+    def ref(h, w, b):
+        return tuple(d3diff_loss(h, w, target, bias=b, backend="reference", **kw))
+
+    # "none": random per-row upstream gradients cancel in dW, where the oracles round dℓ to bf16
+    # (PyTorch) or not (reference): twice the bf16 tolerance
+    scale = 2.0 if reduction == "none" else 1.0
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
+        for oracle in (torch_autocast, ref):
+            inputs = [x.requires_grad_() for x in _fresh(h, w, b)]
+            fwd_bwd_parity(oracle, fast, inputs, dtype=torch.bfloat16, scale=scale)
+        hh, ww, bb = (x.requires_grad_() for x in _fresh(h, w, b))
+        o = fast(hh, ww, bb)
+        grads = torch.autograd.grad(o[0].sum(), [hh, ww, bb])
+    assert o[0].dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    assert {name for name, *_ in rec.seen} >= {"head_lse_gather_backward"}, rec.seen
+    assert all(dt == torch.bfloat16 for _, *dts in rec.seen for dt in dts), rec.seen
+    # outside autocast: fp32 operands, and mixed dtypes are refused
+    rec.seen.clear()
+    fast(h, w, b)
+    assert all(dt == torch.float32 for _, *dts in rec.seen for dt in dts), rec.seen
+    with pytest.raises(TypeError, match="only under torch.autocast"):
+        d3diff_loss(h, w.bfloat16(), target, backend=backend)
+
+
 @pytest.mark.parametrize("backend", TRITON)
 def test_registration_and_selection(backend, dev):
     k = _triton()

@@ -57,6 +57,7 @@ __all__ = [
     "RowStats",
     "Schedule",
     "assemble",
+    "autocast_off",
     "head_loss",
     "loss_from_logits",
     "schedule_scalars",
@@ -220,7 +221,7 @@ def _contiguous_like(x: Tensor) -> Tensor:
     return x.new_empty(x.shape)
 
 
-def _no_autocast(device: torch.device):
+def autocast_off(device: torch.device):
     """The kernels compute in their operands' dtypes: autocast (if on) must not re-cast the torch
     ops inside them (the fast paths' GEMMs, the reference's F.linear)."""
     return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext()
@@ -234,7 +235,7 @@ def _no_autocast(device: torch.device):
 def _lse_gather_op(logits: Tensor, target: Tensor, ignore_index: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """:class:`RowStats` (row_max, lse_rel, tgt), fp32 [N], of logits [N, V]; 0, 0, 0 on rows with
     target == ignore_index."""
-    with _no_autocast(logits.device):
+    with autocast_off(logits.device):
         return tuple(OPS[FROM_LOGITS].kernels(backend).lse_gather(logits, target, ignore_index))
 
 
@@ -257,7 +258,7 @@ def _lse_gather_backward_op(
 ) -> Tensor:
     """grad_logits = grad_lse · softmax(logits) + grad_tgt · onehot(target), contiguous, logits' dtype."""
     k = OPS[FROM_LOGITS].kernels(backend)
-    with _no_autocast(logits.device):
+    with autocast_off(logits.device):
         return k.lse_gather_backward(logits, target, row_max, lse_rel, grad_lse, grad_tgt, ignore_index)
 
 
@@ -293,7 +294,7 @@ def _head_lse_gather_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int, backend: str
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """lse_gather of logits = hidden @ weight.T + bias without materialising [N, V]."""
-    with _no_autocast(hidden.device):
+    with autocast_off(hidden.device):
         return tuple(OPS[HEAD].kernels(backend).head_lse_gather(hidden, weight, bias, target, ignore_index))
 
 
@@ -319,7 +320,7 @@ def _head_lse_gather_backward_op(
     """(grad_hidden, grad_weight, grad_bias), contiguous, in the inputs' dtypes; grad_bias is empty
     without bias."""
     k = OPS[HEAD].kernels(backend)
-    with _no_autocast(hidden.device):
+    with autocast_off(hidden.device):
         stats = (row_max, lse_rel)
         return k.head_lse_gather_backward(hidden, weight, bias, target, *stats, grad_lse, grad_tgt, ignore_index)
 
@@ -396,7 +397,7 @@ def _head_eager_grad_op(
     needed / no bias."""
     args = LossArgs(sample_rows, mask_rate, mask_rate_deriv, alpha, parametrization, reduction, ignore_index)
     k = OPS[HEAD].kernels(backend)
-    with _no_autocast(hidden.device):
+    with autocast_off(hidden.device):
         return tuple(k.head_lse_gather_eager_grad(hidden, weight, bias, target, args, need_hidden, need_weight))
 
 
