@@ -78,7 +78,7 @@ def configure(monkeypatch):
                 monkeypatch.setattr(k, "INTERPRETER_CONFIG", _config(cfg))
         else:
             monkeypatch.setattr(cpu_head, "CHUNK_ROWS", 7)  # several chunks, ragged last one
-            monkeypatch.setattr(cpu_head, "LOWP_CHUNK_BYTES", 1)  # (16-bit GEMM path: the same)
+            monkeypatch.setattr(cpu_head, "CHUNK_BYTES", 1)  # (then CHUNK_ROWS rows per chunk)
 
     return set_
 
@@ -545,7 +545,7 @@ def test_gpu_fp32_and_compaction_speed(backend, dev):
 @pytest.fixture
 def small_chunks(monkeypatch):
     monkeypatch.setattr(cpu_head, "CHUNK_ROWS", 7)  # several chunks, ragged last one
-    monkeypatch.setattr(cpu_head, "LOWP_CHUNK_BYTES", 1)  # (16-bit GEMM path: the same)
+    monkeypatch.setattr(cpu_head, "CHUNK_BYTES", 1)  # (then CHUNK_ROWS rows per chunk)
 
 
 def _cpu_target(N, V):
@@ -639,9 +639,26 @@ def test_cpu_gemm_paths(backend, dev, small_chunks, monkeypatch, dtype, lowp):
         assert_close(got, want, dtype, name="loss vs the fp32 reference")
 
 
+def test_cpu_gemm_choice_is_reported(monkeypatch):
+    import io
+
+    from unif2ace.__main__ import info
+
+    for env, word in (("1", "in bfloat16"), ("0", "in fp32")):
+        monkeypatch.setenv(cpu.LOWP_GEMM_ENV, env)
+        out = io.StringIO()
+        info(out)
+        assert f"cpu bfloat16 GEMMs: {word} ({cpu.LOWP_GEMM_ENV}={env})" in out.getvalue()
+    monkeypatch.delenv(cpu.LOWP_GEMM_ENV)
+    use, why = cpu.lowp_gemm(torch.bfloat16)
+    assert why and cpu_head.gemm_dtype(torch.bfloat16) == (torch.bfloat16 if use else torch.float32)
+    assert cpu_head.gemm_dtype(torch.float32) == torch.float32
+
+
 @pytest.mark.parametrize("backend", CPU_ONLY)
 def test_cpu_three_d_none_and_all_ignored(backend, dev, monkeypatch):
     monkeypatch.setattr(cpu_head, "CHUNK_ROWS", 5)
+    monkeypatch.setattr(cpu_head, "CHUNK_BYTES", 1)
     B, L, D, V = 2, 9, 16, 37
     h, w = randn(B, L, D), randn(V, D)
     target = _target(B * L, V).reshape(B, L)

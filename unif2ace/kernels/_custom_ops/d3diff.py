@@ -392,9 +392,9 @@ def _head_eager_grad_op(
     need_weight: bool,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(row_max, lse_rel, tgt, dloss/dhidden, dloss/dweight, dloss/dbias): all fp32, contiguous;
-    the gradients of the ``loss`` output (reduction mean/sum, upstream 1), [0, D] / [0] where not
-    needed / no bias."""
+    """(row_max, lse_rel, tgt, dloss/dhidden, dloss/dweight, dloss/dbias), contiguous: the
+    statistics in fp32, the gradients of the ``loss`` output (reduction mean/sum, upstream 1) in
+    the dtypes of hidden / weight / bias; [0, D] / [0] where not needed / no bias."""
     args = LossArgs(sample_rows, mask_rate, mask_rate_deriv, alpha, parametrization, reduction, ignore_index)
     k = OPS[HEAD].kernels(backend)
     with autocast_off(hidden.device):
@@ -411,9 +411,9 @@ def _(hidden, weight, bias, target, *rest):
         hidden.new_empty(n, **f32),
         hidden.new_empty(n, **f32),
         hidden.new_empty(n, **f32),
-        hidden.new_empty(n if need_hidden else 0, D, **f32),
-        hidden.new_empty(V if need_weight else 0, D, **f32),
-        hidden.new_empty(V if bias is not None else 0, **f32),
+        hidden.new_empty(n if need_hidden else 0, D),
+        weight.new_empty(V if need_weight else 0, D),
+        bias.new_empty(V) if bias is not None else hidden.new_empty(0, **f32),
     )
 
 
@@ -421,7 +421,7 @@ def _(hidden, weight, bias, target, *rest):
 def _head_grad_anchor_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], g_hidden: Tensor, g_weight: Tensor, g_bias: Tensor
 ) -> Tensor:
-    """0.0 (fp32 scalar) whose gradient w.r.t. hidden/weight/bias is upstream · g_* (precomputed fp32)."""
+    """0.0 (fp32 scalar) whose gradient w.r.t. hidden/weight/bias is upstream · g_* (precomputed)."""
     return hidden.new_zeros((), dtype=torch.float32)
 
 

@@ -35,8 +35,11 @@ def lowp_gemm(dtype: torch.dtype) -> Tuple[bool, str]:
     env = os.environ.get(LOWP_GEMM_ENV, "").strip()
     if env in ("0", "1"):
         return env == "1", f"{LOWP_GEMM_ENV}={env}"
-    caps = torch._C._cpu._get_cpu_capability()
+    try:
+        caps = torch._C._cpu._get_cpu_capability()
+    except AttributeError:  # an older torch: the public probe of the common case
+        caps = {"avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "amx_bf16": torch.cpu._is_amx_tile_supported()}
     have = [f for f in feats if caps.get(f)]
     if have:
         return True, f"{'+'.join(have)} through oneDNN"
-    return False, f"no {' / '.join(feats)}: fp32 GEMMs"
+    return False, f"no {' / '.join(feats)}"

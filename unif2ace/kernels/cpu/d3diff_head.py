@@ -4,15 +4,14 @@ csrc/cpu/d3diff.cpp (``torch.ops.unif2ace_cpu.lse_gather`` / ``lse_gather_backwa
 extra memory is O(chunk × V), never [N, V].
 
 GEMM dtype (:func:`gemm_dtype`): fp32 inputs, and bf16/fp16 inputs on a CPU without matrix
-instructions for them, run fp32 GEMMs (16-bit operands upcast once per call) into an fp32 chunk
-of :data:`CHUNK_ROWS` rows. bf16/fp16 inputs on a CPU with them (AMX, AVX-512 BF16/FP16; see
+instructions for them, run fp32 GEMMs (16-bit operands upcast once per call) into an fp32 chunk. bf16/fp16 inputs on a CPU with them (AMX, AVX-512 BF16/FP16; see
 :func:`unif2ace.kernels.cpu.lowp_gemm`, reported by ``python -m unif2ace info``) run every GEMM in
 their own dtype through oneDNN (fp32 accumulation): the logit chunk comes out in that dtype (torch
 has no CPU GEMM with 16-bit operands and an fp32 result at oneDNN's speed, so each logit is
 rounded once to bf16/fp16 -- as Cut Cross-Entropy and Liger do), the row kernel computes the
 softmax statistics in fp32 and writes dℓ in place in that dtype (rounded once, no hi/lo split),
 dH and dW are 16-bit GEMMs on it; dW is accumulated in fp32 across chunks, and chunks are sized
-by :data:`LOWP_CHUNK_BYTES` so that one chunk is the common case.
+by :data:`CHUNK_BYTES` so that one chunk is the common case.
 
 Entry points of the op record (see :data:`unif2ace.kernels.d3diff.OP_HEAD`):
 
@@ -32,12 +31,11 @@ import torch
 
 from .. import _ext
 from .._custom_ops.d3diff import schedule_scalars
-from ..reference.d3diff import SAFE_EXP_MAX
 from . import lowp_gemm
 
 __all__ = [
     "CHUNK_ROWS",
-    "LOWP_CHUNK_BYTES",
+    "CHUNK_BYTES",
     "gemm_dtype",
     "head_lse_gather",
     "head_lse_gather_backward",
@@ -45,11 +43,12 @@ __all__ = [
 ]
 
 CHUNK_ROWS = 512
-"""Rows per fp32 chunk GEMM (peak extra memory ≈ chunk × V × 4 bytes × 2)."""
+"""The fewest rows per chunk GEMM."""
 
-LOWP_CHUNK_BYTES = 32 << 20
-"""16-bit GEMM path: bytes of one ``[chunk, V]`` logit chunk (at least :data:`CHUNK_ROWS` rows);
-V = 8192 gives 2048 rows, so one chunk covers most batches and dW needs no fp32 accumulation."""
+CHUNK_BYTES = 32 << 20
+"""Bytes of one ``[chunk, V]`` logit chunk in the GEMM dtype (at least :data:`CHUNK_ROWS` rows):
+V = 8192 gives 1024 fp32 or 2048 bf16 rows, so one chunk covers most batches and dW is one GEMM
+(no accumulation across chunks). Peak extra memory ≈ this plus the chunk's hidden rows."""
 
 
 def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,7 +69,7 @@ def _plan(hidden, weight, bias, target, ignore_index) -> _Plan:
     dt = gemm_dtype(weight.dtype)
     V = weight.shape[0]
     rows = (target != ignore_index).nonzero().squeeze(1)
-    chunk = CHUNK_ROWS if dt == torch.float32 else max(CHUNK_ROWS, LOWP_CHUNK_BYTES // (V * dt.itemsize))
+    chunk = max(CHUNK_ROWS, CHUNK_BYTES // (V * dt.itemsize))
     chunks = [rows[i : i + chunk] for i in range(0, rows.numel(), chunk)]
     n = min(chunk, rows.numel())
     w = weight if weight.dtype == dt else weight.to(dt)
@@ -155,46 +154,44 @@ def head_lse_gather_backward(hidden, weight, bias, target, row_max, lse_rel, gra
 
 
 def _loss_row_coefficients(args, V, n_valid):
-    """Per-row derivatives of the ``loss`` output (upstream 1) for masked rows, as a function
-    ``coef(lse, tgt, samples) -> (dloss/dlse, dloss/dtgt)`` (fp32), by differentiating the closed
-    forms of :func:`unif2ace.kernels._custom_ops.d3diff.assemble` by hand: loss = Σ_i wm·(lse_i − tgt_i)
-    + α·ws·σ'·DSE_i with wm = 1/#masked (mean) or 1, ws = 1/B (mean) or 1, and σ'·DSE_i as there
-    (the same float64 schedule scalars). torch.autograd / torch.func cannot run here: this runs
-    inside a custom op, below the autograd dispatch key (and inside compiled graphs)."""
+    """The ``loss`` output (reduction mean/sum, upstream 1) as a sum over masked rows of
+    a_i·LSE_i + b_i·safe_exp(LSE_i − c_i) − g_i·t_i + const (docs/model.md §2), as a function
+    ``coef(samples) -> (a, b, c, g)`` of the rows' samples (fp32 ``[k]`` each), by differentiating
+    the closed forms of :func:`unif2ace.kernels._custom_ops.d3diff.assemble` by hand: loss =
+    Σ_i wm·(lse_i − tgt_i) + α·ws·σ'·DSE_i with wm = 1/#masked (mean) or 1, ws = 1/B (mean) or 1,
+    and σ'·DSE_i as there (the same float64 schedule scalars). The C++ row kernel
+    (``lse_gather_grad_``) turns them into grad_lse = a + b·exp(min(LSE − c, SAFE_EXP_MAX)) and
+    grad_tgt = −g. torch.autograd / torch.func cannot run here: this runs inside a custom op,
+    below the autograd dispatch key (and inside compiled graphs)."""
     mask_rate, alpha, mean = args.mask_rate, args.alpha, args.reduction == "mean"
     wm = 1.0 / max(n_valid, 1) if mean else 1.0
+    f32 = torch.float32
     if mask_rate is None or alpha == 0.0:
 
-        def coef(lse, tgt, samples):
-            return torch.full_like(lse, wm), torch.full_like(tgt, -wm)
+        def coef(samples, k):
+            a = torch.full((k,), wm, dtype=f32)
+            return a, torch.zeros(k, dtype=f32), torch.zeros(k, dtype=f32), a
 
         return coef
     ws = alpha / mask_rate.shape[0] if mean else alpha
     s = schedule_scalars(mask_rate, args.mask_rate_deriv)
     if args.parametrization in ("posterior", "radd"):  # σ'·DSE = (m'/m)·CE + const
-        k = (wm + ws * s.w).float()
+        per_sample = ((wm + ws * s.w).float(), torch.zeros_like(s.w, dtype=f32), torch.zeros_like(s.w, dtype=f32))
+        per_sample += (per_sample[0],)
+    else:  # raw: σ'·DSE = σ'·(safe_exp(lse − c) + r·(log V − 1 − tgt)), c = log V − log r
+        kb = (ws * s.dsigma).float()
+        per_sample = (torch.full_like(kb, wm), kb, s.raw_shift(V).float(), (wm + ws * s.dsigma * s.r).float())
 
-        def coef(lse, tgt, samples):
-            ks = k.index_select(0, samples)
-            return ks, -ks
-
-        return coef
-    # raw: σ'·DSE = σ'·(safe_exp(lse − c) + r·(log V − 1 − tgt)), c = log V − log r,
-    # safe_exp'(x) = exp(min(x, SAFE_EXP_MAX)) (the tangent beyond)
-    kb = (ws * s.dsigma).float()
-    c = s.raw_shift(V).float()
-    kt = (wm + ws * s.dsigma * s.r).float()
-
-    def coef(lse, tgt, samples):
-        x = (lse - c.index_select(0, samples)).clamp(max=SAFE_EXP_MAX)
-        return wm + kb.index_select(0, samples) * torch.exp(x), -kt.index_select(0, samples)
+    def coef(samples, k):
+        return tuple(x.index_select(0, samples) for x in per_sample)
 
     return coef
 
 
 def head_lse_gather_eager_grad(hidden, weight, bias, target, args, need_hidden, need_weight):
-    """(row_max, lse_rel, tgt, dloss/dhidden, dloss/dweight, dloss/dbias), all fp32 (``[0, D]`` /
-    ``[0]`` where not needed / no bias): the chunk loop of :func:`head_lse_gather` that also turns
+    """(row_max, lse_rel, tgt, dloss/dhidden, dloss/dweight, dloss/dbias): statistics in fp32,
+    gradients in the inputs' dtypes (``[0, D]`` / ``[0]`` where not needed / no bias); the chunk
+    loop of :func:`head_lse_gather` that also turns
     each chunk's logits into dloss/dlogits in place and accumulates the gradients right away.
     ``args``: the :class:`~unif2ace.kernels._custom_ops.d3diff.LossArgs` with ``sample_index`` =
     the sample of every row (``[N]`` int64, or None)."""
@@ -210,11 +207,10 @@ def head_lse_gather_eager_grad(hidden, weight, bias, target, args, need_hidden, 
     for rows in p.chunks:
         h, x = _chunk_logits(hidden, p, rows)
         t = target.index_select(0, rows)
-        mx, lrel, tg = ops.lse_gather(x, t, ignore_index)
-        for out, v in zip(stats, (mx, lrel, tg)):
+        a_b_c_g = coef(None if sample_rows is None else sample_rows.index_select(0, rows), rows.numel())
+        row_stats = ops.lse_gather_grad_(x, t, *a_b_c_g, ignore_index)  # x := dloss/dlogits
+        for out, v in zip(stats, row_stats):
             out.index_copy_(0, rows, v)
-        gl, gt = coef(mx + lrel, tg, None if sample_rows is None else sample_rows.index_select(0, rows))
-        ops.lse_gather_backward_(x, t, mx, lrel, gl, gt, ignore_index)  # x := dloss/dlogits
         grads.add(p, rows, h, x)
-    f32 = torch.float32
-    return (*stats, grads.hidden.to(f32), grads.dweight(f32), grads.bias)
+    gb = grads.bias.to(bias.dtype) if bias is not None else grads.bias
+    return (*stats, grads.hidden.to(hidden.dtype), grads.dweight(weight.dtype), gb)
