@@ -4,14 +4,16 @@ csrc/cpu/d3diff.cpp (``torch.ops.unif2ace_cpu.lse_gather`` / ``lse_gather_backwa
 extra memory is O(chunk × V), never [N, V].
 
 GEMM dtype (:func:`gemm_dtype`): fp32 inputs, and bf16/fp16 inputs on a CPU without matrix
-instructions for them, run fp32 GEMMs (16-bit operands upcast once per call) into an fp32 chunk. bf16/fp16 inputs on a CPU with them (AMX, AVX-512 BF16/FP16; see
+instructions for them, run fp32 GEMMs (16-bit operands upcast once per call) into an fp32 chunk.
+bf16/fp16 inputs on a CPU with them (AMX, AVX-512 BF16/FP16; see
 :func:`unif2ace.kernels.cpu.lowp_gemm`, reported by ``python -m unif2ace info``) run every GEMM in
 their own dtype through oneDNN (fp32 accumulation): the logit chunk comes out in that dtype (torch
-has no CPU GEMM with 16-bit operands and an fp32 result at oneDNN's speed, so each logit is
-rounded once to bf16/fp16 -- as Cut Cross-Entropy and Liger do), the row kernel computes the
-softmax statistics in fp32 and writes dℓ in place in that dtype (rounded once, no hi/lo split),
-dH and dW are 16-bit GEMMs on it; dW is accumulated in fp32 across chunks, and chunks are sized
-by :data:`CHUNK_BYTES` so that one chunk is the common case.
+has no CPU GEMM with 16-bit operands and an fp32 result at oneDNN's speed -- MKL's
+``cblas_gemm_bf16bf16f32`` runs at half of it on AMD, brgemm micro-kernels at a fifth -- so each
+logit is rounded once to bf16/fp16, as PyTorch's own bf16 ``F.linear``, Cut Cross-Entropy and
+Liger do), the row kernel computes the softmax statistics in fp32 and writes dℓ in place in that
+dtype (rounded once, no hi/lo split), dH and dW are 16-bit GEMMs on it; dW is accumulated in fp32
+across chunks, and chunks are sized by :data:`CHUNK_BYTES` so that one chunk is the common case.
 
 Entry points of the op record (see :data:`unif2ace.kernels.d3diff.OP_HEAD`):
 
