@@ -76,14 +76,14 @@ U2A_INLINE void row_grad_impl(const T* row, T* out, int64_t V, float mx, float l
 }
 
 // The two loops above compiled for each ISA of cpu_isa().
-#define U2A_D3DIFF_ROW_LOOPS(SUFFIX, TARGET)                                                          \
-  template <typename T>                                                                               \
-  TARGET RowLse row_lse_##SUFFIX(const T* row, int64_t V) {                                           \
-    return row_lse_impl(row, V);                                                                      \
-  }                                                                                                   \
-  template <typename T>                                                                               \
-  TARGET void row_grad_##SUFFIX(const T* row, T* out, int64_t V, float mx, float lrel, float gl) {    \
-    row_grad_impl(row, out, V, mx, lrel, gl);                                                         \
+#define U2A_D3DIFF_ROW_LOOPS(SUFFIX, TARGET)                                                       \
+  template <typename T>                                                                            \
+  TARGET RowLse row_lse_##SUFFIX(const T* row, int64_t V) {                                        \
+    return row_lse_impl(row, V);                                                                   \
+  }                                                                                                \
+  template <typename T>                                                                            \
+  TARGET void row_grad_##SUFFIX(const T* row, T* out, int64_t V, float mx, float lrel, float gl) { \
+    row_grad_impl(row, out, V, mx, lrel, gl);                                                      \
   }
 U2A_D3DIFF_ROW_LOOPS(base, )
 U2A_D3DIFF_ROW_LOOPS(avx2, U2A_TARGET_AVX2)
