@@ -8,12 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unif2ace.kernels import moe_expert_mlp, use_backend
+from unif2ace.kernels import use_backend
 from unif2ace.model import (
     IGNORE_INDEX,
     Batch,
     Sample,
     UniF2ace,
+    bidirectional_span,
     collate,
     load_checkpoint,
     load_phi_state_dict,
@@ -25,7 +26,7 @@ from unif2ace.model import (
     t2i_sequence,
 )
 from unif2ace.model.checkpoint import CheckpointError
-from unif2ace.model.modules import KVCache, SequenceMoE, TokenMoE, image_span_mask
+from unif2ace.model.modules import KVCache, SequenceMoE, TokenMoE
 from unif2ace.testing import TOLERANCES
 
 FP32_ATOL, FP32_RTOL = TOLERANCES[torch.float32]
@@ -87,13 +88,54 @@ def test_presets_and_vocabulary_layout():
     assert paper.vocab_size == 58498 and paper.mask_token_id == 58497
     assert paper.image_token_offset == 50305 and paper.image_tokens == 256
     assert (paper.hidden_size, paper.num_layers, paper.num_heads, paper.head_dim) == (2048, 24, 32, 64)
-    assert paper.expert_width == 1024 and paper.rotary_dim == 32
-    with torch.device("meta"):
-        n = UniF2ace(paper).num_parameters()
-    print(f"paper preset: {n / 1e9:.3f} B parameters")
-    assert 1.0e9 < n < 3.0e9
+    assert (paper.expert_width, paper.shared_expert_width) == (512, 1024) and paper.rotary_dim == 32
     assert CFG.seq_len == CFG.text_len + L + 2 and CFG.hidden_size == 128 and CFG.image_grid == 8
     assert preset("small").seq_len == 32 + 256 + 2
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("tiny", {}),
+        ("small", {}),
+        ("paper", {}),
+        ("showo", {}),
+        ("tiny", {"expert_activation": "swiglu", "block_layout": "parallel", "resampler_mode": "per_position"}),
+        ("tiny", {"expert_bias": False, "face_tokens": 1, "resampler_depth": 3, "resampler_ff_mult": 1}),
+        ("tiny", {"seq_moe": False}),
+    ],
+)
+def test_parameter_count_per_part(name, overrides):
+    """The analytic count equals the built model's (on the meta device: nothing allocated)."""
+    cfg = preset(name, **overrides)
+    with torch.device("meta"):
+        model = UniF2ace(cfg)
+    counts = cfg.parameter_counts()
+    assert counts == model.parameter_counts()
+    assert counts["total"] == model.num_parameters() == sum(v for k, v in counts.items() if k != "total")
+
+
+def test_paper_preset_is_about_1_8b_as_documented():
+    import unif2ace.model.config as config_module
+
+    c = preset("paper").parameter_counts()
+    assert 1.78e9 < c["total"] < 1.85e9  # the paper: about 1.8B
+    documented = {
+        "embedding + LM head": "239.7M",
+        "attention": "402.8M",
+        "routed experts": "806.3M",
+        "shared experts": "201.5M",
+        "feature experts (resamplers)": "174.3M",
+        "token routers": "0.8M",
+        "sequence routers + gains": "0.4M",
+        "layer norms": "0.3M",
+        "total": "1,826.1M",
+    }
+    doc = config_module.__doc__
+    for part, text in documented.items():
+        assert f"{c[part] / 1e6:,.1f}M" == text, part
+        assert any(line.strip().startswith(part) and text in line for line in doc.splitlines()), part
+    assert f"{preset('showo').parameter_counts()['total'] / 1e6:,.1f}M" in doc
 
 
 def test_config_errors_name_the_field():
@@ -118,9 +160,10 @@ def test_sequence_layouts_by_hand():
     ids, valid = t2i_sequence(c, [5, 6], img)
     t2i, soi, eoi, pad, mmu = (c.special_token_id(s) for s in ("<|t2i|>", "<|soi|>", "<|eoi|>", "[PAD]", "<|mmu|>"))
     npad = c.text_len - 3 - 2
-    assert ids == [t2i] + [pad] * npad + [c.bos_token_id, 5, 6, c.eos_token_id, soi] + img + [eoi]
-    assert valid == [True] + [False] * npad + [True] * (len(ids) - 1 - npad)
-    assert len(ids) == c.seq_len
+    # Show-o: the pads come before <|t2i|>
+    assert ids == [pad] * npad + [t2i, c.bos_token_id, 5, 6, c.eos_token_id, soi] + img + [eoi]
+    assert valid == [False] * npad + [True] * (len(ids) - npad)
+    assert len(ids) == c.seq_len and ids.index(soi) == c.text_len
 
     ids, valid, labels = mmu_sequence(c, img, [7, 8], [9, 10, 11])
     head = [mmu, soi] + img + [eoi, c.bos_token_id, 7, 8]
@@ -130,8 +173,13 @@ def test_sequence_layouts_by_hand():
         c.seq_len - len(head) - 4
     )
     assert valid == [True] * (len(head) + 4) + [False] * (c.seq_len - len(head) - 4)
-    with pytest.raises(ValueError, match="caption"):
-        t2i_sequence(c, [1] * c.text_len, img)
+    # a caption longer than the text budget is truncated (with a warning), <eos> kept
+    with pytest.warns(UserWarning, match="truncated"):
+        ids, valid = t2i_sequence(c, list(range(c.text_len)), img)
+    assert ids[: c.text_len + 1] == [t2i, c.bos_token_id] + list(range(c.text_len - 3)) + [c.eos_token_id, soi]
+    assert all(valid) and len(ids) == c.seq_len
+    with pytest.raises(ValueError, match="answer"):
+        mmu_sequence(c, img, [1], [2] * c.text_len)
     with pytest.raises(ValueError, match="question"):
         mmu_sequence(c, img, [c.text_vocab_size], [1])
 
@@ -172,44 +220,69 @@ def test_mask_image_tokens_loglinear():
 
 
 def test_omni_attention_mask_by_hand():
-    # T2I-like row: [t2i, pad, cap, cap, soi, img, img, eoi]; MMU-like row: [mmu, soi, img, img, eoi, txt, txt, pad]
-    valid = torch.tensor([[1, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
-    span = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    # T2I row (Show-o): [pad, t2i, cap, cap, soi, img, img, eoi]; MMU row: [mmu, soi, img, img, eoi, txt, txt, pad]
+    valid = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    img_pos = torch.tensor([[5, 6], [2, 3]])
+    span = bidirectional_span(img_pos, torch.tensor([0, 1]), 8)
+    assert span.int().tolist() == [[0, 0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0, 0]]
     m = omni_attention_mask(valid, span)[:, 0].int()
     t2i = torch.tensor(
         [
-            [1, 0, 0, 0, 0, 0, 0, 0],
-            [1, 0, 0, 0, 0, 0, 0, 0],  # pad row: sees the valid past only
-            [1, 0, 1, 0, 0, 0, 0, 0],  # caption: causal, never the pad
-            [1, 0, 1, 1, 0, 0, 0, 0],
-            [1, 0, 1, 1, 1, 1, 1, 1],  # image span: every non-pad position
-            [1, 0, 1, 1, 1, 1, 1, 1],
-            [1, 0, 1, 1, 1, 1, 1, 1],
-            [1, 0, 1, 1, 1, 1, 1, 1],
+            [1, 0, 0, 0, 0, 0, 0, 0],  # pad row: only itself (never attended; keeps SDPA finite)
+            [0, 1, 0, 0, 0, 0, 0, 0],  # <|t2i|>: causal, never the pad
+            [0, 1, 1, 0, 0, 0, 0, 0],  # caption: causal
+            [0, 1, 1, 1, 0, 0, 0, 0],
+            [0, 1, 1, 1, 1, 1, 1, 1],  # image span: every non-pad position
+            [0, 1, 1, 1, 1, 1, 1, 1],
+            [0, 1, 1, 1, 1, 1, 1, 1],
+            [0, 1, 1, 1, 1, 1, 1, 1],
         ]
     )
     mmu = torch.tensor(
         [
-            [1, 0, 0, 0, 0, 0, 0, 0],  # task token: causal
-            [1, 1, 1, 1, 1, 0, 0, 0],  # image prefix: bidirectional within the span, not the text after
+            [1, 1, 1, 1, 1, 0, 0, 0],  # <|mmu|> sees the image (Show-o: every row sees up to <|eoi|>)
+            [1, 1, 1, 1, 1, 0, 0, 0],  # image prefix: bidirectional within the prefix, not the text after
             [1, 1, 1, 1, 1, 0, 0, 0],
             [1, 1, 1, 1, 1, 0, 0, 0],
             [1, 1, 1, 1, 1, 0, 0, 0],
             [1, 1, 1, 1, 1, 1, 0, 0],  # text: causal
             [1, 1, 1, 1, 1, 1, 1, 0],
-            [1, 1, 1, 1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 1, 1, 1, 1],  # trailing pad: never attended, sees the past and itself
         ]
-    )  # trailing pad never attended
+    )
     assert torch.equal(m[0], t2i) and torch.equal(m[1], mmu)
+
+
+def test_showo_token_ids_and_layout():
+    """Special-token ids equal Show-o's (its tokenizer adds [PAD] first), text part 129 tokens."""
+    paper = preset("paper")
+    want = {
+        "[PAD]": 50295,
+        "<|soi|>": 50296,
+        "<|eoi|>": 50297,
+        "<|sov|>": 50298,
+        "<|eov|>": 50299,
+        "<|t2i|>": 50300,
+        "<|mmu|>": 50301,
+        "<|t2v|>": 50302,
+        "<|v2v|>": 50303,
+        "<|lvg|>": 50304,
+    }
+    assert {name: paper.special_token_id(name) for name in want} == want
+    assert paper.pad_token_id == 50295 and paper.image_token_offset == 50305
+    assert paper.text_len == 129 and paper.seq_len == 387  # Show-o: max_seq_length 128 + task token + 258
+    img = [paper.mask_token_id] * paper.image_tokens
+    ids, valid = t2i_sequence(paper, [10, 11], img)
+    assert ids[123:130] == [50295, 50300, paper.bos_token_id, 10, 11, paper.eos_token_id, 50296]
+    assert valid[:124] == [False] * 124 and all(valid[124:])
 
 
 def test_batch_masks_follow_layout():
     b = make_batch()
-    span = image_span_mask(b.image_positions, CFG.seq_len)
+    span = bidirectional_span(b.image_positions, b.task, CFG.seq_len)
     m = omni_attention_mask(b.valid, span)[:, 0]
-    assert not bool(m[:, :, ~b.valid[0]][0].any())  # no row of sample 0 sees its pads
     for i in range(b.size):
-        assert not bool(m[i][:, ~b.valid[i]].any())
+        assert not bool(m[i][b.valid[i]][:, ~b.valid[i]].any())  # no valid row sees a pad
         img = b.image_positions[i]
         # every image row sees the whole image span
         assert bool(m[i][img][:, img].all())
@@ -218,6 +291,7 @@ def test_batch_masks_follow_layout():
     txt = CFG.image_tokens + 4
     assert not bool(m[1, b.image_positions[1, 0], txt])
     assert bool(m[1, txt + 1, txt]) and not bool(m[1, txt, txt + 1])
+    assert bool(m[1, 0, b.image_positions[1]].all())  # the <|mmu|> row sees the image
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,7 +370,7 @@ def test_sequence_moe_feature_experts_and_groups():
     r = moe.route(x, torch.ones(B, S, dtype=torch.bool), group)
     assert bool((r.expert_ids >= 4).all())  # und sequences never use gen experts
     clip = torch.randn(B, CFG.clip_tokens, CFG.clip_dim)
-    face = torch.randn(B, 1, CFG.face_dim)
+    face = torch.randn(B, CFG.face_dim)
     y = moe(x, group, r.expert_ids, r.gates, {"clip": clip, "face": face})
     want = torch.zeros_like(x)
     for e, f in ((4, clip), (5, face)):
@@ -317,6 +391,71 @@ def test_sequence_moe_feature_experts_and_groups():
     assert_close(y0, (g(4) * w4 * x + g(5) * w5 * x).detach(), atol=1e-6, rtol=1e-5)
 
 
+def test_face_expert_sees_several_tokens_through_a_deep_resampler():
+    """The 512-d face embedding becomes face_tokens feature tokens, and the resampler is
+    resampler_depth layers with FFNs, so different queries read different things (one key would
+    make every query's attention output the same)."""
+    cfg = preset("tiny", resampler_depth=2, face_tokens=3)
+    torch.manual_seed(0)
+    moe = SequenceMoE(cfg)
+    face_e = cfg.seq_experts_gen.__len__() + cfg.seq_experts_und.index("face")
+    res = moe.experts[str(face_e)].resampler
+    assert len(res.layers) == 2 and all(isinstance(layer.ff, torch.nn.Sequential) for layer in res.layers)
+    keys, per_query = [], []
+    h1 = res.layers[0].norm_feats.register_forward_hook(lambda m, i, o: keys.append(o))
+    h2 = res.proj_out.register_forward_hook(lambda m, i, o: per_query.append(o))
+    B = 2
+    with torch.no_grad():
+        y = res(torch.randn(B, cfg.face_dim), torch.randn(B, 5, cfg.hidden_size))
+    h1.remove(), h2.remove()
+    assert y.shape == (B, 1, cfg.hidden_size)
+    assert keys[0].shape == (B, 3, cfg.resampler_dim)  # three face tokens, distinct
+    assert float((keys[0][:, 0] - keys[0][:, 1]).abs().max()) > 1e-3
+    q = per_query[0]  # [B, queries, D] before pooling
+    assert q.shape[1] == cfg.resampler_queries
+    assert float((q[:, 0] - q[:, 1]).abs().max()) > 1e-3
+
+
+def test_missing_features_rule_holds_after_training():
+    """A sample without features gets zeros from collate, and zeros mean exactly "missing" at the
+    experts (S(f) = 0), also once training has moved every bias away from zero."""
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(3):  # a few steps with features present: biases and norms move
+        opt.zero_grad()
+        model(make_batch(seed=step)).loss.backward()
+        opt.step()
+    model.eval()
+    g = torch.Generator().manual_seed(9)
+    codes = torch.randint(0, CFG.codebook_size, (2, L), generator=g)
+    with_feats = Sample(
+        "mmu",
+        codes[0],
+        [1, 2],
+        [3],
+        clip_features=torch.randn(CFG.clip_tokens, CFG.clip_dim, generator=g),
+        face_embedding=torch.randn(CFG.face_dim, generator=g),
+    )
+    without = Sample("mmu", codes[1], [4, 5], [6])
+    noise = torch.randn(2, CFG.noise_tokens, CFG.noise_dim, generator=g)
+    mixed = collate(CFG, [with_feats, without], generator=torch.Generator().manual_seed(0))
+    alone = collate(CFG, [without], generator=torch.Generator().manual_seed(0))
+    assert mixed.face_embeddings is not None and alone.face_embeddings is None
+    assert not bool(mixed.face_embeddings[1].any()) and not bool(mixed.clip_features[1].any())
+    mixed.noise_features, alone.noise_features = noise, noise[1:]
+    with torch.no_grad():
+        h_mixed, _ = _training_forward_hidden(model, mixed)
+        h_alone, _ = _training_forward_hidden(model, alone)
+    assert_close(h_mixed[1], h_alone[0], atol=1e-5, rtol=1e-5, name="zero-filled features vs None")
+    # and at the expert itself: all-zero rows give exactly w0·x
+    und = CFG.seq_experts_und
+    ex = model.blocks[0].seq_moe.experts[str(len(CFG.seq_experts_gen) + und.index("face"))]
+    x = torch.randn(2, 3, CFG.hidden_size)
+    with torch.no_grad():
+        assert torch.equal(ex(x, torch.zeros(2, CFG.face_dim)), ex(x, None))
+        assert not torch.equal(ex(x, torch.randn(2, CFG.face_dim)), ex(x, None))
+
+
 # ------------------------------------------------------------------------------------------------
 # losses
 
@@ -326,11 +465,13 @@ def test_loss_parts_match_explicit_computation():
     b = make_batch()
     with use_backend("reference"):
         out = model(b)
+        span = bidirectional_span(b.image_positions, b.task, CFG.seq_len)
         h, tb, sb = model.hidden(
             b.input_ids,
             b.valid,
             b.task,
-            span=image_span_mask(b.image_positions, CFG.seq_len),
+            span=span,
+            route_mask=model.route_mask(b.valid, b.task, span, b.labels),
             features=model.batch_features(b),
         )
     assert_close(out.loss, out.mmu_loss + out.d3diff_loss + out.token_balance.sum() + out.seq_balance.sum())
@@ -358,7 +499,67 @@ def test_loss_parts_match_explicit_computation():
     n_masked = int(b.is_masked.sum())
     assert_close(out.mask_loss.double(), ce_sum / n_masked, atol=1e-5, rtol=1e-5)
     assert_close(out.score_loss.double(), score / 2, atol=1e-4, rtol=1e-5)
-    assert bool((out.token_balance > 0).all()) and bool((out.seq_balance > 0).all())
+    assert bool((out.token_balance > 0).all())
+    assert torch.equal(out.seq_balance, torch.zeros(2))  # no sequence-level balance loss unless asked
+
+
+def test_defaults_follow_paper_and_showo():
+    paper = preset("paper")
+    assert paper.seq_balance_coef == 0.0 and paper.balance_coef == 0.01
+    assert (paper.confidence_noise, paper.confidence_schedule) == (1.0, "showo")
+    assert paper.expert_activation == "gelu_tanh"  # Phi's gelu_new: the paper's weights come from Phi/Show-o
+    assert (paper.alpha, paper.mask_weight) == (0.01, 1.0)
+    b = make_batch()
+    out = make_model(seq_balance_coef=0.01)(b)
+    assert bool((out.seq_balance > 0).all())  # asked for: the f·P loss per group
+    with pytest.raises(ValueError, match="mask_weight"):
+        preset("tiny", mask_weight=-1.0)
+
+
+def test_only_score_and_only_mask_ablations():
+    """The paper's D3Diff ablation (Table 3): mask_weight = 0 ("Only Score"), alpha = 0 ("Only Mask")."""
+    b = make_batch()
+    full = make_model()(b)
+    only_score = make_model(mask_weight=0.0)(b)
+    only_mask = make_model(alpha=0.0)(b)
+    # same parameters and batch: the parts agree, only the weighted sum changes
+    assert_close(only_score.mask_loss, full.mask_loss) and assert_close(only_score.score_loss, full.score_loss)
+    assert_close(only_score.d3diff_loss, CFG.alpha * full.score_loss)
+    assert_close(only_mask.d3diff_loss, full.mask_loss)
+    assert_close(only_score.loss, full.loss - full.mask_loss)
+    # no gradient from the mask term: Only Score's gradient is exactly α·∇score (+ MMU + balance)
+    m = make_model(mask_weight=0.0)
+    m(b).d3diff_loss.backward()
+    g0 = m.lm_head.weight.grad.clone()
+    m.zero_grad()
+    (CFG.alpha * m(b).score_loss).backward()
+    assert_close(m.lm_head.weight.grad, g0)
+
+
+def test_confidence_noise_schedules(monkeypatch):
+    """Show-o's schedule (default): τ_t = 1.0·Π_{s<=t}(1 − (s+1)/T); MaskGIT's: 4.5·(1 − (t+1)/T)."""
+    import unif2ace.model.generate as gen
+
+    seen = []
+    real = gen.masked_sample_step
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["step"], kwargs["num_steps"], kwargs["seed"], kwargs["confidence_noise"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "masked_sample_step", spy)
+    model = make_model().eval()
+    T = 5
+    model.generate_images([[1, 2]], steps=T, seed=7)
+    assert [s[:3] for s in seen] == [(t, T, 7) for t in range(T)]  # the step goes to every call
+    effective = [tau * (1 - (t + 1) / T) for t, _, _, tau in seen]  # what the kernel anneals to
+    want = [math.prod(1 - (s + 1) / T for s in range(t + 1)) for t in range(T)]
+    assert effective == pytest.approx(want, rel=1e-12)
+    seen.clear()
+    model.generate_images([[1, 2]], steps=T, seed=7, confidence_schedule="maskgit", confidence_noise=4.5)
+    assert [tau for *_, tau in seen] == [4.5] * T
+    with pytest.raises(ValueError, match="confidence_schedule"):
+        model.generate_images([[1]], steps=2, confidence_schedule="muse")
 
 
 def ModelOutputDetached(out):
@@ -411,6 +612,43 @@ def test_backend_parity_loss_and_gradients(overrides):
         model.set_backend("fastest")
 
 
+def _training_forward_hidden(model, batch):
+    """The final hidden states of a training-mode ``model(batch)`` (captured at ``ln_f``) and the loss."""
+    seen = []
+    hook = model.ln_f.register_forward_hook(lambda mod, inp, out: seen.append(out.detach()))
+    try:
+        out = model(batch)
+    finally:
+        hook.remove()
+    return seen[0], out
+
+
+def test_mmu_training_forward_is_causal():
+    """A future answer token never changes earlier positions (the sequence router pools the prompt only)."""
+    model = make_model().train()
+    b = make_batch(tasks=("mmu", "t2i", "mmu"))
+    answer_pos = (b.labels[2] != IGNORE_INDEX).nonzero()[:, 0]
+    p = int(answer_pos[-2])  # the last answer token before <eos>
+    ids = b.input_ids.clone()
+    ids[2, p] = (ids[2, p] + 1) % CFG.text_vocab_size
+    labels = b.labels.clone()
+    labels[2, p] = ids[2, p]
+    b2 = Batch(**{**b.__dict__, "input_ids": ids, "labels": labels})
+    h1, _ = _training_forward_hidden(model, b)
+    h2, _ = _training_forward_hidden(model, b2)
+    assert_close(h2[2, :p], h1[2, :p], atol=1e-6, rtol=1e-6, name="hidden before the changed answer token")
+    logits = lambda h: model.lm_head(h[2, :p])  # noqa: E731
+    assert_close(logits(h2), logits(h1), atol=1e-6, rtol=1e-6, name="logits")
+    assert not torch.allclose(h2[2, p:], h1[2, p:])  # the change itself is seen from p on
+    # the other samples do not see sample 2 at all
+    assert_close(h2[:2], h1[:2], atol=1e-6, rtol=1e-6)
+    # "nonpad" pools the answer too: the earlier positions move
+    leaky = make_model(seq_router_pool="nonpad").train()
+    g1, _ = _training_forward_hidden(leaky, b)
+    g2, _ = _training_forward_hidden(leaky, b2)
+    assert float((g2[2, :p] - g1[2, :p]).abs().max()) > 1e-5
+
+
 # ------------------------------------------------------------------------------------------------
 # generation and understanding
 
@@ -429,7 +667,7 @@ def test_kv_cache_matches_full_recompute():
     route[:, P:] = False
     feats = {
         "clip": torch.randn(B, CFG.clip_tokens, CFG.clip_dim),
-        "face": torch.randn(B, 1, CFG.face_dim),
+        "face": torch.randn(B, CFG.face_dim),
         "noise": torch.randn(B, CFG.noise_tokens, CFG.noise_dim),
     }
     with torch.no_grad():
@@ -551,59 +789,165 @@ def test_safetensors_roundtrip(tmp_path):
         load_checkpoint(tmp_path / "bad.safetensors")
     msg = str(e.value)
     assert "blocks.0.attn.q_proj.bias" in msg and "extra.weight" in msg and "ln_f.weight" in msg
+    # a checkpoint of the old model format (no model_format in its config) says so
+    import json
+
+    old = json.loads(model.cfg.to_json())
+    del old["model_format"]
+    save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata={"config": json.dumps(old)})
+    for target in (None, model):
+        with pytest.raises(CheckpointError, match="model format 1.*train again"):
+            load_checkpoint(tmp_path / "old.safetensors", target)
 
 
-def _random_phi(cfg, vocab_rows, mlp, layers):
+def _random_phi(cfg, vocab_rows, mlp, layers, seed=0):
+    """A Phi-1.5-shaped state dict (HF ``PhiForCausalLM`` tensor names) with random, well-scaled weights."""
+    g = torch.Generator().manual_seed(seed)
     D = cfg.hidden_size
+
+    def w(*shape):
+        return torch.randn(*shape, generator=g) / math.sqrt(shape[-1])
+
+    def b(n, scale=0.1):
+        return torch.randn(n, generator=g) * scale
+
     sd = {
-        "model.embed_tokens.weight": torch.randn(vocab_rows, D),
-        "lm_head.weight": torch.randn(vocab_rows, D),
-        "lm_head.bias": torch.randn(vocab_rows),
-        "model.final_layernorm.weight": torch.randn(D),
-        "model.final_layernorm.bias": torch.randn(D),
+        "model.embed_tokens.weight": torch.randn(vocab_rows, D, generator=g),
+        "lm_head.weight": w(vocab_rows, D),
+        "lm_head.bias": b(vocab_rows),
+        "model.final_layernorm.weight": 1 + b(D),
+        "model.final_layernorm.bias": b(D),
     }
     for i in range(layers):
         s = f"model.layers.{i}."
-        sd[s + "input_layernorm.weight"], sd[s + "input_layernorm.bias"] = torch.randn(D), torch.randn(D)
+        sd[s + "input_layernorm.weight"], sd[s + "input_layernorm.bias"] = 1 + b(D), b(D)
         for p in ("q_proj", "k_proj", "v_proj", "dense"):
-            sd[f"{s}self_attn.{p}.weight"], sd[f"{s}self_attn.{p}.bias"] = torch.randn(D, D), torch.randn(D)
-        sd[s + "mlp.fc1.weight"], sd[s + "mlp.fc1.bias"] = torch.randn(mlp, D), torch.randn(mlp)
-        sd[s + "mlp.fc2.weight"], sd[s + "mlp.fc2.bias"] = torch.randn(D, mlp), torch.randn(D)
+            sd[f"{s}self_attn.{p}.weight"], sd[f"{s}self_attn.{p}.bias"] = w(D, D), b(D)
+        sd[s + "mlp.fc1.weight"], sd[s + "mlp.fc1.bias"] = w(mlp, D), b(mlp)
+        sd[s + "mlp.fc2.weight"], sd[s + "mlp.fc2.bias"] = w(D, mlp), b(D)
     return sd
 
 
-def test_phi_import_upcycles_dense_mlp(tmp_path):
+SHOWO_ORDER = "[PAD] <|soi|> <|eoi|> <|sov|> <|eov|> <|t2i|> <|mmu|> <|t2v|> <|v2v|> <|lvg|>".split()
+
+
+def _showo_mask(ids, cfg, task):
+    """Show-o's attention masks, written from its rules (training/prompting_utils.py), ``[S, S]`` bool.
+
+    T2I (``create_attention_mask_predict_next`` with ``rm_pad_in_image``): causal; rows after the
+    leading pads never see them; rows of <|soi|>...<|eoi|> see every non-pad position.
+    MMU (``create_attention_mask_for_mmu``): causal, and every row sees the prefix up to <|eoi|>.
+    """
+    S = len(ids)
+    ids = torch.tensor(ids)
+    m = torch.ones(S, S).tril().bool()
+    soi = int((ids == cfg.special_token_id("<|soi|>")).nonzero()[0])
+    eoi = int((ids == cfg.special_token_id("<|eoi|>")).nonzero()[0])
+    pad = ids == cfg.pad_token_id
+    if task == "t2i":
+        if pad.any():
+            last = int(pad.nonzero()[-1])
+            m[last + 1 :, : last + 1] = False
+        m[soi : eoi + 1] = ~pad[None, :]
+    else:
+        m[:, : eoi + 1] = True
+    return m
+
+
+def _dense_phi_logits(sd, cfg, ids, mask):
+    """The dense Phi-1.5 / Show-o forward (parallel block, partial NeoX rotary, tanh gelu), fp64."""
+    sd = {k: v.double() for k, v in sd.items()}
+    D, H = cfg.hidden_size, cfg.num_heads
+    hd, r = D // H, cfg.rotary_dim
+    B, S = ids.shape
+    x = sd["model.embed_tokens.weight"][ids]
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float64) / r)
+    ang = torch.arange(S, dtype=torch.float64)[:, None] * inv
+    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
+
+    def rope(t):  # [B, H, S, hd]
+        t1, t2 = t[..., : r // 2], t[..., r // 2 : r]
+        return torch.cat((t[..., :r] * cos + torch.cat((-t2, t1), -1) * sin, t[..., r:]), -1)
+
+    def lin(a, name):
+        return a @ sd[name + ".weight"].t() + sd[name + ".bias"]
+
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        a = F.layer_norm(x, (D,), sd[p + "input_layernorm.weight"], sd[p + "input_layernorm.bias"], 1e-5)
+        q, k, v = (lin(a, p + f"self_attn.{n}_proj").view(B, S, H, hd).transpose(1, 2) for n in "qkv")
+        att = (rope(q) @ rope(k).transpose(-1, -2)) / math.sqrt(hd)
+        att = att.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
+        y = lin((att @ v).transpose(1, 2).reshape(B, S, D), p + "self_attn.dense")
+        mlp = lin(F.gelu(lin(a, p + "mlp.fc1"), approximate="tanh"), p + "mlp.fc2")
+        x = x + y + mlp
+    x = F.layer_norm(x, (D,), sd["model.final_layernorm.weight"], sd["model.final_layernorm.bias"], 1e-5)
+    return lin(x, "lm_head")
+
+
+def test_showo_import_reproduces_the_dense_forward(tmp_path):
+    """A Show-o checkpoint (random weights, Show-o's tensor names and vocabulary) imports into the
+    model's "showo" form and gives the dense model's logits; special tokens are mapped by name."""
     from safetensors.torch import save_file
 
-    cfg = preset("tiny", expert_activation="gelu_tanh")
-    model = UniF2ace(cfg)
-    sd = _random_phi(cfg, 100, cfg.mlp_width, cfg.num_layers)  # Phi-like: padded text vocabulary
-    save_file({f"showo.{k}": v for k, v in sd.items()}, str(tmp_path / "phi.safetensors"))
-    report = load_phi_state_dict(model, tmp_path / "phi.safetensors")
-    assert "blocks.0.ln3.weight" in report["initialised"] and "blocks.1.token_moe.w1" in report["loaded"]
+    cfg = preset("tiny", block_layout="parallel", expert_activation="gelu_tanh", shared_width=512)
+    sd = _random_phi(cfg, cfg.vocab_size, cfg.mlp_width, cfg.num_layers)  # Show-o: the full vocabulary
+    save_file({f"showo.{k}": v for k, v in sd.items()}, str(tmp_path / "showo.safetensors"))
+    torch.manual_seed(0)
+    model = UniF2ace(cfg).eval()
+    report = load_phi_state_dict(model, tmp_path / "showo.safetensors")
+    assert "blocks.1.token_moe.w2" in report["zeroed"] and "blocks.0.seq_gain" in report["zeroed"]
+    assert "blocks.0.ln3.weight" in report["initialised"] and "blocks.0.token_moe.router" in report["initialised"]
+    # special tokens by name: Show-o's row of each name lands on our id of that name
     T = cfg.text_vocab_size
-    assert torch.equal(model.embed.weight[:T], sd["model.embed_tokens.weight"][:T])
-    assert torch.equal(model.blocks[1].ln2.bias, sd["model.layers.1.input_layernorm.bias"])
-    assert torch.equal(model.blocks[0].attn.dense.weight, sd["model.layers.0.self_attn.dense.weight"])
-    # Σ_e routed_e(x) + dense fc2 bias == the dense MLP, for both groups
-    moe = model.blocks[0].token_moe
-    s = "model.layers.0.mlp."
-    x = torch.randn(5, cfg.hidden_size) * 0.1
-    dense = (
-        F.gelu(x @ sd[s + "fc1.weight"].t() + sd[s + "fc1.bias"], approximate="tanh") @ sd[s + "fc2.weight"].t()
-        + sd[s + "fc2.bias"]
-    )
-    N = cfg.num_routed_experts
-    for g in (0, 1):
-        ids = torch.arange(g * N, (g + 1) * N).expand(5, N)
+    for name in SHOWO_ORDER:
+        i, j = cfg.special_token_id(name), T + SHOWO_ORDER.index(name)
+        assert torch.equal(model.embed.weight[i], sd["model.embed_tokens.weight"][j]), name
+        assert torch.equal(model.lm_head.weight[i], sd["lm_head.weight"][j]), name
+    assert torch.equal(model.embed.weight[cfg.special_token_id("<|mmu|>")], sd["model.embed_tokens.weight"][T + 6])
+    # the same sequences through the imported model and through a dense Phi forward with Show-o's masks
+    g = torch.Generator().manual_seed(3)
+    img = (torch.randint(0, cfg.codebook_size, (L,), generator=g) + cfg.image_token_offset).tolist()
+    t2i, t2i_valid = t2i_sequence(cfg, [5, 6, 7], img)
+    mmu, mmu_valid, _ = mmu_sequence(cfg, img, [8, 9], [10])
+    ids = torch.tensor([t2i, mmu])
+    valid = torch.tensor([t2i_valid, mmu_valid])
+    task = torch.tensor([0, 1])
+    img_pos = torch.stack([torch.arange(cfg.text_len + 1, cfg.text_len + 1 + L), torch.arange(2, 2 + L)])
+    mask = torch.stack([_showo_mask(t2i, cfg, "t2i"), _showo_mask(mmu, cfg, "mmu")])
+    want = _dense_phi_logits(sd, cfg, ids, mask)
+    for backend in ("reference", "auto"):
+        model.set_backend(backend)
         with torch.no_grad():
-            y = moe_expert_mlp(x, moe.w1, moe.w2, ids, torch.ones(5, N), b1=moe.b1, b2=moe.b2, activation="gelu_tanh")
-        assert_close(y + sd[s + "fc2.bias"], dense, atol=1e-4, rtol=1e-4)
-    # full-vocabulary (Show-o) rows are copied whole
+            h, _, _ = model.hidden(ids, valid, task, span=bidirectional_span(img_pos, task, cfg.seq_len))
+            got = model.lm_head(h)
+        assert_close(got[valid], want[valid].float(), name=f"logits ({backend})")  # fp32 tolerance
+    # a Phi checkpoint (padded text vocabulary): text rows only, the rest keeps its initialisation
     m2 = UniF2ace(cfg)
-    full = _random_phi(cfg, cfg.vocab_size, cfg.mlp_width, cfg.num_layers)
-    load_phi_state_dict(m2, full)
-    assert torch.equal(m2.lm_head.weight, full["lm_head.weight"])
+    before = m2.embed.weight.detach().clone()
+    phi = _random_phi(cfg, T + 4, cfg.mlp_width, cfg.num_layers, seed=1)
+    load_phi_state_dict(m2, phi)
+    assert torch.equal(m2.embed.weight[:T], phi["model.embed_tokens.weight"][:T])
+    assert torch.equal(m2.embed.weight[T:], before[T:])
+    # the imported model trains from there: routed experts and the sequence MoE get gradients
+    model.set_backend("auto").train()
+    out = model(make_batch(cfg))
+    out.loss.backward()
+    assert float(model.blocks[0].token_moe.w2.grad.abs().sum()) > 0
+    assert float(model.blocks[0].seq_gain.grad.abs().sum()) > 0
+
+
+def test_phi_import_refuses_models_it_cannot_reproduce():
+    base = dict(block_layout="parallel", expert_activation="gelu_tanh", shared_width=512)
+    sd = _random_phi(CFG, 100, CFG.mlp_width, CFG.num_layers)
+    for overrides, match in (
+        ({"block_layout": "sequential"}, "block_layout='parallel'"),
+        ({"expert_activation": "gelu"}, "gelu_tanh"),
+        ({"shared_width": 64}, "shared_width=512"),
+    ):
+        with pytest.raises(CheckpointError, match=match):
+            load_phi_state_dict(UniF2ace(preset("tiny", **{**base, **overrides})), sd)
+    assert preset("showo").shared_expert_width == preset("showo").mlp_width  # the import form of the paper model
 
 
 def test_phi_import_errors_list_keys():
@@ -616,5 +960,6 @@ def test_phi_import_errors_list_keys():
         load_phi_state_dict(UniF2ace(cfg), sd)
     msg = str(e.value)
     assert "model.layers.1.mlp.fc2.bias" in msg and "rotary_emb.inv_freq" in msg and "q_proj.weight" in msg
-    with pytest.raises(CheckpointError, match="dense MLP width"):
+    cfg = preset("tiny", block_layout="parallel", expert_activation="gelu_tanh", shared_width=512)
+    with pytest.raises(CheckpointError, match="dense MLP width 96"):
         load_phi_state_dict(UniF2ace(cfg), _random_phi(cfg, 100, 96, cfg.num_layers))

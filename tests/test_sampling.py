@@ -1,8 +1,10 @@
 """The fast backends of the sampling ops (``masked_sample_step``, ``ar_sample``) against the reference
 (unif2ace/kernels/reference/sampling.py), with the backend as a parameter: ``cpu`` (C++/OpenMP,
 csrc/cpu/sampling.cpp), ``triton`` (CPU tensors under the interpreter, or a GPU) and ``cuda``
-(csrc/cuda/sampling.cu, marked ``gpu``). The distribution tests run on the ``reference`` too: one
-body for the oracle and every backend.
+(csrc/cuda/sampling.cu: on a GPU, marked ``gpu``, and through the CPU emulator of the CUDA kernels,
+marked ``cuda_emu``; the statistical tests with tens of thousands of positions run on the card
+only). The distribution tests run on the ``reference`` too: one body for the oracle and every
+backend.
 
 Exactness contract tested here: sampled codes, tokens and masks equal the reference's (the C++ and
 CUDA kernels evaluate the reference's float64 Gumbel; Triton's fp32 Gumbel agrees to a few ulp, so
@@ -26,7 +28,7 @@ from unif2ace.kernels import _ext, ar_sample, masked_sample_step
 from unif2ace.kernels._custom_ops import sampling as custom_ops
 from unif2ace.kernels._dispatch import triton_interpreter_enabled
 from unif2ace.kernels.sampling import MASKED_SAMPLE_STEP, num_to_keep_masked
-from unif2ace.testing import assert_close, chi2_pvalue
+from unif2ace.testing import assert_close, chi2_pvalue, cuda_emu
 
 NEG_INF = float("-inf")
 
@@ -40,18 +42,22 @@ TRITON = pytest.param(
     ),
 )
 TRITON_GPU = pytest.param("triton", marks=pytest.mark.gpu)  # too many programs for the interpreter
-CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
+CUDA_GPU, CUDA_EMU = cuda_emu.cuda_backends()  # on the card (gpu) and through the CPU emulator (cuda_emu)
 
-FAST = [CPU, TRITON, CUDA]
-FAST_HEAVY = [CPU, TRITON_GPU, CUDA]
-ALL = ["reference", CPU, TRITON, CUDA]
-ALL_HEAVY = ["reference", CPU, TRITON_GPU, CUDA]
+FAST = [CPU, TRITON, CUDA_GPU, CUDA_EMU]
+ALL = ["reference", CPU, TRITON, CUDA_GPU, CUDA_EMU]
+# too many programs for Triton's interpreter, fine for the CUDA emulator
+FAST_NO_INTERP = [CPU, TRITON_GPU, CUDA_GPU, CUDA_EMU]
+ALL_NO_INTERP = ["reference", CPU, TRITON_GPU, CUDA_GPU, CUDA_EMU]
+# too many positions for either (tens of thousands of blocks): the cuda backend on the card only
+FAST_HEAVY = [CPU, TRITON_GPU, CUDA_GPU]
+ALL_HEAVY = ["reference", CPU, TRITON_GPU, CUDA_GPU]
 
 
 def device_for(backend: str) -> torch.device:
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+    if backend == "triton" and torch.cuda.is_available():
         return torch.device("cuda")
-    return torch.device("cpu")
+    return cuda_emu.device(backend)
 
 
 def make_inputs(B, L, V, *, masked_frac=0.7, seed=0, guided=False, scale=2.0, dtype=torch.float32, device="cpu"):
@@ -293,7 +299,7 @@ def test_sampling_match_rate_many_positions(backend):
     assert_same_step(out, ref)
 
 
-@pytest.mark.parametrize("backend", FAST_HEAVY)
+@pytest.mark.parametrize("backend", FAST_NO_INTERP)
 def test_all_schedules_and_last_step(backend):
     B, L, V = 3, 40, 29
     cond, unc, tokens, is_masked, mid = make_inputs(
@@ -425,7 +431,7 @@ def test_edge_rows_nan_inf_and_no_masked_positions(backend):
         assert bool(torch.isposinf(out.confidence[1]).all())
 
 
-@pytest.mark.parametrize("backend", ALL_HEAVY)
+@pytest.mark.parametrize("backend", ALL_NO_INTERP)
 def test_neg_inf_codes_never_sampled(backend):
     dev = device_for(backend)
     B, L, V = 4, 256, 40
@@ -554,7 +560,7 @@ def test_outputs_fully_written(backend):
         prev = a
 
 
-@pytest.mark.parametrize("backend", [TRITON, CUDA])
+@pytest.mark.parametrize("backend", [TRITON, CUDA_GPU, CUDA_EMU])
 def test_long_rows_use_torch_selection(backend, monkeypatch):
     """Rows longer than the re-mask kernel's limit take the reference's ranking (MAX_L patched to 8)."""
     monkeypatch.setattr(MASKED_SAMPLE_STEP.kernels(backend), "MAX_L", 8)
@@ -720,7 +726,7 @@ def test_ar_matches_reference(backend, kw):
     assert_same_ar(out, ref)
 
 
-@pytest.mark.parametrize("backend", [TRITON_GPU, CUDA])
+@pytest.mark.parametrize("backend", [TRITON_GPU, CUDA_GPU])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, None, None), (1.0, None, None), (0.8, 50, 0.9)])
 def test_ar_large_vocab_matches_reference(backend, dtype, temperature, top_k, top_p):
@@ -849,7 +855,7 @@ def test_ar_chi2_temperature(backend):
     assert chi2_pvalue(out.tokens.cpu(), torch.softmax(row.double() / temp, 0)) > 1e-4
 
 
-@pytest.mark.parametrize("backend", ALL_HEAVY)
+@pytest.mark.parametrize("backend", ALL_NO_INTERP)
 def test_ar_top_k_support(backend):
     """top_k = 7 with a tie at the 7th/8th value: exactly those 8 codes are drawn (all of them,
     over 3000 draws: each has p > 4%, so a miss has probability < 1e-50)."""
@@ -918,14 +924,14 @@ def test_bad_inputs_name_the_argument():
 # ------------------------------------------------------------------ cuda backend only
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("V", [8192, 1001])
 @pytest.mark.parametrize("temperature,top_k", [(0.0, None), (1.0, None), (0.7, 50)])
-@pytest.mark.parametrize("L", [256, 5000])
-def test_masked_step_cuda_matches_reference(dtype, V, temperature, top_k, L):
-    """GPU-sized steps (L = 5000 > MAX_L takes the reference's ranking after kernel A)."""
-    cond, unc, tokens, is_masked, _ = make_inputs(2, L, V, masked_frac=0.8, guided=True, dtype=dtype, device="cuda")
+@pytest.mark.parametrize("backend,L", cuda_emu.cuda_backends(256) + cuda_emu.cuda_backends(5000)[:1])
+def test_masked_step_cuda_matches_reference(backend, dtype, V, temperature, top_k, L):
+    """GPU-sized steps (L = 5000 > MAX_L takes the reference's ranking after kernel A; on the card only)."""
+    dev = device_for(backend)
+    cond, unc, tokens, is_masked, _ = make_inputs(2, L, V, masked_frac=0.8, guided=True, dtype=dtype, device=dev)
     out, ref = both_step(
         "cuda",
         cond,
@@ -941,6 +947,79 @@ def test_masked_step_cuda_matches_reference(dtype, V, temperature, top_k, L):
         top_k=top_k,
     )
     assert_same_step(out, ref)
+
+
+@pytest.mark.parametrize("backend", [CUDA_GPU, CUDA_EMU])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_vector_and_scalar_rows(backend, dtype):
+    """The kernels read a row 4-wide when V % 4 == 0 and the row starts 4-element aligned, else
+    element by element: both paths, rows shifted off alignment, all three logits dtypes."""
+    dev = device_for(backend)
+    B, L = 2, 9
+    for V, shift in ((208, 0), (208, 1), (210, 0), (212, 2)):
+        wide = (torch.randn(B, L, V + 8) * 2).to(dtype).to(dev)
+        cond, unc = wide[..., shift : shift + V], (torch.randn(B, L, V) * 2).to(dtype).to(dev)
+        _, _, tokens, is_masked, _ = make_inputs(B, L, V, seed=V + shift, device=dev)
+        kw = dict(step=1, num_steps=4, seed=8, mask_token_id=V, uncond_logits=unc, guidance_scale=0.5)
+        for temperature in (0.0, 1.0):
+            assert_same_step(*both_step(backend, cond, tokens, is_masked, temperature=temperature, **kw))
+        x = wide[0, :, shift : shift + V]
+        for temperature in (0.0, 0.9):
+            akw = dict(seed=5, position=3, temperature=temperature)
+            assert_same_ar(ar_sample(x, backend=backend, **akw), ar_sample(x, backend="reference", **akw))
+
+
+@pytest.mark.parametrize("backend", [CUDA_GPU, CUDA_EMU])
+def test_cuda_raw_ops_check_what_they_index(backend):
+    """The raw ops index every tensor with the shapes the others imply: a direct call with a short
+    or misplaced tensor is an error, never an out-of-bounds read (is_masked and sample_ids were
+    not size-checked, nor any device but the logits')."""
+    dev = device_for(backend)
+    elsewhere = torch.device("meta") if dev.type == "cpu" else torch.device("cpu")  # not the kernels' device
+    ops = _ext.cuda_ops()
+    B, L, V = 2, 3, 7
+    cond = torch.randn(B * L, V, device=dev)
+    tok = torch.zeros(B, L, dtype=torch.long, device=dev)
+    m = torch.ones(B, L, dtype=torch.bool, device=dev)
+    sid, keys = torch.arange(B, device=dev), torch.arange(4, device=dev)
+    args = (cond, None, tok, m, sid, keys, None, 1.0, 0.0, 1.0, 0.0, False, False)
+    ops.masked_step_sample(*args)
+
+    def bad(i, v, match):
+        a = list(args)
+        a[i] = v
+        with pytest.raises(RuntimeError, match=match):
+            ops.masked_step_sample(*a)
+
+    bad(3, m[:, :2], "'is_masked' must have 6 elements")
+    bad(3, torch.ones(L, B, dtype=torch.bool, device=dev), "'is_masked' must be \\[B, L\\]")
+    bad(3, m.to(elsewhere), "'is_masked' must be on")
+    bad(4, sid[:1], "'sample_ids' must have 2 elements")
+    bad(4, sid.to(elsewhere), "'sample_ids' must be on")
+    bad(5, keys[:3], "'keys' must have 4 elements")
+    bad(5, keys.int(), "'keys' must be int64")
+    bad(2, tok[:, :2], "'tokens' must have 6 elements")
+    bad(2, tok.float(), "'tokens' must be int32 or int64")
+    bad(0, cond.to(elsewhere), "'cond' must be a CUDA")
+    bad(0, cond.t(), "'cond' must have unit column stride")
+    bad(1, torch.randn(B * L, V + 1, device=dev), "'unc' must match 'cond'")
+    bad(6, torch.zeros(5, device=dev), "'thr' must have 6 elements")
+    conf = torch.zeros(B, L, device=dev)
+    ops.masked_step_remask(conf, m, tok, tok, 1, False, V)
+    with pytest.raises(RuntimeError, match="'sampled' must have 6 elements"):
+        ops.masked_step_remask(conf, m, tok, tok[:1], 1, False, V)
+    with pytest.raises(RuntimeError, match="'is_masked' must be on"):
+        ops.masked_step_remask(conf, m.to(elsewhere), tok, tok, 1, False, V)
+    with pytest.raises(RuntimeError, match="'tokens' must be on"):
+        ops.masked_step_remask(conf, m, tok.to(elsewhere), tok, 1, False, V)
+    x, pos = torch.randn(B, V, device=dev), torch.zeros(B, dtype=torch.long, device=dev)
+    ops.ar_sample(x, sid, pos, keys, None, 1.0, False)
+    with pytest.raises(RuntimeError, match="'position' must have 2 elements"):
+        ops.ar_sample(x, sid, pos[:1], keys, None, 1.0, False)
+    with pytest.raises(RuntimeError, match="'position' must be int64"):
+        ops.ar_sample(x, sid, pos.int(), keys, None, 1.0, False)
+    with pytest.raises(RuntimeError, match="'thr' must be on"):
+        ops.ar_sample(x, sid, pos, keys, torch.zeros(B, device=elsewhere), 1.0, False)
 
 
 # ------------------------------------------------------------------ the custom ops

@@ -221,6 +221,20 @@ def test_any_split_of_a_global_batch_sees_the_same_samples(data):
     assert not torch.equal(other.is_masked, whole.is_masked)
 
 
+def test_make_batch_keeps_features_of_a_mixed_batch():
+    """Samples without features get zeros (= missing at the feature experts), the others keep theirs."""
+    from unif2ace.model import Sample
+    from unif2ace.train.trainer import make_batch
+
+    cfg = TrainConfig(model=dict(SMALL)).model_config()
+    face = torch.randn(cfg.face_dim)
+    L = cfg.image_tokens
+    samples = [Sample("mmu", [0] * L, [1], [2], face_embedding=face), Sample("t2i", [1] * L, [3])]
+    b = make_batch(cfg, samples, [1, 2], "cpu")
+    assert torch.equal(b.face_embeddings, torch.stack([face, torch.zeros_like(face)]))
+    assert b.clip_features is None
+
+
 def test_grad_accumulation_runs_and_learns(data, tmp_path):
     ls = losses(train(cfg_for(data, tmp_path / "b", steps=12, batch_size=4, grad_accum=2), log=lambda *a: None))
     assert all(np.isfinite(ls)) and np.mean(ls[-3:]) < np.mean(ls[:3])
@@ -632,7 +646,10 @@ def test_fsdp_two_processes_match_one_process_and_resume_on_one(data, tmp_path):
     ref = load_run(str(tmp_path / "fsdp")).model.state_dict()
     for src in (tmp_path / "resumed", ck / "step-00000004"):
         got = load_run(str(src)).model.state_dict()
-        assert all(torch.allclose(got[k], ref[k], rtol=1e-5, atol=1e-7) for k in ref)
+        # 1 vs 2 processes reduce in a different order; Adam turns ~1e-7 gradient differences into
+        # ~1e-6 parameter differences (a lost optimizer state would move them by ~lr = 3e-3)
+        bad = {k: float((got[k] - ref[k]).abs().max()) for k in ref if not torch.allclose(got[k], ref[k], atol=2e-5)}
+        assert not bad, bad
 
 
 def test_fsdp_resume_is_exact_and_survives_damage_and_killed_saves(data, tmp_path, monkeypatch):

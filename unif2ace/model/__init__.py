@@ -1,6 +1,6 @@
 """The UniF²ace model layer (docs/model.md), built on :mod:`unif2ace.kernels`.
 
-- :mod:`.config`: :class:`UniF2aceConfig` and the ``tiny`` / ``small`` / ``paper`` presets.
+- :mod:`.config`: :class:`UniF2aceConfig` and the ``tiny`` / ``small`` / ``paper`` / ``showo`` presets.
 - :mod:`.batch`: the T2I / MMU sequence layouts, the D3Diff corruption, :class:`Batch`.
 - :mod:`.modules`: omni-attention, token MoE, sequence MoE, Perceiver resampler, the block.
 - :mod:`.model`: :class:`UniF2ace` and its losses.
@@ -13,7 +13,7 @@ from .checkpoint import load_checkpoint, load_phi_state_dict, save_checkpoint
 from .config import PRESETS, SPECIAL_TOKENS, TASKS, UniF2aceConfig, preset
 from .generate import answer, generate_images
 from .model import ModelOutput, UniF2ace
-from .modules import attention_mask, image_span_mask, omni_attention_mask
+from .modules import attention_mask, bidirectional_span, image_span_mask, omni_attention_mask
 
 __all__ = [
     "IGNORE_INDEX",
@@ -37,6 +37,7 @@ __all__ = [
     "ModelOutput",
     "UniF2ace",
     "attention_mask",
+    "bidirectional_span",
     "image_span_mask",
     "omni_attention_mask",
 ]

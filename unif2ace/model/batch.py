@@ -9,6 +9,7 @@ drops captions for classifier-free guidance), or fill the fields yourself and ca
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, fields
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -68,9 +69,11 @@ class Batch:
     labels:           ``[B, S]`` int64: the token id at MMU answer positions (incl. its <eos>),
                       ``IGNORE_INDEX`` elsewhere. Unshifted: the model predicts labels[p] from
                       position p - 1.
-    clip_features:    optional ``[B, clip_tokens, clip_dim]`` float; missing -> the CLIP expert
-                      sees zero features (its output is then w0·x only).
-    face_embeddings:  optional ``[B, face_dim]`` float; missing -> zero features likewise.
+    clip_features:    optional ``[B, clip_tokens, clip_dim]`` float. Missing features, one rule:
+                      None (the whole batch) or a sample's all-zero rows (what :func:`collate`
+                      fills) -> that sample's CLIP expert outputs w0·x only (S(f) = 0 exactly).
+    face_embeddings:  optional ``[B, face_dim]`` float (projected to ``cfg.face_tokens`` tokens by
+                      the Face expert); missing -> None or all-zero rows, likewise.
     noise_features:   optional ``[B, noise_tokens, noise_dim]`` for the Noise expert; missing ->
                       drawn from ``torch.randn`` (the global generator) at every forward.
     """
@@ -187,8 +190,8 @@ class Batch:
             raise ValueError("batch.mask_rate_deriv: values must be finite and >= 0")
         if bool((self.is_masked & (self.task != 0)[:, None]).any()):
             raise ValueError("batch.is_masked: only T2I samples (task 0) may have masked image tokens")
-        if not bool(self.valid[:, 0].all()):
-            raise ValueError("batch.valid: position 0 (the task token) must be valid in every sample")
+        if not bool(self.valid.gather(1, self.image_positions.long()).all()):
+            raise ValueError("batch.valid: image positions must be valid (not [PAD]) in every sample")
         return self
 
 
@@ -213,27 +216,33 @@ def _ids(x, what: str, lo: int, hi: int) -> List[int]:
 def t2i_sequence(
     cfg: UniF2aceConfig, caption: Sequence[int], image_tokens: Sequence[int]
 ) -> Tuple[List[int], List[bool]]:
-    """``<|t2i|> [PAD]... <bos> caption <eos> <|soi|> image <|eoi|>`` (caption left-padded).
+    """``[PAD]... <|t2i|> <bos> caption <eos> <|soi|> image <|eoi|>`` (Show-o's T2I layout: the pads
+    come first, so the text part always ends right before <|soi|>).
 
-    ``image_tokens`` are vocabulary ids (codes already offset, or ``[MASK]``). Returns (ids, valid).
+    ``image_tokens`` are vocabulary ids (codes already offset, or ``[MASK]``). A caption longer
+    than ``text_len - 3`` tokens is truncated to its first ``text_len - 3`` tokens (the closing
+    <eos> kept, as Show-o does) with a warning. Returns (ids, valid).
     """
     caption = _ids(caption, "t2i_sequence: caption", 0, cfg.text_vocab_size)
     room = cfg.text_len - 3
     if len(caption) > room:
-        raise ValueError(f"t2i_sequence: caption has {len(caption)} tokens, at most text_len - 3 = {room} fit")
+        warnings.warn(
+            f"t2i_sequence: caption has {len(caption)} tokens, only text_len - 3 = {room} fit; truncated",
+            stacklevel=2,
+        )
+        caption = caption[:room]
     if len(image_tokens) != cfg.image_tokens:
         raise ValueError(f"t2i_sequence: expected {cfg.image_tokens} image tokens, got {len(image_tokens)}")
     pad = room - len(caption)
     ids = (
-        [cfg.special_token_id("<|t2i|>")]
-        + [cfg.pad_token_id] * pad
-        + [cfg.bos_token_id]
+        [cfg.pad_token_id] * pad
+        + [cfg.special_token_id("<|t2i|>"), cfg.bos_token_id]
         + caption
         + [cfg.eos_token_id, cfg.special_token_id("<|soi|>")]
         + list(image_tokens)
         + [cfg.special_token_id("<|eoi|>")]
     )
-    valid = [True] + [False] * pad + [True] * (len(ids) - 1 - pad)
+    valid = [False] * pad + [True] * (len(ids) - pad)
     return ids, valid
 
 
@@ -316,8 +325,8 @@ def collate(
 ) -> Batch:
     """Samples -> :class:`Batch`: T2I image tokens masked by :func:`mask_image_tokens`, captions
     dropped (empty prompt) with probability ``drop_caption_prob`` (default ``cfg.cond_dropout_prob``),
-    MMU answers labelled. Features are stacked when every sample has them, zero-filled for samples
-    without them when only some have them.
+    MMU answers labelled. Features are stacked when some sample has them; samples without them get
+    zeros, which the feature experts treat exactly as missing (see :class:`Batch`).
     """
     if not samples:
         raise ValueError("collate: 'samples' is empty")

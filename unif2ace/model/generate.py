@@ -22,7 +22,7 @@ from torch import Tensor
 from unif2ace.kernels import ar_sample, masked_sample_step
 
 from .batch import mmu_sequence, t2i_sequence
-from .modules import KVCache, image_span_mask
+from .modules import KVCache, bidirectional_span, image_span_mask
 
 __all__ = ["generate_images", "answer"]
 
@@ -42,21 +42,33 @@ def generate_images(
     temperature: Optional[float] = None,
     seed: int = 0,
     confidence_noise: Optional[float] = None,
+    confidence_schedule: Optional[str] = None,
     schedule: Optional[str] = None,
     top_k: Optional[int] = None,
 ) -> Tensor:
     """Image codes ``[B, L]`` int64 in [0, codebook_size) for ``B`` captions (text-token id lists).
 
-    steps / guidance / temperature / confidence_noise / schedule default to the config's
-    generation fields (T = 18, s = 1.75, 1.0, 4.5, cosine). Guidance uses the empty caption as the
-    unconditional branch. Deterministic for a given seed (the sampling RNG is keyed by seed, row
-    and position); temperature 0 is greedy.
+    steps / guidance / temperature / confidence_noise / confidence_schedule / schedule default to
+    the config's generation fields (T = 18, s = 1.75, 1.0, τ0 = 1.0, "showo", cosine). Guidance
+    uses the empty caption as the unconditional branch. Deterministic for a given seed (the
+    sampling RNG is keyed by seed, row and position; the step is passed to every
+    :func:`masked_sample_step` call); temperature 0 is greedy.
+
+    Confidence noise at step t (ratio r_t = (t+1)/T): "showo" τ_t = τ0·Π_{s<=t}(1 − r_s) (Show-o's
+    ``t2i_generate`` shrinks its noise temperature by (1 − r) at every step, cumulatively);
+    "maskgit" τ_t = τ0·(1 − r_t) (MaskGIT, whose τ0 is 4.5). The kernel anneals τ·(1 − r_t)
+    itself, so "showo" passes τ0·Π_{s<t}(1 − r_s).
     """
     cfg = model.cfg
     steps = cfg.gen_steps if steps is None else steps
     guidance = cfg.guidance_scale if guidance is None else guidance
     temperature = cfg.temperature if temperature is None else temperature
     confidence_noise = cfg.confidence_noise if confidence_noise is None else confidence_noise
+    confidence_schedule = confidence_schedule or cfg.confidence_schedule
+    if confidence_schedule not in ("showo", "maskgit"):
+        raise ValueError(
+            f"generate_images: argument 'confidence_schedule' must be 'showo' or 'maskgit', got {confidence_schedule!r}"
+        )
     schedule = schedule or cfg.gen_schedule
     dev = model.embed.weight.device
     B, L = len(captions), cfg.image_tokens
@@ -77,6 +89,7 @@ def generate_images(
     w, b = model.code_head()
     tokens = torch.zeros(B, L, dtype=torch.int64, device=dev)
     is_masked = torch.ones(B, L, dtype=torch.bool, device=dev)
+    tau = float(confidence_noise)  # what the kernel multiplies by (1 - (step+1)/steps)
     with model.backend_scope():
         for step in range(steps):
             img = torch.where(is_masked, cfg.mask_token_id, tokens + cfg.image_token_offset)
@@ -94,11 +107,13 @@ def generate_images(
                 uncond_logits=logits[B:] if guidance != 0 else None,
                 guidance_scale=guidance,
                 temperature=temperature,
-                confidence_noise=confidence_noise,
+                confidence_noise=tau,
                 schedule=schedule,
                 top_k=top_k,
             )
             tokens, is_masked = out.tokens, out.is_masked
+            if confidence_schedule == "showo":
+                tau *= 1.0 - (step + 1) / steps
     return tokens
 
 
@@ -147,9 +162,9 @@ def answer(
     valid[:, :P] = torch.tensor([r[1][:P] for r in rows], device=dev)
     task = torch.ones(B, dtype=torch.int64, device=dev)
     img_pos = torch.arange(2, 2 + cfg.image_tokens, device=dev).expand(B, -1)
-    span = image_span_mask(img_pos, cap)
+    span = bidirectional_span(img_pos, task, cap)
     route_mask = model.route_mask(valid, task, span).clone()  # the prompt only: frozen for the decoded tokens
-    features = {"clip": clip_features, "face": None if face_embeddings is None else face_embeddings[:, None, :]}
+    features = {"clip": clip_features, "face": face_embeddings}
     b = torch.arange(B, device=dev)
     pos = prompt_len.clone()  # where the next token goes
     out = torch.full((B, max_new_tokens), -1, dtype=torch.int64, device=dev)

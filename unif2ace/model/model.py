@@ -3,6 +3,10 @@
 
     loss = L_MMU + L_D3Diff + Σ_g token balance_g + Σ_g sequence balance_g
 
+L_D3Diff = mask_weight · L_mask + α · L_score (``cfg.mask_weight`` 1 and ``cfg.alpha`` 0.01 by
+default; the paper's "Only Mask" ablation is α = 0, its "Only Score" ablation mask_weight = 0).
+The sequence balance is 0 unless ``cfg.seq_balance_coef`` > 0 (the paper has none).
+
 - L_D3Diff (docs/model.md §2) on the masked image tokens of T2I samples, with the head restricted to
   the image-code rows (``cfg.d3diff_vocab``): :func:`unif2ace.kernels.d3diff_loss`, fused with the
   LM head, so ``[N, V]`` logits are never formed by the fast backends.
@@ -27,7 +31,7 @@ from unif2ace.kernels import BACKENDS, d3diff_loss, use_backend
 
 from .batch import IGNORE_INDEX, Batch
 from .config import UniF2aceConfig
-from .modules import NUM_GROUPS, Block, BlockContext, KVCache, attention_mask, image_span_mask, rotary_tables
+from .modules import NUM_GROUPS, Block, BlockContext, KVCache, attention_mask, bidirectional_span, rotary_tables
 
 __all__ = ["UniF2ace", "ModelOutput"]
 
@@ -37,7 +41,7 @@ class ModelOutput(NamedTuple):
 
     loss: Tensor  # mmu_loss + d3diff_loss + token_balance.sum() + seq_balance.sum()
     mmu_loss: Tensor  # next-token CE over MMU answer tokens (0 without MMU samples)
-    d3diff_loss: Tensor  # mask_loss + alpha * score_loss (0 without T2I samples)
+    d3diff_loss: Tensor  # mask_weight * mask_loss + alpha * score_loss (0 without T2I samples)
     mask_loss: Tensor
     score_loss: Tensor
     token_balance: Tensor  # [G] per group (0 = gen, 1 = und), mean over layers
@@ -77,6 +81,26 @@ class UniF2ace(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def parameter_counts(self) -> Dict[str, int]:
+        """Parameters per part, counted from the model's own tensors (same keys as
+        :meth:`UniF2aceConfig.parameter_counts`; works on the meta device)."""
+        out = dict.fromkeys(self.cfg.parameter_counts(), 0)
+        rules = (
+            (("embed.", "lm_head."), "embedding + LM head"),
+            ((".attn.",), "attention"),
+            ((".ln1.", ".ln2.", ".ln3.", "ln_f."), "layer norms"),
+            ((".token_moe.router",), "token routers"),
+            ((".token_moe.shared_",), "shared experts"),
+            ((".token_moe.",), "routed experts"),
+            ((".seq_moe.router.", ".seq_gain"), "sequence routers + gains"),
+            ((".seq_moe.experts.",), "feature experts (resamplers)"),
+        )
+        for name, p in self.named_parameters():
+            part = next(k for keys, k in rules if any(s in name or name.startswith(s) for s in keys))
+            out[part] += p.numel()
+        out["total"] = sum(v for k, v in out.items() if k != "total")
+        return out
+
     # -- the transformer
     def hidden(
         self,
@@ -93,11 +117,13 @@ class UniF2ace(nn.Module):
         """Final hidden states ``[B, T, D]`` (after ``ln_f``) and the balance losses.
 
         input_ids/valid ``[B, T]``; task ``[B]`` (the MoE group); span ``[B, T]`` bool, the
-        bidirectional image span (None: all causal); route_mask ``[B, T]`` bool, the positions the
-        sequence router pools over (default ``valid``); features: {"clip": [B, Nc, Dc],
-        "face": [B, 1, Df], "noise": [B, Nn, Dn]} (missing -> zero features; noise drawn when
-        missing); positions ``[B, T]`` absolute positions (default 0..T-1); cache: a
-        :class:`KVCache` the keys/values are written into (attention then runs over the cache).
+        bidirectional span (:func:`~unif2ace.model.modules.bidirectional_span`; None: all causal);
+        route_mask ``[B, T]`` bool, the positions the sequence router pools over (default
+        ``valid``; see :meth:`route_mask`); features: {"clip": [B, Nc, Dc], "face": [B, Df],
+        "noise": [B, Nn, Dn]} (None, or a sample's all-zero rows: missing, S(f) = 0 at the expert;
+        noise drawn when None); positions
+        ``[B, T]`` absolute positions (default 0..T-1); cache: a :class:`KVCache` the keys/values
+        are written into (attention then runs over the cache).
         Returns (h, token_balance ``[G]``, seq_balance ``[G]``).
         """
         cfg = self.cfg
@@ -154,24 +180,32 @@ class UniF2ace(nn.Module):
         hi = lo + self.cfg.codebook_size
         return self.lm_head.weight[lo:hi], self.lm_head.bias[lo:hi]
 
-    def route_mask(self, valid: Tensor, task: Tensor, span: Tensor) -> Tensor:
-        """Positions the sequence router pools over (``cfg.seq_router_pool``): every non-pad position
-        ("nonpad"), or for MMU samples only the image prefix up to <|eoi|> ("prefix")."""
-        if self.cfg.seq_router_pool == "nonpad":
+    def route_mask(self, valid: Tensor, task: Tensor, span: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """``[B, T]`` bool: the positions the sequence router pools over (``cfg.seq_router_pool``).
+
+        T2I samples: every non-pad position. MMU samples: "prompt" (default) the prompt only, i.e.
+        the non-pad positions before the first labelled (answer) position of ``labels`` (all of
+        ``valid`` without labels: a decoding prompt); "prefix" the image prefix up to <|eoi|>;
+        "nonpad" every non-pad position (answers included: not causal, training differs from decoding).
+        """
+        mode = self.cfg.seq_router_pool
+        if mode == "nonpad":
             return valid
         pos = torch.arange(valid.shape[1], device=valid.device)
-        end = torch.where(span, pos, -1).amax(dim=1, keepdim=True)
-        prefix = valid & (pos <= end)
-        return torch.where((task == 1)[:, None], prefix, valid)
+        if mode == "prefix":
+            end = torch.where(span, pos, -1).amax(dim=1, keepdim=True)
+        elif labels is None:
+            return valid
+        else:
+            answer = labels != IGNORE_INDEX
+            first = torch.where(answer, pos, valid.shape[1]).amin(dim=1, keepdim=True)
+            end = first - 1
+        mmu = valid & (pos <= end)
+        return torch.where((task == 1)[:, None], mmu, valid)
 
     @staticmethod
     def batch_features(batch: Batch) -> Dict[str, Optional[Tensor]]:
-        face = batch.face_embeddings
-        return {
-            "clip": batch.clip_features,
-            "face": None if face is None else face[:, None, :],
-            "noise": batch.noise_features,
-        }
+        return {"clip": batch.clip_features, "face": batch.face_embeddings, "noise": batch.noise_features}
 
     # -- training forward
     def forward(self, batch: Batch, *, validate: bool = True) -> ModelOutput:
@@ -179,19 +213,19 @@ class UniF2ace(nn.Module):
         cfg = self.cfg
         if validate:
             batch.validate(cfg)
-        span = image_span_mask(batch.image_positions, cfg.seq_len)
+        span = bidirectional_span(batch.image_positions, batch.task, cfg.seq_len)
         h, token_bal, seq_bal = self.hidden(
             batch.input_ids,
             batch.valid,
             batch.task,
             span=span,
-            route_mask=self.route_mask(batch.valid, batch.task, span),
+            route_mask=self.route_mask(batch.valid, batch.task, span, batch.labels),
             features=self.batch_features(batch),
         )
         with self.backend_scope():
             mask_loss, score_loss = self._d3diff(h, batch)
             mmu = self._mmu(h, batch)
-        d3 = mask_loss + cfg.alpha * score_loss
+        d3 = cfg.mask_weight * mask_loss + cfg.alpha * score_loss
         total = mmu + d3 + token_bal.sum() + seq_bal.sum()
         return ModelOutput(total, mmu, d3, mask_loss, score_loss, token_bal, seq_bal)
 

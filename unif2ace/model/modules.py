@@ -1,8 +1,10 @@
 """The building blocks of a UniF²ace layer (docs/model.md §1, §3), readable top to bottom.
 
-    h = x + Attn(LN1(x))          omni-attention: causal text, bidirectional image span, pads never attended
-    h = h + TokenMoE_g(LN2(h))    per task group g: 1 shared expert + top-k of N routed experts
-    h = h + SeqMoE_g(LN3(h))      per task group g: one top-2 route per sequence over copy/zero/noise/CLIP/face
+    h = x + Attn(LN1(x))            omni-attention: causal text, bidirectional image span, pads never attended
+    h = h + TokenMoE_g(LN2(h))      per task group g: 1 shared expert + top-k of N routed experts
+    h = h + γ·SeqMoE_g(LN3(h))      per task group g: one top-2 route per sequence over copy/zero/noise/CLIP/face
+
+(the sequential layout; ``block_layout="parallel"`` is Phi's: attention and token MoE both read LN1(x)).
 
 Every hot spot calls :mod:`unif2ace.kernels` (gating, routed/shared expert MLPs, sequence gating),
 so whichever backend :func:`unif2ace.kernels.use_backend` selects is used.
@@ -24,10 +26,12 @@ __all__ = [
     "attention_mask",
     "omni_attention_mask",
     "image_span_mask",
+    "bidirectional_span",
     "rotary_tables",
     "KVCache",
     "Attention",
     "TokenMoE",
+    "ResamplerLayer",
     "PerceiverResampler",
     "FeatureExpert",
     "SequenceMoE",
@@ -45,20 +49,24 @@ def attention_mask(q_pos: Tensor, q_span: Tensor, k_valid: Tensor, k_span: Tenso
     """Boolean SDPA mask ``[B, 1, Tq, Tk]`` (True = may attend) for keys at positions ``0..Tk-1``.
 
     Query at position p (``q_pos [B, Tq]``) sees key k iff the key is not padding and either
-    ``k <= p`` (causal) or both lie in the sequence's bidirectional image span
-    (``q_span [B, Tq]``, ``k_span [B, Tk]``: <|soi|> image... <|eoi|>).
+    ``k <= p`` (causal) or both lie in the sequence's bidirectional span (``q_span [B, Tq]``,
+    ``k_span [B, Tk]``, see :func:`bidirectional_span`); and every query sees its own key (a pad
+    row, never attended, then has a defined output).
     """
     k_pos = torch.arange(k_valid.shape[1], device=k_valid.device)
     causal = k_pos[None, None, :] <= q_pos[:, :, None]
     bidir = q_span[:, :, None] & k_span[:, None, :]
-    return (k_valid[:, None, :] & (causal | bidir))[:, None]
+    # every row also sees its own key: a pad row before any valid token (T2I's leading pads) would
+    # otherwise see nothing, and SDPA would return NaN there (which no valid row ever reads)
+    own = k_pos[None, None, :] == q_pos[:, :, None]
+    return ((k_valid[:, None, :] & (causal | bidir)) | own)[:, None]
 
 
 def omni_attention_mask(valid: Tensor, span: Tensor) -> Tensor:
     """``[B, 1, S, S]`` omni-attention mask of whole sequences (``valid``, ``span``: ``[B, S]`` bool).
 
     T2I (image span last): caption rows causal, image rows see every non-pad position.
-    MMU (image span first): image prefix bidirectional, text after it causal.
+    MMU (span = <|mmu|> + image prefix): prefix bidirectional, text after it causal.
     """
     pos = torch.arange(valid.shape[1], device=valid.device).expand(valid.shape[0], -1)
     return attention_mask(pos, span, valid, span)
@@ -70,6 +78,18 @@ def image_span_mask(image_positions: Tensor, seq_len: int) -> Tensor:
     lo = image_positions[:, :1] - 1
     hi = image_positions[:, -1:] + 1
     return (pos >= lo) & (pos <= hi)
+
+
+def bidirectional_span(image_positions: Tensor, task: Tensor, seq_len: int) -> Tensor:
+    """``[B, seq_len]`` bool, the bidirectional span of each sequence (Show-o's masks).
+
+    T2I (task 0): <|soi|> image... <|eoi|> (:func:`image_span_mask`). MMU (task 1): the whole
+    prefix from position 0 (<|mmu|>) to <|eoi|>, so the task token sees the image too.
+    """
+    span = image_span_mask(image_positions, seq_len)
+    pos = torch.arange(seq_len, device=image_positions.device)
+    prefix = pos <= image_positions[:, -1:] + 1
+    return torch.where((task == 1)[:, None], prefix, span)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,58 +238,117 @@ class TokenMoE(nn.Module):
 # sequence-level grouped MoE
 
 
-class PerceiverResampler(nn.Module):
-    """Learned queries cross-attend to projected features, then project to the model width.
+class ResamplerLayer(nn.Module):
+    """One Perceiver layer (IP-Adapter / InstantID ``Resampler``): the queries cross-attend to the
+    features, then a pre-LN FFN; both residual. With ``attend_self`` the queries also attend to each
+    other (keys/values = features + queries, as IP-Adapter does), which keeps a layer expressive even
+    over few feature tokens; per-position queries must not (that would mix sequence positions)."""
 
-    mode "pooled": ``[B, Nf, in_dim] -> [B, 1, D]`` (queries mean-pooled, broadcast to every
-    position); mode "per_position": the tokens themselves are the queries, ``-> [B, S, D]``.
+    def __init__(self, dim: int, heads: int, ff_mult: int, attend_self: bool):
+        super().__init__()
+        self.heads, self.attend_self = heads, attend_self
+        self.norm_feats = nn.LayerNorm(dim)
+        self.norm_q = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+        self.ff = nn.Sequential(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, ff_mult * dim, bias=False),
+            nn.GELU(),
+            nn.Linear(ff_mult * dim, dim, bias=False),
+        )
+
+    def forward(self, feats: Tensor, q: Tensor) -> Tensor:
+        B, Tq, dim = q.shape
+        f, qn = self.norm_feats(feats), self.norm_q(q)
+        kv_in = torch.cat((f, qn), dim=1) if self.attend_self else f
+
+        def heads(t):
+            return t.view(B, t.shape[1], self.heads, dim // self.heads).transpose(1, 2)
+
+        k, v = self.to_kv(kv_in).chunk(2, dim=-1)
+        y = F.scaled_dot_product_attention(heads(self.to_q(qn)), heads(k), heads(v))
+        q = q + self.to_out(y.transpose(1, 2).reshape(B, Tq, dim))
+        return q + self.ff(q)
+
+
+class PerceiverResampler(nn.Module):
+    """S(f): ``depth`` Perceiver layers (:class:`ResamplerLayer`) of queries over projected features,
+    then a projection to the model width and a LayerNorm (the IP-Adapter / InstantID resampler).
+
+    Features ``[B, Nf, in_dim]``, or with ``in_tokens > 0`` one vector ``[B, in_dim]`` projected to
+    ``in_tokens`` feature tokens (the face embedding: a single key would reduce cross-attention to
+    an affine map). mode "pooled": learned queries, mean-pooled to ``[B, 1, D]`` and broadcast to
+    every position; mode "per_position": the tokens themselves are the queries, ``-> [B, S, D]``.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, dim: int, num_queries: int, heads: int, mode: str):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        dim: int,
+        num_queries: int,
+        heads: int,
+        mode: str,
+        depth: int = 1,
+        ff_mult: int = 4,
+        in_tokens: int = 0,
+    ):
         super().__init__()
-        self.mode, self.heads = mode, heads
-        self.proj_in = nn.Linear(in_dim, dim)
-        self.norm_kv = nn.LayerNorm(dim)
+        self.mode, self.in_tokens, self.dim = mode, in_tokens, dim
+        self.proj_in = nn.Linear(in_dim, max(in_tokens, 1) * dim)
         if mode == "pooled":
             self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
         else:
             self.query_proj = nn.Linear(out_dim, dim)
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.layers = nn.ModuleList(ResamplerLayer(dim, heads, ff_mult, mode == "pooled") for _ in range(depth))
         self.proj_out = nn.Linear(dim, out_dim)
         self.norm_out = nn.LayerNorm(out_dim)
 
     def forward(self, feats: Tensor, x: Tensor) -> Tensor:
         B = feats.shape[0]
-        kv = self.norm_kv(self.proj_in(feats.to(x.dtype)))
-        q_in = self.queries.expand(B, -1, -1) if self.mode == "pooled" else self.query_proj(x)
-        dim = kv.shape[-1]
-
-        def heads(t):
-            return t.view(B, t.shape[1], self.heads, dim // self.heads).transpose(1, 2)
-
-        k, v = self.to_kv(kv).chunk(2, dim=-1)
-        y = F.scaled_dot_product_attention(heads(self.to_q(q_in)), heads(k), heads(v))
-        y = self.norm_out(self.proj_out(y.transpose(1, 2).reshape(B, -1, dim)))
+        f = self.proj_in(feats.to(x.dtype))
+        if self.in_tokens:
+            f = f.view(B, self.in_tokens, self.dim)
+        q = self.queries.expand(B, -1, -1) if self.mode == "pooled" else self.query_proj(x)
+        for layer in self.layers:
+            q = layer(f, q)
+        y = self.norm_out(self.proj_out(q))
         return y.mean(dim=1, keepdim=True) if self.mode == "pooled" else y
 
 
 class FeatureExpert(nn.Module):
     """MoE++ constant expert with the constant replaced by resampled features:
-    ``E(x) = w0·x + w1·S(f)``, ``[w0, w1] = softmax(W x)`` per token. Missing features -> S(f) = 0."""
+    ``E(x) = w0·x + w1·S(f)``, ``[w0, w1] = softmax(W x)`` per token.
 
-    def __init__(self, cfg: UniF2aceConfig, in_dim: int):
+    Missing features, one rule: a sample whose features are all zero (what :func:`collate` fills
+    for samples without them), or ``feats=None`` (the whole batch), has ``S(f) = 0`` exactly, so
+    ``E(x) = w0·x`` whatever the weights have learned.
+    """
+
+    def __init__(self, cfg: UniF2aceConfig, in_dim: int, in_tokens: int = 0):
         super().__init__()
         self.mix = nn.Linear(cfg.hidden_size, 2, bias=False)
         self.resampler = PerceiverResampler(
-            in_dim, cfg.hidden_size, cfg.resampler_dim, cfg.resampler_queries, cfg.resampler_heads, cfg.resampler_mode
+            in_dim,
+            cfg.hidden_size,
+            cfg.resampler_dim,
+            cfg.resampler_queries,
+            cfg.resampler_heads,
+            cfg.resampler_mode,
+            depth=cfg.resampler_depth,
+            ff_mult=cfg.resampler_ff_mult,
+            in_tokens=in_tokens,
         )
 
     def forward(self, x: Tensor, feats: Optional[Tensor]) -> Tensor:
         w = torch.softmax(self.mix(x).float(), dim=-1).to(x.dtype)
         out = w[..., :1] * x
         if feats is not None:
-            out = out + w[..., 1:] * self.resampler(feats, x)
+            present = feats.reshape(feats.shape[0], -1).ne(0).any(dim=1)[:, None, None]
+            s = torch.where(present, self.resampler(feats, x), 0.0)
+            out = out + w[..., 1:] * s
         return out
 
 
@@ -290,8 +369,9 @@ class SequenceMoE(nn.Module):
         nn.init.normal_(self.router.weight, std=0.02)
         nn.init.zeros_(self.router.bias)
         dims = {"clip": cfg.clip_dim, "face": cfg.face_dim, "noise": cfg.noise_dim}
+        tokens = {"face": cfg.face_tokens}  # one embedding vector -> face_tokens feature tokens
         self.experts = nn.ModuleDict(
-            {str(e): FeatureExpert(cfg, dims[k]) for e, k in enumerate(self.kinds) if k in dims}
+            {str(e): FeatureExpert(cfg, dims[k], tokens.get(k, 0)) for e, k in enumerate(self.kinds) if k in dims}
         )
 
     def route(self, x: Tensor, route_mask: Tensor, group: Tensor):
@@ -327,8 +407,13 @@ class SequenceMoE(nn.Module):
 
 
 class Block(nn.Module):
-    """``h = x + Attn(LN1 x); h = h + TokenMoE(LN2 h); h = h + SeqMoE(LN3 h)`` (sequential layout) or
-    ``h = x + Attn(a) + TokenMoE(a) + SeqMoE(a), a = LN1 x`` (parallel, Phi's own layout)."""
+    """One layer; ``γ`` (``seq_gain``, per channel, 1 at init; 0 in a freshly imported model) scales the
+    sequence MoE's residual branch.
+
+    sequential (the paper's figure): ``h = x + Attn(LN1 x); h = h + TokenMoE(LN2 h); h = h + γ·SeqMoE(LN3 h)``
+    parallel (Phi's block; attention and MLP read the same LN1 x, the sequence MoE follows):
+    ``h = x + Attn(a) + TokenMoE(a), a = LN1 x; h = h + γ·SeqMoE(LN3 h)``
+    """
 
     def __init__(self, cfg: UniF2aceConfig, index: int):
         super().__init__()
@@ -336,14 +421,13 @@ class Block(nn.Module):
         D, eps = cfg.hidden_size, cfg.layer_norm_eps
         self.ln1 = nn.LayerNorm(D, eps=eps)
         self.attn = Attention(cfg)
-        sequential = cfg.block_layout == "sequential"
-        if sequential:
+        if cfg.block_layout == "sequential":
             self.ln2 = nn.LayerNorm(D, eps=eps)
         self.token_moe = TokenMoE(cfg)
         if cfg.seq_moe:
-            if sequential:
-                self.ln3 = nn.LayerNorm(D, eps=eps)
+            self.ln3 = nn.LayerNorm(D, eps=eps)
             self.seq_moe = SequenceMoE(cfg)
+            self.seq_gain = nn.Parameter(torch.ones(D))
 
     def _token_moe(self, a: Tensor, ctx: "BlockContext") -> Tuple[Tensor, Tensor]:
         # only non-pad tokens are routed (pads would skew the balance statistics); pads get 0
@@ -379,15 +463,15 @@ class Block(nn.Module):
         if self.cfg.block_layout == "parallel":
             a = self.ln1(x)
             t, tb = self._token_moe(a, ctx)
-            s, sb = self._seq_moe(a, ctx) if self.cfg.seq_moe else (0, zero)
-            return x + attn(a) + t + s, tb, sb
-        h = x + attn(self.ln1(x))
-        t, tb = self._token_moe(self.ln2(h), ctx)
-        h = h + t
+            h = x + attn(a) + t
+        else:
+            h = x + attn(self.ln1(x))
+            t, tb = self._token_moe(self.ln2(h), ctx)
+            h = h + t
         if not self.cfg.seq_moe:
             return h, tb, zero
         s, sb = self._seq_moe(self.ln3(h), ctx)
-        return h + s, tb, sb
+        return h + self.seq_gain.to(s.dtype) * s, tb, sb
 
 
 class BlockContext:

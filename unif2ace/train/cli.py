@@ -20,7 +20,7 @@ def add_subcommands(sub) -> None:
         "is refused unless --resume continues the run in it or --overwrite replaces it.",
     )
     p.add_argument("--config", help="JSON file with TrainConfig fields (command-line flags override it)")
-    p.add_argument("--preset", help="model preset: tiny | small | paper")
+    p.add_argument("--preset", help="model preset: tiny | small | paper | showo")
     p.add_argument(
         "--model",
         help="JSON object of UniF2aceConfig overrides, merged into the config's overrides "

@@ -90,7 +90,8 @@ def make_batch(mcfg, samples, keys: List[int], device) -> Batch:
     out = {}
     for f in fields(Batch):
         vals = [getattr(p, f.name) for p in parts]
-        out[f.name] = None if any(v is None for v in vals) else torch.cat(vals)
+        have = next((v for v in vals if v is not None), None)  # optional features: zeros = missing
+        out[f.name] = None if have is None else torch.cat([torch.zeros_like(have) if v is None else v for v in vals])
     return Batch(**out).to(device)
 
 
