@@ -426,14 +426,11 @@ def test_cuda_raw_ops_check_their_inputs(backend, dev):
         ops.lse_gather(x, t.int(), -100)
     with pytest.raises(RuntimeError, match="logits must be float32, float16 or bfloat16"):
         ops.lse_gather(x.double(), t, -100)
-    lse = torch.zeros(4, device=dev)
+    v = torch.zeros(4, device=dev)
     with pytest.raises(RuntimeError, match="must be fp32 \\[N\\]"):
-        ops.lse_gather_backward(x, t, lse[:2], lse, lse, -100)
+        ops.lse_gather_backward(x, t, v, v[:2], v, v, -100)
     with pytest.raises(RuntimeError, match="must be fp32 \\[N\\]"):
-        ops.lse_gather_backward(x, t, lse, lse.to(elsewhere), lse, -100)
-
-
-NAN_CONTRACT = pytest.mark.xfail(reason="NaN contract: issue 18", strict=False)
+        ops.lse_gather_backward(x, t, v, v, v.to(elsewhere), v, -100)
 
 
 @pytest.mark.parametrize("backend", CUDA)
@@ -442,39 +439,55 @@ NAN_CONTRACT = pytest.mark.xfail(reason="NaN contract: issue 18", strict=False)
     "case",
     [
         "nan",
+        "nan_among_neg_inf",
         "neg_inf_entries",
+        "neg_inf_leading_columns",
         "neg_inf_row",
-        pytest.param("pos_inf_entry", marks=NAN_CONTRACT),  # rows: lse NaN (inf - inf), the reference inf
-        pytest.param("pos_inf_row", marks=NAN_CONTRACT),
+        "pos_inf_entry",
+        "pos_inf_row",
     ],
 )
 def test_cuda_row_kernels_nonfinite_logits(backend, dev, V, case):
+    """The raw row statistics follow the NaN/inf contract (docs/kernels.md §A): the CE formed from
+    them is -log_softmax[target] (NaN for a row with NaN, +inf or nothing above -inf; +inf for a
+    -inf target), and the gradient is softmax + one-hot with whole NaN rows where log_softmax has
+    them."""
+    from unif2ace.kernels._custom_ops.d3diff import RowStats
+
     N = 6
     x = randn(N, V, device=dev)
     t = torch.tensor([1, 2, 3, 4, -100, 5], device=dev)
     if case == "nan":
         x[0, 7] = float("nan")
         x[1, 2] = float("nan")  # at the target
+    elif case == "nan_among_neg_inf":  # a lane whose values are all -inf or NaN: fmaxf skips the NaN
+        x[0, :] = float("-inf")
+        x[0, 7] = float("nan")
+        x[0, 1] = 0.5
     elif case == "neg_inf_entries":
         x[0, :50] = float("-inf")
         x[1, 2] = float("-inf")  # at the target
+    elif case == "neg_inf_leading_columns":  # a vocabulary mask: every lane's first values -inf
+        x[:, : V - 8] = float("-inf")
+        t[:4] = V - 3
     elif case == "neg_inf_row":
         x[0, :] = float("-inf")
     elif case == "pos_inf_entry":
         x[0, 7] = float("inf")
     else:
         x[0, :] = float("inf")
+    x[4] = float("nan")  # the ignored row is never read
     ops = _ext.cuda_ops()
-    lse, tgt = ops.lse_gather(x, t, -100)
+    stats = RowStats(*ops.lse_gather(x, t, -100))
     valid = t != -100
     zero = torch.zeros((), device=dev)
-    want_lse = torch.where(valid, torch.logsumexp(x, 1), zero)
-    want_tgt = torch.where(valid, x.gather(1, t.clamp_min(0)[:, None]).squeeze(1), zero)
-    torch.testing.assert_close(lse, want_lse, equal_nan=True)
-    torch.testing.assert_close(tgt, want_tgt, equal_nan=True)
+    logp = torch.log_softmax(torch.where(valid[:, None], x, zero), 1)
+    want_ce = torch.where(valid, -logp.gather(1, t.clamp_min(0)[:, None]).squeeze(1), zero)
+    torch.testing.assert_close(torch.where(valid, stats.ce(), zero), want_ce, equal_nan=True)
+    assert (stats.row_max[4] == 0) and (stats.lse_rel[4] == 0) and (stats.tgt[4] == 0)
     gl, gt = torch.ones(N, device=dev), torch.ones(N, device=dev)
-    g = ops.lse_gather_backward(x, t, lse, gl, gt, -100)
-    want = torch.softmax(x, 1)
+    g = ops.lse_gather_backward(x, t, stats.row_max, stats.lse_rel, gl, gt, -100)
+    want = logp.exp()
     want[valid, t[valid]] += 1
     want[~valid] = 0
     torch.testing.assert_close(g, want, equal_nan=True)

@@ -21,7 +21,7 @@ import torch
 
 from unif2ace.kernels import d3diff_loss, d3diff_loss_from_logits
 from unif2ace.kernels._dispatch import backend_usable
-from unif2ace.testing import fwd_bwd_parity, randn
+from unif2ace.testing import cuda_emu, fwd_bwd_parity, randn
 
 CPU = torch.device("cpu")
 
@@ -43,12 +43,26 @@ def _on(backend, *values):
 
 
 BACKENDS = [_on("cpu"), _on("triton")]
+# d3diff_loss_from_logits also has the cuda row kernels: on the card (gpu) and emulated (cuda_emu)
+LOGITS_BACKENDS = BACKENDS + cuda_emu.cuda_backends()
+
+
+def _dev(backend):
+    return cuda_emu.device(backend)
+
+
+def _to(dev, *xs):
+    return [x.to(dev) for x in xs]
 
 
 def _schedule(N, B=2):
     return dict(
         sample_index=torch.arange(N) % B, mask_rate=torch.rand(B) * 0.8 + 0.1, mask_rate_deriv=torch.rand(B) + 0.1
     )
+
+
+def _schedule_on(dev, N, B=2):
+    return {k: v.to(dev) for k, v in _schedule(N, B).items()}
 
 
 def _parity(ref, fast, inputs, dtype, **kw):
@@ -60,6 +74,7 @@ def _parity(ref, fast, inputs, dtype, **kw):
 LOGIT_CASES = [
     "nan_masked_row",
     "nan_at_target",
+    "nan_among_neg_inf",
     "nan_and_inf_in_ignored_row",
     "neg_inf_vocabulary_mask",
     "neg_inf_at_target",
@@ -78,6 +93,9 @@ def _spoiled_logits(case, N, V, dtype):
         x[1, 3] = NAN
     elif case == "nan_at_target":
         x[1, t[1]] = NAN
+    elif case == "nan_among_neg_inf":  # NaN in a masked-vocabulary row: max-folds may skip it
+        x[1, : V - 4] = -INF
+        x[1, 3] = NAN
     elif case == "nan_and_inf_in_ignored_row":
         x[-1, ::2] = NAN
         x[-1, 1::2] = INF
@@ -92,15 +110,16 @@ def _spoiled_logits(case, N, V, dtype):
     return x.to(dtype), t
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOGITS_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", LOGIT_CASES)
 def test_from_logits_nan_inf_contract(backend, dtype, case):
-    # V = 5000: two vocabulary tiles of the Triton row kernel (4096 + 904), a mask covering the first
+    # V = 5000: two vocabulary tiles of the Triton row kernel (4096 + 904), a mask covering the
+    # first; CTA rows of the CUDA kernel
     V = 5000 if case == "neg_inf_vocabulary_mask" else 37
-    N = 6
-    x, t = _spoiled_logits(case, N, V, dtype)
-    for reduction, kw in (("none", _schedule(N)), ("mean", dict(alpha=0.0))):
+    N, dev = 6, _dev(backend)
+    x, t = _to(dev, *_spoiled_logits(case, N, V, dtype))
+    for reduction, kw in (("none", _schedule_on(dev, N)), ("mean", dict(alpha=0.0))):
         for par in ("posterior", "raw"):
 
             def run(be, par=par, reduction=reduction, kw=kw):
@@ -111,7 +130,7 @@ def test_from_logits_nan_inf_contract(backend, dtype, case):
             _parity(run("reference"), run(backend), [x.clone()], dtype)
     # ignored rows: exactly zero gradient, whatever they hold
     xx = x.clone().requires_grad_()
-    o = d3diff_loss_from_logits(xx, t, reduction="none", backend=backend, **_schedule(N))
+    o = d3diff_loss_from_logits(xx, t, reduction="none", backend=backend, **_schedule_on(dev, N))
     (g,) = torch.autograd.grad(o.loss.sum(), xx)
     assert (g[-1] == 0).all() and o.loss[-1] == 0
 
@@ -188,15 +207,17 @@ def test_fused_head_nan_inf_cpu_16bit_gemms(dtype, case, monkeypatch):
 # ------------------------------------------------------------------------------- large offsets
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOGITS_BACKENDS)
 @pytest.mark.parametrize("offset", [0.0, 1e3, 1e5, 1e6, 1e30])
 def test_large_common_offsets(backend, offset):
     """fp32 logits ℓ + offset: CE, the score term and the gradients as accurate as the reference's
     (which subtracts the row max before anything is rounded at the offset's scale)."""
     N, V, D = 7, 37, 16
+    dev = _dev(backend)
     x, t = randn(N, V, scale=2.0) + offset, torch.randint(0, V, (N,))
     t[-1] = -100
-    sched = _schedule(N)
+    x, t = _to(dev, x, t)
+    sched = _schedule_on(dev, N)
     for par in ("posterior", "radd"):
 
         def run(be, par=par):
@@ -205,6 +226,8 @@ def test_large_common_offsets(backend, offset):
             )
 
         _parity(run("reference"), run(backend), [x], torch.float32)
+    if backend == "cuda":
+        return
     # fused head: the offset rides in on the bias
     h, w, b = randn(N, D), randn(V, D, scale=0.3), randn(V) + offset
 
@@ -217,19 +240,23 @@ def test_large_common_offsets(backend, offset):
 # ---------------------------------------------------------------------- degenerate, layouts
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOGITS_BACKENDS)
 @pytest.mark.parametrize("N,V,D", [(0, 37, 8), (5, 1, 8), (5, 37, 1), (1, 2, 3)])
 def test_degenerate_shapes(backend, N, V, D):
+    dev = _dev(backend)
     t = torch.randint(0, V, (N,))
     if N > 1:
         t[-1] = -100
-    sched = _schedule(N) if N else dict(alpha=0.0)
+    t = t.to(dev)
+    sched = _schedule_on(dev, N) if N else dict(alpha=0.0)
     for reduction in ("mean", "none"):
 
         def logits_run(be, reduction=reduction):
             return lambda x: tuple(d3diff_loss_from_logits(x, t, backend=be, reduction=reduction, **sched))
 
-        _parity(logits_run("reference"), logits_run(backend), [randn(N, V)], torch.float32)
+        _parity(logits_run("reference"), logits_run(backend), _to(dev, randn(N, V)), torch.float32)
+        if backend == "cuda":
+            continue
 
         def head_run(be, reduction=reduction):
             return lambda h, w, b: tuple(d3diff_loss(h, w, t, bias=b, backend=be, reduction=reduction, **sched))
@@ -237,20 +264,22 @@ def test_degenerate_shapes(backend, N, V, D):
         _parity(head_run("reference"), head_run(backend), [randn(N, D), randn(V, D), randn(V)], torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOGITS_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_noncontiguous_layouts(backend, dtype):
     """Transposed logits / hidden / weight, a strided bias and a strided target."""
     N, V, D = 9, 37, 16
-    t = torch.randint(0, V, (2 * N,))[::2]
+    dev = _dev(backend)
+    t = torch.randint(0, V, (2 * N,)).to(dev)[::2]
     t[3] = -100
-    sched = _schedule(N)
+    sched = _schedule_on(dev, N)
 
     def logits_run(be):
         return lambda xt: tuple(d3diff_loss_from_logits(xt.t(), t, backend=be, reduction="none", **sched))
 
-    _parity(logits_run("reference"), logits_run(backend), [randn(V, N, dtype=dtype)], dtype)
-
+    _parity(logits_run("reference"), logits_run(backend), _to(dev, randn(V, N, dtype=dtype)), dtype)
+    if backend == "cuda":
+        return
     for reduction in ("none", "mean"):
 
         def head_run(be, reduction=reduction):
@@ -269,19 +298,24 @@ def _custom_op_calls(backend):
     """(name, op, args) for every custom op of the family, on non-contiguous inputs."""
     ops = torch.ops.unif2ace
     N, V, D = 6, 37, 8
-    x = randn(V, N).t()  # [N, V], column stride N
+    dev = _dev(backend)
+    x = randn(V, N, device=dev).t()  # [N, V], column stride N
     h, w = randn(D, N).t(), randn(D, V, scale=0.3).t()
     b = randn(2 * V)[::2]
-    t = torch.randint(0, V, (2 * N,))[::2]
+    t = torch.randint(0, V, (2 * N,), device=dev)[::2]
     t[2] = -100
     stats = ops.lse_gather(x, t, -100, backend)
-    row = [randn(2 * N)[::2] for _ in range(2)]  # strided upstream gradients
+    row = [randn(2 * N, device=dev)[::2] for _ in range(2)]  # strided upstream gradients
+    logits_calls = [
+        ("lse_gather", ops.lse_gather, (x, t, -100, backend)),
+        ("lse_gather_backward", ops.lse_gather_backward, (x, t, stats[0], stats[1], *row, -100, backend)),
+    ]
+    if backend == "cuda":
+        return logits_calls
     hstats = ops.head_lse_gather(h, w, b, t, -100, backend)
     g = (randn(N, D), randn(V, D), randn(V))
     sched = (torch.arange(N) % 2, torch.tensor([0.3, 0.7]), torch.tensor([1.0, 0.5]))
-    calls = [
-        ("lse_gather", ops.lse_gather, (x, t, -100, backend)),
-        ("lse_gather_backward", ops.lse_gather_backward, (x, t, stats[0], stats[1], *row, -100, backend)),
+    calls = logits_calls + [
         ("head_lse_gather", ops.head_lse_gather, (h, w, b, t, -100, backend)),
         ("head_lse_gather_backward", ops.head_lse_gather_backward, (h, w, b, t, *hstats[:2], *row, -100, backend)),
         ("head_grad_anchor", ops.head_grad_anchor, (h, w, b, *g)),
@@ -293,7 +327,7 @@ def _custom_op_calls(backend):
     return calls
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOGITS_BACKENDS)
 def test_custom_ops_fake_strides_match_real(backend):
     """Every custom op of the family: the fake implementation's outputs have the real outputs'
     shapes, dtypes and strides on non-contiguous inputs (a mismatch breaks compiled graphs)."""
