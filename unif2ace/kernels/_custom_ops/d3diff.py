@@ -210,9 +210,9 @@ def _grads_or_zeros(like: Tensor, grad_lse: Optional[Tensor], grad_tgt: Optional
     return f32(grad_lse), f32(grad_tgt)
 
 
-def _f32_rows(x: Tensor, n: int) -> Tensor:
-    """Fake of a kernel's fp32 [n] output (contiguous, whatever the input layout)."""
-    return x.new_empty(n, dtype=torch.float32)
+def _row_stats_like(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Fake of the kernels' :class:`RowStats`: three fp32 [N] for an [N, ·] input."""
+    return tuple(x.new_empty(x.shape[0], dtype=torch.float32) for _ in range(3))
 
 
 def _contiguous_like(x: Tensor) -> Tensor:
@@ -241,8 +241,7 @@ def _lse_gather_op(logits: Tensor, target: Tensor, ignore_index: int, backend: s
 
 @_lse_gather_op.register_fake
 def _(logits, target, ignore_index, backend):
-    n = logits.shape[0]
-    return _f32_rows(logits, n), _f32_rows(logits, n), _f32_rows(logits, n)
+    return _row_stats_like(logits)
 
 
 @torch.library.custom_op("unif2ace::lse_gather_backward", mutates_args=())
@@ -300,8 +299,7 @@ def _head_lse_gather_op(
 
 @_head_lse_gather_op.register_fake
 def _(hidden, weight, bias, target, ignore_index, backend):
-    n = hidden.shape[0]
-    return _f32_rows(hidden, n), _f32_rows(hidden, n), _f32_rows(hidden, n)
+    return _row_stats_like(hidden)
 
 
 @torch.library.custom_op("unif2ace::head_lse_gather_backward", mutates_args=())
@@ -406,14 +404,11 @@ def _(hidden, weight, bias, target, *rest):
     need_hidden, need_weight = rest[-3], rest[-2]
     n, D = hidden.shape
     V = weight.shape[0]
-    f32 = dict(dtype=torch.float32)
     return (
-        hidden.new_empty(n, **f32),
-        hidden.new_empty(n, **f32),
-        hidden.new_empty(n, **f32),
+        *_row_stats_like(hidden),
         hidden.new_empty(n if need_hidden else 0, D),
         weight.new_empty(V if need_weight else 0, D),
-        bias.new_empty(V) if bias is not None else hidden.new_empty(0, **f32),
+        bias.new_empty(V) if bias is not None else hidden.new_empty(0, dtype=torch.float32),
     )
 
 
