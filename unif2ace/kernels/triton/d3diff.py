@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import Launch, launch
+
 __all__ = ["lse_gather", "lse_gather_backward", "block_v", "online_lse_step"]
 
 MAX_BLOCK_V = 4096
@@ -129,6 +131,40 @@ def _rows(logits: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, tor
     return (logits if logits.stride(-1) == 1 else logits.contiguous()), target.contiguous()
 
 
+def _plan_fwd(logits, target, stats, ignore_index) -> Launch:
+    N, V = logits.shape
+    blk = block_v(V)
+    return Launch(
+        _lse_gather_fwd_kernel,
+        (N,),
+        (logits, target, *stats, V, logits.stride(0), int(ignore_index)),
+        dict(BLOCK_V=blk),
+        dict(num_warps=_num_warps(blk)),
+    )
+
+
+def _plan_bwd(logits, target, row_vectors, grad, ignore_index) -> Launch:
+    """``row_vectors``: (row_max, lse_rel, grad_lse, grad_tgt), fp32 [N]."""
+    N, V = logits.shape
+    blk = block_v(V)
+    return Launch(
+        _lse_gather_bwd_kernel,
+        (N,),
+        (
+            logits,
+            target,
+            *(v.contiguous() for v in row_vectors),
+            grad,
+            V,
+            logits.stride(0),
+            grad.stride(0),
+            int(ignore_index),
+        ),
+        dict(BLOCK_V=blk),
+        dict(num_warps=_num_warps(blk)),
+    )
+
+
 def lse_gather(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -145,19 +181,7 @@ def lse_gather(
     mx, lse_rel, tgt = out
     if N == 0:
         return mx, lse_rel, tgt
-    blk = block_v(V)
-    _lse_gather_fwd_kernel[(N,)](
-        logits,
-        target,
-        mx,
-        lse_rel,
-        tgt,
-        V,
-        logits.stride(0),
-        int(ignore_index),
-        BLOCK_V=blk,
-        num_warps=_num_warps(blk),
-    )
+    launch(_plan_fwd(logits, target, (mx, lse_rel, tgt), ignore_index))
     return mx, lse_rel, tgt
 
 
@@ -178,20 +202,5 @@ def lse_gather_backward(
     grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device) if grad_out is None else grad_out
     if N == 0 or V == 0:
         return grad
-    blk = block_v(V)
-    _lse_gather_bwd_kernel[(N,)](
-        logits,
-        target,
-        row_max.contiguous(),
-        lse_rel.contiguous(),
-        grad_lse.contiguous(),
-        grad_tgt.contiguous(),
-        grad,
-        V,
-        logits.stride(0),
-        grad.stride(0),
-        int(ignore_index),
-        BLOCK_V=blk,
-        num_warps=_num_warps(blk),
-    )
+    launch(_plan_bwd(logits, target, (row_max, lse_rel, grad_lse, grad_tgt), grad, ignore_index))
     return grad

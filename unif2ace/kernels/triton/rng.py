@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._launch import Launch, launch
+
 __all__ = ["mix32", "row_key", "row_keys", "element", "gumbel", "gumbel_from_words"]
 
 
@@ -84,5 +86,6 @@ def gumbel_from_words(hi: Tensor, lo: Tensor) -> Tensor:
     out = torch.empty(hi.numel(), dtype=torch.float32, device=hi.device)
     if hi.numel():
         blk = 1024
-        _gumbel_words_kernel[(triton.cdiv(hi.numel(), blk),)](hi, lo, out, hi.numel(), BLOCK=blk)
+        grid = (triton.cdiv(hi.numel(), blk),)
+        launch(Launch(_gumbel_words_kernel, grid, (hi, lo, out, hi.numel()), dict(BLOCK=blk)))
     return out

@@ -39,6 +39,7 @@ import triton.language as tl
 
 from ..cuda import sampling as _host
 from ..reference import sampling as _ref
+from ._launch import Launch, launch
 from .rng import element, gumbel, row_keys
 
 __all__ = ["masked_sample_step", "ar_sample", "MAX_L", "MAX_BLOCK_V"]
@@ -283,51 +284,25 @@ def masked_sample_step(cond_logits, tokens, is_masked, uncond_logits, sample_ids
         return _host.remask_in_torch(conf, sampled, tokens, is_masked, p)
     x = _host.masked_step_inputs(cond_logits, tokens, is_masked, uncond_logits, sample_ids, p)
     blk = block_v(V)
-    _masked_step_kernel[(rows,)](
-        x.cond,
-        x.unc if x.unc is not None else x.cond,
-        x.tokens,
-        x.is_masked,
-        x.sample_ids,
-        x.keys,
-        x.thr if x.thr is not None else conf,
-        sampled,
-        conf,
-        L,
-        V,
-        x.cond.stride(0),
-        x.unc.stride(0) if x.unc is not None else 0,
-        x.a,
-        x.s,
-        x.temperature,
-        x.tau,
+    args = (x.cond, x.unc if x.unc is not None else x.cond, x.tokens, x.is_masked, x.sample_ids, x.keys)
+    args += (x.thr if x.thr is not None else conf, sampled, conf, L, V)
+    args += (x.cond.stride(0), x.unc.stride(0) if x.unc is not None else 0, x.a, x.s, x.temperature, x.tau)
+    constexprs = dict(
         HAS_UNC=x.unc is not None,
         HAS_THR=x.thr is not None,
         GREEDY=p.temperature == 0,
         HAS_NOISE=p.tau != 0.0,
         BLOCK_V=blk,
-        num_warps=_num_warps(blk),
     )
+    launch(Launch(_masked_step_kernel, (rows,), args, constexprs, dict(num_warps=_num_warps(blk))))
     if L > MAX_L:
         return _host.remask_in_torch(conf, sampled, tokens, is_masked, p)
     tok_out = torch.empty(B, L, dtype=torch.int64, device=conf.device)
     new_mask = torch.empty(B, L, dtype=torch.bool, device=conf.device)
     smp_out = torch.empty(B, L, dtype=torch.int64, device=conf.device)
-    _remask_kernel[(B,)](
-        conf,
-        x.is_masked,
-        x.tokens,
-        sampled,
-        tok_out,
-        new_mask,
-        smp_out,
-        L,
-        p.n_cap,
-        int(p.mask_token_id),
-        LAST=p.last,
-        BLOCK_L=max(16, triton.next_power_of_2(L)),
-        num_warps=4,
-    )
+    args = (conf, x.is_masked, x.tokens, sampled, tok_out, new_mask, smp_out, L, p.n_cap, int(p.mask_token_id))
+    constexprs = dict(LAST=p.last, BLOCK_L=max(16, triton.next_power_of_2(L)))
+    launch(Launch(_remask_kernel, (B,), args, constexprs, dict(num_warps=4)))
     return _ref.MaskedStepOutput(tok_out, new_mask, smp_out, conf)
 
 
@@ -340,20 +315,8 @@ def ar_sample(logits, *, seed, position, temperature=1.0, top_k=None, top_p=None
         return _ref.ARSample(tokens, logprobs)
     x = _host.ar_inputs(logits, seed, position, temperature, top_k, top_p, sample_ids)
     blk = block_v(V)
-    _ar_kernel[(B,)](
-        x.logits,
-        x.sample_ids,
-        x.positions,
-        x.keys,
-        x.thr if x.thr is not None else logprobs,
-        tokens,
-        logprobs,
-        V,
-        x.logits.stride(0),
-        x.temperature,
-        HAS_THR=x.thr is not None,
-        GREEDY=x.greedy,
-        BLOCK_V=blk,
-        num_warps=_num_warps(blk),
-    )
+    args = (x.logits, x.sample_ids, x.positions, x.keys, x.thr if x.thr is not None else logprobs, tokens, logprobs)
+    args += (V, x.logits.stride(0), x.temperature)
+    constexprs = dict(HAS_THR=x.thr is not None, GREEDY=x.greedy, BLOCK_V=blk)
+    launch(Launch(_ar_kernel, (B,), args, constexprs, dict(num_warps=_num_warps(blk))))
     return _ref.ARSample(tokens, logprobs)
