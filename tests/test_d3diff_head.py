@@ -303,11 +303,15 @@ def _ref_parts(h, w, b, t):
 @pytest.mark.parametrize("cfg", ["multi", "multi_small"])
 @pytest.mark.parametrize("det", [True, False])
 def test_ignored_rows_are_skipped_and_every_output_written(backend, dev, cfg, det):
-    """Logit-tile counts follow the number of rows that carry loss, not N; hand-counted."""
+    """Logit-tile counts follow the number of rows that carry loss, not N; hand-counted. The dW
+    kernel shares the row blocks that carry loss (from the device count) evenly among its row
+    splits, whose number is planned for all N rows (counted per split)."""
     k, cfg = _triton(), _config(cfg)
     N, D, V = 100, 64, 333
     h, w, b = _inputs(N, D, V)
     n_tiles = -(-V // cfg.block_v)
+    S_w, _ = k._split(-(-N // cfg.block_m), n_tiles, cfg, dev)
+    assert S_w > 1
     for n_valid in (0, 1, 17, 40, 100):
         t = torch.full((N,), -100)
         keep = torch.randperm(N)[:n_valid]
@@ -323,12 +327,16 @@ def test_ignored_rows_are_skipped_and_every_output_written(backend, dev, cfg, de
             assert_close(x, x_r, name=name)
 
         gl, gt = randn(N, device=dev), randn(N, device=dev)
-        ctr.zero_()
+        ctr = torch.zeros(1 + S_w, dtype=torch.int32, device=dev)
         gh, gw, gb = k.head_lse_gather_backward(
             h, w, b, t, *stats[:2], gl, gt, -100, config=cfg, deterministic=det, debug_counter=ctr
         )
         per_pass = row_blocks * n_tiles
-        assert int(ctr) == (2 * per_pass if det else per_pass), f"backward: {int(ctr)} tiles for {n_valid} rows"
+        assert int(ctr[0]) == (2 * per_pass if det else per_pass), f"backward: {int(ctr[0])} tiles for {n_valid} rows"
+        if det:
+            per = -(-row_blocks // S_w)
+            want = [max(0, min(per, row_blocks - s * per)) * n_tiles for s in range(S_w)]
+            assert ctr[1:].tolist() == want, f"dW row splits for {n_valid} valid rows"
         for x, name in ((gh, "grad_hidden"), (gw, "grad_weight"), (gb, "grad_bias")):
             assert_all_written(x, name)
         g = gl[:, None] * torch.softmax(logits, 1)
@@ -474,9 +482,10 @@ def test_registration_and_selection(backend, dev):
     assert "triton" in d3mod.OP_HEAD.backends
     assert d3mod.OP_HEAD.cuda_order[0] == "triton"
     assert d3mod.OP_HEAD.select(torch.device("cpu"), "triton") == "triton"
-    cfg = k.pick_config(torch.bfloat16, 2048, torch.device("cuda"))
-    assert cfg.block_m >= 16 and cfg.block_v >= 16 and cfg.block_k >= 16
-    assert k.pick_config(torch.float32, 64, torch.device("cpu")) is k.INTERPRETER_CONFIG
+    for kernel in k.KERNELS:
+        cfg = k.pick_config(kernel, torch.bfloat16, 2048, torch.device("cuda"))
+        assert cfg.block_m >= 16 and cfg.block_v >= 16 and cfg.block_k >= 16
+        assert k.pick_config(kernel, torch.float32, 64, torch.device("cpu")) is k.INTERPRETER_CONFIG
 
 
 # ----------------------------------------------------------------------------------- triton, GPU only
