@@ -41,7 +41,8 @@ def test_every_case_plans(recorded):
     expected |= {"_bwd_atomic_kernel", "_gating_fwd_kernel", "_gating_stats_kernel", "_gating_bwd_kernel"}
     expected |= {"_align_count_kernel", "_align_scan_kernel", "_align_blocks_kernel", "_align_scatter_kernel"}
     expected |= {"_mlp_up_kernel", "_gather_gemm_kernel", "_combine_kernel", "_mlp_bwd_act_kernel"}
-    expected |= {"_grouped_xty_kernel", "_masked_step_kernel", "_remask_kernel", "_ar_kernel", "_gumbel_words_kernel"}
+    expected |= {"_grouped_xty_kernel", "_masked_step_kernel", "_remask_kernel", "_gumbel_words_kernel"}
+    expected |= {"_ar_max_kernel", "_ar_sum_kernel", "_ar_pick_kernel"}
     assert kernels == expected
 
 
@@ -63,7 +64,7 @@ def test_no_kernel_is_launched_outside_launch():
         if f.name == "_launch.py":
             continue
         assert not re.search(r"\b_\w+_kernel\[", f.read_text()), f"{f.name} launches a kernel directly"
-    assert len(_launched_jit_kernels()) == 22
+    assert len(_launched_jit_kernels()) == 24
 
 
 def _configs(recorded, kernel):
@@ -235,6 +236,27 @@ def _result(**kw):
 )
 def test_rules(dtypes, result, rules):
     assert [v.rule for v in chk.violations(_spec(dtypes=dtypes), result)] == rules
+
+
+# PTX lines as the sampling kernels gave them before they were made bit-exact on the card (tl.exp,
+# an fp32 '/', FMA contraction on) and as they give them now (enable_fp_fusion=False, div_rn)
+_PTX_BEFORE = "\tex2.approx.f32 \t%r62, %r61;\n\tdiv.full.f32 \t%r65, %r63, %r64;\n\tfma.rn.f32 \t%r1, %r2, %r3, %r4;\n"
+_PTX_AFTER = "\tmul.rn.f32 \t%r1, %r2, %r3;\n\tdiv.rn.f32 \t%r5, %r6, %r7;\n\tcvt.rzi.s64.f32 \t%rd1, %r1;\n"
+
+
+def test_fp_exact_rule():
+    """Kernels of the bit-exact stems (sampling, rng) may not contain contractible or approximate
+    fp32 instructions: on the card they would round differently from the reference."""
+    before = chk.analyse_ptx(_PTX_BEFORE)["inexact_fp"]
+    assert before == {"ex2.approx.f32": 1, "div.full.f32": 1, "fma.rn.f32": 1}
+    assert chk.analyse_ptx(_PTX_AFTER)["inexact_fp"] == {}
+    assert chk.analyse_ptx("\tmul.f32 \t%r1, %r2, %r3;\n")["inexact_fp"] == {"mul.f32": 1}
+    for stem, rules in (("sampling", ["fp-exact"]), ("rng", ["fp-exact"]), ("d3diff", [])):
+        spec = _spec(dtypes=("fp32",))
+        for c in spec.cases:
+            c.stem = stem
+        assert [v.rule for v in chk.violations(spec, _result(inexact_fp=before))] == rules
+        assert chk.violations(spec, _result(inexact_fp={})) == []
 
 
 def test_known_violations_expected_stale_and_new():

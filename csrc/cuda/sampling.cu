@@ -1,7 +1,9 @@
 // Launchers for the sampling kernels (device code in sampling.cuh) and their registration as
 // torch.ops.unif2ace_cuda.masked_step_sample / masked_step_remask / ar_sample. The host-side
-// pre-passes (RNG keys, top-k / top-p thresholds, schedule count) are done in Python
-// (unif2ace/kernels/cuda/sampling.py, shared with the Triton backend). No host syncs.
+// pre-passes (RNG call keys, top-k / top-p thresholds, schedule count) are done in Python
+// (unif2ace/kernels/cuda/sampling.py, shared with the Triton backend); the call keys arrive as
+// scalar arguments (k_*: uint32 values), passed to the kernels by value. No host syncs, no
+// host-to-device copies.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Optional.h>
@@ -59,6 +61,20 @@ void check_arg(const at::Tensor& t, const char* op, const char* name, const at::
   TORCH_CHECK(t.is_contiguous(), op, " (cuda): '", name, "' must be contiguous");
 }
 
+// A stream's two call keys (uint32 values from the host).
+rng::KeyPair key_pair(const char* op, int64_t hi, int64_t lo) {
+  TORCH_CHECK(hi >= 0 && hi <= 0xFFFFFFFFll && lo >= 0 && lo <= 0xFFFFFFFFll, op,
+              " (cuda): the RNG call keys must be 32-bit words in [0, 2^32), got ", hi, " and ", lo);
+  return {static_cast<uint32_t>(hi), static_cast<uint32_t>(lo)};
+}
+
+// The fixed-point softmax of a V-code row (rng.h): kbias = 127 + K, inv = 2^-K.
+struct FixedScale {
+  int32_t kbias;
+  float inv;
+  explicit FixedScale(int64_t V) : kbias(127 + rng::sum_bits(V)), inv(rng::pow2_f32(-rng::sum_bits(V))) {}
+};
+
 template <typename F>
 void dispatch_float(at::ScalarType st, const char* op, F&& f) {
   switch (st) {
@@ -77,11 +93,10 @@ void dispatch_float(at::ScalarType st, const char* op, F&& f) {
 }
 
 // cond (and unc) [rows, V] with unit column stride; tokens / is_masked [B, L]
-std::tuple<at::Tensor, at::Tensor> masked_step_sample(const at::Tensor& cond, const c10::optional<at::Tensor>& unc,
-                                                      const at::Tensor& tokens, const at::Tensor& is_masked,
-                                                      const at::Tensor& sample_ids, const at::Tensor& keys,
-                                                      const c10::optional<at::Tensor>& thr, double a, double s,
-                                                      double temperature, double tau, bool greedy, bool has_noise) {
+std::tuple<at::Tensor, at::Tensor> masked_step_sample(
+    const at::Tensor& cond, const c10::optional<at::Tensor>& unc, const at::Tensor& tokens, const at::Tensor& is_masked,
+    const at::Tensor& sample_ids, const c10::optional<at::Tensor>& thr, double a, double s, double temperature,
+    double tau, bool greedy, bool has_noise, int64_t k_tok_hi, int64_t k_tok_lo, int64_t k_conf_hi, int64_t k_conf_lo) {
   const char* op = "masked_step_sample";
   const at::Device dev = check_rows(cond, op, "cond", "[rows, V]");
   const int64_t rows = cond.size(0), V = cond.size(1);
@@ -92,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> masked_step_sample(const at::Tensor& cond, co
   TORCH_CHECK(is_masked.sizes() == tokens.sizes(), op, " (cuda): 'is_masked' must be [B, L] = ", tokens.sizes(),
               ", got ", is_masked.sizes());
   check_arg(sample_ids, op, "sample_ids", dev, at::kLong, B);
-  check_arg(keys, op, "keys", dev, at::kLong, 4);
+  const rng::KeyPair k_token = key_pair(op, k_tok_hi, k_tok_lo), k_conf = key_pair(op, k_conf_hi, k_conf_lo);
   if (unc.has_value()) {
     TORCH_CHECK(unc->device() == dev && unc->sizes() == cond.sizes() && unc->stride(1) == 1 &&
                     unc->scalar_type() == cond.scalar_type(),
@@ -106,6 +121,7 @@ std::tuple<at::Tensor, at::Tensor> masked_step_sample(const at::Tensor& cond, co
   if (rows == 0) return {sampled, conf};
   cudaStream_t stream = current_stream();
   const bool i32 = tokens.scalar_type() == at::kInt;
+  const FixedScale fixed(V);
   dispatch_float(cond.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     const T* c = reinterpret_cast<const T*>(cond.const_data_ptr());
@@ -114,10 +130,10 @@ std::tuple<at::Tensor, at::Tensor> masked_step_sample(const at::Tensor& cond, co
     auto run = [&](auto kernel) {
       launch(kernel, static_cast<unsigned>(rows), kThreads, 0, stream, c, u, cond.stride(0), su,
              reinterpret_cast<const int64_t*>(tokens.const_data_ptr()), i32, is_masked.const_data_ptr<bool>(),
-             sample_ids.const_data_ptr<int64_t>(), keys.const_data_ptr<int64_t>(),
-             thr.has_value() ? thr->const_data_ptr<float>() : nullptr, L, V, static_cast<float>(a),
-             static_cast<float>(s), static_cast<float>(temperature), static_cast<float>(tau), greedy, has_noise,
-             sampled.mutable_data_ptr<int64_t>(), conf.mutable_data_ptr<float>());
+             sample_ids.const_data_ptr<int64_t>(), thr.has_value() ? thr->const_data_ptr<float>() : nullptr, L, V,
+             static_cast<float>(a), static_cast<float>(s), static_cast<float>(temperature), static_cast<float>(tau),
+             greedy, has_noise, k_token, k_conf, fixed.kbias, fixed.inv, sampled.mutable_data_ptr<int64_t>(),
+             conf.mutable_data_ptr<float>());
     };
     if (u != nullptr) {
       run(sampling::masked_step_sample_kernel<T, true>);
@@ -157,27 +173,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_step_remask(const at::Tens
 }
 
 std::tuple<at::Tensor, at::Tensor> ar_sample(const at::Tensor& logits, const at::Tensor& sample_ids,
-                                             const at::Tensor& position, const at::Tensor& keys,
-                                             const c10::optional<at::Tensor>& thr, double temperature, bool greedy) {
+                                             const at::Tensor& position, const c10::optional<at::Tensor>& thr,
+                                             double temperature, bool greedy, int64_t k_tok_hi, int64_t k_tok_lo) {
   const char* op = "ar_sample";
   const at::Device dev = check_rows(logits, op, "logits", "[B, V]");
   const int64_t B = logits.size(0), V = logits.size(1);
   check_arg(sample_ids, op, "sample_ids", dev, at::kLong, B);
   check_arg(position, op, "position", dev, at::kLong, B);
-  check_arg(keys, op, "keys", dev, at::kLong, 4);
+  const rng::KeyPair k_token = key_pair(op, k_tok_hi, k_tok_lo);
   if (thr.has_value()) check_arg(*thr, op, "thr", dev, at::kFloat, B);
   DeviceGuard guard(dev);
   at::Tensor tokens = at::empty({B}, logits.options().dtype(at::kLong));
   at::Tensor logprobs = at::empty({B}, logits.options().dtype(at::kFloat));
   if (B == 0) return {tokens, logprobs};
   cudaStream_t stream = current_stream();
+  const FixedScale fixed(V);
   dispatch_float(logits.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     launch(sampling::ar_sample_kernel<T>, static_cast<unsigned>(B), kThreads, 0, stream,
            reinterpret_cast<const T*>(logits.const_data_ptr()), logits.stride(0), V,
-           sample_ids.const_data_ptr<int64_t>(), position.const_data_ptr<int64_t>(), keys.const_data_ptr<int64_t>(),
-           thr.has_value() ? thr->const_data_ptr<float>() : nullptr, static_cast<float>(temperature), greedy,
-           tokens.mutable_data_ptr<int64_t>(), logprobs.mutable_data_ptr<float>());
+           sample_ids.const_data_ptr<int64_t>(), position.const_data_ptr<int64_t>(),
+           thr.has_value() ? thr->const_data_ptr<float>() : nullptr, static_cast<float>(temperature), greedy, k_token,
+           fixed.kbias, fixed.inv, tokens.mutable_data_ptr<int64_t>(), logprobs.mutable_data_ptr<float>());
   });
   return {tokens, logprobs};
 }
@@ -187,15 +204,16 @@ std::tuple<at::Tensor, at::Tensor> ar_sample(const at::Tensor& logits, const at:
 
 TORCH_LIBRARY_FRAGMENT(UNIF2ACE_CUDA_LIBRARY, m) {
   m.def(
-      "masked_step_sample(Tensor cond, Tensor? unc, Tensor tokens, Tensor is_masked, Tensor sample_ids, Tensor keys, "
-      "Tensor? thr, float a, float s, float temperature, float tau, bool greedy, bool has_noise) -> (Tensor, Tensor)",
+      "masked_step_sample(Tensor cond, Tensor? unc, Tensor tokens, Tensor is_masked, Tensor sample_ids, Tensor? thr, "
+      "float a, float s, float temperature, float tau, bool greedy, bool has_noise, int k_tok_hi, int k_tok_lo, "
+      "int k_conf_hi, int k_conf_lo) -> (Tensor, Tensor)",
       &unif2ace::cuda::masked_step_sample);
   m.def(
       "masked_step_remask(Tensor conf, Tensor is_masked, Tensor tokens, Tensor sampled, int n_sched, bool last, "
       "int mask_token_id) -> (Tensor, Tensor, Tensor)",
       &unif2ace::cuda::masked_step_remask);
   m.def(
-      "ar_sample(Tensor logits, Tensor sample_ids, Tensor position, Tensor keys, Tensor? thr, float temperature, "
-      "bool greedy) -> (Tensor, Tensor)",
+      "ar_sample(Tensor logits, Tensor sample_ids, Tensor position, Tensor? thr, float temperature, bool greedy, "
+      "int k_tok_hi, int k_tok_lo) -> (Tensor, Tensor)",
       &unif2ace::cuda::ar_sample);
 }

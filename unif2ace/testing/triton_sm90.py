@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-ANALYSIS_VERSION = 2  # bump when the analysis changes (invalidates the result cache)
+ANALYSIS_VERSION = 3  # bump when the analysis changes (invalidates the result cache)
 
 SMEM_BUDGET = 200 * 1024  # bytes; the H100/H200 opt-in limit per block is 227 KB
 REG_CAP = 248  # registers per thread at which ptxas is at its ceiling (255)
@@ -50,7 +50,28 @@ RULES: Dict[str, str] = {
     "wgmma": "a bf16/fp16 tl.dot with a tile of >= 64 rows that does not lower to wgmma (HGMMA)",
     "serial-wgmma": "an accumulating wgmma in a loop is waited for in the same iteration (not pipelined)",
     "reg-cap": f">= {REG_CAP} registers per thread and one CTA per SM by registers, in a kernel that must not spill",
+    "fp-exact": "a kernel of a bit-exact stem (EXACT_FP_STEMS) has contractible or approximate fp32 instructions in "
+    "its PTX (fma, mul/add/sub without .rn, div.full/approx, ex2/lg2/rcp/sqrt .approx)",
 }
+
+# Stems whose kernels must compute the reference's fp32 bits on the card (docs/kernels.md §C: the
+# sampling ops' exact fp32 definitions): every fp32 operation an IEEE .rn one, none fused.
+EXACT_FP_STEMS = ("sampling", "rng")
+
+_INEXACT_PTX = re.compile(
+    r"^\s*(fma\.[\w.]*f32|(?:mul|add|sub)\.f32|(?:mul|add|sub)\.ftz\.f32|div\.(?:full|approx)[\w.]*|"
+    r"(?:ex2|lg2|rcp|sqrt|rsqrt|sin|cos|tanh)\.approx[\w.]*)\s",
+    re.M,
+)
+
+
+def analyse_ptx(ptx: str) -> Dict[str, Any]:
+    """The contractible (``mul/add/sub.f32`` without a rounding mode: ptxas may fuse them) and
+    approximate fp32 instructions of the PTX, by opcode."""
+    found: Dict[str, int] = {}
+    for m in _INEXACT_PTX.finditer(ptx):
+        found[m.group(1)] = found.get(m.group(1), 0) + 1
+    return dict(inexact_fp=found)
 
 
 # ----------------------------------------------------------------------------------- planning
@@ -255,6 +276,7 @@ def compile_job(job: Dict[str, Any], dump: Optional[str] = None) -> Dict[str, An
     res.update(parse_ptxas_log(log.getvalue()))
     res.update(analyse_sass(sass))
     res.update(analyse_ttgir(k.asm["ttgir"]))
+    res.update(analyse_ptx(k.asm["ptx"]))
     return res
 
 
@@ -432,6 +454,8 @@ def violations(spec: Spec, r: Dict[str, Any]) -> List[Violation]:
     threads = 32 * r["num_warps"]
     if spec.strict and r["regs"] >= REG_CAP and r["regs"] * threads > REG_FILE // 2:
         v("reg-cap", f"{r['regs']} regs x {threads} threads")
+    if r.get("inexact_fp") and any(c.stem in EXACT_FP_STEMS for c in spec.cases):
+        v("fp-exact", ", ".join(f"{op} x{n}" for op, n in sorted(r["inexact_fp"].items())))
     return out
 
 

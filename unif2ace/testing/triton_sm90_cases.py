@@ -238,6 +238,7 @@ def _step_params(L: int, top_k, guidance: float, temperature: float, tau: float,
 
     return StepParams(
         seed=1234,
+        step=3,
         mask_token_id=8192,
         guidance_scale=guidance,
         temperature=temperature,

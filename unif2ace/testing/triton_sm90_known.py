@@ -56,12 +56,4 @@ KNOWN = [
         "BLOCK_N=256 x BLOCK_E=64 tile: 44-448 B at 255 registers (int64 ids worst)",
         config="BLOCK_E=64",
     ),
-    # --- sampling
-    Known(
-        "_remask_kernel",
-        "spill",
-        _I3,
-        "L=4096 (BLOCK_L=4096, one tl.sort of 4096 64-bit keys per row, 4 warps): 116 B at 255 registers",
-        config="BLOCK_L=4096",
-    ),
 ]
