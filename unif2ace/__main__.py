@@ -30,6 +30,12 @@ def info(out=sys.stdout) -> int:
         line(f"triton   not importable: {err}")
     cuda_dev = torch.cuda.is_available()
     line(f"GPU      {torch.cuda.get_device_name(0) if cuda_dev else 'none'}")
+    from unif2ace.kernels.cpu import lowp_gemm
+
+    for dt in (torch.bfloat16, torch.float16):
+        use, why = lowp_gemm(dt)
+        name = str(dt).replace("torch.", "")
+        line(f"cpu {name} GEMMs: {'in ' + name if use else 'in fp32'} ({why})")
     line("")
     line("extensions:")
     for name, (ok, err) in (

@@ -23,6 +23,22 @@ U2A_INLINE float to_f32(c10::BFloat16 v) {
 }
 U2A_INLINE float to_f32(c10::Half v) { return static_cast<float>(v); }
 
+// fp32 -> T, round to nearest even. bf16 by integer ops on the bits (NaN stays a quiet NaN), so
+// loops storing bf16 vectorise (c10's conversion does not); Half through c10.
+template <typename T>
+U2A_INLINE T from_f32(float v) {
+  return static_cast<T>(v);
+}
+template <>
+U2A_INLINE c10::BFloat16 from_f32<c10::BFloat16>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan_m = -static_cast<uint32_t>((u & 0x7FFFFFFFu) > 0x7F800000u);
+  const uint16_t bits = static_cast<uint16_t>((rounded & ~nan_m) | (((u >> 16) | 0x40u) & nan_m));
+  return c10::BFloat16(bits, c10::BFloat16::from_bits());
+}
+
 // exp(x) for x in [-87, 88] (clamped outside; -inf -> exp(-87) ~ 1.6e-38): Cody-Waite reduction
 // x = k ln2 + r, |r| <= ln2/2, degree-6 Taylor polynomial for exp(r), scale by 2^k through the
 // exponent bits. Branch-free and without float compares or float->int conversions (which may trap,
@@ -55,6 +71,26 @@ U2A_INLINE float fast_exp(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
+}
+
+// fast_exp with IEEE special values, for callers whose arguments may be NaN or infinite: NaN -> NaN
+// (propagated, not clamped), x < -87 (-inf included) -> 0, x > 88 (+inf included) -> +inf; in
+// between exactly fast_exp. Integer selects on the bit pattern only, so it vectorises like fast_exp.
+U2A_INLINE float fast_exp_special(float x) {
+  int32_t ix;
+  std::memcpy(&ix, &x, sizeof(ix));
+  const float e = fast_exp(x);
+  int32_t ie;
+  std::memcpy(&ie, &e, sizeof(ie));
+  const int32_t nan_m = -static_cast<int32_t>((ix & 0x7FFFFFFF) > 0x7F800000);
+  const int32_t lo_m = -static_cast<int32_t>(static_cast<uint32_t>(ix) > 0xC2AE0000u);  // below -87
+  const int32_t hi_m = -static_cast<int32_t>(ix > 0x42B00000);                          // above 88
+  ie &= ~lo_m;
+  ie = (ie & ~hi_m) | (0x7F800000 & hi_m);
+  ie = (ie & ~nan_m) | (ix & nan_m);
+  float r;
+  std::memcpy(&r, &ie, sizeof(r));
+  return r;
 }
 
 // ------------------------------------------------------------------------------------------------
