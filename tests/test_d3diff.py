@@ -242,15 +242,21 @@ def test_torch_compile_fullgraph(backend, V, dev):
 # ------------------------------------------------------------------------------- row kernels
 
 
-def _check_lse_tgt(x, t, lse, tgt):
+def _check_stats(x, t, stats):
+    """(row_max, lse_rel, tgt) of the row kernels: the max, logsumexp relative to it, target logit."""
+    mx, lse_rel, tgt = stats
     valid = t != -100
-    want_lse = torch.where(valid, torch.logsumexp(x.float(), 1), torch.zeros(()))
-    want_tgt = torch.where(valid, x.float().gather(1, t.clamp_min(0)[:, None]).squeeze(1), torch.zeros(()))
-    assert_close(lse, want_lse, name="lse")
-    assert_close(tgt, want_tgt, name="tgt")
+    zero = torch.zeros((), device=x.device)
+    want_max = torch.where(valid, x.float().amax(1), zero)
+    want_rel = torch.where(valid, torch.logsumexp(x.float() - want_max[:, None], 1), zero)
+    want_tgt = torch.where(valid, x.float().gather(1, t.clamp(0, x.shape[1] - 1)[:, None]).squeeze(1), zero)
+    assert_close(mx, want_max, name="row_max")
+    assert_close(lse_rel, want_rel, name="lse_rel")
+    keep = t < x.shape[1]
+    assert_close(tgt[keep], want_tgt[keep], name="tgt")
 
 
-def _check_grad(x, t, lse, gl, gt, g):
+def _check_grad(x, t, gl, gt, g):
     valid = (t != -100)[:, None]
     want = gl[:, None] * torch.softmax(x.float(), 1)
     want[valid.squeeze(1), t[valid.squeeze(1)]] += gt[valid.squeeze(1)]
@@ -262,16 +268,16 @@ def test_lse_gather_triton_writes_every_element(backend, dev):
     k = d3mod.OP_FROM_LOGITS.kernels(backend)
     for N, V in ((33, 111), (3, 8192)):
         x, t = randn(N, V), _target(N, V)
-        lse, tgt = poisoned_empty(N, dtype=torch.float32), poisoned_empty(N, dtype=torch.float32)
-        k.lse_gather(x, t, -100, lse_out=lse, tgt_out=tgt)
-        assert_all_written(lse, "lse")
-        assert_all_written(tgt, "tgt")
-        _check_lse_tgt(x, t, lse, tgt)
+        stats = tuple(poisoned_empty(N, dtype=torch.float32) for _ in range(3))
+        k.lse_gather(x, t, -100, out=stats)
+        for v, name in zip(stats, ("row_max", "lse_rel", "tgt")):
+            assert_all_written(v, name)
+        _check_stats(x, t, stats)
         gl, gt = randn(N), randn(N)
         g = poisoned_empty(N, V, dtype=torch.float32)
-        k.lse_gather_backward(x, t, lse, gl, gt, -100, grad_out=g)
+        k.lse_gather_backward(x, t, *stats[:2], gl, gt, -100, grad_out=g)
         assert_all_written(g, "grad")
-        _check_grad(x, t, lse, gl, gt, g)
+        _check_grad(x, t, gl, gt, g)
 
 
 @pytest.mark.parametrize("backend", ["cpu"])
@@ -283,13 +289,13 @@ def test_lse_gather_cpu_row_kernel(backend, dev):
         x, t = randn(N, V), _target(N, V)
         if V == 1:
             t = torch.where(t == -100, t, torch.zeros_like(t))
-        lse, tgt = ops.lse_gather(x, t, -100)
-        assert torch.isfinite(lse).all() and torch.isfinite(tgt).all()
-        _check_lse_tgt(x, t, lse, tgt)
+        stats = ops.lse_gather(x, t, -100)
+        assert all(torch.isfinite(v).all() for v in stats)
+        _check_stats(x, t, stats)
         gl, gt = randn(N), randn(N)
-        g = ops.lse_gather_backward(x, t, lse, gl, gt, -100)
+        g = ops.lse_gather_backward(x, t, *stats[:2], gl, gt, -100)
         assert torch.isfinite(g).all()
-        _check_grad(x, t, lse, gl, gt, g)
+        _check_grad(x, t, gl, gt, g)
 
 
 def _poison_cache(nbytes, device):
@@ -316,18 +322,15 @@ def test_cuda_row_kernels_write_every_element(backend, dev, dtype, N, V):
     x, t = randn(N, V, device=dev, dtype=dtype, scale=2.0), _cuda_target(N, V, dev)
     t[1] = V + 5  # out of range: tgt NaN, no one-hot term, no crash
     _poison_cache(N * 4, dev)
-    lse, tgt = ops.lse_gather(x, t, -100)
-    assert_all_written(lse, "lse")
+    stats = ops.lse_gather(x, t, -100)
+    for v, name in zip(stats[:2], ("row_max", "lse_rel")):
+        assert_all_written(v, name)
     valid = (t != -100) & (t < V)
-    zero = torch.zeros((), device=dev)
-    assert_close(lse, torch.where(t != -100, torch.logsumexp(x.float(), 1), zero), name="lse")
-    want_tgt = torch.where(valid, x.float().gather(1, t.clamp(0, V - 1)[:, None]).squeeze(1), zero)
-    keep = torch.arange(N, device=dev) != 1
-    assert_close(tgt[keep], want_tgt[keep], name="tgt")
-    assert torch.isnan(tgt[1])
+    _check_stats(x, t, stats)
+    assert torch.isnan(stats[2][1])
     gl, gt = torch.randn(N, device=dev), torch.randn(N, device=dev)
     _poison_cache(N * V * x.element_size(), dev)
-    g = ops.lse_gather_backward(x, t, lse, gl, gt, -100)
+    g = ops.lse_gather_backward(x, t, *stats[:2], gl, gt, -100)
     assert g.dtype == dtype and g.is_contiguous()
     assert_all_written(g, "grad")
     want = gl[:, None] * torch.softmax(x.float(), 1)
@@ -397,13 +400,13 @@ def test_cuda_large_row_offsets_64bit(backend, dev):
     big[-2:].normal_()
     t = torch.full((rows,), -100, device=dev)
     t[-2:] = torch.tensor([7, 11], device=dev)
-    lse, tgt = _ext.cuda_ops().lse_gather(big, t, -100)
+    mx, lse_rel, tgt = _ext.cuda_ops().lse_gather(big, t, -100)
     x = big[-2:].float()
-    assert_close(lse[-2:], torch.logsumexp(x, 1), name="lse")
+    assert_close((mx + lse_rel)[-2:], torch.logsumexp(x, 1), name="lse")
     assert_close(tgt[-2:], x.gather(1, t[-2:, None]).squeeze(1), name="tgt")
-    assert (lse[:-2] == 0).all()
+    assert (mx[:-2] == 0).all() and (lse_rel[:-2] == 0).all()
     gl, gt = torch.ones(rows, device=dev), torch.zeros(rows, device=dev)
-    g = _ext.cuda_ops().lse_gather_backward(big, t, lse, gl, gt, -100)
+    g = _ext.cuda_ops().lse_gather_backward(big, t, mx, lse_rel, gl, gt, -100)
     assert_close(g[-2:].float(), torch.softmax(x, 1), torch.bfloat16, name="grad")
     assert (g[0] == 0).all()
 
@@ -423,14 +426,11 @@ def test_cuda_raw_ops_check_their_inputs(backend, dev):
         ops.lse_gather(x, t.int(), -100)
     with pytest.raises(RuntimeError, match="logits must be float32, float16 or bfloat16"):
         ops.lse_gather(x.double(), t, -100)
-    lse = torch.zeros(4, device=dev)
+    v = torch.zeros(4, device=dev)
     with pytest.raises(RuntimeError, match="must be fp32 \\[N\\]"):
-        ops.lse_gather_backward(x, t, lse[:2], lse, lse, -100)
+        ops.lse_gather_backward(x, t, v, v[:2], v, v, -100)
     with pytest.raises(RuntimeError, match="must be fp32 \\[N\\]"):
-        ops.lse_gather_backward(x, t, lse, lse.to(elsewhere), lse, -100)
-
-
-NAN_CONTRACT = pytest.mark.xfail(reason="NaN contract: issue 18", strict=False)
+        ops.lse_gather_backward(x, t, v, v, v.to(elsewhere), v, -100)
 
 
 @pytest.mark.parametrize("backend", CUDA)
@@ -439,39 +439,55 @@ NAN_CONTRACT = pytest.mark.xfail(reason="NaN contract: issue 18", strict=False)
     "case",
     [
         "nan",
+        "nan_among_neg_inf",
         "neg_inf_entries",
+        "neg_inf_leading_columns",
         "neg_inf_row",
-        pytest.param("pos_inf_entry", marks=NAN_CONTRACT),  # rows: lse NaN (inf - inf), the reference inf
-        pytest.param("pos_inf_row", marks=NAN_CONTRACT),
+        "pos_inf_entry",
+        "pos_inf_row",
     ],
 )
 def test_cuda_row_kernels_nonfinite_logits(backend, dev, V, case):
+    """The raw row statistics follow the NaN/inf contract (docs/kernels.md §A): the CE formed from
+    them is -log_softmax[target] (NaN for a row with NaN, +inf or nothing above -inf; +inf for a
+    -inf target), and the gradient is softmax + one-hot with whole NaN rows where log_softmax has
+    them."""
+    from unif2ace.kernels._custom_ops.d3diff import RowStats
+
     N = 6
     x = randn(N, V, device=dev)
     t = torch.tensor([1, 2, 3, 4, -100, 5], device=dev)
     if case == "nan":
         x[0, 7] = float("nan")
         x[1, 2] = float("nan")  # at the target
+    elif case == "nan_among_neg_inf":  # a lane whose values are all -inf or NaN: fmaxf skips the NaN
+        x[0, :] = float("-inf")
+        x[0, 7] = float("nan")
+        x[0, 1] = 0.5
     elif case == "neg_inf_entries":
         x[0, :50] = float("-inf")
         x[1, 2] = float("-inf")  # at the target
+    elif case == "neg_inf_leading_columns":  # a vocabulary mask: every lane's first values -inf
+        x[:, : V - 8] = float("-inf")
+        t[:4] = V - 3
     elif case == "neg_inf_row":
         x[0, :] = float("-inf")
     elif case == "pos_inf_entry":
         x[0, 7] = float("inf")
     else:
         x[0, :] = float("inf")
+    x[4] = float("nan")  # the ignored row is never read
     ops = _ext.cuda_ops()
-    lse, tgt = ops.lse_gather(x, t, -100)
+    stats = RowStats(*ops.lse_gather(x, t, -100))
     valid = t != -100
     zero = torch.zeros((), device=dev)
-    want_lse = torch.where(valid, torch.logsumexp(x, 1), zero)
-    want_tgt = torch.where(valid, x.gather(1, t.clamp_min(0)[:, None]).squeeze(1), zero)
-    torch.testing.assert_close(lse, want_lse, equal_nan=True)
-    torch.testing.assert_close(tgt, want_tgt, equal_nan=True)
+    logp = torch.log_softmax(torch.where(valid[:, None], x, zero), 1)
+    want_ce = torch.where(valid, -logp.gather(1, t.clamp_min(0)[:, None]).squeeze(1), zero)
+    torch.testing.assert_close(torch.where(valid, stats.ce(), zero), want_ce, equal_nan=True)
+    assert (stats.row_max[4] == 0) and (stats.lse_rel[4] == 0) and (stats.tgt[4] == 0)
     gl, gt = torch.ones(N, device=dev), torch.ones(N, device=dev)
-    g = ops.lse_gather_backward(x, t, lse, gl, gt, -100)
-    want = torch.softmax(x, 1)
+    g = ops.lse_gather_backward(x, t, stats.row_max, stats.lse_rel, gl, gt, -100)
+    want = logp.exp()
     want[valid, t[valid]] += 1
     want[~valid] = 0
     torch.testing.assert_close(g, want, equal_nan=True)

@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 
 import unif2ace.kernels._custom_ops.d3diff as custom_ops
+import unif2ace.kernels.cpu as cpu
 import unif2ace.kernels.cpu.d3diff_head as cpu_head
 
 # the package re-exports the function d3diff_loss, which shadows the submodule's attribute name
 import unif2ace.kernels.d3diff as d3mod
-from unif2ace.kernels import d3diff_loss, set_value_checks
+from unif2ace.kernels import d3diff_loss, d3diff_loss_from_logits, set_value_checks
 from unif2ace.kernels._dispatch import backend_usable
 from unif2ace.testing import assert_all_written, assert_close, fwd_bwd_parity, randn
 
@@ -77,6 +78,7 @@ def configure(monkeypatch):
                 monkeypatch.setattr(k, "INTERPRETER_CONFIG", _config(cfg))
         else:
             monkeypatch.setattr(cpu_head, "CHUNK_ROWS", 7)  # several chunks, ragged last one
+            monkeypatch.setattr(cpu_head, "CHUNK_BYTES", 1)  # (then CHUNK_ROWS rows per chunk)
 
     return set_
 
@@ -91,16 +93,34 @@ def _schedule(N, B):
     return torch.randint(0, B, (N,)), torch.rand(B) * 0.8 + 0.1, torch.rand(B) + 0.1
 
 
+def _oracle(backend, dtype, target, **kw):
+    """(function, tolerance scale) ``backend`` is compared with: the reference -- or, for the cpu
+    backend's 16-bit GEMM path (logits and dℓ rounded once to the GEMM dtype), the reference loss
+    on the logits of PyTorch's own 16-bit ``F.linear``, whose autograd rounds them identically;
+    tolerance ×4 there: the tests use many 7-row chunks, and each chunk's dW is rounded once before
+    the fp32 sum."""
+    if backend == "cpu" and cpu_head.gemm_dtype(dtype) != torch.float32:
+
+        def lowp(h, w, *rest):
+            logits = F.linear(h, w, rest[0] if rest else None)
+            return tuple(d3diff_loss_from_logits(logits, target, backend="reference", **kw))
+
+        return lowp, 4.0
+
+    def ref(h, w, *rest):
+        return tuple(d3diff_loss(h, w, target, bias=rest[0] if rest else None, backend="reference", **kw))
+
+    return ref, 1.0
+
+
 def _parity(backend, h, w, b, target, *, dtype=torch.float32, scale=1.0, **kw):
     inputs = [h.requires_grad_(), w.requires_grad_()] + ([b.requires_grad_()] if b is not None else [])
 
-    def run(be):
-        def f(h, w, *rest):
-            return tuple(d3diff_loss(h, w, target, bias=rest[0] if rest else None, backend=be, **kw))
+    def f(h, w, *rest):
+        return tuple(d3diff_loss(h, w, target, bias=rest[0] if rest else None, backend=backend, **kw))
 
-        return f
-
-    fwd_bwd_parity(run("reference"), run(backend), inputs, dtype=dtype, scale=scale, names=["hidden", "weight", "bias"])
+    oracle, oscale = _oracle(backend, dtype, target, **kw)
+    fwd_bwd_parity(oracle, f, inputs, dtype=dtype, scale=scale * oscale, names=["hidden", "weight", "bias"])
 
 
 def _fresh(*xs):
@@ -273,20 +293,25 @@ def test_torch_compile_fullgraph(backend, dev):
 def _ref_parts(h, w, b, t):
     logits = F.linear(h.float(), w.float(), None if b is None else b.float())
     valid = t != -100
-    lse = torch.where(valid, torch.logsumexp(logits, 1), 0.0)
+    mx = torch.where(valid, logits.amax(1), 0.0)
+    lse_rel = torch.where(valid, torch.logsumexp(logits - mx[:, None], 1), 0.0)
     tgt = torch.where(valid, logits.gather(1, t.clamp_min(0)[:, None]).squeeze(1), 0.0)
-    return logits, valid, lse, tgt
+    return logits, valid, (mx, lse_rel, tgt)
 
 
 @pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("cfg", ["multi", "multi_small"])
 @pytest.mark.parametrize("det", [True, False])
 def test_ignored_rows_are_skipped_and_every_output_written(backend, dev, cfg, det):
-    """Logit-tile counts follow the number of rows that carry loss, not N; hand-counted."""
+    """Logit-tile counts follow the number of rows that carry loss, not N; hand-counted. The dW
+    kernel shares the row blocks that carry loss (from the device count) evenly among its row
+    splits, whose number is planned for all N rows (counted per split)."""
     k, cfg = _triton(), _config(cfg)
     N, D, V = 100, 64, 333
     h, w, b = _inputs(N, D, V)
     n_tiles = -(-V // cfg.block_v)
+    S_w, _ = k._split(-(-N // cfg.block_m), n_tiles, cfg, dev)
+    assert S_w > 1
     for n_valid in (0, 1, 17, 40, 100):
         t = torch.full((N,), -100)
         keep = torch.randperm(N)[:n_valid]
@@ -294,21 +319,24 @@ def test_ignored_rows_are_skipped_and_every_output_written(backend, dev, cfg, de
         t = t.to(dev)
         row_blocks = -(-n_valid // cfg.block_m)
         ctr = torch.zeros(1, dtype=torch.int32, device=dev)
-        lse, tgt = k.head_lse_gather(h, w, b, t, -100, config=cfg, debug_counter=ctr)
+        stats = k.head_lse_gather(h, w, b, t, -100, config=cfg, debug_counter=ctr)
         assert int(ctr) == row_blocks * n_tiles, f"forward: {int(ctr)} tiles for {n_valid} valid rows"
-        for x, name in ((lse, "lse"), (tgt, "tgt")):
+        logits, valid, want = _ref_parts(h, w, b, t)
+        for x, x_r, name in zip(stats, want, ("row_max", "lse_rel", "tgt")):
             assert_all_written(x, name)
-        logits, valid, lse_r, tgt_r = _ref_parts(h, w, b, t)
-        assert_close(lse, lse_r, name="lse")
-        assert_close(tgt, tgt_r, name="tgt")
+            assert_close(x, x_r, name=name)
 
         gl, gt = randn(N, device=dev), randn(N, device=dev)
-        ctr.zero_()
+        ctr = torch.zeros(1 + S_w, dtype=torch.int32, device=dev)
         gh, gw, gb = k.head_lse_gather_backward(
-            h, w, b, t, lse, gl, gt, -100, config=cfg, deterministic=det, debug_counter=ctr
+            h, w, b, t, *stats[:2], gl, gt, -100, config=cfg, deterministic=det, debug_counter=ctr
         )
         per_pass = row_blocks * n_tiles
-        assert int(ctr) == (2 * per_pass if det else per_pass), f"backward: {int(ctr)} tiles for {n_valid} rows"
+        assert int(ctr[0]) == (2 * per_pass if det else per_pass), f"backward: {int(ctr[0])} tiles for {n_valid} rows"
+        if det:
+            per = -(-row_blocks // S_w)
+            want = [max(0, min(per, row_blocks - s * per)) * n_tiles for s in range(S_w)]
+            assert ctr[1:].tolist() == want, f"dW row splits for {n_valid} valid rows"
         for x, name in ((gh, "grad_hidden"), (gw, "grad_weight"), (gb, "grad_bias")):
             assert_all_written(x, name)
         g = gl[:, None] * torch.softmax(logits, 1)
@@ -332,7 +360,9 @@ def test_hand_computed_small_case(backend, dev):
     b = torch.tensor([0.5, 0.0, 0.0], device=dev)
     # logits: row 0 = [1.5, 2, 3], row 1 = [0.5, 2, -2]
     t = torch.tensor([2, 0], device=dev)
-    lse, tgt = _triton().head_lse_gather(h, w, b, t, -100)
+    mx, lse_rel, tgt = _triton().head_lse_gather(h, w, b, t, -100)
+    assert_close(mx, torch.tensor([3.0, 2.0], device=dev), name="row_max")
+    lse = mx + lse_rel
     want_lse = torch.tensor(
         [torch.logsumexp(torch.tensor([1.5, 2.0, 3.0]), 0), torch.logsumexp(torch.tensor([0.5, 2.0, -2.0]), 0)]
     )
@@ -346,12 +376,12 @@ def test_deterministic_and_atomic_schemes_agree(backend, dev):
     N, D, V = 64, 96, 333
     h, w, b = _inputs(N, D, V)
     t = _target(N, V).to(dev)
-    lse, _ = k.head_lse_gather(h, w, b, t, -100, config=_config("multi_small") if dev.type == "cpu" else None)
-    gl, gt = randn(N, device=dev), randn(N, device=dev)
     cfg = _config("multi_small") if dev.type == "cpu" else None
-    a = k.head_lse_gather_backward(h, w, b, t, lse, gl, gt, -100, deterministic=True, config=cfg)
-    a2 = k.head_lse_gather_backward(h, w, b, t, lse, gl, gt, -100, deterministic=True, config=cfg)
-    c = k.head_lse_gather_backward(h, w, b, t, lse, gl, gt, -100, deterministic=False, config=cfg)
+    mx, lse_rel, _ = k.head_lse_gather(h, w, b, t, -100, config=cfg)
+    gl, gt = randn(N, device=dev), randn(N, device=dev)
+    a = k.head_lse_gather_backward(h, w, b, t, mx, lse_rel, gl, gt, -100, deterministic=True, config=cfg)
+    a2 = k.head_lse_gather_backward(h, w, b, t, mx, lse_rel, gl, gt, -100, deterministic=True, config=cfg)
+    c = k.head_lse_gather_backward(h, w, b, t, mx, lse_rel, gl, gt, -100, deterministic=False, config=cfg)
     for x, x2, y, name in zip(a, a2, c, ("grad_hidden", "grad_weight", "grad_bias")):
         assert torch.equal(x, x2), f"{name}: deterministic scheme not bitwise reproducible"
         assert_close(x, y, name=name)
@@ -364,20 +394,86 @@ def test_precise_grad_split_beats_single_rounding(backend, dev):
     N, D, V = 48, 64, 200
     h, w, b = _inputs(N, D, V, dtype=torch.bfloat16)
     t = torch.randint(0, V, (N,), device=dev)
-    lse, _ = k.head_lse_gather(h, w, b, t, -100)
+    mx, lse_rel, _ = k.head_lse_gather(h, w, b, t, -100)
     gl, gt = randn(N, device=dev, scale=20.0), randn(N, device=dev, scale=20.0)
-    logits, valid, _, _ = _ref_parts(h, w, b, t)
-    g = gl[:, None] * torch.exp(logits - lse[:, None])
+    logits, valid, _ = _ref_parts(h, w, b, t)
+    g = gl[:, None] * torch.softmax(logits, 1)
     g[valid, t[valid]] += gt[valid]
     want = (g @ w.float(), g.t() @ h.float())
     err = {}
     for precise in (True, False):
-        gh, gw, _ = k.head_lse_gather_backward(h, w, b, t, lse, gl, gt, -100, precise_grad=precise)
+        gh, gw, _ = k.head_lse_gather_backward(h, w, b, t, mx, lse_rel, gl, gt, -100, precise_grad=precise)
         err[precise] = [(x.float() - y).abs().max().item() for x, y in zip((gh, gw), want)]
     for i, name in enumerate(("grad_hidden", "grad_weight")):
         ulp = want[i].abs().max().item() * 2.0**-8
         assert err[True][i] <= ulp, f"{name}: precise error {err[True][i]} above one bf16 ulp {ulp}"
         assert err[True][i] < err[False][i], f"{name}: split {err[True][i]} not better than single {err[False][i]}"
+
+
+class _OperandDtypes:
+    """Records the dtypes of (hidden, weight, bias) every kernel entry point of a backend gets."""
+
+    ENTRY_POINTS = ("head_lse_gather", "head_lse_gather_backward", "head_lse_gather_eager_grad")
+
+    def __init__(self, monkeypatch, backend):
+        self.seen = []
+        module = d3mod.OP_HEAD.kernels(backend)
+        for name in self.ENTRY_POINTS:
+            fn = getattr(module, name, None)
+            if fn is not None:
+                monkeypatch.setattr(module, name, self._wrap(name, fn))
+
+    def _wrap(self, name, fn):
+        def f(hidden, weight, bias, *rest, **kw):
+            self.seen.append((name, hidden.dtype, weight.dtype, None if bias is None else bias.dtype))
+            return fn(hidden, weight, bias, *rest, **kw)
+
+        return f
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_bf16_operands(backend, dev, configure, monkeypatch, reduction):
+    """Under torch.autocast(bf16) the fused head behaves like F.linear: fp32 hidden / weight /
+    bias reach the kernels as bf16 GEMM operands (forward and backward entry points), the loss
+    matches PyTorch's own autocast numerics (F.linear + the reference loss) and the reference
+    within bf16 tolerance, and the gradients come back in fp32."""
+    configure(backend, "multi")
+    N, D, V = 57, 64, 333
+    h, w, b = _inputs(N, D, V, device=dev)
+    target = _target(N, V).to(dev)
+    kw = dict(_loss_kw(N, 3), reduction=reduction)
+    kw = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    rec = _OperandDtypes(monkeypatch, backend)
+
+    def fast(h, w, b):
+        return tuple(d3diff_loss(h, w, target, bias=b, backend=backend, **kw))
+
+    def torch_autocast(h, w, b):  # what autocast makes of F.linear: bf16 logits
+        return tuple(d3diff_loss_from_logits(F.linear(h, w, b), target, backend="reference", **kw))
+
+    def ref(h, w, b):
+        return tuple(d3diff_loss(h, w, target, bias=b, backend="reference", **kw))
+
+    # "none": random per-row upstream gradients cancel in dW, where the oracles round dℓ to bf16
+    # (PyTorch) or not (reference): twice the bf16 tolerance
+    scale = 2.0 if reduction == "none" else 1.0
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
+        for oracle in (torch_autocast, ref):
+            inputs = [x.requires_grad_() for x in _fresh(h, w, b)]
+            fwd_bwd_parity(oracle, fast, inputs, dtype=torch.bfloat16, scale=scale)
+        hh, ww, bb = (x.requires_grad_() for x in _fresh(h, w, b))
+        o = fast(hh, ww, bb)
+        grads = torch.autograd.grad(o[0].sum(), [hh, ww, bb])
+    assert o[0].dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    assert {name for name, *_ in rec.seen} >= {"head_lse_gather_backward"}, rec.seen
+    assert all(dt == torch.bfloat16 for _, *dts in rec.seen for dt in dts), rec.seen
+    # outside autocast: fp32 operands, and mixed dtypes are refused
+    rec.seen.clear()
+    fast(h, w, b)
+    assert all(dt == torch.float32 for _, *dts in rec.seen for dt in dts), rec.seen
+    with pytest.raises(TypeError, match="only under torch.autocast"):
+        d3diff_loss(h, w.bfloat16(), target, backend=backend)
 
 
 @pytest.mark.parametrize("backend", TRITON)
@@ -386,9 +482,10 @@ def test_registration_and_selection(backend, dev):
     assert "triton" in d3mod.OP_HEAD.backends
     assert d3mod.OP_HEAD.cuda_order[0] == "triton"
     assert d3mod.OP_HEAD.select(torch.device("cpu"), "triton") == "triton"
-    cfg = k.pick_config(torch.bfloat16, 2048, torch.device("cuda"))
-    assert cfg.block_m >= 16 and cfg.block_v >= 16 and cfg.block_k >= 16
-    assert k.pick_config(torch.float32, 64, torch.device("cpu")) is k.INTERPRETER_CONFIG
+    for kernel in k.KERNELS:
+        cfg = k.pick_config(kernel, torch.bfloat16, 2048, torch.device("cuda"))
+        assert cfg.block_m >= 16 and cfg.block_v >= 16 and cfg.block_k >= 16
+        assert k.pick_config(kernel, torch.float32, 64, torch.device("cpu")) is k.INTERPRETER_CONFIG
 
 
 # ----------------------------------------------------------------------------------- triton, GPU only
@@ -457,6 +554,7 @@ def test_gpu_fp32_and_compaction_speed(backend, dev):
 @pytest.fixture
 def small_chunks(monkeypatch):
     monkeypatch.setattr(cpu_head, "CHUNK_ROWS", 7)  # several chunks, ragged last one
+    monkeypatch.setattr(cpu_head, "CHUNK_BYTES", 1)  # (then CHUNK_ROWS rows per chunk)
 
 
 def _cpu_target(N, V):
@@ -516,8 +614,60 @@ def test_cpu_chunked_parity(backend, dev, small_chunks, dtype, with_bias):
 
 
 @pytest.mark.parametrize("backend", CPU_ONLY)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lowp", ["1", "0"])
+def test_cpu_gemm_paths(backend, dev, small_chunks, monkeypatch, dtype, lowp):
+    """Both GEMM paths of 16-bit inputs, whatever this CPU would pick: 16-bit GEMMs (compared with
+    PyTorch's own 16-bit F.linear numerics, and the loss with the fp32 reference) and fp32 GEMMs
+    (compared with the reference); the eager-grad path (``loss``) and the recompute path
+    (``mask_loss``, ``score_loss``) each on its own -- both at once add two gradients each rounded
+    to the input dtype, which cancel -- with one and with several chunks."""
+    monkeypatch.setenv(cpu.LOWP_GEMM_ENV, lowp)
+    assert (cpu_head.gemm_dtype(dtype) == dtype) == (lowp == "1")
+    N, D, V, B = 45, 24, 111, 3
+    h, w, b = randn(N, D, dtype=dtype), randn(V, D, dtype=dtype, scale=0.3), randn(V, dtype=dtype)
+    target = _cpu_target(N, V)
+    for reduction, chunk in (("mean", 7), ("none", 7), ("sum", 1000)):
+        monkeypatch.setattr(cpu_head, "CHUNK_ROWS", chunk)
+        kw = _loss_kw(N, B, alpha=0.3, parametrization="raw", reduction=reduction)
+        oracle, scale = _oracle(backend, dtype, target, **kw)
+        for outs in ((0,), (1, 2)):
+
+            def pick(f, outs=outs):
+                return lambda *inputs: tuple(f(*inputs)[i] for i in outs)
+
+            fwd_bwd_parity(
+                pick(oracle),
+                pick(_run(backend, target, **kw)),
+                [x.requires_grad_() for x in _fresh(h, w, b)],
+                dtype=dtype,
+                scale=scale,
+            )
+        got = d3diff_loss(h, w, target, bias=b, backend=backend, **kw).loss
+        want = d3diff_loss(h, w, target, bias=b, backend="reference", **kw).loss
+        assert_close(got, want, dtype, name="loss vs the fp32 reference")
+
+
+def test_cpu_gemm_choice_is_reported(monkeypatch):
+    import io
+
+    from unif2ace.__main__ import info
+
+    for env, word in (("1", "in bfloat16"), ("0", "in fp32")):
+        monkeypatch.setenv(cpu.LOWP_GEMM_ENV, env)
+        out = io.StringIO()
+        info(out)
+        assert f"cpu bfloat16 GEMMs: {word} ({cpu.LOWP_GEMM_ENV}={env})" in out.getvalue()
+    monkeypatch.delenv(cpu.LOWP_GEMM_ENV)
+    use, why = cpu.lowp_gemm(torch.bfloat16)
+    assert why and cpu_head.gemm_dtype(torch.bfloat16) == (torch.bfloat16 if use else torch.float32)
+    assert cpu_head.gemm_dtype(torch.float32) == torch.float32
+
+
+@pytest.mark.parametrize("backend", CPU_ONLY)
 def test_cpu_three_d_none_and_all_ignored(backend, dev, monkeypatch):
     monkeypatch.setattr(cpu_head, "CHUNK_ROWS", 5)
+    monkeypatch.setattr(cpu_head, "CHUNK_BYTES", 1)
     B, L, D, V = 2, 9, 16, 37
     h, w = randn(B, L, D), randn(V, D)
     target = _target(B * L, V).reshape(B, L)
@@ -698,11 +848,11 @@ def test_row_gradient_in_place(backend, dev, dtype):
     x = randn(N, V, dtype=dtype, scale=2.0)
     t = _cpu_target(N, V)
     t[5] = V + 3  # out of range: no one-hot term, no out-of-bounds write
-    lse, _ = ops.lse_gather(x, t, -100)
+    mx, lse_rel, _ = ops.lse_gather(x, t, -100)
     gl, gt = randn(N), randn(N)
-    want = ops.lse_gather_backward(x, t, lse, gl, gt, -100)
+    want = ops.lse_gather_backward(x, t, mx, lse_rel, gl, gt, -100)
     buf = x.clone()
-    assert ops.lse_gather_backward_(buf, t, lse, gl, gt, -100) is None
+    assert ops.lse_gather_backward_(buf, t, mx, lse_rel, gl, gt, -100) is None
     assert torch.equal(buf, want)
     ignored = t == -100
     assert ignored.any() and (buf[ignored] == 0).all()
@@ -710,10 +860,10 @@ def test_row_gradient_in_place(backend, dev, dtype):
     wide = randn(N, V + 9, dtype=dtype)
     view = wide[:, :V]
     view.copy_(x)
-    ops.lse_gather_backward_(view, t, lse, gl, gt, -100)
+    ops.lse_gather_backward_(view, t, mx, lse_rel, gl, gt, -100)
     assert torch.equal(view, want)
     with pytest.raises(RuntimeError, match="fp32"):
-        ops.lse_gather_backward_(buf, t, lse.double(), gl, gt, -100)
+        ops.lse_gather_backward_(buf, t, mx, lse_rel.double(), gl, gt, -100)
 
 
 @pytest.mark.parametrize("backend", CPU_ONLY)

@@ -78,13 +78,14 @@ def _configs(recorded, kernel):
 
 def test_matrix_reaches_every_gpu_config_table_entry(recorded):
     """The full matrix reaches every entry of the launchers' GPU config tables."""
-    got = _configs(recorded, "_fwd_kernel")
-    for cfg in head._CONFIGS.values():
+    head_kernels = dict(fwd="_fwd_kernel", dh="_bwd_dh_kernel", dw="_bwd_dw_kernel", atomic="_bwd_atomic_kernel")
+    assert set(head_kernels) == set(head.KERNELS)
+    for (kernel, *_), cfg in head._CONFIGS.items():
         key = (
             tuple(sorted(dict(BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k).items())),
             cfg.num_warps,
         )
-        assert key in got, cfg
+        assert key in _configs(recorded, head_kernels[kernel]), (kernel, cfg)
     got = _configs(recorded, "_mlp_up_kernel")
     for name, cfg in moe_mlp.MLP_CONFIGS.items():
         if name == "interpret":
@@ -108,7 +109,7 @@ def test_record_plans_for_the_gpu_even_under_the_interpreter(monkeypatch):
         assert _launch.sm_count(torch.device("meta")) == _launch.H100.sm_count
         head.head_lse_gather(m(8192, 2304), m(256000, 2304), None, m(8192, dtype=torch.int64), -100)
     (ln,) = launches
-    cfg = head._CONFIGS[("16bit", "large")]
+    cfg = head._CONFIGS[("fwd", "16bit", "large")]
     assert ln.name == "_fwd_kernel" and ln.constexprs["BLOCK_M"] == cfg.block_m
     assert ln.options == dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     n_rb = 8192 // cfg.block_m

@@ -30,17 +30,15 @@ def info(out=sys.stdout) -> int:
         line(f"triton   not importable: {err}")
     cuda_dev = torch.cuda.is_available()
     line(f"GPU      {torch.cuda.get_device_name(0) if cuda_dev else 'none'}")
+    from unif2ace.kernels.cpu import lowp_gemm
+
     feats = _ext.cpu_features()
     cpu_name = feats["name"] or platform.processor() or "?"
     line(f"CPU      {cpu_name}, {feats['isa']} vectors, {torch.get_num_threads()} threads")
-    for fmt in ("bf16", "fp16"):
-        units = " + ".join(u for u in (f"avx512_{fmt}", f"amx_{fmt}") if feats[u])
-        if feats[f"{fmt}_gemm"]:
-            how = f"{fmt} operands on oneDNN ({units}), fp32 accumulation"
-        else:
-            why = "UNIF2ACE_CPU_LOWP_GEMM=0 or oneDNN off" if units else f"no {fmt} matrix instructions"
-            how = f"converted to fp32 ({why})"
-        line(f"         {fmt} GEMMs of the cpu kernels: {how}")
+    for dt in (torch.bfloat16, torch.float16):
+        use, why = lowp_gemm(dt)
+        name = str(dt).replace("torch.", "")
+        line(f"cpu {name} GEMMs: {'in ' + name if use else 'in fp32'} ({why})")
     line("")
     line("extensions:")
     for name, (ok, err) in (

@@ -17,9 +17,11 @@ namespace unif2ace::cpu {
 // Whether GEMMs on `dtype` (bf16 or fp16) operands run on the machine's matrix instructions:
 // oneDNN built in and enabled, and the CPU has the instructions (the capability table torch
 // itself uses). Without them oneDNN would emulate the format, slower than fp32, so the kernels
-// keep their fp32 path. UNIF2ACE_CPU_LOWP_GEMM=0 forces the fp32 path (tests of the fallback on
-// a machine that has the instructions; read at every call).
+// keep their fp32 path. UNIF2ACE_CPU_LOWP_GEMM (read at every call) overrides the choice: 0 forces
+// the fp32 path, 1 the 16-bit one (at::mm runs it anywhere, emulated where the CPU lacks the
+// instructions) -- tests of both paths on any machine. Python: unif2ace.kernels.cpu.lowp_gemm.
 inline bool low_precision_gemm(at::ScalarType dtype) {
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
   static const auto caps = at::cpu::get_cpu_capabilities();
   auto has = [](const char* key) {
     const auto it = caps.find(key);
@@ -29,6 +31,7 @@ inline bool low_precision_gemm(at::ScalarType dtype) {
   static const bool fp16 = has("avx512_fp16") || has("amx_fp16");
   const char* env = std::getenv("UNIF2ACE_CPU_LOWP_GEMM");
   if (env && std::strcmp(env, "0") == 0) return false;
+  if (env && std::strcmp(env, "1") == 0) return true;
   if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
   return dtype == at::kBFloat16 ? bf16 : dtype == at::kHalf ? fp16 : false;
 }

@@ -23,20 +23,19 @@ U2A_INLINE float to_f32(c10::BFloat16 v) {
 }
 U2A_INLINE float to_f32(c10::Half v) { return static_cast<float>(v); }
 
-// fp32 -> storage type, round to nearest even; bf16 by bit arithmetic (branch-free, so the loops
-// that store bf16 vectorise), bit-identical to c10::BFloat16(float) including its NaN (0x7FC0)
+// fp32 -> T, round to nearest even. bf16 by integer ops on the bits (branch-free, so loops storing
+// bf16 vectorise; c10's conversion does not), bit-identical to c10::BFloat16(float) including its
+// NaN (0x7FC0); Half through c10.
 template <typename T>
-U2A_INLINE T from_f32(float v);
-template <>
-U2A_INLINE float from_f32<float>(float v) {
-  return v;
+U2A_INLINE T from_f32(float v) {
+  return static_cast<T>(v);
 }
 template <>
 U2A_INLINE c10::BFloat16 from_f32<c10::BFloat16>(float v) {
-  uint32_t b;
-  std::memcpy(&b, &v, sizeof(b));
-  const uint32_t nan_m = -static_cast<uint32_t>((b & 0x7FFFFFFFu) > 0x7F800000u);
-  const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan_m = -static_cast<uint32_t>((u & 0x7FFFFFFFu) > 0x7F800000u);
   return c10::BFloat16(static_cast<uint16_t>((rounded & ~nan_m) | (0x7FC0u & nan_m)), c10::BFloat16::from_bits());
 }
 
@@ -72,6 +71,26 @@ U2A_INLINE float fast_exp(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
+}
+
+// fast_exp with IEEE special values, for callers whose arguments may be NaN or infinite: NaN -> NaN
+// (propagated, not clamped), x < -87 (-inf included) -> 0, x > 88 (+inf included) -> +inf; in
+// between exactly fast_exp. Integer selects on the bit pattern only, so it vectorises like fast_exp.
+U2A_INLINE float fast_exp_special(float x) {
+  int32_t ix;
+  std::memcpy(&ix, &x, sizeof(ix));
+  const float e = fast_exp(x);
+  int32_t ie;
+  std::memcpy(&ie, &e, sizeof(ie));
+  const int32_t nan_m = -static_cast<int32_t>((ix & 0x7FFFFFFF) > 0x7F800000);
+  const int32_t lo_m = -static_cast<int32_t>(static_cast<uint32_t>(ix) > 0xC2AE0000u);  // below -87
+  const int32_t hi_m = -static_cast<int32_t>(ix > 0x42B00000);                          // above 88
+  ie &= ~lo_m;
+  ie = (ie & ~hi_m) | (0x7F800000 & hi_m);
+  ie = (ie & ~nan_m) | (ix & nan_m);
+  float r;
+  std::memcpy(&r, &ie, sizeof(r));
+  return r;
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -58,15 +58,16 @@ void with_geometry(int64_t V, F&& f) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> lse_gather(const at::Tensor& logits_in, const at::Tensor& target_in,
-                                              int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_gather(const at::Tensor& logits_in, const at::Tensor& target_in,
+                                                          int64_t ignore_index) {
   const char* op = "unif2ace_cuda::lse_gather";
   check_inputs(op, logits_in, target_in);
   DeviceGuard guard(logits_in.device());
   const int64_t N = logits_in.size(0), V = logits_in.size(1);
-  at::Tensor lse = at::empty({N}, logits_in.options().dtype(at::kFloat));
+  at::Tensor row_max = at::empty({N}, logits_in.options().dtype(at::kFloat));
+  at::Tensor lse_rel = at::empty({N}, logits_in.options().dtype(at::kFloat));
   at::Tensor tgt = at::empty({N}, logits_in.options().dtype(at::kFloat));
-  if (N == 0) return {lse, tgt};
+  if (N == 0) return {row_max, lse_rel, tgt};
   TORCH_CHECK(V >= 1, op, ": logits must have V >= 1 columns");
   const at::Tensor logits = rows_view(logits_in);
   const at::Tensor target = target_in.contiguous();
@@ -80,29 +81,31 @@ std::tuple<at::Tensor, at::Tensor> lse_gather(const at::Tensor& logits_in, const
       const int64_t grid = (N + R - 1) / R;
       TORCH_CHECK(grid < (int64_t(1) << 31), op, ": too many rows (", N, ")");
       launch(d3diff::lse_gather_kernel<T, RT, R>, static_cast<unsigned>(grid), RT * R, 0, stream, x, ld,
-             target.const_data_ptr<int64_t>(), N, V, ignore_index, lse.mutable_data_ptr<float>(),
-             tgt.mutable_data_ptr<float>());
+             target.const_data_ptr<int64_t>(), N, V, ignore_index, row_max.mutable_data_ptr<float>(),
+             lse_rel.mutable_data_ptr<float>(), tgt.mutable_data_ptr<float>());
     });
   });
-  return {lse, tgt};
+  return {row_max, lse_rel, tgt};
 }
 
-at::Tensor lse_gather_backward(const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& lse_in,
-                               const at::Tensor& grad_lse_in, const at::Tensor& grad_tgt_in, int64_t ignore_index) {
+at::Tensor lse_gather_backward(const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& max_in,
+                               const at::Tensor& lse_rel_in, const at::Tensor& grad_lse_in,
+                               const at::Tensor& grad_tgt_in, int64_t ignore_index) {
   const char* op = "unif2ace_cuda::lse_gather_backward";
   check_inputs(op, logits_in, target_in);
   const int64_t N = logits_in.size(0), V = logits_in.size(1);
-  for (const at::Tensor* v : {&lse_in, &grad_lse_in, &grad_tgt_in}) {
+  for (const at::Tensor* v : {&max_in, &lse_rel_in, &grad_lse_in, &grad_tgt_in}) {
     TORCH_CHECK(v->dim() == 1 && v->size(0) == N && v->scalar_type() == at::kFloat && v->device() == logits_in.device(),
-                op, ": lse, grad_lse and grad_tgt must be fp32 [N] on ", logits_in.device(), " with N = ", N, ", got ",
-                v->sizes(), " ", v->scalar_type(), " on ", v->device());
+                op, ": row_max, lse_rel, grad_lse and grad_tgt must be fp32 [N] on ", logits_in.device(),
+                " with N = ", N, ", got ", v->sizes(), " ", v->scalar_type(), " on ", v->device());
   }
   DeviceGuard guard(logits_in.device());
   at::Tensor grad = at::empty({N, V}, logits_in.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0 || V == 0) return grad;
   const at::Tensor logits = rows_view(logits_in);
   const at::Tensor target = target_in.contiguous();
-  const at::Tensor lse = lse_in.contiguous(), gl = grad_lse_in.contiguous(), gt = grad_tgt_in.contiguous();
+  const at::Tensor mx = max_in.contiguous(), lrel = lse_rel_in.contiguous();
+  const at::Tensor gl = grad_lse_in.contiguous(), gt = grad_tgt_in.contiguous();
   const int64_t ld = logits.stride(0);
   cudaStream_t stream = current_stream();
   UNIF2ACE_DISPATCH_FLOAT3(logits.scalar_type(), "lse_gather_backward_cuda", [&] {
@@ -114,8 +117,8 @@ at::Tensor lse_gather_backward(const at::Tensor& logits_in, const at::Tensor& ta
       const int64_t grid = (N + R - 1) / R;
       TORCH_CHECK(grid < (int64_t(1) << 31), op, ": too many rows (", N, ")");
       launch(d3diff::lse_gather_backward_kernel<T, RT, R>, static_cast<unsigned>(grid), RT * R, 0, stream, x, ld,
-             target.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(), gl.const_data_ptr<float>(),
-             gt.const_data_ptr<float>(), N, V, ignore_index, g);
+             target.const_data_ptr<int64_t>(), mx.const_data_ptr<float>(), lrel.const_data_ptr<float>(),
+             gl.const_data_ptr<float>(), gt.const_data_ptr<float>(), N, V, ignore_index, g);
     });
   });
   return grad;
@@ -125,9 +128,10 @@ at::Tensor lse_gather_backward(const at::Tensor& logits_in, const at::Tensor& ta
 }  // namespace unif2ace::cuda
 
 TORCH_LIBRARY_FRAGMENT(UNIF2ACE_CUDA_LIBRARY, m) {
-  m.def("lse_gather(Tensor logits, Tensor target, int ignore_index) -> (Tensor, Tensor)", &unif2ace::cuda::lse_gather);
+  m.def("lse_gather(Tensor logits, Tensor target, int ignore_index) -> (Tensor, Tensor, Tensor)",
+        &unif2ace::cuda::lse_gather);
   m.def(
-      "lse_gather_backward(Tensor logits, Tensor target, Tensor lse, Tensor grad_lse, Tensor grad_tgt, "
-      "int ignore_index) -> Tensor",
+      "lse_gather_backward(Tensor logits, Tensor target, Tensor row_max, Tensor lse_rel, Tensor grad_lse, "
+      "Tensor grad_tgt, int ignore_index) -> Tensor",
       &unif2ace::cuda::lse_gather_backward);
 }

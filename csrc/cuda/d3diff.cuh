@@ -1,10 +1,14 @@
-// D3Diff loss row kernels on the GPU (torch-free device code): per-row log-sum-exp and target
-// logit (forward), softmax/one-hot gradient (backward). The loss itself is assembled in PyTorch
-// from the two [N] vectors (unif2ace/kernels/_custom_ops/d3diff.py); contract as csrc/cpu/d3diff.cpp:
+// D3Diff loss row kernels on the GPU (torch-free device code): per-row max, log-sum-exp relative to
+// it and target logit (forward), softmax/one-hot gradient (backward). The loss itself is assembled
+// in PyTorch from the three [N] vectors (unif2ace/kernels/_custom_ops/d3diff.py, RowStats); contract
+// as csrc/cpu/d3diff.cpp and docs/kernels.md §A:
 //
-//   lse_gather:          lse_i = logsumexp(x_i), tgt_i = x_i[t_i];  0, 0 where t_i == ignore_index;
-//                        tgt_i = NaN for a target outside [0, V) (never read out of bounds)
-//   lse_gather_backward: g_iv = grad_lse_i * exp(x_iv - lse_i) + grad_tgt_i * [v == t_i]
+//   lse_gather:          m_i = max_v x_iv, r_i = log sum_v exp(x_iv - m_i), tgt_i = x_i[t_i];
+//                        0, 0, 0 where t_i == ignore_index (the row is not read); tgt_i = NaN for a
+//                        target outside [0, V) (never read out of bounds); NaN in a row reaches r_i
+//                        (fmaxf skips it in the max, the sums keep it); a row without a value
+//                        above -inf gets m = r = -inf (the rescale is guarded, no -inf - (-inf))
+//   lse_gather_backward: g_iv = grad_lse_i * exp((x_iv - m_i) - r_i) + grad_tgt_i * [v == t_i]
 //                        (0 on ignored rows; no one-hot term for an out-of-range target)
 //
 // Geometry: ROW_THREADS threads per row (32: one warp, for small V; 256/512: a CTA), ROWS rows
@@ -32,16 +36,21 @@ struct alignas(16) Vec {
   T v[N];
 };
 
-// Running (max, sum of exp(x - max)); m = -inf means empty (s = 0).
+// Running (max, sum of exp(x - max)); m = -inf means nothing above -inf so far (s = 0, or NaN
+// once a NaN was folded in: fmaxf skips NaN in m, the sum keeps it).
 struct MaxSum {
   float m;
   float s;
 };
 
+// The shift of the sums: the max, or 0 while it is -inf (every term is then 0 or NaN: no
+// -inf - (-inf) turns an empty or all -inf part into a NaN, and a NaN is not dropped).
+__device__ __forceinline__ float shift_of(float m) { return m == -CUDART_INF_F ? 0.0f : m; }
+
 __device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
   const float m = fmaxf(a.m, b.m);
-  if (m == -CUDART_INF_F) return MaxSum{m, 0.0f};
-  return MaxSum{m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
+  const float sh = shift_of(m);
+  return MaxSum{m, a.s * expf(a.m - sh) + b.s * expf(b.m - sh)};
 }
 
 // Fold k values (already fp32) into the running pair: one rescale per group.
@@ -51,10 +60,10 @@ __device__ __forceinline__ void fold(MaxSum& acc, const float (&x)[K]) {
 #pragma unroll
   for (int k = 1; k < K; ++k) gm = fmaxf(gm, x[k]);
   const float m = fmaxf(acc.m, gm);
-  if (m == -CUDART_INF_F) return;  // all -inf so far
-  float s = acc.s * expf(acc.m - m);
+  const float sh = shift_of(m);
+  float s = acc.s * expf(acc.m - sh);
 #pragma unroll
-  for (int k = 0; k < K; ++k) s += expf(x[k] - m);
+  for (int k = 0; k < K; ++k) s += expf(x[k] - sh);
   acc = MaxSum{m, s};
 }
 
@@ -127,7 +136,8 @@ __device__ __forceinline__ MaxSum row_reduce(MaxSum acc, MaxSum* smem) {
 template <typename T, int ROW_THREADS, int ROWS>
 __global__ void __launch_bounds__(ROW_THREADS* ROWS)
     lse_gather_kernel(const T* __restrict__ logits, int64_t ld, const int64_t* __restrict__ target, int64_t N,
-                      int64_t V, int64_t ignore_index, float* __restrict__ lse, float* __restrict__ tgt) {
+                      int64_t V, int64_t ignore_index, float* __restrict__ row_max, float* __restrict__ lse_rel,
+                      float* __restrict__ tgt) {
   static_assert(ROW_THREADS == 32 || ROWS == 1, "CTA-wide rows take the whole CTA");
   __shared__ MaxSum smem[ROW_THREADS > 32 ? ROW_THREADS / 32 : 1];
   const int lane = threadIdx.x % ROW_THREADS;
@@ -136,7 +146,8 @@ __global__ void __launch_bounds__(ROW_THREADS* ROWS)
   const int64_t t = target[i];
   if (t == ignore_index) {
     if (lane == 0) {
-      lse[i] = 0.0f;
+      row_max[i] = 0.0f;
+      lse_rel[i] = 0.0f;
       tgt[i] = 0.0f;
     }
     return;
@@ -144,14 +155,15 @@ __global__ void __launch_bounds__(ROW_THREADS* ROWS)
   const T* row = logits + i * ld;
   const MaxSum r = row_reduce<ROW_THREADS>(row_maxsum_thread<T, ROW_THREADS>(row, V, lane), smem);
   if (lane == 0) {
-    lse[i] = r.m == -CUDART_INF_F ? -CUDART_INF_F : r.m + logf(r.s);
+    row_max[i] = r.m;
+    lse_rel[i] = logf(r.s);
     tgt[i] = (t >= 0 && t < V) ? to_f32(row[t]) : CUDART_NAN_F;
   }
 }
 
 template <typename T>
-__device__ __forceinline__ T grad_at(float x, float l, float gl, float gt, int64_t v, int64_t t) {
-  float g = gl * expf(x - l);
+__device__ __forceinline__ T grad_at(float x, float mx, float lrel, float gl, float gt, int64_t v, int64_t t) {
+  float g = gl * expf((x - mx) - lrel);
   if (v == t) g += gt;
   return from_f32<T>(g);
 }
@@ -161,9 +173,9 @@ __device__ __forceinline__ T grad_at(float x, float l, float gl, float gt, int64
 template <typename T, int ROW_THREADS, int ROWS>
 __global__ void __launch_bounds__(ROW_THREADS* ROWS)
     lse_gather_backward_kernel(const T* __restrict__ logits, int64_t ld, const int64_t* __restrict__ target,
-                               const float* __restrict__ lse, const float* __restrict__ grad_lse,
-                               const float* __restrict__ grad_tgt, int64_t N, int64_t V, int64_t ignore_index,
-                               T* __restrict__ out) {
+                               const float* __restrict__ row_max, const float* __restrict__ lse_rel,
+                               const float* __restrict__ grad_lse, const float* __restrict__ grad_tgt, int64_t N,
+                               int64_t V, int64_t ignore_index, T* __restrict__ out) {
   static_assert(ROW_THREADS == 32 || ROWS == 1, "CTA-wide rows take the whole CTA");
   constexpr int VEC = Vec<T>::N;
   const int lane = threadIdx.x % ROW_THREADS;
@@ -187,24 +199,24 @@ __global__ void __launch_bounds__(ROW_THREADS* ROWS)
     return;
   }
   const T* row = logits + i * ld;
-  const float l = lse[i], gl = grad_lse[i], gt = grad_tgt[i];
+  const float mx = row_max[i], lrel = lse_rel[i], gl = grad_lse[i], gt = grad_tgt[i];
   const bool same_phase = ((reinterpret_cast<uintptr_t>(row) ^ reinterpret_cast<uintptr_t>(orow)) & 15u) == 0;
   if (!same_phase) {
-    for (int64_t v = lane; v < V; v += ROW_THREADS) orow[v] = grad_at<T>(to_f32(row[v]), l, gl, gt, v, t);
+    for (int64_t v = lane; v < V; v += ROW_THREADS) orow[v] = grad_at<T>(to_f32(row[v]), mx, lrel, gl, gt, v, t);
     return;
   }
-  for (int64_t v = lane; v < head; v += ROW_THREADS) orow[v] = grad_at<T>(to_f32(row[v]), l, gl, gt, v, t);
+  for (int64_t v = lane; v < head; v += ROW_THREADS) orow[v] = grad_at<T>(to_f32(row[v]), mx, lrel, gl, gt, v, t);
   const Vec<T>* ibody = reinterpret_cast<const Vec<T>*>(row + head);
   for (int64_t j = lane; j < nvec; j += ROW_THREADS) {
     Vec<T> raw, res;
     *reinterpret_cast<uint4*>(&raw) = __ldg(reinterpret_cast<const uint4*>(ibody + j));
     const int64_t v0 = head + j * VEC;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) res.v[k] = grad_at<T>(to_f32(raw.v[k]), l, gl, gt, v0 + k, t);
+    for (int k = 0; k < VEC; ++k) res.v[k] = grad_at<T>(to_f32(raw.v[k]), mx, lrel, gl, gt, v0 + k, t);
     *reinterpret_cast<uint4*>(obody + j) = *reinterpret_cast<const uint4*>(&res);
   }
   for (int64_t v = head + nvec * VEC + lane; v < V; v += ROW_THREADS) {
-    orow[v] = grad_at<T>(to_f32(row[v]), l, gl, gt, v, t);
+    orow[v] = grad_at<T>(to_f32(row[v]), mx, lrel, gl, gt, v, t);
   }
 }
 

@@ -58,7 +58,8 @@ def cpu_features() -> Dict[str, object]:
     """What this CPU offers the C++ kernels: the vector ISA torch dispatches to, the low-precision
     matrix instructions, and whether the kernels run bf16 / fp16 GEMMs on them (the C++ rule in
     csrc/cpu/cpu_features.h: oneDNN plus AVX512-BF16 / AMX-BF16, resp. AVX512-FP16 / AMX-FP16;
-    ``UNIF2ACE_CPU_LOWP_GEMM=0`` turns it off). False for both when the extension is missing."""
+    ``UNIF2ACE_CPU_LOWP_GEMM=0`` / ``1`` overrides it, see :func:`unif2ace.kernels.cpu.lowp_gemm`).
+    False for both when the extension is missing."""
     import torch
 
     caps = torch._C._cpu._get_cpu_capability()

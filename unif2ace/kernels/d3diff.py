@@ -23,10 +23,11 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from ._custom_ops import d3diff as _ops
-from ._custom_ops.d3diff import LossArgs
+from ._custom_ops.d3diff import LossArgs, autocast_off
 from ._dispatch import Op, device_of
 from ._validate import (
     FLOAT_DTYPES,
@@ -186,9 +187,10 @@ def d3diff_loss_from_logits(
     args = LossArgs(sample_index, mask_rate, mask_rate_deriv, alpha, parametrization, reduction, ignore_index)
     args = _validate(op, V, tuple(logits.shape[:-1]), logits.device, target, args)
     be = OP_FROM_LOGITS.select(device_of(logits), backend)
-    if be == "reference":
-        return D3DiffOutput(*d3diff_loss_from_logits_ref(logits, target, **args._asdict()))
-    return D3DiffOutput(*_ops.loss_from_logits(logits, target, args, be))
+    with autocast_off(logits.device):  # no GEMM here: autocast changes nothing
+        if be == "reference":
+            return D3DiffOutput(*d3diff_loss_from_logits_ref(logits, target, **args._asdict()))
+        return D3DiffOutput(*_ops.loss_from_logits(logits, target, args, be))
 
 
 def d3diff_loss(
@@ -216,6 +218,15 @@ def d3diff_loss(
     Returns:
         :class:`D3DiffOutput`, fp32; differentiable w.r.t. hidden, weight and bias (gradients in
         their dtypes; the cpu backend accumulates the weight gradient in fp32 across chunks).
+
+    Under ``torch.autocast`` on the inputs' device the op behaves like ``F.linear``: hidden,
+    weight and bias (any float dtypes) are cast to the autocast dtype, which the GEMMs then run
+    in (fp32 accumulation; loss and statistics stay fp32), and the gradients come back in the
+    inputs' own dtypes. The cast is made once per call and the backward reuses it. (torch keeps
+    autocast's weight cast cache to its C++ kernels -- ``torch.library.register_autocast`` casts
+    without it -- and the model's code head is a slice of the LM head weight, a view autocast
+    would not cache anyway; the cast reads V·D elements once against the 2·N·D·V multiply-adds of
+    each of the op's GEMMs.)
     """
     op = "d3diff_loss"
     check_tensor(op, "hidden", hidden, ndim=(2, 3), dtypes=FLOAT_DTYPES)
@@ -226,16 +237,30 @@ def d3diff_loss(
     V = weight.shape[0]
     if V < 1:
         raise ValueError(f"{op}: argument 'weight' must have V >= 1 rows, got shape {list(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{op}: argument 'weight' must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
     if bias is not None:
-        check_tensor(op, "bias", bias, shape=[V])
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"{op}: argument 'bias' must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+        check_tensor(op, "bias", bias, shape=[V], dtypes=FLOAT_DTYPES)
     check_same_device(op, hidden=hidden, weight=weight, bias=bias)
+    gemm_dtype = _autocast_dtype(hidden.device)
+    if gemm_dtype is None:
+        for name, x in (("weight", weight), ("bias", bias)):
+            if x is not None and x.dtype != hidden.dtype:
+                raise TypeError(
+                    f"{op}: argument '{name}' must have the dtype of hidden ({hidden.dtype}), got {x.dtype} "
+                    "(mixed dtypes are cast only under torch.autocast)"
+                )
     args = LossArgs(sample_index, mask_rate, mask_rate_deriv, alpha, parametrization, reduction, ignore_index)
     args = _validate(op, V, tuple(hidden.shape[:-1]), hidden.device, target, args)
     be = OP_HEAD.select(device_of(hidden), backend)
-    if be == "reference":
-        return D3DiffOutput(*d3diff_loss_ref(hidden, weight, target, bias=bias, **args._asdict()))
-    return D3DiffOutput(*_ops.head_loss(hidden, weight, bias, target, args, be))
+    if gemm_dtype is not None:  # F.linear's autocast: the GEMM operands in the autocast dtype
+        hidden, weight, bias = (None if x is None else x.to(gemm_dtype) for x in (hidden, weight, bias))
+    with autocast_off(hidden.device):
+        if be == "reference":
+            return D3DiffOutput(*d3diff_loss_ref(hidden, weight, target, bias=bias, **args._asdict()))
+        return D3DiffOutput(*_ops.head_loss(hidden, weight, bias, target, args, be))
+
+
+def _autocast_dtype(device) -> Optional[torch.dtype]:
+    """The autocast dtype if autocast is on for ``device``'s type, else None."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None

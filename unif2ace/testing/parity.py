@@ -57,15 +57,18 @@ def assert_all_written(t: torch.Tensor, name: str = "output") -> None:
         raise AssertionError(f"{name}: {n} of {t.numel()} elements never written (first at {idx})")
 
 
-def assert_close(actual, expected, dtype: torch.dtype = torch.float32, name: str = "", scale: float = 1.0):
-    """Compare in fp32 with the tolerance of ``dtype`` (the dtype the kernel computed in)."""
+def assert_close(
+    actual, expected, dtype: torch.dtype = torch.float32, name: str = "", scale: float = 1.0, equal_nan: bool = False
+):
+    """Compare in fp32 with the tolerance of ``dtype`` (the dtype the kernel computed in).
+    ``equal_nan``: NaN must be where the expected NaN is (±inf always must match exactly)."""
     atol, rtol = tolerance(dtype, scale)
     torch.testing.assert_close(
         actual.float(),
         expected.float(),
         atol=atol,
         rtol=rtol,
-        equal_nan=False,
+        equal_nan=equal_nan,
         msg=lambda m: f"{name}: {m}" if name else m,
     )
 
@@ -85,12 +88,14 @@ def fwd_bwd_parity(
     grad_outputs: Optional[Sequence[torch.Tensor]] = None,
     names: Optional[Sequence[str]] = None,
     scale: float = 1.0,
+    equal_nan: bool = False,
 ) -> None:
     """Run ``fn_ref`` and ``fn_test`` on independent leaf copies of ``inputs``; compare outputs and
     the gradients of every floating input that requires grad.
 
     The functions return a tensor or a tuple of tensors. ``grad_outputs`` default to fresh random
-    tensors (a non-uniform upstream gradient) for every floating output.
+    tensors (a non-uniform upstream gradient) for every floating output. ``equal_nan``: outputs
+    and gradients must hold NaN exactly where the reference's do (the NaN/inf contract tests).
     """
 
     def leaves():
@@ -105,7 +110,7 @@ def fwd_bwd_parity(
         if isinstance(b, torch.Tensor):
             assert a.shape == b.shape, f"output {i}: shape {tuple(a.shape)} vs reference {tuple(b.shape)}"
             if b.is_floating_point():
-                assert_close(a, b, dtype, name=f"output {i}", scale=scale)
+                assert_close(a, b, dtype, name=f"output {i}", scale=scale, equal_nan=equal_nan)
             else:
                 assert torch.equal(a, b), f"output {i} differs from the reference"
     diff_out = [(a, b) for a, b in zip(outt, outr) if isinstance(b, torch.Tensor) and b.requires_grad]
@@ -127,4 +132,4 @@ def fwd_bwd_parity(
             assert gt[j] is None or not gt[j].any(), f"grad of {label}: reference has none"
             continue
         assert gt[j] is not None, f"grad of {label}: backend returned none"
-        assert_close(gt[j], gr[j], dtype, name=f"grad of {label}", scale=scale)
+        assert_close(gt[j], gr[j], dtype, name=f"grad of {label}", scale=scale, equal_nan=equal_nan)

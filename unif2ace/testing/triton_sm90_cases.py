@@ -71,7 +71,7 @@ def d3diff_cases() -> List[Case]:
 
                 def bwd(N=N, V=V, dt=dt, tdt=tdt):
                     f = _m(N)
-                    k.lse_gather_backward(_m(N, V, dtype=dt), _m(N, dtype=getattr(torch, tdt)), f, f, f, -100)
+                    k.lse_gather_backward(_m(N, V, dtype=dt), _m(N, dtype=getattr(torch, tdt)), f, f, f, f, -100)
 
                 out.append(_case("d3diff", "lse_gather", dn, shape, fwd, target=tdt))
                 out.append(_case("d3diff", "lse_gather_backward", dn, shape, bwd, target=tdt))
@@ -126,7 +126,7 @@ def d3diff_head_cases() -> List[Case]:
                                 f = _m(N)
                                 with _tf32(tf32):
                                     k.head_lse_gather_backward(
-                                        *inputs(), f, f, f, -100, deterministic=det, precise_grad=precise
+                                        *inputs(), f, f, f, f, -100, deterministic=det, precise_grad=precise
                                     )
 
                             entry = "bwd" if det else "bwd_atomic"

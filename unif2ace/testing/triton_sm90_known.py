@@ -10,63 +10,10 @@ these violate and fails on any other violation -- and on an entry that no longer
 Measured 2026 with triton 3.6.0 (the wheel's ptxas), target sm_90a.
 """
 
+from typing import List
+
 from .triton_sm90 import Known
 
-_I3 = "issue 16 item 3"
-
-KNOWN = [
-    # --- d3diff_head: the fused LM head + loss (one config shared by forward, dH and dW)
-    Known(
-        "_bwd_dw_kernel",
-        "hot-loop-spill",
-        _I3,
-        "fp32 dW: 6.6-7.7 KB spill stores per thread, ~2700-3100 STL/LDL in its K-loops (both fp32 configs)",
-        dtype="fp32",
-    ),
-    Known(
-        "_bwd_atomic_kernel",
-        "hot-loop-spill",
-        _I3,
-        "fp32 atomic backward: 1.4-2.5 KB spill stores, ~500-890 STL/LDL in its K-loops (both fp32 configs)",
-        dtype="fp32",
-    ),
-    Known(
-        "_bwd_dh_kernel",
-        "hot-loop-spill",
-        _I3,
-        "fp32 dH, small-D config (BLOCK_M=64 BLOCK_V=64 BLOCK_K=32 w4): 300 B spill stores, 26 STL/LDL in K-loops",
-        dtype="fp32",
-        config="BLOCK_M=64 BLOCK_V=64 BLOCK_K=32 w4",
-    ),
-    Known(
-        "_bwd_dw_kernel",
-        "spill",
-        _I3,
-        "bf16/fp16 dW spills 20-656 B at 255 registers, both 16-bit configs (most with bias and the hi/lo split)",
-    ),
-    Known(
-        "_bwd_atomic_kernel",
-        "spill",
-        _I3,
-        "bf16/fp16 atomic backward, small-D config (BLOCK_M=64 BLOCK_V=128 BLOCK_K=64 w4): 84-372 B at 255 registers",
-        config="BLOCK_M=64 BLOCK_V=128 BLOCK_K=64 w4",
-    ),
-    Known(
-        "_bwd_dh_kernel",
-        "reg-cap",
-        _I3,
-        "bf16/fp16 dH, large-D config (BLOCK_M=128 w8): 252-255 registers x 256 threads, one CTA per SM",
-    ),
-    Known(
-        "_bwd_dw_kernel",
-        "reg-cap",
-        _I3,
-        "bf16/fp16 dW, large-D config (BLOCK_M=128 w8): 255 registers x 256 threads, one CTA per SM",
-    ),
-    Known(
-        "_bwd_atomic_kernel",
-        "reg-cap",
-        _I3,
-        "bf16/fp16 atomic backward with bias, large-D config (BLOCK_M=128 w8): 255 registers x 256 threads",
-    ),
-]
+# Every violation found so far (issue 16 item 3: fused-head spills and register caps, MoE gating /
+# align spills and the serial dW2 wgmma, the masked-step remask spill) is fixed.
+KNOWN: List[Known] = []

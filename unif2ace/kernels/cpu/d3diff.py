@@ -3,8 +3,9 @@
 
 Entry points of the op record (see :data:`unif2ace.kernels.d3diff.OP_FROM_LOGITS`):
 
-- ``lse_gather(logits [N, V], target [N] int64, ignore_index) -> (lse [N] fp32, tgt [N] fp32)``
-- ``lse_gather_backward(logits, target, lse, grad_lse, grad_tgt, ignore_index) -> grad_logits``
+- ``lse_gather(logits [N, V], target [N] int64, ignore_index) -> (row_max, lse_rel, tgt)``, fp32 ``[N]``
+  (:class:`~unif2ace.kernels._custom_ops.d3diff.RowStats`)
+- ``lse_gather_backward(logits, target, row_max, lse_rel, grad_lse, grad_tgt, ignore_index) -> grad_logits``
 """
 
 from __future__ import annotations
@@ -18,5 +19,5 @@ def lse_gather(logits, target, ignore_index):
     return _ext.cpu_ops().lse_gather(logits, target, ignore_index)
 
 
-def lse_gather_backward(logits, target, lse, grad_lse, grad_tgt, ignore_index):
-    return _ext.cpu_ops().lse_gather_backward(logits, target, lse, grad_lse, grad_tgt, ignore_index)
+def lse_gather_backward(logits, target, row_max, lse_rel, grad_lse, grad_tgt, ignore_index):
+    return _ext.cpu_ops().lse_gather_backward(logits, target, row_max, lse_rel, grad_lse, grad_tgt, ignore_index)

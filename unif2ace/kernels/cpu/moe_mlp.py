@@ -1,6 +1,6 @@
 """cpu backend of ``moe_expert_mlp``: host glue of csrc/cpu/moe_mlp.cpp (``torch.ops.unif2ace_cpu``;
 counting sort of the slots by expert, per-expert oneDNN GEMMs -- on bf16 operands where the machine
-has bf16 matrix instructions, see :func:`unif2ace.kernels._ext.cpu_features` -- and vectorised
+has bf16 matrix instructions, see :func:`unif2ace.kernels.cpu.lowp_gemm` -- and vectorised
 activations).
 
 Arguments and results are those of ``moe_expert_mlp_ref`` / ``moe_expert_mlp_backward_ref``
@@ -15,13 +15,13 @@ from typing import Tuple
 import torch
 
 from .. import _ext
+from . import lowp_gemm
 
 
 def gemm_dtype(w1: torch.Tensor, w2: torch.Tensor) -> torch.dtype:
     """The dtype of the kernel's GEMM operands (``gemm_dtype`` in the .cpp): the weights' bf16 / fp16
     when both share it and the machine runs GEMMs on it, else fp32."""
-    key = {torch.bfloat16: "bf16_gemm", torch.float16: "fp16_gemm"}.get(w1.dtype)
-    return w1.dtype if key and w2.dtype == w1.dtype and _ext.cpu_features()[key] else torch.float32
+    return w1.dtype if w2.dtype == w1.dtype and lowp_gemm(w1.dtype)[0] else torch.float32
 
 
 def saved_h_meta(x, w1, w2, expert_ids) -> Tuple[Tuple[int, int], torch.dtype]:

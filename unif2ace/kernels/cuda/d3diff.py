@@ -16,5 +16,5 @@ def lse_gather(logits, target, ignore_index):
     return _ext.cuda_ops().lse_gather(logits, target, ignore_index)
 
 
-def lse_gather_backward(logits, target, lse, grad_lse, grad_tgt, ignore_index):
-    return _ext.cuda_ops().lse_gather_backward(logits, target, lse, grad_lse, grad_tgt, ignore_index)
+def lse_gather_backward(logits, target, row_max, lse_rel, grad_lse, grad_tgt, ignore_index):
+    return _ext.cuda_ops().lse_gather_backward(logits, target, row_max, lse_rel, grad_lse, grad_tgt, ignore_index)

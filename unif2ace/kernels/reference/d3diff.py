@@ -13,6 +13,19 @@ Per-sample schedule quantities (m = masking rate, m' = dm/dτ, both per sample b
 - the per-token weight σ'·r is computed directly as m'/m.
 
 m and m' are schedule values: they receive no gradient.
+
+NaN / ±inf contract (docs/kernels.md §A, every backend follows it):
+
+- a row whose target is ``ignore_index`` is never read: it contributes 0 to every output and gets
+  exactly 0 gradient whatever it holds (NaN, ±inf);
+- a masked row holding NaN anywhere, +inf anywhere, or no value above −inf gives a NaN loss term
+  (mask and score, every parametrisation) and a NaN gradient row, and NaN wherever the row feeds:
+  the reduced losses, and every entry of dW and dbias of the fused head;
+- −inf entries of an otherwise finite row are classes of probability 0 (gradient 0 there); a −inf
+  target logit gives CE = +inf (and a +inf score term) with a finite gradient.
+
+Large common offsets cost no accuracy: the row max is subtracted before anything is rounded at
+the offset's scale (log_softmax; :func:`_logsumexp`).
 """
 
 from __future__ import annotations
@@ -79,6 +92,14 @@ def schedule_terms(mask_rate: Tensor, mask_rate_deriv: Tensor) -> dict:
     }
 
 
+def _logsumexp(x: Tensor) -> Tensor:
+    """log Σ_v exp(x_v) over the last dim as ``max + log Σ exp(x − max)``, like log_softmax:
+    NaN for a row whose max is not finite (+inf, or no value above −inf), unlike torch.logsumexp
+    (which returns ±inf there); the contract treats such rows alike in every term."""
+    m = x.amax(dim=-1, keepdim=True).detach()
+    return (m + torch.log(torch.exp(x - m).sum(dim=-1, keepdim=True))).squeeze(-1)
+
+
 def _per_row(x: Tensor, sample_index: Tensor) -> Tensor:
     return x.index_select(0, sample_index.reshape(-1).long())
 
@@ -143,6 +164,8 @@ def d3diff_loss_from_logits_ref(
     t = target.reshape(-1).long()
     valid = t != ignore_index
     t_safe = torch.where(valid, t, torch.zeros_like(t))
+    # ignored rows are never read: whatever they hold (NaN, inf), 0 loss and exactly 0 gradient
+    x = torch.where(valid[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
 
     logp = torch.log_softmax(x, dim=-1)
     ce = -logp.gather(1, t_safe[:, None]).squeeze(1)
@@ -160,14 +183,14 @@ def d3diff_loss_from_logits_ref(
         dsigma = _per_row(s["dsigma"], sample_index)
         if parametrization == "posterior":
             log_s = logp - torch.log(_per_row(s["m"], sample_index))[:, None]
-            pos = torch.exp(torch.logsumexp(log_s, dim=-1))
+            pos = torch.exp(_logsumexp(log_s))
         elif parametrization == "radd":
             log_s = logp + log_r
-            pos = torch.exp(torch.logsumexp(log_s, dim=-1))
+            pos = torch.exp(_logsumexp(log_s))
         else:  # raw
             c = torch.log(torch.expm1(s["sigma"])) + math.log(V)
             log_s = x - _per_row(c, sample_index)[:, None]
-            pos = safe_exp(torch.logsumexp(log_s, dim=-1))
+            pos = safe_exp(_logsumexp(log_s))
         neg = (r * log_s.gather(1, t_safe[:, None])).squeeze(1)
         const = (r * (log_r - 1.0)).squeeze(1)
         dse = pos - neg + const

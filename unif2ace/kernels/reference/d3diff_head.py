@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -27,7 +28,12 @@ def d3diff_loss_ref(
 
     hidden ``[N, D]`` (or ``[B, L, D]``), weight ``[V, D]``, bias ``[V]`` or None, one float dtype;
     every other argument and the result as :func:`d3diff_loss_from_logits_ref`. Materialises the
-    ``[N, V]`` fp32 logits (the fast backends do not).
+    ``[N, V]`` fp32 logits (the fast backends do not). Rows whose target is ``ignore_index`` are
+    never read (NaN/inf there reach neither the loss nor any gradient, dW and dbias included).
     """
-    logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    ignore_index = kwargs.get("ignore_index", -100)
+    h = hidden.float()
+    valid = (target != ignore_index).reshape(h.shape[:-1] + (1,))
+    h = torch.where(valid, h, torch.zeros((), dtype=h.dtype, device=h.device))
+    logits = F.linear(h, weight.float(), None if bias is None else bias.float())
     return d3diff_loss_from_logits_ref(logits, target, **kwargs)

@@ -5,12 +5,15 @@ assembled in PyTorch from the two ``[N]`` vectors these kernels produce; see
 ``unif2ace/kernels/_custom_ops/d3diff.py``.
 
 - :func:`lse_gather`: logits ``[N, V]`` (fp32/fp16/bf16, unit column stride), target ``[N]`` int
-  -> ``lse [N]`` fp32, ``tgt [N]`` fp32. One program per row; the row is read once in BLOCK_V
-  tiles with an online max / sum-exp in fp32. Rows with ``target == ignore_index`` skip the sweep
-  and get 0, 0; a target outside [0, V) gives ``tgt = NaN`` (never an out-of-bounds read).
-- :func:`lse_gather_backward`: ``grad[i, v] = grad_lse[i]·exp(ℓ[i, v] − lse[i]) + grad_tgt[i]·[v = t_i]``
-  in the logits' dtype (0 on ignored rows), one program per row, recomputing the softmax from the
-  saved lse.
+  -> ``(row_max, lse_rel, tgt)``, fp32 ``[N]`` each (``lse = row_max + lse_rel``; see
+  :class:`~unif2ace.kernels._custom_ops.d3diff.RowStats`). One program per row; the row is read
+  once in BLOCK_V tiles with an online max / sum-exp in fp32; the rescale is guarded while the
+  running max is still −inf (a first tile of −inf, e.g. a vocabulary mask on leading columns, is
+  not a NaN). Rows with ``target == ignore_index`` skip the sweep and get 0, 0, 0; a target outside
+  [0, V) gives ``tgt = NaN`` (never an out-of-bounds read); NaN in a row reaches ``lse_rel``.
+- :func:`lse_gather_backward`: ``grad[i, v] = grad_lse[i]·exp((ℓ[i, v] − row_max[i]) − lse_rel[i]) +
+  grad_tgt[i]·[v = t_i]`` in the logits' dtype (exactly 0 on ignored rows), one program per row,
+  recomputing the softmax from the saved statistics.
 
 Everything is computed in fp32 right after the load and cast at the store (the interpreter's bf16
 arithmetic is broken, see docs/testing.md); offsets are int64.
@@ -26,7 +29,7 @@ import triton.language as tl
 
 from ._launch import Launch, launch
 
-__all__ = ["lse_gather", "lse_gather_backward", "block_v"]
+__all__ = ["lse_gather", "lse_gather_backward", "block_v", "online_lse_step"]
 
 MAX_BLOCK_V = 4096
 
@@ -41,10 +44,26 @@ def _num_warps(block: int) -> int:
 
 
 @triton.jit
+def online_lse_step(m, s, tile_max, x, AXIS: tl.constexpr):
+    """One tile of an online log-sum-exp: the running (max m, Σ exp(x − m) s) updated with tile
+    ``x`` (fp32, −inf where masked) whose max along AXIS is ``tile_max``; m and s are scalars
+    (AXIS 0 of a 1-D tile) or per row (AXIS 1). While the max is still −inf every term is 0: the
+    shift is guarded so that −inf − (−inf) never makes a NaN; NaN in x reaches s."""
+    m_new = tl.maximum(m, tile_max)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if AXIS == 0:
+        p = tl.sum(tl.exp(x - shift), 0)
+    else:
+        p = tl.sum(tl.exp(x - shift[:, None]), 1)
+    return m_new, s * tl.exp(m - shift) + p
+
+
+@triton.jit
 def _lse_gather_fwd_kernel(
     X,
     T,
-    LSE,
+    MAX,
+    LSE_REL,
     TGT,
     V,
     stride_x,
@@ -63,15 +82,13 @@ def _lse_gather_fwd_kernel(
     for start in range(0, n_cols, BLOCK_V):
         cols = start + offs
         x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        m, s = online_lse_step(m, s, tl.max(x, 0), x, 0)
         tg += tl.sum(tl.where(cols == t, x, 0.0), 0)
-        m = m_new
-    # ignored rows: m = -inf, s = 0 -> keep log() away from 0
-    lse = tl.where(valid, m, 0.0) + tl.log(tl.where(valid, s, 1.0))
     in_range = (t >= 0) & (t < V)
     tg = tl.where(in_range, tg, float("nan"))
-    tl.store(LSE + row, tl.where(valid, lse, 0.0))
+    # ignored rows: m = -inf, s = 0 -> 0, 0, 0 (and no log(0))
+    tl.store(MAX + row, tl.where(valid, m, 0.0))
+    tl.store(LSE_REL + row, tl.log(tl.where(valid, s, 1.0)))
     tl.store(TGT + row, tl.where(valid, tg, 0.0))
 
 
@@ -79,7 +96,8 @@ def _lse_gather_fwd_kernel(
 def _lse_gather_bwd_kernel(
     X,
     T,
-    LSE,
+    MAX,
+    LSE_REL,
     GL,
     GT,
     G,
@@ -92,7 +110,8 @@ def _lse_gather_bwd_kernel(
     row = tl.program_id(0)
     t = tl.load(T + row).to(tl.int64)
     valid = t != ignore_index
-    lse = tl.load(LSE + row).to(tl.float32)
+    mx = tl.load(MAX + row).to(tl.float32)
+    lse_rel = tl.load(LSE_REL + row).to(tl.float32)
     gl = tl.load(GL + row).to(tl.float32)
     gt = tl.load(GT + row).to(tl.float32)
     x_row = X + row.to(tl.int64) * stride_x
@@ -102,28 +121,30 @@ def _lse_gather_bwd_kernel(
         cols = start + offs
         in_row = cols < V
         x = tl.load(x_row + cols, mask=in_row & valid, other=0.0).to(tl.float32)
-        g = gl * tl.exp(x - lse) + tl.where(cols == t, gt, 0.0)
+        g = gl * tl.exp((x - mx) - lse_rel) + tl.where(cols == t, gt, 0.0)
         g = tl.where(valid, g, 0.0)
         tl.store(g_row + cols, g.to(G.dtype.element_ty), mask=in_row)
 
 
-def _rows(logits: torch.Tensor) -> torch.Tensor:
-    return logits if logits.stride(-1) == 1 else logits.contiguous()
+def _rows(logits: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Logits with unit column stride (any row stride) and a contiguous target."""
+    return (logits if logits.stride(-1) == 1 else logits.contiguous()), target.contiguous()
 
 
-def _plan_fwd(logits, target, lse, tgt, ignore_index) -> Launch:
+def _plan_fwd(logits, target, stats, ignore_index) -> Launch:
     N, V = logits.shape
     blk = block_v(V)
     return Launch(
         _lse_gather_fwd_kernel,
         (N,),
-        (logits, target, lse, tgt, V, logits.stride(0), int(ignore_index)),
+        (logits, target, *stats, V, logits.stride(0), int(ignore_index)),
         dict(BLOCK_V=blk),
         dict(num_warps=_num_warps(blk)),
     )
 
 
-def _plan_bwd(logits, target, lse, grad_lse, grad_tgt, grad, ignore_index) -> Launch:
+def _plan_bwd(logits, target, row_vectors, grad, ignore_index) -> Launch:
+    """``row_vectors``: (row_max, lse_rel, grad_lse, grad_tgt), fp32 [N]."""
     N, V = logits.shape
     blk = block_v(V)
     return Launch(
@@ -132,9 +153,7 @@ def _plan_bwd(logits, target, lse, grad_lse, grad_tgt, grad, ignore_index) -> La
         (
             logits,
             target,
-            lse.contiguous(),
-            grad_lse.contiguous(),
-            grad_tgt.contiguous(),
+            *(v.contiguous() for v in row_vectors),
             grad,
             V,
             logits.stride(0),
@@ -151,24 +170,26 @@ def lse_gather(
     target: torch.Tensor,
     ignore_index: int,
     *,
-    lse_out: Optional[torch.Tensor] = None,
-    tgt_out: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (lse, target logit) of ``logits [N, V]``; optional preallocated fp32 ``[N]`` outputs."""
-    logits = _rows(logits)
+    out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ``(row_max, lse_rel, tgt)`` of ``logits [N, V]``; ``out``: optional preallocated
+    fp32 ``[N]`` outputs."""
+    logits, target = _rows(logits, target)
     N, V = logits.shape
-    lse = torch.empty(N, dtype=torch.float32, device=logits.device) if lse_out is None else lse_out
-    tgt = torch.empty(N, dtype=torch.float32, device=logits.device) if tgt_out is None else tgt_out
+    if out is None:
+        out = tuple(torch.empty(N, dtype=torch.float32, device=logits.device) for _ in range(3))
+    mx, lse_rel, tgt = out
     if N == 0:
-        return lse, tgt
-    launch(_plan_fwd(logits, target, lse, tgt, ignore_index))
-    return lse, tgt
+        return mx, lse_rel, tgt
+    launch(_plan_fwd(logits, target, (mx, lse_rel, tgt), ignore_index))
+    return mx, lse_rel, tgt
 
 
 def lse_gather_backward(
     logits: torch.Tensor,
     target: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    lse_rel: torch.Tensor,
     grad_lse: torch.Tensor,
     grad_tgt: torch.Tensor,
     ignore_index: int,
@@ -176,10 +197,10 @@ def lse_gather_backward(
     grad_out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Gradient w.r.t. ``logits`` (contiguous, logits' dtype); optional preallocated output."""
-    logits = _rows(logits)
+    logits, target = _rows(logits, target)
     N, V = logits.shape
     grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device) if grad_out is None else grad_out
     if N == 0 or V == 0:
         return grad
-    launch(_plan_bwd(logits, target, lse, grad_lse, grad_tgt, grad, ignore_index))
+    launch(_plan_bwd(logits, target, (row_max, lse_rel, grad_lse, grad_tgt), grad, ignore_index))
     return grad

@@ -1,9 +1,10 @@
 """Triton kernels for the D3Diff loss fused with the LM head (vocabulary-tiled, CCE geometry).
 
-Computes, for logits ``ℓ = hidden @ weight.T + bias`` that are never written to memory, the two
-per-row numbers the whole D3Diff loss is assembled from (see ``unif2ace/kernels/_custom_ops/d3diff.py``):
-``lse_i = logsumexp_v ℓ_iv`` and ``tgt_i = ℓ_i[target_i]`` (fp32, 0 and 0 on rows with
-``target == ignore_index``), and their backward for hidden, weight and bias.
+Computes, for logits ``ℓ = hidden @ weight.T + bias`` that are never written to memory, the
+per-row numbers the whole D3Diff loss is assembled from (see ``unif2ace/kernels/_custom_ops/d3diff.py``,
+``RowStats``): ``row_max_i = max_v ℓ_iv``, ``lse_rel_i = log Σ_v exp(ℓ_iv − row_max_i)`` and
+``tgt_i = ℓ_i[target_i]`` (fp32, 0, 0, 0 on rows with ``target == ignore_index``), and their
+backward for hidden, weight and bias.
 
 Shapes and dtypes: hidden ``[N, D]``, weight ``[V, D]``, bias ``[V]`` or None, one dtype among
 fp32/fp16/bf16, unit column stride (otherwise copied); target ``[N]`` int. Gradients come back in
@@ -18,18 +19,19 @@ Masked-row compaction (no host sync)
     ``order = argsort(target == ignore_index, stable)`` puts the rows that carry loss first, in
     ascending order, and ``count`` (a device int32 scalar) is their number. Grids are sized for
     the worst case (all N rows); each program reads ``count`` and a row block at or beyond it
-    runs zero loop iterations, and the dW kernel bounds its loop over row blocks by ``count``.
+    runs zero loop iterations, and the dW kernel shares the ``⌈count / BLOCK_M⌉`` row blocks
+    that carry loss evenly among its row splits.
     Hidden rows are gathered through ``order`` inside the kernels (no copy), so the cost falls
     with the masking rate.
 
 Forward (:func:`head_lse_gather`)
     Programs over (row block, vocabulary split). Each sweeps its split's BLOCK_V tiles with an
-    online max / sum-exp per row, picks the target logit in the tile that holds it, and writes
-    a partial ``lse`` and ``tgt`` per split; a tiny torch ``logsumexp`` / ``sum`` over the
-    splits finishes the job.
+    online max / sum-exp per row (the rescale guarded while the max is −inf), picks the target
+    logit in the tile that holds it, and writes a partial max, log-sum-exp relative to it and
+    ``tgt`` per split; a tiny torch max / ``logsumexp`` / ``sum`` over the splits finishes the job.
 
 Backward (:func:`head_lse_gather_backward`)
-    ``dℓ = grad_lse·exp(ℓ − lse) + grad_tgt·[v = target]`` from recomputed logit tiles, then
+    ``dℓ = grad_lse·exp((ℓ − row_max) − lse_rel) + grad_tgt·[v = target]`` from recomputed logit tiles, then
     ``dH = dℓ @ W``, ``dW = dℓᵀ @ H``, ``dbias = Σ_rows dℓ``. The ``dℓ`` tile is cast to the input
     dtype for the two gradient ``tl.dot`` s, by default as a hi + lo pair (:data:`PRECISE_GRAD`);
     for fp16 inputs this needs |dℓ| < 65504, i.e. per-row upstream gradients of sane size.
@@ -47,8 +49,9 @@ Backward (:func:`head_lse_gather_backward`)
     :data:`DETERMINISTIC` selects the default; ``torch.use_deterministic_algorithms(True)`` forces
     the deterministic scheme.
 
-Block sizes come from a small table keyed by dtype and D class (:func:`pick_config`; to be tuned
-on an H100), no autotuning. Under the interpreter (CPU tensors, tests) :data:`INTERPRETER_CONFIG`
+Block sizes come from a small table keyed by kernel (:data:`KERNELS`), dtype and D class
+(:func:`pick_config`; checked for spills by the sm_90a compile check, to be tuned on an H100), no
+autotuning. Under the interpreter (CPU tensors, tests) :data:`INTERPRETER_CONFIG`
 is used. Offsets are int64. Everything loaded for arithmetic is converted to fp32 at once.
 """
 
@@ -64,6 +67,7 @@ import triton.language as tl
 
 from . import _launch
 from ._launch import Launch, launch
+from .d3diff import online_lse_step
 
 __all__ = [
     "FusedConfig",
@@ -91,8 +95,9 @@ PARTIAL_BUDGET_BYTES = 512 << 20
 
 @dataclass(frozen=True)
 class FusedConfig:
-    """Launch parameters. ``splits``: None = choose from the SM count (CUDA); an int fixes the
-    number of vocabulary splits (forward, dH) and row splits (dW), clipped to what exists."""
+    """Launch parameters of one kernel. ``splits``: None = choose from the SM count (CUDA); an int
+    fixes the number of vocabulary splits (forward, dH) and row splits (dW), clipped to what
+    exists."""
 
     block_m: int
     block_v: int
@@ -103,12 +108,38 @@ class FusedConfig:
     max_splits: int = 16
 
 
-# (dtype class, D class) -> config. Starting points only (CCE/Liger-like tiles); tune on an H100.
+KERNELS = ("fwd", "dh", "dw", "atomic")
+"""The kernels, each with its own config: the forward, the deterministic backward's dH and dW,
+and the opt-in atomic backward."""
+
+# (kernel, dtype class, D class) -> config; checked by scripts/check_triton_sm90.py (no spill in
+# 16-bit kernels, none in the hot loops of fp32 ones, wgmma for the 64-row 16-bit dots; registers
+# and shared memory in benchmarks/results/triton_sm90_resources.md). Untuned for speed: to be
+# timed on an H100.
+#   16-bit: the logit tile and dℓ (hi + lo) live in registers next to the wgmma accumulator, so
+#   the gradient kernels take 64-row tiles and a narrower K step than the forward.
+#   fp32 IEEE (FMA, no tensor cores): a dot holds its whole reduction dimension in registers per
+#   thread, so the dot that reduces over a tile of the loop (dH over BLOCK_V, dW over BLOCK_M)
+#   keeps that tile at 16; with TF32 (torch.set_float32_matmul_precision("high")) the same tiles
+#   run on wgmma.
+_C = FusedConfig
 _CONFIGS = {
-    ("16bit", "small"): FusedConfig(block_m=64, block_v=128, block_k=64, num_warps=4, num_stages=3),
-    ("16bit", "large"): FusedConfig(block_m=128, block_v=128, block_k=64, num_warps=8, num_stages=3),
-    ("fp32", "small"): FusedConfig(block_m=64, block_v=64, block_k=32, num_warps=4, num_stages=2),
-    ("fp32", "large"): FusedConfig(block_m=64, block_v=128, block_k=32, num_warps=8, num_stages=2),
+    ("fwd", "16bit", "small"): _C(block_m=64, block_v=128, block_k=64, num_warps=4, num_stages=3),
+    ("fwd", "16bit", "large"): _C(block_m=128, block_v=128, block_k=64, num_warps=8, num_stages=3),
+    ("dh", "16bit", "small"): _C(block_m=64, block_v=128, block_k=64, num_warps=8, num_stages=3),
+    ("dh", "16bit", "large"): _C(block_m=64, block_v=128, block_k=64, num_warps=8, num_stages=3),
+    ("dw", "16bit", "small"): _C(block_m=64, block_v=128, block_k=64, num_warps=8, num_stages=3),
+    ("dw", "16bit", "large"): _C(block_m=64, block_v=128, block_k=64, num_warps=8, num_stages=3),
+    ("atomic", "16bit", "small"): _C(block_m=64, block_v=128, block_k=64, num_warps=8, num_stages=3),
+    ("atomic", "16bit", "large"): _C(block_m=64, block_v=128, block_k=64, num_warps=8, num_stages=3),
+    ("fwd", "fp32", "small"): _C(block_m=64, block_v=64, block_k=32, num_warps=4, num_stages=2),
+    ("fwd", "fp32", "large"): _C(block_m=64, block_v=128, block_k=32, num_warps=8, num_stages=2),
+    ("dh", "fp32", "small"): _C(block_m=64, block_v=16, block_k=32, num_warps=4, num_stages=2),
+    ("dh", "fp32", "large"): _C(block_m=64, block_v=16, block_k=32, num_warps=4, num_stages=2),
+    ("dw", "fp32", "small"): _C(block_m=16, block_v=64, block_k=32, num_warps=4, num_stages=2),
+    ("dw", "fp32", "large"): _C(block_m=16, block_v=64, block_k=32, num_warps=4, num_stages=2),
+    ("atomic", "fp32", "small"): _C(block_m=16, block_v=16, block_k=32, num_warps=4, num_stages=2),
+    ("atomic", "fp32", "large"): _C(block_m=16, block_v=16, block_k=32, num_warps=4, num_stages=2),
 }
 _D_SMALL = 1024
 
@@ -116,15 +147,17 @@ INTERPRETER_CONFIG = FusedConfig(block_m=64, block_v=256, block_k=128, num_warps
 """CPU tensors under TRITON_INTERPRET=1: few, large program instances (~1 ms each)."""
 
 
-def pick_config(dtype: torch.dtype, D: int, device: torch.device) -> FusedConfig:
+def pick_config(kernel: str, dtype: torch.dtype, D: int, device: torch.device) -> FusedConfig:
+    """The config of ``kernel`` (one of :data:`KERNELS`) for inputs of ``dtype`` with D columns."""
     if not _launch.on_gpu(device):
         return INTERPRETER_CONFIG
     dclass = "small" if D <= _D_SMALL else "large"
-    return _CONFIGS[("fp32" if dtype == torch.float32 else "16bit", dclass)]
+    return _CONFIGS[(kernel, "fp32" if dtype == torch.float32 else "16bit", dclass)]
 
 
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
-    """fp32 operands: exact IEEE products unless torch allows TF32 matmuls; 16-bit: the default."""
+    """fp32 operands: exact IEEE products unless torch allows TF32 matmuls
+    (``torch.set_float32_matmul_precision("high")`` or ``allow_tf32``); 16-bit: the default."""
     if dtype == torch.float32 and not (_launch.on_gpu(device) and torch.backends.cuda.matmul.allow_tf32):
         return "ieee"
     return "tf32"
@@ -173,13 +206,11 @@ def _logit_tile(
     stride_h,
     stride_w,
     HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """fp32 [BLOCK_M, BLOCK_V] tile of hidden[rows] @ weight[cols].T (+ bias[cols])."""
-    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    """fp32 [rows, cols] tile of hidden[rows] @ weight[cols].T (+ bias[cols])."""
+    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
     h_base = H + rows[:, None] * stride_h
     w_base = W + cols[None, :] * stride_w
     offs_k = tl.arange(0, BLOCK_K)
@@ -208,11 +239,99 @@ def _row_block(ORDER, COUNT, T, pid_m, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _dlogits(logits, tgt, cols, m_mask, c_mask, lse, gl, gt):
-    """dℓ = gl·exp(ℓ − lse) + gt·[v = t], 0 outside the valid rows/columns (fp32)."""
-    p = tl.exp(logits - lse[:, None])
+def _row_coefficients(MAX, LREL, GL, GT, rows, m_mask):
+    """(row max, lse_rel, grad_lse, grad_tgt) of the rows, 0 outside the mask."""
+    mx = tl.load(MAX + rows, mask=m_mask, other=0.0)
+    lrel = tl.load(LREL + rows, mask=m_mask, other=0.0)
+    gl = tl.load(GL + rows, mask=m_mask, other=0.0)
+    gt = tl.load(GT + rows, mask=m_mask, other=0.0)
+    return mx, lrel, gl, gt
+
+
+@triton.jit
+def _dlogit_tile(
+    H,
+    W,
+    Bias,
+    rows,
+    m_mask,
+    tgt,
+    coefs,
+    cols,
+    c_mask,
+    D,
+    stride_h,
+    stride_w,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """fp32 dℓ tile = gl·exp((ℓ − max) − lse_rel) + gt·[v = t] of the recomputed logit tile, 0
+    outside the valid rows/columns; ``coefs`` from :func:`_row_coefficients`."""
+    logits = _logit_tile(H, W, Bias, rows, m_mask, cols, c_mask, D, stride_h, stride_w, HAS_BIAS, BLOCK_K, PRECISION)
+    mx, lrel, gl, gt = coefs
+    p = tl.exp((logits - mx[:, None]) - lrel[:, None])
     g = gl[:, None] * p + tl.where(cols[None, :] == tgt[:, None], gt[:, None], 0.0)
     return tl.where(m_mask[:, None] & c_mask[None, :], g, 0.0)
+
+
+@triton.jit
+def _operand(g32, DT: tl.constexpr, SPLIT_GRAD: tl.constexpr):
+    """dℓ as the gradient GEMMs' operand in dtype DT: (hi, lo) with hi + lo ≈ g32 when SPLIT_GRAD
+    (lo is hi otherwise, and unused)."""
+    hi = g32.to(DT)
+    if SPLIT_GRAD:
+        lo = (g32 - hi.to(tl.float32)).to(DT)
+    else:
+        lo = hi
+    return hi, lo
+
+
+@triton.jit
+def _dot_hi_lo(a, b, acc, SPLIT_GRAD: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b for an operand pair a = (hi, lo) (see :func:`_operand`)."""
+    hi, lo = a
+    acc = tl.dot(hi, b, acc, input_precision=PRECISION)
+    if SPLIT_GRAD:
+        acc = tl.dot(lo, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _dh_step(g, W, cols, c_mask, ks, k_mask, stride_w, acc, SPLIT_GRAD: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + dℓ @ W[cols, ks] (rows × K chunk)."""
+    w = tl.load(W + cols[:, None] * stride_w + ks[None, :], mask=c_mask[:, None] & k_mask[None, :], other=0.0)
+    return _dot_hi_lo(g, w, acc, SPLIT_GRAD, PRECISION)
+
+
+@triton.jit
+def _transposed(pair):
+    """(hiᵀ, loᵀ) of an operand pair."""
+    hi, lo = pair
+    return tl.trans(hi), tl.trans(lo)
+
+
+@triton.jit
+def _dw_step(gT, H, rows, m_mask, ks, k_mask, stride_h, acc, SPLIT_GRAD: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + dℓᵀ @ H[rows, ks] (vocabulary tile × K chunk)."""
+    h = tl.load(H + rows[:, None] * stride_h + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+    return _dot_hi_lo(gT, h, acc, SPLIT_GRAD, PRECISION)
+
+
+@triton.jit
+def _split_range(pid_s, n_units, per_split):
+    """[lo, hi) of split pid_s over n_units units, per_split each."""
+    lo = pid_s * per_split
+    return lo, tl.minimum(lo + per_split, n_units)
+
+
+@triton.jit
+def _rows_and_tiles(ORDER, COUNT, T, V, tiles_per_split, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Program (row block, vocabulary split) of the forward and dH grids: its rows, their mask and
+    targets, and its tile range [t_lo, t_hi) (empty for a row block beyond the count)."""
+    rows, m_mask, tgt, active = _row_block(ORDER, COUNT, T, tl.program_id(0), BLOCK_M)
+    t_lo, t_hi = _split_range(tl.program_id(1), tl.cdiv(V, BLOCK_V), tiles_per_split)
+    return rows, m_mask, tgt, t_lo, tl.where(active, t_hi, t_lo)
 
 
 @triton.jit
@@ -223,7 +342,8 @@ def _fwd_kernel(
     T,
     ORDER,
     COUNT,
-    PART_LSE,
+    PART_MAX,
+    PART_LREL,
     PART_TGT,
     CTR,
     N,
@@ -239,13 +359,7 @@ def _fwd_kernel(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows, m_mask, tgt, active = _row_block(ORDER, COUNT, T, pid_m, BLOCK_M)
-    n_tiles = tl.cdiv(V, BLOCK_V)
-    t_lo = pid_s * tiles_per_split
-    t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
-    t_hi = tl.where(active, t_hi, t_lo)  # row blocks beyond count: no work
+    rows, m_mask, tgt, t_lo, t_hi = _rows_and_tiles(ORDER, COUNT, T, V, tiles_per_split, BLOCK_M, BLOCK_V)
     offs_v = tl.arange(0, BLOCK_V)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_M,), tl.float32)
@@ -253,33 +367,15 @@ def _fwd_kernel(
     for tile in range(t_lo, t_hi):
         cols = (tile * BLOCK_V + offs_v).to(tl.int64)
         c_mask = cols < V
-        acc = _logit_tile(
-            H,
-            W,
-            Bias,
-            rows,
-            m_mask,
-            cols,
-            c_mask,
-            D,
-            stride_h,
-            stride_w,
-            HAS_BIAS,
-            BLOCK_M,
-            BLOCK_V,
-            BLOCK_K,
-            PRECISION,
-        )
+        acc = _logit_tile(H, W, Bias, rows, m_mask, cols, c_mask, D, stride_h, stride_w, HAS_BIAS, BLOCK_K, PRECISION)
         x = tl.where(c_mask[None, :], acc, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, 1))  # every tile holds >= 1 column: finite
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
+        m, s = online_lse_step(m, s, tl.max(x, 1), x, 1)
         tg += tl.sum(tl.where(cols[None, :] == tgt[:, None], acc, 0.0), 1)
-        m = m_new
         if DEBUG:
-            tl.atomic_add(CTR, 1)
-    out = pid_s.to(tl.int64) * N + rows
-    part = tl.where(m_mask, m, 0.0) + tl.log(tl.where(m_mask, s, 1.0))  # idle rows: no log(0)
-    tl.store(PART_LSE + out, part, mask=m_mask)
+            tl.atomic_add(CTR, 1, sem="relaxed")
+    out = tl.program_id(1).to(tl.int64) * N + rows
+    tl.store(PART_MAX + out, m, mask=m_mask)
+    tl.store(PART_LREL + out, tl.log(tl.where(m_mask, s, 1.0)), mask=m_mask)  # idle rows: no log(0)
     tl.store(PART_TGT + out, tg, mask=m_mask)
 
 
@@ -291,7 +387,8 @@ def _bwd_dh_kernel(
     T,
     ORDER,
     COUNT,
-    LSE,
+    MAX,
+    LREL,
     GL,
     GT,
     DH,
@@ -311,54 +408,26 @@ def _bwd_dh_kernel(
     SPLIT_GRAD: tl.constexpr,
 ):
     """dH partial of split pid_s: DH[pid_s, rows, :] += dℓ @ W[tiles of the split] (exclusive)."""
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows, m_mask, tgt, active = _row_block(ORDER, COUNT, T, pid_m, BLOCK_M)
-    lse = tl.load(LSE + rows, mask=m_mask, other=0.0)
-    gl = tl.load(GL + rows, mask=m_mask, other=0.0)
-    gt = tl.load(GT + rows, mask=m_mask, other=0.0)
-    n_tiles = tl.cdiv(V, BLOCK_V)
-    t_lo = pid_s * tiles_per_split
-    t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
-    t_hi = tl.where(active, t_hi, t_lo)
+    rows, m_mask, tgt, t_lo, t_hi = _rows_and_tiles(ORDER, COUNT, T, V, tiles_per_split, BLOCK_M, BLOCK_V)
+    coefs = _row_coefficients(MAX, LREL, GL, GT, rows, m_mask)
     offs_v = tl.arange(0, BLOCK_V)
     offs_k = tl.arange(0, BLOCK_K)
-    dh_base = DH + (pid_s.to(tl.int64) * N + rows[:, None]) * D
+    dh_base = DH + (tl.program_id(1).to(tl.int64) * N + rows[:, None]) * D
     for tile in range(t_lo, t_hi):
         cols = (tile * BLOCK_V + offs_v).to(tl.int64)
         c_mask = cols < V
-        acc = _logit_tile(
-            H,
-            W,
-            Bias,
-            rows,
-            m_mask,
-            cols,
-            c_mask,
-            D,
-            stride_h,
-            stride_w,
-            HAS_BIAS,
-            BLOCK_M,
-            BLOCK_V,
-            BLOCK_K,
-            PRECISION,
-        )
-        g32 = _dlogits(acc, tgt, cols, m_mask, c_mask, lse, gl, gt)
-        g = g32.to(W.dtype.element_ty)
-        g_lo = (g32 - g.to(tl.float32)).to(W.dtype.element_ty)  # dead code unless SPLIT_GRAD
+        args = (H, W, Bias, rows, m_mask, tgt, coefs, cols, c_mask, D, stride_h, stride_w)
+        g32 = _dlogit_tile(*args, HAS_BIAS, BLOCK_K, PRECISION)
+        g = _operand(g32, W.dtype.element_ty, SPLIT_GRAD)
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + offs_k
             k_mask = ks < D
-            w = tl.load(W + cols[:, None] * stride_w + ks[None, :], mask=c_mask[:, None] & k_mask[None, :], other=0.0)
-            contrib = tl.dot(g, w, input_precision=PRECISION)
-            if SPLIT_GRAD:
-                contrib = tl.dot(g_lo, w, contrib, input_precision=PRECISION)
             io = m_mask[:, None] & k_mask[None, :]
-            old = tl.load(dh_base + ks[None, :], mask=io, other=0.0)
-            tl.store(dh_base + ks[None, :], old + contrib, mask=io)
+            acc = tl.load(dh_base + ks[None, :], mask=io, other=0.0)
+            acc = _dh_step(g, W, cols, c_mask, ks, k_mask, stride_w, acc, SPLIT_GRAD, PRECISION)
+            tl.store(dh_base + ks[None, :], acc, mask=io)
         if DEBUG:
-            tl.atomic_add(CTR, 1)
+            tl.atomic_add(CTR, 1, sem="relaxed")
 
 
 @triton.jit
@@ -369,18 +438,20 @@ def _bwd_dw_kernel(
     T,
     ORDER,
     COUNT,
-    LSE,
+    MAX,
+    LREL,
     GL,
     GT,
     DW,
     DB,
     CTR,
+    CTR_SPLITS,
     N,
     V,
     D,
     stride_h,
     stride_w,
-    blocks_per_split,
+    n_splits,
     HAS_BIAS: tl.constexpr,
     DEBUG: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -389,13 +460,13 @@ def _bwd_dw_kernel(
     PRECISION: tl.constexpr,
     SPLIT_GRAD: tl.constexpr,
 ):
-    """dW/dbias partial of row split pid_s for vocabulary tile pid_v (exclusive)."""
+    """dW/dbias partial of row split pid_s for vocabulary tile pid_v (exclusive). The n_splits
+    splits share the row blocks that hold rows carrying loss -- their number comes from the
+    device count, not from N -- evenly."""
     pid_v = tl.program_id(0)
     pid_s = tl.program_id(1)
-    count = tl.load(COUNT)
-    n_blocks = tl.cdiv(count, BLOCK_M)  # only row blocks holding rows that carry loss
-    b_lo = pid_s * blocks_per_split
-    b_hi = tl.minimum(b_lo + blocks_per_split, n_blocks)
+    n_blocks = tl.cdiv(tl.load(COUNT), BLOCK_M)  # only row blocks holding rows that carry loss
+    b_lo, b_hi = _split_range(pid_s, n_blocks, tl.cdiv(n_blocks, n_splits))
     cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     c_mask = cols < V
     offs_k = tl.arange(0, BLOCK_K)
@@ -403,43 +474,22 @@ def _bwd_dw_kernel(
     db = tl.zeros((BLOCK_V,), tl.float32)
     for rb in range(b_lo, b_hi):
         rows, m_mask, tgt, active = _row_block(ORDER, COUNT, T, rb, BLOCK_M)
-        lse = tl.load(LSE + rows, mask=m_mask, other=0.0)
-        gl = tl.load(GL + rows, mask=m_mask, other=0.0)
-        gt = tl.load(GT + rows, mask=m_mask, other=0.0)
-        acc = _logit_tile(
-            H,
-            W,
-            Bias,
-            rows,
-            m_mask,
-            cols,
-            c_mask,
-            D,
-            stride_h,
-            stride_w,
-            HAS_BIAS,
-            BLOCK_M,
-            BLOCK_V,
-            BLOCK_K,
-            PRECISION,
-        )
-        g32 = _dlogits(acc, tgt, cols, m_mask, c_mask, lse, gl, gt)
-        db += tl.sum(g32, 0)
-        g = g32.to(H.dtype.element_ty)
-        gT = tl.trans(g)
-        gT_lo = tl.trans((g32 - g.to(tl.float32)).to(H.dtype.element_ty))
+        coefs = _row_coefficients(MAX, LREL, GL, GT, rows, m_mask)
+        args = (H, W, Bias, rows, m_mask, tgt, coefs, cols, c_mask, D, stride_h, stride_w)
+        g32 = _dlogit_tile(*args, HAS_BIAS, BLOCK_K, PRECISION)
+        if HAS_BIAS:
+            db += tl.sum(g32, 0)
+        gT = _transposed(_operand(g32, H.dtype.element_ty, SPLIT_GRAD))
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + offs_k
             k_mask = ks < D
-            h = tl.load(H + rows[:, None] * stride_h + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            contrib = tl.dot(gT, h, input_precision=PRECISION)
-            if SPLIT_GRAD:
-                contrib = tl.dot(gT_lo, h, contrib, input_precision=PRECISION)
             io = c_mask[:, None] & k_mask[None, :]
-            old = tl.load(dw_base + ks[None, :], mask=io, other=0.0)
-            tl.store(dw_base + ks[None, :], old + contrib, mask=io)
+            acc = tl.load(dw_base + ks[None, :], mask=io, other=0.0)
+            acc = _dw_step(gT, H, rows, m_mask, ks, k_mask, stride_h, acc, SPLIT_GRAD, PRECISION)
+            tl.store(dw_base + ks[None, :], acc, mask=io)
         if DEBUG:
-            tl.atomic_add(CTR, 1)
+            tl.atomic_add(CTR, 1, sem="relaxed")
+            tl.atomic_add(CTR_SPLITS + pid_s, 1, sem="relaxed")
     if HAS_BIAS:
         tl.store(DB + pid_s.to(tl.int64) * V + cols, db, mask=c_mask)
 
@@ -452,7 +502,8 @@ def _bwd_atomic_kernel(
     T,
     ORDER,
     COUNT,
-    LSE,
+    MAX,
+    LREL,
     GL,
     GT,
     DH,
@@ -472,57 +523,34 @@ def _bwd_atomic_kernel(
     PRECISION: tl.constexpr,
     SPLIT_GRAD: tl.constexpr,
 ):
-    """One (row block, vocabulary tile): dH, dW, dbias by fp32 atomics (non-deterministic order)."""
+    """One (row block, vocabulary tile): dH, dW, dbias by fp32 atomics (relaxed: plain sums, no
+    ordering needed; non-deterministic summation order)."""
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows, m_mask, tgt, active = _row_block(ORDER, COUNT, T, pid_m, BLOCK_M)
     if active:
-        lse = tl.load(LSE + rows, mask=m_mask, other=0.0)
-        gl = tl.load(GL + rows, mask=m_mask, other=0.0)
-        gt = tl.load(GT + rows, mask=m_mask, other=0.0)
+        coefs = _row_coefficients(MAX, LREL, GL, GT, rows, m_mask)
         cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
         c_mask = cols < V
-        acc = _logit_tile(
-            H,
-            W,
-            Bias,
-            rows,
-            m_mask,
-            cols,
-            c_mask,
-            D,
-            stride_h,
-            stride_w,
-            HAS_BIAS,
-            BLOCK_M,
-            BLOCK_V,
-            BLOCK_K,
-            PRECISION,
-        )
-        g32 = _dlogits(acc, tgt, cols, m_mask, c_mask, lse, gl, gt)
+        args = (H, W, Bias, rows, m_mask, tgt, coefs, cols, c_mask, D, stride_h, stride_w)
+        g32 = _dlogit_tile(*args, HAS_BIAS, BLOCK_K, PRECISION)
         if HAS_BIAS:
-            tl.atomic_add(DB + cols, tl.sum(g32, 0), mask=c_mask)
-        g = g32.to(H.dtype.element_ty)
-        gT = tl.trans(g)
-        g_lo = (g32 - g.to(tl.float32)).to(H.dtype.element_ty)
-        gT_lo = tl.trans(g_lo)
+            tl.atomic_add(DB + cols, tl.sum(g32, 0), mask=c_mask, sem="relaxed")
+        g = _operand(g32, H.dtype.element_ty, SPLIT_GRAD)
+        gT = _transposed(g)
         offs_k = tl.arange(0, BLOCK_K)
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + offs_k
             k_mask = ks < D
-            hm = m_mask[:, None] & k_mask[None, :]
-            wm = c_mask[:, None] & k_mask[None, :]
-            w = tl.load(W + cols[:, None] * stride_w + ks[None, :], mask=wm, other=0.0)
-            h = tl.load(H + rows[:, None] * stride_h + ks[None, :], mask=hm, other=0.0)
-            ch = tl.dot(g, w, input_precision=PRECISION)
-            cw = tl.dot(gT, h, input_precision=PRECISION)
-            if SPLIT_GRAD:
-                ch = tl.dot(g_lo, w, ch, input_precision=PRECISION)
-                cw = tl.dot(gT_lo, h, cw, input_precision=PRECISION)
-            tl.atomic_add(DH + rows[:, None] * D + ks[None, :], ch, mask=hm)
-            tl.atomic_add(DW + cols[:, None] * D + ks[None, :], cw, mask=wm)
+            zero_h = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+            zero_w = tl.zeros((BLOCK_V, BLOCK_K), tl.float32)
+            ch = _dh_step(g, W, cols, c_mask, ks, k_mask, stride_w, zero_h, SPLIT_GRAD, PRECISION)
+            cw = _dw_step(gT, H, rows, m_mask, ks, k_mask, stride_h, zero_w, SPLIT_GRAD, PRECISION)
+            hm, wm = m_mask[:, None] & k_mask[None, :], c_mask[:, None] & k_mask[None, :]
+            tl.atomic_add(DH + rows[:, None] * D + ks[None, :], ch, mask=hm, sem="relaxed")
+            tl.atomic_add(DW + cols[:, None] * D + ks[None, :], cw, mask=wm, sem="relaxed")
         if DEBUG:
-            tl.atomic_add(CTR, 1)
+            tl.atomic_add(CTR, 1, sem="relaxed")
 
 
 # ------------------------------------------------------------------------------------ launchers
@@ -532,15 +560,18 @@ def _unit_cols(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _prep(hidden, weight, bias, target, ignore_index, config):
+def _prep(hidden, weight, bias, target, ignore_index):
     hidden, weight = _unit_cols(hidden), _unit_cols(weight)
     bias = None if bias is None else bias.contiguous()
     target = target.contiguous()
-    N, D = hidden.shape
-    V = weight.shape[0]
-    cfg = config if config is not None else pick_config(hidden.dtype, D, hidden.device)
     valid, order, count = compact_rows(target, ignore_index)
-    return hidden, weight, bias, target, N, D, V, cfg, valid, order, count
+    return hidden, weight, bias, target, valid, order, count
+
+
+def _configs(hidden, config: Optional[FusedConfig], *kernels: str):
+    """The config of each kernel: ``config`` for all of them when given, else its table entry."""
+    D = hidden.shape[1]
+    return [config if config is not None else pick_config(k, hidden.dtype, D, hidden.device) for k in kernels]
 
 
 def _meta(hidden, bias, cfg, counter, **extra):
@@ -566,31 +597,30 @@ def head_lse_gather(
     *,
     config: Optional[FusedConfig] = None,
     debug_counter: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``(lse [N], tgt [N])`` fp32 of ``hidden @ weight.T + bias`` without storing logits.
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ``(row_max, lse_rel, tgt)``, fp32 ``[N]``, of ``hidden @ weight.T + bias`` without
+    storing logits.
 
-    Rows with ``target == ignore_index`` get 0, 0 and cost nothing; a target outside [0, V)
+    Rows with ``target == ignore_index`` get 0, 0, 0 and cost nothing; a target outside [0, V)
     (value checks off) gives ``tgt = NaN``. ``debug_counter`` (int32 [1], test hook): incremented
     once per logit tile computed; also NaN-poisons the internal partial buffers.
     """
-    hidden, weight, bias, target, N, D, V, cfg, valid, order, count = _prep(
-        hidden, weight, bias, target, ignore_index, config
-    )
+    hidden, weight, bias, target, valid, order, count = _prep(hidden, weight, bias, target, ignore_index)
+    (N, D), V = hidden.shape, weight.shape[0]
+    (cfg,) = _configs(hidden, config, "fwd")
     dev = hidden.device
     if N == 0:
-        z = torch.zeros(0, dtype=torch.float32, device=dev)
-        return z, z.clone()
+        return tuple(torch.zeros(0, dtype=torch.float32, device=dev) for _ in range(3))
     n_tiles = triton.cdiv(V, cfg.block_v)
     n_rb = triton.cdiv(N, cfg.block_m)
     S, per = _split(n_tiles, n_rb, cfg, dev)
-    part_lse = torch.empty((S, N), dtype=torch.float32, device=dev)
-    part_tgt = torch.empty((S, N), dtype=torch.float32, device=dev)
+    part_max, part_lrel, part_tgt = torch.empty((3, S, N), dtype=torch.float32, device=dev)
     if debug_counter is not None:  # test hook: rows that carry loss must all be written
-        part_lse.fill_(float("nan"))
-        part_tgt.fill_(float("nan"))
+        for part in (part_max, part_lrel, part_tgt):
+            part.fill_(float("nan"))
     ctr = debug_counter if debug_counter is not None else count
     b_arg = bias if bias is not None else hidden
-    args = (hidden, weight, b_arg, target, order, count, part_lse, part_tgt, ctr, N, V, D)
+    args = (hidden, weight, b_arg, target, order, count, part_max, part_lrel, part_tgt, ctr, N, V, D)
     launch(
         Launch(
             _fwd_kernel,
@@ -599,14 +629,18 @@ def head_lse_gather(
             *_meta(hidden, bias, cfg, debug_counter),
         )
     )
-    # ignored rows were never written: select them away (no host sync)
-    lse = part_lse[0] if S == 1 else torch.logsumexp(part_lse, 0)
-    tgt = part_tgt[0] if S == 1 else part_tgt.sum(0)
+    # merge the splits (max, then the relative sums rescaled to it); ignored rows were never
+    # written: select them away (no host sync)
+    if S == 1:
+        mx, lse_rel, tgt = part_max[0], part_lrel[0], part_tgt[0]
+    else:
+        mx = part_max.max(0).values
+        lse_rel = torch.logsumexp((part_max - mx) + part_lrel, 0)
+        tgt = part_tgt.sum(0)
     zero = torch.zeros((), dtype=torch.float32, device=dev)
     in_range = (target >= 0) & (target < V)
-    lse = torch.where(valid, lse, zero)
-    tgt = torch.where(valid, torch.where(in_range, tgt, torch.full_like(zero, float("nan"))), zero)
-    return lse, tgt
+    tgt = torch.where(in_range, tgt, torch.full_like(zero, float("nan")))
+    return tuple(torch.where(valid, x, zero) for x in (mx, lse_rel, tgt))
 
 
 def head_lse_gather_backward(
@@ -614,7 +648,8 @@ def head_lse_gather_backward(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     target: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    lse_rel: torch.Tensor,
     grad_lse: torch.Tensor,
     grad_tgt: torch.Tensor,
     ignore_index: int,
@@ -628,49 +663,60 @@ def head_lse_gather_backward(
     bias) for ``dℓ = grad_lse·softmax(ℓ) + grad_tgt·onehot(target)`` on the rows that carry loss.
 
     ``deterministic``: None = :data:`DETERMINISTIC` (or True under
-    ``torch.use_deterministic_algorithms``). ``debug_counter``: incremented once per logit tile
-    recomputed (both kernels of the deterministic scheme). ``precise_grad``: None =
-    :data:`PRECISE_GRAD` (16-bit inputs only).
+    ``torch.use_deterministic_algorithms``). ``debug_counter`` (int32, test hook): element 0 is
+    incremented once per logit tile recomputed (both kernels of the deterministic scheme); with
+    more elements, element 1 + s counts the tiles of the dW kernel's row split s. ``precise_grad``:
+    None = :data:`PRECISE_GRAD` (16-bit inputs only).
     """
-    hidden, weight, bias, target, N, D, V, cfg, valid, order, count = _prep(
-        hidden, weight, bias, target, ignore_index, config
-    )
+    hidden, weight, bias, target, valid, order, count = _prep(hidden, weight, bias, target, ignore_index)
+    (N, D), V = hidden.shape, weight.shape[0]
     dev = hidden.device
     if deterministic is None:
         deterministic = DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
-    lse = lse.contiguous().float()
-    grad_lse = grad_lse.contiguous().float()
-    grad_tgt = grad_tgt.contiguous().float()
-    n_tiles = triton.cdiv(V, cfg.block_v)
-    n_rb = triton.cdiv(N, cfg.block_m)
+    rv = tuple(x.contiguous().float() for x in (row_max, lse_rel, grad_lse, grad_tgt))
     ctr = debug_counter if debug_counter is not None else count
     if precise_grad is None:
         precise_grad = PRECISE_GRAD
-    meta = _meta(hidden, bias, cfg, debug_counter, SPLIT_GRAD=bool(precise_grad) and hidden.dtype != torch.float32)
+    split_grad = bool(precise_grad) and hidden.dtype != torch.float32
     b_arg = bias if bias is not None else hidden
-    common = (hidden, weight, b_arg, target, order, count, lse, grad_lse, grad_tgt)
+    common = (hidden, weight, b_arg, target, order, count, *rv)
     strides = (hidden.stride(0), weight.stride(0))
     if N == 0:
         gh = torch.zeros((0, D), dtype=torch.float32, device=dev)
         gw = torch.zeros((V, D), dtype=torch.float32, device=dev)
         gb = torch.zeros(V, dtype=torch.float32, device=dev)
     elif deterministic:
-        S_h, per_h = _split(n_tiles, n_rb, cfg, dev, bytes_per_split=N * D * 4)
+        c_h, c_w = _configs(hidden, config, "dh", "dw")
+        n_tiles, n_rb = triton.cdiv(V, c_h.block_v), triton.cdiv(N, c_h.block_m)
+        S_h, per_h = _split(n_tiles, n_rb, c_h, dev, bytes_per_split=N * D * 4)
         dh = torch.zeros((S_h, N, D), dtype=torch.float32, device=dev)
+        meta = _meta(hidden, bias, c_h, debug_counter, SPLIT_GRAD=split_grad)
         launch(Launch(_bwd_dh_kernel, (n_rb, S_h), common + (dh, ctr, N, V, D, *strides, per_h), *meta))
-        S_w, per_w = _split(n_rb, n_tiles, cfg, dev, bytes_per_split=V * D * 4)
+        # row splits planned for all N rows; the kernel shares the row blocks that carry loss
+        # (the device count) evenly among them
+        n_tiles, n_rb = triton.cdiv(V, c_w.block_v), triton.cdiv(N, c_w.block_m)
+        S_w, _ = _split(n_rb, n_tiles, c_w, dev, bytes_per_split=V * D * 4)
         dw = torch.zeros((S_w, V, D), dtype=torch.float32, device=dev)
         db = torch.empty((S_w, V), dtype=torch.float32, device=dev)
         if debug_counter is not None:
             db.fill_(float("nan"))
-        launch(Launch(_bwd_dw_kernel, (n_tiles, S_w), common + (dw, db, ctr, N, V, D, *strides, per_w), *meta))
+        per_split_ctr = ctr  # unread unless debugging
+        if debug_counter is not None:  # element 1 + s: tiles of row split s (scratch when too short)
+            n = debug_counter.numel()
+            per_split_ctr = debug_counter[1:] if n > S_w else torch.zeros(S_w, dtype=torch.int32, device=dev)
+        meta = _meta(hidden, bias, c_w, debug_counter, SPLIT_GRAD=split_grad)
+        args = common + (dw, db, ctr, per_split_ctr, N, V, D, *strides, S_w)
+        launch(Launch(_bwd_dw_kernel, (n_tiles, S_w), args, *meta))
         gh = dh[0] if S_h == 1 else dh.sum(0)
         gw = dw[0] if S_w == 1 else dw.sum(0)
         gb = db[0] if S_w == 1 else db.sum(0)
     else:
+        (c_a,) = _configs(hidden, config, "atomic")
+        n_tiles, n_rb = triton.cdiv(V, c_a.block_v), triton.cdiv(N, c_a.block_m)
         gh = torch.zeros((N, D), dtype=torch.float32, device=dev)
         gw = torch.zeros((V, D), dtype=torch.float32, device=dev)
         gb = torch.zeros(V, dtype=torch.float32, device=dev)
+        meta = _meta(hidden, bias, c_a, debug_counter, SPLIT_GRAD=split_grad)
         launch(Launch(_bwd_atomic_kernel, (n_rb, n_tiles), common + (gh, gw, gb, ctr, N, V, D, *strides), *meta))
     gh = gh.to(hidden.dtype)
     gw = gw.to(weight.dtype)
