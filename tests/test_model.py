@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from unif2ace.kernels import use_backend
+from unif2ace.kernels._custom_ops.moe import OPS as MOE_OPS
+from unif2ace.kernels.d3diff import OP_HEAD
 from unif2ace.model import (
     IGNORE_INDEX,
     Batch,
@@ -963,3 +965,61 @@ def test_phi_import_errors_list_keys():
     cfg = preset("tiny", block_layout="parallel", expert_activation="gelu_tanh", shared_width=512)
     with pytest.raises(CheckpointError, match="dense MLP width 96"):
         load_phi_state_dict(UniF2ace(cfg), _random_phi(cfg, 100, 96, cfg.num_layers))
+
+
+class _KernelOperandDtypes:
+    """Records the dtypes of the GEMM operands every cpu kernel entry point of the fused head
+    (hidden, weight, bias) and of the expert MLP (x, w1, w2) receives."""
+
+    def __init__(self, monkeypatch):
+        self.seen = []
+        head = OP_HEAD.kernels("cpu")
+        mlp = MOE_OPS["moe_expert_mlp"].kernels("cpu")
+        for name in ("head_lse_gather", "head_lse_gather_backward", "head_lse_gather_eager_grad"):
+            if hasattr(head, name):
+                monkeypatch.setattr(head, name, self._wrap(name, getattr(head, name), 0))
+        monkeypatch.setattr(mlp, "moe_expert_mlp", self._wrap("mlp", mlp.moe_expert_mlp, 0))
+        monkeypatch.setattr(mlp, "moe_expert_mlp_backward", self._wrap("mlp_bwd", mlp.moe_expert_mlp_backward, 1))
+
+    def _wrap(self, name, fn, first):
+        def f(*args, **kw):
+            self.seen.append((name, *(a.dtype for a in args[first : first + 3] if isinstance(a, torch.Tensor))))
+            return fn(*args, **kw)
+
+        return f
+
+
+def test_bf16_autocast_training_step_feeds_bf16_to_the_fused_kernels(monkeypatch):
+    """Issue 16 item 4, at the model level: under the trainer's bf16 autocast, a training step sends
+    bf16 GEMM operands to the fused D3Diff head and the expert MLP kernels (forward and backward,
+    although the final LayerNorm output and the parameters are fp32), and its loss and gradients
+    match the reference backend under the same autocast within bf16 tolerance."""
+    model = make_model()
+    b = make_batch(model.cfg)
+    rec = _KernelOperandDtypes(monkeypatch)
+    results = []
+    for be in ("reference", "cpu"):
+        model.set_backend(be)
+        model.zero_grad(set_to_none=True)
+        rec.seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(b)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads, list(rec.seen)))
+    (o_ref, g_ref, _), (o_cpu, g_cpu, seen) = results
+    kinds = {name for name, *_ in seen}
+    assert "mlp" in kinds and "mlp_bwd" in kinds and kinds & {"head_lse_gather", "head_lse_gather_eager_grad"}, seen
+    assert all(dt == torch.bfloat16 for _, *dts in seen for dt in dts), seen
+    atol, rtol = TOLERANCES[torch.bfloat16]
+    assert o_cpu.loss.dtype == torch.float32
+    assert_close(o_cpu.loss, o_ref.loss, atol=atol, rtol=rtol, name="loss")
+    assert g_ref.keys() == g_cpu.keys() and len(g_ref) == len(list(model.parameters()))
+    for n in g_ref:
+        assert g_cpu[n].dtype == torch.float32, n
+        scale = g_ref[n].abs().max().clamp_min(1e-3)
+        assert_close(g_cpu[n] / scale, g_ref[n] / scale, atol=4 * atol, rtol=4 * rtol, name=n)
+    rec.seen.clear()  # control: without autocast the same kernels get the fp32 operands
+    model(b).loss.backward()
+    assert {name for name, *_ in rec.seen} == kinds, rec.seen
+    assert all(dt == torch.float32 for _, *dts in rec.seen for dt in dts), rec.seen

@@ -436,17 +436,28 @@ def test_cuda_gating_deterministic_and_many_blocks(backend, dev):
         assert torch.equal(ops.moe_gating_backward(gg, gp, gl, *args), base_dz), "backward not reproducible"
 
 
+def _scratch_allocations(fn, row_words):
+    """The 1-D allocations of whole [blocks, 8 warps, 2E + G] scratch rows that ``fn()`` makes."""
+    with torch.profiler.profile(record_shapes=True) as prof:
+        out = fn()
+    sizes = [e.concrete_inputs[0] for e in prof.events() if e.name == "aten::empty" and e.concrete_inputs]
+    return out, [sh for sh in sizes if len(sh) == 1 and sh[0] > 0 and sh[0] % (8 * row_words) == 0]
+
+
 @pytest.mark.parametrize("backend", CUDA)
-def test_cuda_gating_global_scratch_statistics(backend, dev):
-    # 8 groups x 100 experts: the per-warp accumulators (8 * (2E + G) words) exceed 48 KiB of
-    # shared memory and live in a global scratch buffer (64 statistics blocks; emulated: 1000 tokens
-    # still fill them)
-    T, sizes, k = 3000 if dev.type == "cuda" else 1000, [100] * 8, 8
+@pytest.mark.parametrize("groups,scratch", [(8, False), (29, True)], ids=["opt-in-smem", "global-scratch"])
+def test_cuda_gating_large_expert_counts_statistics(backend, groups, scratch, dev):
+    # the per-warp accumulators (8 * (2E + G) words) exceed 48 KiB of shared memory: up to the
+    # device's opt-in limit (227 KiB on sm_90, the emulator's too) they stay in shared memory
+    # (8 x 100 experts: 51 KiB), above it (29 x 128 experts: 233 KiB) they live in a global scratch
+    # buffer (64 statistics blocks; emulated: 1000 tokens still fill them)
+    T, sizes, k = 3000 if dev.type == "cuda" else 1000, [100] * 8 if groups == 8 else [128] * 29, 8
     z = _quantized_logits(T, sum(sizes), dev).requires_grad_(True)
-    gid = torch.randint(0, 8, (T,), device=dev)
+    gid = torch.randint(0, groups, (T,), device=dev)
     gid[gid == 5] = 6  # and one empty group
     ref_fn, cuda_fn = _fns("cuda", gid, sizes, k, "softmax", False, 0.05)
-    out = cuda_fn(z.detach())
+    out, allocs = _scratch_allocations(lambda: cuda_fn(z.detach()), 2 * sum(sizes) + groups)
+    assert bool(allocs) == scratch, allocs
     _check_written(out)
     fwd_bwd_parity(ref_fn, cuda_fn, [z], names=["router_logits"])
     again = cuda_fn(z.detach())
@@ -526,7 +537,7 @@ def test_cuda_gating_raw_op_errors_name_the_argument(backend, dev):
 
 @pytest.mark.parametrize("backend", CUDA)
 def test_cuda_gating_1024_experts(backend, dev):
-    # E = 1024 in 8 full groups of 128 (every lane's 4 slots; global-scratch statistics), k = 8
+    # E = 1024 in 8 full groups of 128 (every lane's 4 slots; 66 KiB of shared-memory statistics), k = 8
     T, sizes, k = 120, [128] * 8, 8
     z = randn(T, sum(sizes), device=dev, scale=2.0).requires_grad_(True)
     gid = torch.randint(0, 8, (T,), device=dev)

@@ -217,5 +217,5 @@ def test_sequence_gating_bad_inputs():
         moe_sequence_gating(hidden, mask, randn(8, D + 1), torch.tensor([0, 1]), [4, 4])
     with _raises(TypeError, "moe_sequence_gating", "valid_mask", "dtype"):
         moe_sequence_gating(hidden, mask.float(), randn(8, D), torch.tensor([0, 1]), [4, 4])
-    with _raises(ValueError, "moe_gating", "top_k", "group 1"):
+    with _raises(ValueError, "moe_sequence_gating", "top_k", "group 1"):
         moe_sequence_gating(hidden, mask, randn(5, D), torch.tensor([0, 1]), [4, 1], 2)

@@ -87,7 +87,7 @@ def _mlp_fns(backend, ids, activation, bias):
     def fast_fn(*args):
         x, w1, w2, g, b1, b2 = unpack(args)
         if backend == "custom_op":
-            return C.mlp_op(x, w1, w2, ids, g, b1, b2, activation, "reference")
+            return C.mlp_op(x, w1, w2, ids, g, b1, b2, activation, "reference")[0]
         out = moe_expert_mlp(x, w1, w2, ids, g, b1=b1, b2=b2, activation=activation, backend=backend)
         assert_all_written(out, "out")
         return out
@@ -222,11 +222,39 @@ def test_cpu_mlp_skewed_routing_and_empty_experts():
     assert not (dx.any() or dw1.any() or dw2.any() or dg.any())
 
 
-def test_cpu_mlp_bf16_and_mixed_dtypes():
+def _gemm_dtypes(fn, *inputs):
+    """The operand dtypes of the GEMMs the cpu kernel ran (forward and backward of fn), as the
+    profiler records its at::mm / oneDNN linear calls."""
+    with _threads(1), torch.profiler.profile(record_shapes=True) as prof:  # one thread: every call on this one
+        fn(*inputs).float().square().sum().backward()
+    names = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")
+    floats = ("float", "c10::BFloat16", "c10::Half")
+    return {d for e in prof.events() if e.name in names for d in e.input_dtypes if d in floats}
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("lowp", [True, False], ids=["bf16-gemms", "fp32-fallback"])
+def test_cpu_mlp_bf16_gemms(lowp, activation, monkeypatch):
+    """bf16 inputs run the GEMMs on bf16 operands where the machine has bf16 matrix instructions
+    (``_ext.cpu_features()["bf16_gemm"]``); with UNIF2ACE_CPU_LOWP_GEMM=0 -- what a machine without
+    them runs -- in fp32. Both within the MoE bf16 tolerance of the reference, forward and backward."""
+    if not lowp:
+        monkeypatch.setenv("UNIF2ACE_CPU_LOWP_GEMM", "0")
+    elif not _ext.cpu_features()["bf16_gemm"]:
+        pytest.skip("no bf16 matrix instructions on this CPU")
+    # the Triton bf16 test's shape. Its tolerance (x4) is what dW2 = A^T (g * grad_out) on bf16
+    # operands -- the GPU kernels' design too -- reaches only for some seeds (emulated over 8
+    # seeds: up to 1.5x of it, ours as the GPU scheme), so x8
+    T, D, F, E, k = 37, 48, 32, 4, 2
+    ids, inputs = _mlp_inputs(T, D, F, E, k, activation, True, dtype=torch.bfloat16, scale=0.1, bias_scale=1.0)
+    ref_fn, cpu_fn = _mlp_fns("cpu", ids, activation, True)
+    fwd_bwd_parity(ref_fn, cpu_fn, inputs, dtype=torch.bfloat16, names=MLP_NAMES, scale=8.0)
+    assert _gemm_dtypes(cpu_fn, *inputs) == ({"c10::BFloat16"} if lowp else {"float"})
+
+
+def test_cpu_mlp_mixed_dtypes():
     T, D, F, E, k = 120, 32, 24, 8, 4
-    ids, inputs = _mlp_inputs(T, D, F, E, k, "swiglu", True, dtype=torch.bfloat16)
-    ref_fn, cpu_fn = _mlp_fns("cpu", ids, "swiglu", True)
-    fwd_bwd_parity(ref_fn, cpu_fn, inputs, dtype=torch.bfloat16, names=MLP_NAMES)
+    ids = _ids(T, k, E)
     # bf16 activations with fp32 weights, fp16 gates: output in x's dtype, grads in each input's dtype
     x = randn(T, D, dtype=torch.bfloat16).requires_grad_(True)
     w1 = randn(E, D, F, scale=D**-0.5).requires_grad_(True)
@@ -240,6 +268,68 @@ def test_cpu_mlp_bf16_and_mixed_dtypes():
     assert (x.grad.dtype, w1.grad.dtype, g.grad.dtype) == (torch.bfloat16, torch.float32, torch.float16)
 
 
+class _OperandDtypes:
+    """Records the dtypes of (x, w1, w2) every kernel entry point of a backend gets."""
+
+    def __init__(self, monkeypatch, backend):
+        self.seen = []
+        module = C.OPS["moe_expert_mlp"].kernels(backend)
+        monkeypatch.setattr(module, "moe_expert_mlp", self._wrap("fwd", module.moe_expert_mlp, 0))
+        monkeypatch.setattr(module, "moe_expert_mlp_backward", self._wrap("bwd", module.moe_expert_mlp_backward, 1))
+
+    def _wrap(self, name, fn, first):
+        def f(*args, **kw):
+            self.seen.append((name, *(a.dtype for a in args[first : first + 3])))
+            return fn(*args, **kw)
+
+        return f
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_autocast_bf16_operands(backend, monkeypatch):
+    """Under torch.autocast(cpu, bf16) the expert MLP behaves like F.linear: fp32 x / w1 / w2 reach
+    the kernel entry points as bf16 GEMM operands, forward and backward; the result matches the
+    reference on the bf16-cast operands within bf16 tolerance, comes out in bf16, and the gradients
+    come back in fp32. A custom op's backward inside the autocast region computes exactly as one
+    outside it; fp32 weights that require grad are cast once per autocast region (autocast's cache)."""
+    T, D, F, E, k = 37, 32, 16, 4, 2  # triton's dots need D, F >= 16
+    ids, inputs = _mlp_inputs(T, D, F, E, k, "swiglu", True, scale=0.5, bias_scale=1.0)
+    rec = None if backend == "reference" else _OperandDtypes(monkeypatch, backend)
+
+    def fast(x, w1, w2, g, b1, b2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return moe_expert_mlp(x, w1, w2, ids, g, b1=b1, b2=b2, activation="swiglu", backend=backend)
+
+    def ref(x, w1, w2, g, b1, b2):  # the contract: the GEMM operands rounded to bf16, the rest fp32
+        return R.moe_expert_mlp_ref(x.bfloat16(), w1.bfloat16(), w2.bfloat16(), ids, g, b1, b2, "swiglu")
+
+    fwd_bwd_parity(ref, fast, inputs, dtype=torch.bfloat16, names=MLP_NAMES, scale=8.0)  # see test_cpu_mlp_bf16_gemms
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fast(*leaves)
+    assert out.dtype == torch.bfloat16
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, go, retain_graph=True)
+    assert all(gr.dtype == torch.float32 for gr in grads)
+    if rec is not None:  # (the reference's backward is autograd's: autocast applies to it)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            grads_in = torch.autograd.grad(out, leaves, go)
+        for name, a, b in zip(MLP_NAMES, grads, grads_in):
+            assert torch.equal(a, b), f"{name}: the backward inside autocast differs from the one outside"
+        assert {name for name, *_ in rec.seen} == {"fwd", "bwd"}, rec.seen
+        assert all(dt == torch.bfloat16 for _, *dts in rec.seen for dt in dts), rec.seen
+        rec.seen.clear()  # outside autocast: the fp32 operands as given
+        moe_expert_mlp(*inputs[:3], ids, inputs[3], activation="swiglu", backend=backend)
+        assert rec.seen == [("fwd", torch.float32, torch.float32, torch.float32)], rec.seen
+    # two calls in one region cast the weight leaves once
+    x = inputs[0].detach() * 1.0
+    with torch.profiler.profile(record_shapes=True) as prof, torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(2):
+            moe_expert_mlp(x, *inputs[1:3], ids, inputs[3], activation="swiglu", backend=backend)
+    casts = [tuple(e.input_shapes[0]) for e in prof.events() if e.name == "aten::_to_copy"]
+    want = 2 if _ext.cpu_status()[0] else 4  # without the C++ extension: no cache
+    assert sum(s in (tuple(inputs[1].shape), tuple(inputs[2].shape)) for s in casts) == want, casts
+
+
 def test_cpu_mlp_bitwise_deterministic():
     # balanced routing: with two threads the experts run in parallel (single-threaded GEMMs on the
     # OpenMP workers), with one thread one after another: the same arithmetic either way
@@ -250,10 +340,12 @@ def test_cpu_mlp_bitwise_deterministic():
     ops = _ext.cpu_ops()
 
     def run():
-        return (
-            ops.moe_expert_mlp(x, w1, w2, ids, g, b1, b2, "gelu"),
-            ops.moe_expert_mlp_backward(go, x, w1, w2, ids, g, b1, b2, "gelu"),
-        )
+        out, saved_h = ops.moe_expert_mlp(x, w1, w2, ids, g, b1, b2, "gelu")
+        grads = ops.moe_expert_mlp_backward(go, x, w1, w2, ids, g, b1, b2, "gelu", saved_h)
+        # without the forward's pre-activations the backward recomputes them: the same numbers
+        again = ops.moe_expert_mlp_backward(go, x, w1, w2, ids, g, b1, b2, "gelu")
+        assert all(torch.equal(a, b) for a, b in zip(grads, again))
+        return out, grads
 
     with _threads(1):
         runs = [run()]
@@ -283,7 +375,7 @@ def test_cpu_mlp_worker_threads_with_inputs_requiring_grad():
     ops = _ext.cpu_ops()
     with _threads(2):
         for _ in range(3):
-            out = ops.moe_expert_mlp(*inputs[:3], ids, inputs[3], inputs[4], inputs[5], "gelu")
+            out, _ = ops.moe_expert_mlp(*inputs[:3], ids, inputs[3], inputs[4], inputs[5], "gelu")
             grads = ops.moe_expert_mlp_backward(randn(T, D), *inputs[:3], ids, inputs[3], inputs[4], inputs[5], "gelu")
             assert not out.requires_grad and all(not g.requires_grad for g in grads)
 

@@ -208,6 +208,19 @@ def test_cuda_strided_large_experts_and_compile(backend, dev):
 
 
 @pytest.mark.parametrize("backend", CUDA)
+def test_cuda_align_sub_tiles_and_huge_block_size(backend, dev):
+    """T*k = 40000 > 128 tiles of 256: tiles of two sub-tiles (the last one partial), each CTA's
+    running per-expert counts carried across them; and block sizes >= 2^20, which the Python
+    contract allows while N + E*(block_size-1) < 2^31 (the kernel once refused them)."""
+    ids = _ids(20000, 2, 5, dtype=torch.int32, device=dev)
+    ids[::7] = -1  # dropped entries in every sub-tile
+    _assert_align_equal(moe_align(ids, 5, 16, backend="cuda"), R.moe_align_ref(ids.cpu(), 5, 16))
+    small = _ids(33, 2, 3, device=dev)
+    for bs in (2**20, 2**20 + 3):
+        _assert_align_equal(moe_align(small, 3, bs, backend="cuda"), R.moe_align_ref(small.cpu(), 3, bs))
+
+
+@pytest.mark.parametrize("backend", CUDA)
 def test_cuda_routing_raw_op_errors(backend, dev):
     ops = _ext.cuda_ops()
     elsewhere = torch.device("meta") if dev.type == "cpu" else torch.device("cpu")

@@ -32,6 +32,9 @@ def info(out=sys.stdout) -> int:
     line(f"GPU      {torch.cuda.get_device_name(0) if cuda_dev else 'none'}")
     from unif2ace.kernels.cpu import lowp_gemm
 
+    feats = _ext.cpu_features()
+    cpu_name = feats["name"] or platform.processor() or "?"
+    line(f"CPU      {cpu_name}, {feats['isa']} vectors, {torch.get_num_threads()} threads")
     for dt in (torch.bfloat16, torch.float16):
         use, why = lowp_gemm(dt)
         name = str(dt).replace("torch.", "")

@@ -3,34 +3,46 @@
 // Contract: unif2ace/kernels/reference/moe_mlp.py (moe_expert_mlp_ref, moe_expert_mlp_backward_ref).
 //
 //   moe_expert_mlp(x [T, D], w1 [E, D, F1], w2 [E, F, D], expert_ids [T, k] int32/int64,
-//                  gates [T, k], b1 [E, F1]?, b2 [E, D]?, activation) -> out [T, D] (x's dtype)
-//   moe_expert_mlp_backward(grad_out [T, D], x, w1, w2, expert_ids, gates, b1?, b2?, activation)
+//                  gates [T, k], b1 [E, F1]?, b2 [E, D]?, activation)
+//       -> [out [T, D] (x's dtype), saved_h [T*k, F1] (the pre-activations, for the backward)]
+//   moe_expert_mlp_backward(grad_out [T, D], x, w1, w2, expert_ids, gates, b1?, b2?, activation,
+//                           saved_h? (the forward's; absent or empty: recomputed))
 //       -> [dx, dw1, dw2, dgates, db1, db2] each in its input's dtype; db1/db2 are undefined
 //          (None in Python) when the bias is absent.
 //   F1 = F for "gelu" (exact erf) / "gelu_tanh", 2F for "swiglu" (h = silu(h[:F]) * h[F:]).
 //
-// Float inputs may be fp32, fp16 or bf16 (mixed); all math is fp32. Ids outside [0, E)
-// contribute nothing (and get dgates = 0).
+// Float inputs may be fp32, fp16 or bf16 (mixed); all math between the GEMMs is fp32. Ids outside
+// [0, E) contribute nothing (and get dgates = 0).
+//
+// Precision of the GEMMs (the storage type S of the per-expert buffers): when w1 and w2 are bf16
+// (or fp16) and the machine runs GEMMs on that format (cpu_features.h low_precision_gemm: oneDNN on
+// AVX512-BF16 / AMX), the GEMM operands stay in that format -- x and grad_out rows are gathered
+// into it, the weights are read as they are (never copied) -- and oneDNN accumulates in fp32 and
+// rounds each GEMM's result to the format; bias, activation and its derivative, dgates, bias
+// gradients and the k-way combines are fp32. Otherwise (fp32 weights, mixed weight dtypes, or no
+// such instructions) S = fp32 and low-precision weights are converted once per call.
 //
 // Algorithm ("sort indices, not activations"):
 //   1. counting sort of the T*k assignment slots by expert (ascending slot index within an
 //      expert, the moe_align order): per-expert segments of a packed row space;
 //   2. per expert (for_each_expert: experts run in parallel, one per OpenMP task, when the load is
 //      balanced; one after another with threaded GEMMs and row loops when one expert dominates):
-//      gather its x rows into an fp32 buffer X_e, H_e = X_e w1[e] (GEMM), bias + activation in one
-//      vectorised pass over the rows, O_e = A_e w2[e] (GEMM);
+//      gather its x rows into a buffer X_e (type S), H_e = X_e w1[e] (GEMM), bias + activation in
+//      one vectorised pass over the rows, O_e = A_e w2[e] (GEMM);
 //   3. combine per token in fp32 in the fixed order j = 0..k-1: out[t] = sum_j g[t,j] (O[p] + b2),
 //      p = the packed row of slot (t, j). No atomics anywhere and every expert's work is
 //      independent of the thread that ran it, so results are bitwise identical run to run.
-// The GEMMs go through oneDNN (see mm_nt), at::mm as the fallback.
-// Backward recomputes H (the custom op saves only its inputs; nothing per assignment is kept
-// between forward and backward) and uses, per expert,
+// The GEMMs go through oneDNN (see gemm), at::mm as the fallback; in low precision the
+// pre-activation and weight-gradient GEMMs write into their outputs directly (at::mm_out).
+// The forward keeps H (pre-bias, type S, packed rows) as its second output, saved by the custom op
+// for the backward, which then needs no GEMM to rebuild it (it recomputes H when called without
+// it) and uses, per expert,
 //   dAr = G_e w2[e]^T                (G_e = grad_out gathered to the expert's rows, unscaled)
 //   dgates[t,j] = <dAr_p, A_p> + <G_p, b2[e]>  (= <grad_out[t], expert_out_{t,j}>, without
 //                                              recomputing O: one GEMM fewer)
 //   dO_p = g * G_p ; dH = act'(H) * g * dAr ; dw2[e] = A_e^T dO_e ; db2[e] = sum dO_e ;
 //   dw1[e] = X_e^T dH_e ; db1[e] = sum dH_e ; dX_e = dH_e w1[e]^T ; dx[t] = sum_j dX_p
-//   (fixed order j = 0..k-1). Five GEMMs per expert; the bias sums are column sums in row order.
+//   (fixed order j = 0..k-1). Four GEMMs per expert; the bias sums are column sums in row order.
 // Activations use the branch-free polynomial exp of cpu/vec_math.h (|rel err| < 2e-7) and, for erf,
 // the Abramowitz-Stegun 7.1.26 form PyTorch's vectorised CPU gelu uses (|abs err| < 1.5e-7), so the
 // row loops vectorise; they are compiled for baseline x86-64, AVX2+FMA and AVX-512, picked at run
@@ -40,8 +52,10 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -54,6 +68,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 // The activation loops are compiled without -ftrapping-math (selects in them if-convert and
@@ -63,6 +78,7 @@
 // after the pragma, so its inline functions are compiled with it.
 #pragma GCC optimize("no-trapping-math")
 
+#include "cpu/cpu_features.h"
 #include "cpu/vec_math.h"
 
 namespace unif2ace::cpu {
@@ -106,115 +122,119 @@ constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 constexpr float kSqrt2OverPi = 0.7978845608028654f;
 constexpr float kTanhC = 0.044715f;
 
-// Forward activation of one packed row: h (F1 wide, bias not yet added; bias F1 wide, a zero
-// row when there is none, so the loops have no branch) -> a (F wide). a may alias h (F1 == F).
-template <Act A>
-U2A_INLINE void act_row_impl(const float* h, const float* bias, float* a, int64_t F) {
+// Forward activation of one packed row: h (F1 wide, type S, bias not yet added; bias fp32, F1
+// wide, a zero row when there is none, so the loops have no branch) -> a (F wide, type S). a may
+// alias h (F1 == F). fp32 in between.
+template <Act A, typename S>
+U2A_INLINE void act_row_impl(const S* h, const float* bias, S* a, int64_t F) {
   if constexpr (A == Act::kGelu) {
 #pragma omp simd
     for (int64_t f = 0; f < F; ++f) {
-      const float v = h[f] + bias[f];
-      a[f] = 0.5f * v * (1.0f + fast_erf(v * kSqrt1_2));
+      const float v = to_f32(h[f]) + bias[f];
+      a[f] = from_f32<S>(0.5f * v * (1.0f + fast_erf(v * kSqrt1_2)));
     }
   } else if constexpr (A == Act::kGeluTanh) {
 #pragma omp simd
     for (int64_t f = 0; f < F; ++f) {
-      const float v = h[f] + bias[f];
-      a[f] = 0.5f * v * (1.0f + fast_tanh(kSqrt2OverPi * (v + kTanhC * v * v * v)));
+      const float v = to_f32(h[f]) + bias[f];
+      a[f] = from_f32<S>(0.5f * v * (1.0f + fast_tanh(kSqrt2OverPi * (v + kTanhC * v * v * v))));
     }
   } else {
 #pragma omp simd
     for (int64_t f = 0; f < F; ++f) {
-      const float g = h[f] + bias[f];
-      const float u = h[F + f] + bias[F + f];
-      a[f] = g / (1.0f + fast_exp(-g)) * u;
+      const float g = to_f32(h[f]) + bias[f];
+      const float u = to_f32(h[F + f]) + bias[F + f];
+      a[f] = from_f32<S>(g / (1.0f + fast_exp(-g)) * u);
     }
   }
 }
 
-// Backward of one packed row: reads h (pre-bias, F1 wide; bias as above) and dar (= grad wrt a before the gate
-// scale, F wide); writes a (F wide), overwrites h with dh (F1 wide) = act'(h) * gate * dar;
-// returns <dar, a>.
-template <Act A>
-U2A_INLINE float act_bwd_row_impl(float* h, const float* bias, const float* dar, float* a, float gate, int64_t F) {
+// Backward of one packed row: reads h (pre-bias, F1 wide; bias as above) and dar (= grad wrt a
+// before the gate scale, F wide); writes a (F wide) and dh (F1 wide) = act'(h) * gate * dar (dh
+// may alias h); returns <dar, a> (fp32, on a before its rounding to S).
+template <Act A, typename S>
+U2A_INLINE float act_bwd_row_impl(const S* h, S* dh, const float* bias, const S* dar, S* a, float gate, int64_t F) {
   float dot = 0.f;
   if constexpr (A == Act::kGelu) {
 #pragma omp simd reduction(+ : dot)
     for (int64_t f = 0; f < F; ++f) {
-      const float v = h[f] + bias[f];
+      const float v = to_f32(h[f]) + bias[f];
+      const float da = to_f32(dar[f]);
       const float cdf = 0.5f * (1.0f + fast_erf(v * kSqrt1_2));
       const float pdf = fast_exp(-0.5f * v * v) * kInvSqrt2Pi;
       const float av = v * cdf;
-      a[f] = av;
-      dot += dar[f] * av;
-      h[f] = gate * dar[f] * (cdf + v * pdf);
+      a[f] = from_f32<S>(av);
+      dot += da * av;
+      dh[f] = from_f32<S>(gate * da * (cdf + v * pdf));
     }
   } else if constexpr (A == Act::kGeluTanh) {
 #pragma omp simd reduction(+ : dot)
     for (int64_t f = 0; f < F; ++f) {
-      const float v = h[f] + bias[f];
+      const float v = to_f32(h[f]) + bias[f];
+      const float da = to_f32(dar[f]);
       const float t = fast_tanh(kSqrt2OverPi * (v + kTanhC * v * v * v));
       const float av = 0.5f * v * (1.0f + t);
-      a[f] = av;
-      dot += dar[f] * av;
+      a[f] = from_f32<S>(av);
+      dot += da * av;
       const float d = 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kTanhC * v * v);
-      h[f] = gate * dar[f] * d;
+      dh[f] = from_f32<S>(gate * da * d);
     }
   } else {
 #pragma omp simd reduction(+ : dot)
     for (int64_t f = 0; f < F; ++f) {
-      const float g = h[f] + bias[f];
-      const float u = h[F + f] + bias[F + f];
+      const float g = to_f32(h[f]) + bias[f];
+      const float u = to_f32(h[F + f]) + bias[F + f];
+      const float dr = to_f32(dar[f]);
       const float sig = 1.0f / (1.0f + fast_exp(-g));
       const float silu = g * sig;
       const float av = silu * u;
-      a[f] = av;
-      dot += dar[f] * av;
-      const float da = gate * dar[f];
-      h[f] = da * u * sig * (1.0f + g * (1.0f - sig));
-      h[F + f] = da * silu;
+      a[f] = from_f32<S>(av);
+      dot += dr * av;
+      const float da = gate * dr;
+      dh[f] = from_f32<S>(da * u * sig * (1.0f + g * (1.0f - sig)));
+      dh[F + f] = from_f32<S>(da * silu);
     }
   }
   return dot;
 }
 
 // The row loops compiled three times (baseline x86-64, AVX2+FMA, AVX-512) and picked at run time.
-template <Act A>
-U2A_TARGET_AVX512 void act_row_avx512(const float* h, const float* b, float* a, int64_t F) {
+template <Act A, typename S>
+U2A_TARGET_AVX512 void act_row_avx512(const S* h, const float* b, S* a, int64_t F) {
   act_row_impl<A>(h, b, a, F);
 }
-template <Act A>
-U2A_TARGET_AVX2 void act_row_avx2(const float* h, const float* b, float* a, int64_t F) {
+template <Act A, typename S>
+U2A_TARGET_AVX2 void act_row_avx2(const S* h, const float* b, S* a, int64_t F) {
   act_row_impl<A>(h, b, a, F);
 }
-template <Act A>
-void act_row_base(const float* h, const float* b, float* a, int64_t F) {
+template <Act A, typename S>
+void act_row_base(const S* h, const float* b, S* a, int64_t F) {
   act_row_impl<A>(h, b, a, F);
 }
-template <Act A>
-void act_row(Isa isa, const float* h, const float* b, float* a, int64_t F) {
+template <Act A, typename S>
+void act_row(Isa isa, const S* h, const float* b, S* a, int64_t F) {
   if (isa == Isa::kAvx512) return act_row_avx512<A>(h, b, a, F);
   if (isa == Isa::kAvx2) return act_row_avx2<A>(h, b, a, F);
   act_row_base<A>(h, b, a, F);
 }
 
-template <Act A>
-U2A_TARGET_AVX512 float act_bwd_row_avx512(float* h, const float* b, const float* dar, float* a, float g, int64_t F) {
-  return act_bwd_row_impl<A>(h, b, dar, a, g, F);
+template <Act A, typename S>
+U2A_TARGET_AVX512 float act_bwd_row_avx512(const S* h, S* dh, const float* b, const S* dar, S* a, float g, int64_t F) {
+  return act_bwd_row_impl<A>(h, dh, b, dar, a, g, F);
 }
-template <Act A>
-U2A_TARGET_AVX2 float act_bwd_row_avx2(float* h, const float* b, const float* dar, float* a, float g, int64_t F) {
-  return act_bwd_row_impl<A>(h, b, dar, a, g, F);
+template <Act A, typename S>
+U2A_TARGET_AVX2 float act_bwd_row_avx2(const S* h, S* dh, const float* b, const S* dar, S* a, float g, int64_t F) {
+  return act_bwd_row_impl<A>(h, dh, b, dar, a, g, F);
 }
-template <Act A>
-float act_bwd_row_base(float* h, const float* b, const float* dar, float* a, float g, int64_t F) {
-  return act_bwd_row_impl<A>(h, b, dar, a, g, F);
+template <Act A, typename S>
+float act_bwd_row_base(const S* h, S* dh, const float* b, const S* dar, S* a, float g, int64_t F) {
+  return act_bwd_row_impl<A>(h, dh, b, dar, a, g, F);
 }
-template <Act A>
-float act_bwd_row_isa(Isa isa, float* h, const float* b, const float* dar, float* a, float g, int64_t F) {
-  if (isa == Isa::kAvx512) return act_bwd_row_avx512<A>(h, b, dar, a, g, F);
-  if (isa == Isa::kAvx2) return act_bwd_row_avx2<A>(h, b, dar, a, g, F);
-  return act_bwd_row_base<A>(h, b, dar, a, g, F);
+template <Act A, typename S>
+float act_bwd_row_isa(Isa isa, const S* h, S* dh, const float* b, const S* dar, S* a, float g, int64_t F) {
+  if (isa == Isa::kAvx512) return act_bwd_row_avx512<A>(h, dh, b, dar, a, g, F);
+  if (isa == Isa::kAvx2) return act_bwd_row_avx2<A>(h, dh, b, dar, a, g, F);
+  return act_bwd_row_base<A>(h, dh, b, dar, a, g, F);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -267,54 +287,71 @@ Routing route(const at::Tensor& ids, int64_t E) {
 // grain (rows per task) for row loops of width W
 inline int64_t row_grain(int64_t W) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(W, 1)); }
 
-// out [p1 - p0, D] fp32 = rows (slot / k) of src [*, D] (contiguous, any float) for packed rows [p0, p1)
-void gather_rows(const at::Tensor& src, const Routing& r, int64_t p0, int64_t p1, float* out, int64_t D) {
+// out [p1 - p0, D] (type S) = rows (slot / k) of src [*, D] (contiguous, any float) for packed
+// rows [p0, p1): a plain copy when src is already S
+template <typename S>
+void gather_rows(const at::Tensor& src, const Routing& r, int64_t p0, int64_t p1, S* out, int64_t D) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "moe_mlp_gather", [&] {
     const scalar_t* s = src.const_data_ptr<scalar_t>();
     at::parallel_for(p0, p1, row_grain(D), [&](int64_t a, int64_t b) {
       for (int64_t p = a; p < b; ++p) {
         const scalar_t* row = s + (r.src[p] / r.k) * D;
-        float* o = out + (p - p0) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = to_f32(row[d]);
+        S* o = out + (p - p0) * D;
+        if constexpr (std::is_same_v<scalar_t, S>) {
+          std::memcpy(o, row, D * sizeof(S));
+        } else {
+          for (int64_t d = 0; d < D; ++d) o[d] = from_f32<S>(to_f32(row[d]));
+        }
       }
     });
   });
 }
 
-// a += g * y ; a += g * (y + b)  (vectorised row updates)
-U2A_INLINE void axpy(float* __restrict__ a, const float* __restrict__ y, float g, int64_t D) {
+// a += g * y ; a += g * (y + b)  (vectorised fp32 row updates; y of the storage type)
+template <typename S>
+U2A_INLINE void axpy(float* __restrict__ a, const S* __restrict__ y, float g, int64_t D) {
 #pragma omp simd
-  for (int64_t d = 0; d < D; ++d) a[d] += g * y[d];
+  for (int64_t d = 0; d < D; ++d) a[d] += g * to_f32(y[d]);
 }
-U2A_INLINE void axpy_bias(float* __restrict__ a, const float* __restrict__ y, const float* __restrict__ b, float g,
+template <typename S>
+U2A_INLINE void axpy_bias(float* __restrict__ a, const S* __restrict__ y, const float* __restrict__ b, float g,
                           int64_t D) {
 #pragma omp simd
-  for (int64_t d = 0; d < D; ++d) a[d] += g * (y[d] + b[d]);
+  for (int64_t d = 0; d < D; ++d) a[d] += g * (to_f32(y[d]) + b[d]);
 }
 
-U2A_INLINE float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t D) {
+template <typename S>
+U2A_INLINE float dot(const S* __restrict__ a, const float* __restrict__ b, int64_t D) {
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t d = 0; d < D; ++d) acc += a[d] * b[d];
+  for (int64_t d = 0; d < D; ++d) acc += to_f32(a[d]) * b[d];
   return acc;
 }
-U2A_INLINE void scale(float* __restrict__ a, float g, int64_t D) {
+// a = g * a, and out += g * a (fp32, the column sums of the scaled rows before their rounding)
+template <typename S>
+U2A_INLINE void scale_and_sum(S* __restrict__ a, float g, float* __restrict__ out, int64_t D) {
 #pragma omp simd
-  for (int64_t d = 0; d < D; ++d) a[d] *= g;
+  for (int64_t d = 0; d < D; ++d) {
+    const float v = g * to_f32(a[d]);
+    out[d] += v;
+    a[d] = from_f32<S>(v);
+  }
 }
 
-// out [C] = column sums of the first `rows` rows of m (width C), in row order (deterministic)
-void colsum(const float* m, int64_t rows, int64_t C, float* out) {
+// out [C] = column sums of the first `rows` rows of m (width C), fp32, in row order (deterministic)
+template <typename S>
+void colsum(const S* m, int64_t rows, int64_t C, float* out) {
   for (int64_t c = 0; c < C; ++c) out[c] = 0.f;
   for (int64_t p = 0; p < rows; ++p) axpy(out, m + p * C, 1.0f, C);
 }
 
 // ------------------------------------------------------------------------------------------------
-// GEMM: mm_nt(a [M, K], w [N, K]) = a @ w^T (fp32; a and w may be strided views, e.g. transposes).
-// oneDNN's fp32 matmul (mkldnn::_linear_pointwise, what inductor's CPU linear uses) runs about 2x
+// GEMM: gemm(a [M, K], b [K, N]) = a @ b (a and b may be strided views, e.g. transposes).
+// fp32: oneDNN's fp32 matmul (mkldnn::_linear_pointwise, what inductor's CPU linear uses) runs about 2x
 // faster than MKL sgemm on the expert-sized GEMMs here on an AMD EPYC (MKL takes its generic AVX2
 // path there, oneDNN its AVX-512 brgemm); at::mm (MKL/OpenBLAS) is the fallback when torch has no
-// oneDNN, and UNIF2ACE_MOE_GEMM=aten forces it.
+// oneDNN, and UNIF2ACE_MOE_GEMM=aten forces it. bf16 / fp16: at::mm, which runs oneDNN's
+// low-precision matmul where the CPU has the instructions (the only case these types get here).
 
 using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
                             c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>);
@@ -341,15 +378,31 @@ GemmPath gemm_path() {
   return onednn_linear() ? GemmPath::kOneDnn : GemmPath::kAten;
 }
 
-at::Tensor mm_nt(GemmPath path, const at::Tensor& a, const at::Tensor& w) {
-  if (path == GemmPath::kOneDnn) {
-    return onednn_linear()->call(a, w, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+// a @ b in a's dtype (fp32 on oneDNN's linear; bf16 / fp16 on oneDNN's low-precision matmul behind
+// at::mm: fp32 accumulation, the result rounded to the format). a and b may be transposed views.
+at::Tensor gemm(GemmPath path, const at::Tensor& a, const at::Tensor& b) {
+  // oneDNN rejects empty operands ("could not create a primitive descriptor"); at::mm gives the
+  // empty product its value (zeros when K = 0, i.e. F = 0 or D = 0)
+  if (path == GemmPath::kOneDnn && a.scalar_type() == at::kFloat && a.numel() != 0 && b.numel() != 0) {
+    return onednn_linear()->call(a, b.t(), std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
   }
-  return at::mm(a, w.t());
+  return at::mm(a, b);
 }
 
-// float copy of a tensor (no copy when already fp32 contiguous)
-at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+// out = a @ b into `out` (contiguous): written by the GEMM itself where it can (at::mm_out), else
+// copied (oneDNN's fp32 linear has no out variant; MKL's sgemm, which at::mm_out would use for
+// fp32, takes a generic slow path on AMD CPUs)
+void gemm_into(GemmPath path, at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (path == GemmPath::kOneDnn && a.scalar_type() == at::kFloat) {
+    out.copy_(gemm(path, a, b));
+  } else {
+    at::mm_out(out, a, b);
+  }
+}
+
+// copy of a tensor in `dtype` (no copy when it already is, contiguous)
+at::Tensor as_type(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
+at::Tensor as_f32(const at::Tensor& t) { return as_type(t, at::kFloat); }
 
 // Runs fn(e) once for every expert with rows. With balanced experts they run in parallel, one
 // expert per task (each task's GEMMs and row loops are single-threaded: one parallel region per
@@ -437,12 +490,13 @@ Shapes check_inputs(const char* op, const at::Tensor& x, const at::Tensor& w1, c
 }
 
 // rows [0, rows): H (F1 wide) -> A (F wide), bias + activation
-void activation_rows(Act act, const float* H, const float* b1, float* A, int64_t rows, int64_t F1, int64_t F) {
+template <typename S>
+void activation_rows(Act act, const S* H, const float* b1, S* A, int64_t rows, int64_t F1, int64_t F) {
   const Isa isa = cpu_isa();
   at::parallel_for(0, rows, row_grain(F1), [&](int64_t a0, int64_t a1) {
     for (int64_t p = a0; p < a1; ++p) {
-      const float* h = H + p * F1;
-      float* a = A + p * F;
+      const S* h = H + p * F1;
+      S* a = A + p * F;
       switch (act) {
         case Act::kGelu:
           act_row<Act::kGelu>(isa, h, b1, a, F);
@@ -458,20 +512,32 @@ void activation_rows(Act act, const float* H, const float* b1, float* A, int64_t
   });
 }
 
-float act_bwd_row(Act act, Isa isa, float* h, const float* b, const float* dar, float* a, float g, int64_t F) {
+template <typename S>
+float act_bwd_row(Act act, Isa isa, const S* h, S* dh, const float* b, const S* dar, S* a, float g, int64_t F) {
   switch (act) {
     case Act::kGelu:
-      return act_bwd_row_isa<Act::kGelu>(isa, h, b, dar, a, g, F);
+      return act_bwd_row_isa<Act::kGelu>(isa, h, dh, b, dar, a, g, F);
     case Act::kGeluTanh:
-      return act_bwd_row_isa<Act::kGeluTanh>(isa, h, b, dar, a, g, F);
+      return act_bwd_row_isa<Act::kGeluTanh>(isa, h, dh, b, dar, a, g, F);
     case Act::kSwiglu:
-      return act_bwd_row_isa<Act::kSwiglu>(isa, h, b, dar, a, g, F);
+      return act_bwd_row_isa<Act::kSwiglu>(isa, h, dh, b, dar, a, g, F);
   }
   return 0.f;
 }
 
-at::Tensor cast_like(const at::Tensor& f32, const at::Tensor& like) {
-  return like.scalar_type() == at::kFloat ? f32 : f32.to(like.scalar_type());
+at::Tensor cast_like(const at::Tensor& t, const at::Tensor& like) {
+  return t.scalar_type() == like.scalar_type() ? t : t.to(like.scalar_type());
+}
+
+// out [D] = acc rounded to the output type (vectorised for fp32 / bf16)
+template <typename T>
+U2A_INLINE void store_row(T* __restrict__ out, const float* __restrict__ acc, int64_t D) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) out[d] = from_f32<T>(acc[d]);
+  } else {
+    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(acc[d]);
+  }
 }
 
 // out[t] (out: [T, D], any float dtype) = fp32 sum over the valid slots (t, j) in the fixed order
@@ -490,161 +556,255 @@ void combine_slots(const Routing& r, const at::Tensor& out, int64_t D, AddFn&& a
           if (p < 0) continue;
           add(acc.data(), t * k + j, p, r.row_expert[p]);
         }
-        scalar_t* orow = o + t * D;
-        for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<scalar_t>(acc[d]);
+        store_row(o + t * D, acc.data(), D);
       }
     });
   });
 }
 
-// ------------------------------------------------------------------------------------------------
-// ops
+// The storage type of the GEMM operands and per-expert buffers (see the header): the weights'
+// low-precision format when both share it and the machine runs GEMMs on it, else fp32.
+at::ScalarType gemm_dtype(const at::Tensor& w1, const at::Tensor& w2) {
+  const auto dt = w1.scalar_type();
+  return (dt == w2.scalar_type() && dt != at::kFloat && low_precision_gemm(dt)) ? dt : at::kFloat;
+}
 
-at::Tensor moe_expert_mlp(const at::Tensor& x_in, const at::Tensor& w1_in, const at::Tensor& w2_in,
-                          const at::Tensor& expert_ids, const at::Tensor& gates_in,
-                          const std::optional<at::Tensor>& b1_in, const std::optional<at::Tensor>& b2_in,
-                          c10::string_view activation) {
-  const char* op = "unif2ace_cpu::moe_expert_mlp";
-  // internal ATen calls run below autograd, as in a custom op's kernel, whatever key this op was
-  // called through (OpenMP workers set the same guard in for_each_expert)
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Shapes s = check_inputs(op, x_in, w1_in, w2_in, expert_ids, gates_in, b1_in, b2_in, activation);
-  const Routing r = route(expert_ids, s.E);
-  const int64_t D = s.D, k = s.k, F = s.F, F1 = s.F1;
+// What the forward and backward share: shapes, routing, the operands (weights in S without a copy
+// when they already are; gates and biases fp32) and the GEMM path. With low-precision GEMMs the
+// biases are added inside them (b1s / b2s: the biases in S, at::addmm: added to the fp32
+// accumulator before the one rounding of the result, as F.linear does), since a bias added after
+// the rounding would meet the rounding error of a larger value wherever the two nearly cancel.
+struct Operands {
+  Shapes s;
+  Routing r;
+  at::Tensor x, w1, w2, gates, b1, b2, b1s, b2s;
+  std::vector<float> zero_bias;  // [F1] zeros: the bias row of an expert without b1
+  GemmPath gp;
+  at::TensorOptions f32, st;  // fp32 / storage-type options
+
+  Operands(const char* op, at::ScalarType S, const at::Tensor& x_in, const at::Tensor& w1_in, const at::Tensor& w2_in,
+           const at::Tensor& expert_ids, const at::Tensor& gates_in, const std::optional<at::Tensor>& b1_in,
+           const std::optional<at::Tensor>& b2_in, c10::string_view activation)
+      : s(check_inputs(op, x_in, w1_in, w2_in, expert_ids, gates_in, b1_in, b2_in, activation)),
+        r(route(expert_ids, s.E)),
+        x(x_in.contiguous()),
+        w1(as_type(w1_in, S)),
+        w2(as_type(w2_in, S)),
+        gates(as_f32(gates_in)),
+        b1(b1_in ? as_f32(*b1_in) : at::Tensor()),
+        b2(b2_in ? as_f32(*b2_in) : at::Tensor()),
+        b1s(b1_in && S != at::kFloat ? as_type(*b1_in, S) : at::Tensor()),
+        b2s(b2_in && S != at::kFloat ? as_type(*b2_in, S) : at::Tensor()),
+        zero_bias(s.F1, 0.f),
+        gp(gemm_path()),
+        f32(x_in.options().dtype(at::kFloat)),
+        st(x_in.options().dtype(S)) {}
+
+  const float* b1_row(int64_t e) const {
+    return b1.defined() ? b1.const_data_ptr<float>() + e * s.F1 : zero_bias.data();
+  }
+  const float* b2_row(int64_t e) const { return b2.defined() ? b2.const_data_ptr<float>() + e * s.D : nullptr; }
+  // the biases left to add outside the GEMMs: the activation's (a zero row when folded) and the
+  // combine's (none when folded)
+  const float* b1_act_row(int64_t e) const { return b1s.defined() ? zero_bias.data() : b1_row(e); }
+  const float* b2_combine_row(int64_t e) const { return b2s.defined() ? nullptr : b2_row(e); }
+
+  // per-expert buffers (small: malloc reuses them from call to call)
+  at::Tensor rows(int64_t c, int64_t width) const { return at::empty({c, width}, st); }
+
+  // He = Xe w1[e] (+ b1[e] when folded), into He
+  void gemm_h(at::Tensor& He, const at::Tensor& Xe, int64_t e) const {
+    if (b1s.defined()) {
+      at::addmm_out(He, b1s.select(0, e), Xe, w1.select(0, e));
+    } else {
+      gemm_into(gp, He, Xe, w1.select(0, e));
+    }
+  }
+  // Oe = Ae w2[e] (+ b2[e] when folded)
+  at::Tensor gemm_o(const at::Tensor& Ae, int64_t e) const {
+    const at::Tensor w2e = w2.select(0, e);
+    return b2s.defined() ? at::addmm(b2s.select(0, e), Ae, w2e) : gemm(gp, Ae, w2e);
+  }
+};
+
+// [T*k, F1] in S: the pre-activations H = X w1[e] of the packed rows [0, n) (the rest unused),
+// the forward's second output, which the backward reads instead of recomputing them
+at::Tensor saved_h_buffer(const Operands& o) { return at::empty({o.s.T * o.s.k, o.s.F1}, o.st); }
+
+template <typename S>
+std::vector<at::Tensor> forward_impl(const Operands& o, const at::Tensor& x_in) {
+  const Shapes& s = o.s;
+  const Routing& r = o.r;
+  const int64_t D = s.D, F = s.F, F1 = s.F1;
   at::Tensor out = at::empty({s.T, D}, x_in.options());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor w1 = as_f32(w1_in), w2 = as_f32(w2_in), gates = as_f32(gates_in);
-  const at::Tensor b1 = b1_in ? as_f32(*b1_in) : at::Tensor();
-  const at::Tensor b2 = b2_in ? as_f32(*b2_in) : at::Tensor();
-  auto f32 = x_in.options().dtype(at::kFloat);
-  const float* b1_p = b1.defined() ? b1.const_data_ptr<float>() : nullptr;
-  const std::vector<float> zero_bias(F1, 0.f);
-  const GemmPath gp = gemm_path();
 
-  // per expert: Xe (gathered rows), He = Xe w1[e] (activation in place for gelu), Oe = Ae w2[e]
+  // per expert: Xe (gathered rows), He = Xe w1[e] (kept: the saved output), Ae = act(He),
+  // Oe = Ae w2[e]
+  const at::Tensor H = saved_h_buffer(o);
   std::vector<at::Tensor> O(s.E);
   for_each_expert(r, [&](int64_t e) {
     const int64_t p0 = r.seg[e], c = r.seg[e + 1] - p0;
-    at::Tensor Xe = at::empty({c, D}, f32);
-    gather_rows(x, r, p0, p0 + c, Xe.mutable_data_ptr<float>(), D);
-    at::Tensor He = mm_nt(gp, Xe, w1.select(0, e).t());
-    at::Tensor Ae = s.act == Act::kSwiglu ? at::empty({c, F}, f32) : He;
-    activation_rows(s.act, He.const_data_ptr<float>(), b1_p ? b1_p + e * F1 : zero_bias.data(),
-                    Ae.mutable_data_ptr<float>(), c, F1, F);
-    O[e] = mm_nt(gp, Ae, w2.select(0, e).t());
+    at::Tensor Xe = o.rows(c, D), He = H.narrow(0, p0, c), Ae = o.rows(c, F);
+    gather_rows(o.x, r, p0, p0 + c, Xe.mutable_data_ptr<S>(), D);
+    o.gemm_h(He, Xe, e);
+    activation_rows(s.act, He.const_data_ptr<S>(), o.b1_act_row(e), Ae.mutable_data_ptr<S>(), c, F1, F);
+    O[e] = o.gemm_o(Ae, e);
   });
+  H.narrow(0, r.n, s.T * s.k - r.n).zero_();  // rows of invalid slots: unused, but defined
 
   // combine, fp32, fixed order j = 0..k-1
-  std::vector<const float*> O_p(s.E, nullptr);
+  std::vector<const S*> O_p(s.E, nullptr);
   for (int64_t e = 0; e < s.E; ++e)
-    if (O[e].defined()) O_p[e] = O[e].const_data_ptr<float>();
-  const float* g_p = gates.const_data_ptr<float>();
-  const float* b2_p = b2.defined() ? b2.const_data_ptr<float>() : nullptr;
+    if (O[e].defined()) O_p[e] = O[e].const_data_ptr<S>();
+  const float* g_p = o.gates.const_data_ptr<float>();
   combine_slots(r, out, D, [&](float* acc, int64_t slot, int64_t p, int64_t e) {
-    const float* y = O_p[e] + (p - r.seg[e]) * D;
-    if (b2_p) {
-      axpy_bias(acc, y, b2_p + e * D, g_p[slot], D);
+    const S* y = O_p[e] + (p - r.seg[e]) * D;
+    if (const float* b2e = o.b2_combine_row(e)) {
+      axpy_bias(acc, y, b2e, g_p[slot], D);
     } else {
       axpy(acc, y, g_p[slot], D);
     }
   });
-  return out;
+  return {out, H};
+}
+
+// saved_h: the forward's saved output (read, never written), or undefined / empty: recompute H
+template <typename S>
+std::vector<at::Tensor> backward_impl(const Operands& o, const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                                      const at::Tensor& gates_in, const at::Tensor& saved_h) {
+  const Shapes& s = o.s;
+  const Routing& r = o.r;
+  const int64_t T = s.T, D = s.D, k = s.k, E = s.E, F = s.F, F1 = s.F1;
+  const at::Tensor go = grad_out_in.contiguous();
+
+  // weight gradients in S (written by the GEMMs in place), bias gradients fp32; experts without
+  // rows get zeros
+  at::Tensor dw1 = at::empty({E, D, F1}, o.st), dw2 = at::empty({E, F, D}, o.st);
+  at::Tensor db1 = o.b1.defined() ? at::zeros({E, F1}, o.f32) : at::Tensor();
+  at::Tensor db2 = o.b2.defined() ? at::zeros({E, D}, o.f32) : at::Tensor();
+  for (int64_t e = 0; e < E; ++e) {
+    if (r.seg[e + 1] > r.seg[e]) continue;
+    dw1.select(0, e).zero_();
+    dw2.select(0, e).zero_();
+  }
+  std::vector<float> dg_rows(r.n);
+  std::vector<at::Tensor> dX(E);
+  const float* g_p = o.gates.const_data_ptr<float>();
+  float* db1_p = db1.defined() ? db1.mutable_data_ptr<float>() : nullptr;
+  float* db2_p = db2.defined() ? db2.mutable_data_ptr<float>() : nullptr;
+  const Isa isa = cpu_isa();
+
+  // per expert: Xe, Ge (gathered x and grad_out rows; Ge becomes dO = g * Ge), He = Xe w1[e]
+  // (becomes dH in place), dAe = Ge w2[e]^T, Ae = act(He)
+  const bool have_h = saved_h.defined() && saved_h.numel() != 0;
+  if (have_h) {
+    TORCH_CHECK(saved_h.scalar_type() == o.st.dtype() && saved_h.dim() == 2 && saved_h.size(0) == T * k &&
+                    saved_h.size(1) == F1 && saved_h.is_contiguous(),
+                "unif2ace_cpu::moe_expert_mlp_backward: saved_h must be the forward's saved output [", T * k, ", ", F1,
+                "], got ", saved_h.sizes(), " ", saved_h.scalar_type());
+  }
+  // H: the saved pre-activations, or recomputed into dH's buffer (dH then overwrites it)
+  for_each_expert(r, [&](int64_t e) {
+    const int64_t p0 = r.seg[e], c = r.seg[e + 1] - p0;
+    at::Tensor Xe = o.rows(c, D), Ge = o.rows(c, D), Ae = o.rows(c, F), dHe = o.rows(c, F1);
+    gather_rows(o.x, r, p0, p0 + c, Xe.mutable_data_ptr<S>(), D);
+    gather_rows(go, r, p0, p0 + c, Ge.mutable_data_ptr<S>(), D);
+    const at::Tensor w1e = o.w1.select(0, e), w2e = o.w2.select(0, e);
+    if (!have_h) o.gemm_h(dHe, Xe, e);
+    const S* H_p = have_h ? saved_h.const_data_ptr<S>() + p0 * F1 : dHe.const_data_ptr<S>();
+    const at::Tensor dAe = gemm(o.gp, Ge, w2e.t());
+    S* dH_p = dHe.mutable_data_ptr<S>();
+    S* A_p = Ae.mutable_data_ptr<S>();
+    S* G_p = Ge.mutable_data_ptr<S>();
+    const S* dA_p = dAe.const_data_ptr<S>();
+    const float* b1e = o.b1_act_row(e);
+    const float* b2e = o.b2_row(e);
+    // db2[e] = sum of the fp32 rows g * grad_out, in row order: one accumulator per row chunk of
+    // a fixed size, summed in chunk order (deterministic whatever the thread count)
+    const int64_t grain = row_grain(F1 + D), n_chunks = (c + grain - 1) / grain;
+    std::vector<float> db2_parts(db2_p ? n_chunks * D : 0, 0.f);
+    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        for (int64_t i = ch * grain; i < std::min(c, (ch + 1) * grain); ++i) {
+          const float g = g_p[r.src[p0 + i]];
+          float dg = act_bwd_row(s.act, isa, H_p + i * F1, dH_p + i * F1, b1e, dA_p + i * F, A_p + i * F, g, F);
+          S* grow = G_p + i * D;
+          if (b2e) {
+            dg += dot(grow, b2e, D);
+            scale_and_sum(grow, g, db2_parts.data() + ch * D, D);
+          } else {
+            for (int64_t d = 0; d < D; ++d) grow[d] = from_f32<S>(g * to_f32(grow[d]));
+          }
+          dg_rows[p0 + i] = dg;
+        }
+      }
+    });
+    if (db2_p) {
+      for (int64_t ch = 0; ch < n_chunks; ++ch) axpy(db2_p + e * D, db2_parts.data() + ch * D, 1.0f, D);
+    }
+    at::Tensor dw2e = dw2.select(0, e), dw1e = dw1.select(0, e);
+    gemm_into(o.gp, dw2e, Ae.t(), Ge);   // dw2[e] = A_e^T dO_e
+    gemm_into(o.gp, dw1e, Xe.t(), dHe);  // dw1[e] = X_e^T dH_e
+    if (db1_p) colsum(dH_p, c, F1, db1_p + e * F1);
+    dX[e] = gemm(o.gp, dHe, w1e.t());  // dX_e = dH_e w1[e]^T
+  });
+
+  at::Tensor dx = at::empty({T, D}, x_in.options());
+  at::Tensor dgates = at::empty({T, k}, gates_in.options());
+  std::vector<const S*> dX_p(E, nullptr);
+  for (int64_t e = 0; e < E; ++e)
+    if (dX[e].defined()) dX_p[e] = dX[e].const_data_ptr<S>();
+  combine_slots(r, dx, D,
+                [&](float* acc, int64_t, int64_t p, int64_t e) { axpy(acc, dX_p[e] + (p - r.seg[e]) * D, 1.0f, D); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dgates.scalar_type(), "moe_mlp_dgates", [&] {
+    scalar_t* out = dgates.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < T * k; ++i) {
+      const int64_t p = r.pos[i];
+      out[i] = static_cast<scalar_t>(p < 0 ? 0.f : dg_rows[p]);
+    }
+  });
+  return {dx, dw1, dw2, dgates, db1, db2};
+}
+
+// ------------------------------------------------------------------------------------------------
+// ops
+
+std::vector<at::Tensor> moe_expert_mlp(const at::Tensor& x_in, const at::Tensor& w1_in, const at::Tensor& w2_in,
+                                       const at::Tensor& expert_ids, const at::Tensor& gates_in,
+                                       const std::optional<at::Tensor>& b1_in, const std::optional<at::Tensor>& b2_in,
+                                       c10::string_view activation) {
+  // internal ATen calls run below autograd, as in a custom op's kernel, whatever key this op was
+  // called through (OpenMP workers set the same guard in for_each_expert)
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::ScalarType S = gemm_dtype(w1_in, w2_in);
+  const Operands o("unif2ace_cpu::moe_expert_mlp", S, x_in, w1_in, w2_in, expert_ids, gates_in, b1_in, b2_in,
+                   activation);
+  if (S == at::kBFloat16) return forward_impl<c10::BFloat16>(o, x_in);
+  return forward_impl<float>(o, x_in);
 }
 
 std::vector<at::Tensor> moe_expert_mlp_backward(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                                                 const at::Tensor& w1_in, const at::Tensor& w2_in,
                                                 const at::Tensor& expert_ids, const at::Tensor& gates_in,
                                                 const std::optional<at::Tensor>& b1_in,
-                                                const std::optional<at::Tensor>& b2_in, c10::string_view activation) {
+                                                const std::optional<at::Tensor>& b2_in, c10::string_view activation,
+                                                const std::optional<at::Tensor>& saved_h) {
   const char* op = "unif2ace_cpu::moe_expert_mlp_backward";
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // see moe_expert_mlp
-  const Shapes s = check_inputs(op, x_in, w1_in, w2_in, expert_ids, gates_in, b1_in, b2_in, activation);
-  TORCH_CHECK(grad_out_in.device().is_cpu() && grad_out_in.dim() == 2 && grad_out_in.size(0) == s.T &&
-                  grad_out_in.size(1) == s.D,
-              op, ": grad_out must be a CPU tensor [", s.T, ", ", s.D, "], got ", grad_out_in.sizes());
-  const Routing r = route(expert_ids, s.E);
-  const int64_t T = s.T, D = s.D, k = s.k, E = s.E, F = s.F, F1 = s.F1;
-  const at::Tensor x = x_in.contiguous(), go = grad_out_in.contiguous();
-  const at::Tensor w1 = as_f32(w1_in), w2 = as_f32(w2_in), gates = as_f32(gates_in);
-  const at::Tensor b1 = b1_in ? as_f32(*b1_in) : at::Tensor();
-  const at::Tensor b2 = b2_in ? as_f32(*b2_in) : at::Tensor();
-  auto f32 = x_in.options().dtype(at::kFloat);
-  const GemmPath gp = gemm_path();
-
-  at::Tensor dw1 = at::empty({E, D, F1}, f32), dw2 = at::empty({E, F, D}, f32);
-  at::Tensor db1 = b1.defined() ? at::empty({E, F1}, f32) : at::Tensor();
-  at::Tensor db2 = b2.defined() ? at::empty({E, D}, f32) : at::Tensor();
-  for (int64_t e = 0; e < E; ++e) {
-    if (r.seg[e + 1] > r.seg[e]) continue;  // experts without rows get zero gradients
-    dw1.select(0, e).zero_();
-    dw2.select(0, e).zero_();
-    if (db1.defined()) db1.select(0, e).zero_();
-    if (db2.defined()) db2.select(0, e).zero_();
-  }
-  std::vector<float> dg_rows(r.n);
-  std::vector<at::Tensor> dX(E);
-  const float* g_p = gates.const_data_ptr<float>();
-  const float* b1_p = b1.defined() ? b1.const_data_ptr<float>() : nullptr;
-  const float* b2_p = b2.defined() ? b2.const_data_ptr<float>() : nullptr;
-  float* db1_p = db1.defined() ? db1.mutable_data_ptr<float>() : nullptr;
-  float* db2_p = db2.defined() ? db2.mutable_data_ptr<float>() : nullptr;
-  const Isa isa = cpu_isa();
-  const std::vector<float> zero_bias(F1, 0.f);
-
-  // per expert: Xe, Ge (gathered x and grad_out rows; Ge becomes dO = g * Ge), He = Xe w1[e]
-  // (becomes dH in place), dAe = Ge w2[e]^T, Ae = act(He)
-  for_each_expert(r, [&](int64_t e) {
-    const int64_t p0 = r.seg[e], c = r.seg[e + 1] - p0;
-    at::Tensor Xe = at::empty({c, D}, f32), Ge = at::empty({c, D}, f32), Ae = at::empty({c, F}, f32);
-    gather_rows(x, r, p0, p0 + c, Xe.mutable_data_ptr<float>(), D);
-    gather_rows(go, r, p0, p0 + c, Ge.mutable_data_ptr<float>(), D);
-    const at::Tensor w1e = w1.select(0, e), w2e = w2.select(0, e);
-    at::Tensor He = mm_nt(gp, Xe, w1e.t());
-    const at::Tensor dAe = mm_nt(gp, Ge, w2e);
-    float* H_p = He.mutable_data_ptr<float>();
-    float* A_p = Ae.mutable_data_ptr<float>();
-    float* G_p = Ge.mutable_data_ptr<float>();
-    const float* dA_p = dAe.const_data_ptr<float>();
-    const float* b1e = b1_p ? b1_p + e * F1 : zero_bias.data();
-    const float* b2e = b2_p ? b2_p + e * D : nullptr;
-    at::parallel_for(0, c, row_grain(F1 + D), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t p = p0 + i;
-        const float g = g_p[r.src[p]];
-        float dg = act_bwd_row(s.act, isa, H_p + i * F1, b1e, dA_p + i * F, A_p + i * F, g, F);
-        float* grow = G_p + i * D;
-        if (b2e) dg += dot(grow, b2e, D);
-        dg_rows[p] = dg;
-        scale(grow, g, D);
-      }
-    });
-    dw2.select(0, e).copy_(mm_nt(gp, Ae.t(), Ge.t()));  // dw2[e] = A_e^T dO_e
-    if (db2_p) colsum(G_p, c, D, db2_p + e * D);
-    dw1.select(0, e).copy_(mm_nt(gp, Xe.t(), He.t()));  // dw1[e] = X_e^T dH_e
-    if (db1_p) colsum(H_p, c, F1, db1_p + e * F1);
-    dX[e] = mm_nt(gp, He, w1e);  // dX_e = dH_e w1[e]^T
-  });
-
-  at::Tensor dx = at::empty({T, D}, x_in.options());
-  at::Tensor dgates = at::empty({T, k}, gates_in.options());
-  std::vector<const float*> dX_p(E, nullptr);
-  for (int64_t e = 0; e < E; ++e)
-    if (dX[e].defined()) dX_p[e] = dX[e].const_data_ptr<float>();
-  combine_slots(r, dx, D,
-                [&](float* acc, int64_t, int64_t p, int64_t e) { axpy(acc, dX_p[e] + (p - r.seg[e]) * D, 1.0f, D); });
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dgates.scalar_type(), "moe_mlp_dgates", [&] {
-    scalar_t* o = dgates.mutable_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < T * k; ++i) {
-      const int64_t p = r.pos[i];
-      o[i] = static_cast<scalar_t>(p < 0 ? 0.f : dg_rows[p]);
-    }
-  });
-  return {dx,
-          cast_like(dw1, w1_in),
-          cast_like(dw2, w2_in),
-          dgates,
-          db1.defined() ? cast_like(db1, *b1_in) : at::Tensor(),
-          db2.defined() ? cast_like(db2, *b2_in) : at::Tensor()};
+  const at::ScalarType S = gemm_dtype(w1_in, w2_in);
+  const Operands o(op, S, x_in, w1_in, w2_in, expert_ids, gates_in, b1_in, b2_in, activation);
+  TORCH_CHECK(grad_out_in.device().is_cpu() && grad_out_in.dim() == 2 && grad_out_in.size(0) == o.s.T &&
+                  grad_out_in.size(1) == o.s.D,
+              op, ": grad_out must be a CPU tensor [", o.s.T, ", ", o.s.D, "], got ", grad_out_in.sizes());
+  const at::Tensor h = saved_h ? *saved_h : at::Tensor();
+  auto g = S == at::kBFloat16 ? backward_impl<c10::BFloat16>(o, grad_out_in, x_in, gates_in, h)
+                              : backward_impl<float>(o, grad_out_in, x_in, gates_in, h);
+  return {g[0],
+          cast_like(g[1], w1_in),
+          cast_like(g[2], w2_in),
+          g[3],
+          b1_in ? cast_like(g[4], *b1_in) : at::Tensor(),
+          b2_in ? cast_like(g[5], *b2_in) : at::Tensor()};
 }
 
 }  // namespace
@@ -653,10 +813,10 @@ std::vector<at::Tensor> moe_expert_mlp_backward(const at::Tensor& grad_out_in, c
 TORCH_LIBRARY_FRAGMENT(unif2ace_cpu, m) {
   m.def(
       "moe_expert_mlp(Tensor x, Tensor w1, Tensor w2, Tensor expert_ids, Tensor gates, Tensor? b1, Tensor? b2, "
-      "str activation) -> Tensor",
+      "str activation) -> Tensor[]",
       &unif2ace::cpu::moe_expert_mlp);
   m.def(
       "moe_expert_mlp_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor expert_ids, Tensor gates, "
-      "Tensor? b1, Tensor? b2, str activation) -> Tensor[]",
+      "Tensor? b1, Tensor? b2, str activation, Tensor? saved_h=None) -> Tensor[]",
       &unif2ace::cpu::moe_expert_mlp_backward);
 }

@@ -23,8 +23,9 @@ U2A_INLINE float to_f32(c10::BFloat16 v) {
 }
 U2A_INLINE float to_f32(c10::Half v) { return static_cast<float>(v); }
 
-// fp32 -> T, round to nearest even. bf16 by integer ops on the bits (NaN stays a quiet NaN), so
-// loops storing bf16 vectorise (c10's conversion does not); Half through c10.
+// fp32 -> T, round to nearest even. bf16 by integer ops on the bits (branch-free, so loops storing
+// bf16 vectorise; c10's conversion does not), bit-identical to c10::BFloat16(float) including its
+// NaN (0x7FC0); Half through c10.
 template <typename T>
 U2A_INLINE T from_f32(float v) {
   return static_cast<T>(v);
@@ -35,8 +36,7 @@ U2A_INLINE c10::BFloat16 from_f32<c10::BFloat16>(float v) {
   std::memcpy(&u, &v, sizeof(u));
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   const uint32_t nan_m = -static_cast<uint32_t>((u & 0x7FFFFFFFu) > 0x7F800000u);
-  const uint16_t bits = static_cast<uint16_t>((rounded & ~nan_m) | (((u >> 16) | 0x40u) & nan_m));
-  return c10::BFloat16(bits, c10::BFloat16::from_bits());
+  return c10::BFloat16(static_cast<uint16_t>((rounded & ~nan_m) | (0x7FC0u & nan_m)), c10::BFloat16::from_bits());
 }
 
 // exp(x) for x in [-87, 88] (clamped outside; -inf -> exp(-87) ~ 1.6e-38): Cody-Waite reduction

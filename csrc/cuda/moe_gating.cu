@@ -42,6 +42,15 @@ struct Setup {
   int64_t row_words;  // 2E + G
 };
 
+// The device's largest dynamic shared memory per block with opt-in (no sync: a device attribute).
+int64_t smem_opt_in_limit(const at::Device& device) {
+  int value = 0;
+  const int dev = device.has_index() ? device.index() : 0;  // (an emulated "device" is the CPU)
+  TORCH_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess,
+              "moe_gating (cuda): cannot query the shared memory limit of device ", dev);
+  return std::max<int64_t>(value, kSmemLimit);
+}
+
 Setup make_setup(const char* op, const at::Tensor& router_logits, const at::Tensor& group_ids,
                  c10::IntArrayRef group_sizes, int64_t top_k, c10::string_view score, bool renormalize) {
   TORCH_CHECK(on_device(router_logits), op, ": router_logits must be a ", kDeviceName, " tensor, got ",
@@ -87,8 +96,10 @@ Setup make_setup(const char* op, const at::Tensor& router_logits, const at::Tens
   // per-warp accumulators: P (fp32) and C (int32) per expert, N per group
   s.row_words = 2 * E + G;
   s.smem_bytes = static_cast<int64_t>(kWarps) * s.row_words * static_cast<int64_t>(sizeof(int32_t));
-  s.use_smem = s.smem_bytes <= kSmemLimit;
-  // the block count depends on T (and on which accumulator home fits E) only: reproducible
+  // up to the device's opt-in limit (227 KiB on sm_90: E up to ~3600 experts), else global scratch
+  s.use_smem = s.smem_bytes <= smem_opt_in_limit(router_logits.device());
+  // the block count depends on T and on which accumulator home fits E (on the device) only:
+  // reproducible
   const int64_t max_blocks = s.use_smem ? kMaxBlocks : kMaxBlocksGlobal;
   s.nb = std::max<int64_t>(1, std::min<int64_t>(max_blocks, (T + kWarps - 1) / kWarps));
   s.p.tpb = std::max<int64_t>(1, (T + s.nb - 1) / s.nb);
@@ -109,8 +120,13 @@ void launch_tokens(const Setup& s, const at::Tensor& group_ids, at::Tensor* ids,
     using T = typename DevType<scalar_t>::type;
     const T* x = reinterpret_cast<const T*>(s.logits.const_data_ptr<scalar_t>());
     AT_DISPATCH_INDEX_TYPES(group_ids.scalar_type(), "moe_gating_cuda_groups", [&] {
-      launch(gating_forward_kernel<T, index_t, kOutputs, kProb>, static_cast<unsigned>(s.nb), kThreads, smem, stream, x,
-             group_ids.const_data_ptr<index_t>(), s.p, s.grp, kOutputs ? ids->mutable_data_ptr<int32_t>() : nullptr,
+      auto* kernel = gating_forward_kernel<T, index_t, kOutputs, kProb>;
+      if (smem > kSmemLimit) {
+        TORCH_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess,
+                    "moe_gating (cuda): cannot opt in to ", smem, " bytes of shared memory");
+      }
+      launch(kernel, static_cast<unsigned>(s.nb), kThreads, smem, stream, x, group_ids.const_data_ptr<index_t>(), s.p,
+             s.grp, kOutputs ? ids->mutable_data_ptr<int32_t>() : nullptr,
              kOutputs ? gates->mutable_data_ptr<float>() : nullptr, scratch_p, s.use_smem,
              kProb ? part_P.mutable_data_ptr<float>() : nullptr, part_C.mutable_data_ptr<int32_t>(),
              part_N.mutable_data_ptr<int32_t>());

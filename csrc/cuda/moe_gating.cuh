@@ -23,7 +23,9 @@
 //   a global column belongs to one group and one local index, hence to one lane: no two threads
 //   ever touch the same cell. The block then sums its kWarps rows in warp order into row b of the
 //   [num_blocks, E] partial buffers. The accumulator rows live in shared memory when they fit in
-//   48 KiB, else in a global scratch buffer (same code through generic pointers).
+//   the device's opt-in limit (227 KiB on sm_90: 2E + G <= 7264; above 48 KiB the host opts in),
+//   else in a global scratch buffer with at most kMaxBlocksGlobal blocks (same code through
+//   generic pointers).
 //   stats kernel: one CTA per group sums the partial rows in a fixed order (double for scores,
 //   int64 for counts) and writes f_e = C_e / (T_g k), P_e = sum_e / T_g and the loss
 //   coef * size_g * sum_e f_e P_e (all 0 for a group with no tokens); in backward mode it writes
@@ -59,7 +61,7 @@ constexpr int kWarps = 8;                      // warps (tokens in flight) per C
 constexpr int kThreads = kWarps * 32;
 constexpr int kMaxBlocks = 1024;       // statistics partial rows (smem accumulators)
 constexpr int kMaxBlocksGlobal = 64;   // ... when the accumulators live in global scratch
-constexpr int kSmemLimit = 48 * 1024;  // default dynamic shared memory limit (no opt-in)
+constexpr int kSmemLimit = 48 * 1024;  // default dynamic shared memory limit (above: opt-in)
 constexpr int kStatCols = 32;          // stats kernel: 32 experts x 8 partial-row lanes
 constexpr int kStatRows = 8;
 constexpr int kStatThreads = kStatCols * kStatRows;

@@ -63,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::T
   check_args(expert_ids, num_experts);
   TORCH_CHECK(num_experts <= kAlignMaxExperts, "moe_align (cuda): num_experts must be <= ", kAlignMaxExperts, ", got ",
               num_experts);
-  TORCH_CHECK(block_size >= 1 && block_size < (int64_t(1) << 20), "moe_align (cuda): bad block_size ", block_size);
+  TORCH_CHECK(block_size >= 1, "moe_align (cuda): block_size must be >= 1, got ", block_size);
   DeviceGuard guard(expert_ids.device());
   const IdView v = make_view(expert_ids);
   const int64_t E = num_experts, N = v.n, bs = block_size;
@@ -76,22 +76,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::T
   at::Tensor blocks = at::empty({max_blocks}, opts);
   at::Tensor total = at::empty({1}, opts);
   at::Tensor counts = at::empty({E}, opts);
-  const int64_t num_tiles = (N + kTile - 1) / kTile;
+  // sub-tiles per tile: at most ~kAlignTargetTiles tiles (see moe_routing.cuh)
+  const int64_t sub_tiles =
+      std::clamp<int64_t>((N + kTile * kAlignTargetTiles - 1) / (kTile * kAlignTargetTiles), 1, kAlignMaxSubTiles);
+  const int64_t num_tiles = (N + kTile * sub_tiles - 1) / (kTile * sub_tiles);
   at::Tensor tile_counts = at::empty({std::max<int64_t>(num_tiles, 1) * E}, opts);
   cudaStream_t stream = current_stream();
-  const int64_t smem = static_cast<int64_t>(kTileWarps) * E * sizeof(int32_t);
+  const int64_t smem = static_cast<int64_t>(kTileWarps + 1) * E * sizeof(int32_t);
   AT_DISPATCH_INDEX_TYPES(expert_ids.scalar_type(), "moe_align_cuda", [&] {
     const index_t* p = expert_ids.const_data_ptr<index_t>();
     if (num_tiles > 0) {
       launch(align_tile_count_kernel<index_t>, static_cast<unsigned>(num_tiles), kTile, smem, stream, p, v,
-             static_cast<int32_t>(E), tile_counts.mutable_data_ptr<int32_t>());
+             static_cast<int32_t>(E), static_cast<int32_t>(sub_tiles), tile_counts.mutable_data_ptr<int32_t>());
     }
     launch(align_scan_kernel, 1, kScanThreads, 0, stream, tile_counts.mutable_data_ptr<int32_t>(), num_tiles,
            static_cast<int32_t>(E), static_cast<int32_t>(bs), max_blocks, counts.mutable_data_ptr<int32_t>(),
            blocks.mutable_data_ptr<int32_t>(), total.mutable_data_ptr<int32_t>());
     if (num_tiles > 0) {
       launch(align_scatter_kernel<index_t>, static_cast<unsigned>(num_tiles), kTile, smem, stream, p, v,
-             static_cast<int32_t>(E), tile_counts.const_data_ptr<int32_t>(), sorted.mutable_data_ptr<int32_t>());
+             static_cast<int32_t>(E), static_cast<int32_t>(sub_tiles), tile_counts.const_data_ptr<int32_t>(),
+             sorted.mutable_data_ptr<int32_t>());
     }
   });
   return {sorted, blocks, total, counts};

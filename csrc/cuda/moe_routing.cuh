@@ -7,10 +7,15 @@
 // N + E*(block_size-1) < 2^31 for align).
 //
 // moe_align is deterministic (each expert's list is in ascending flat index, no atomics decide
-// positions): tiles of kTile entries (one per thread) count per expert (warp match + per-warp
-// counts in shared memory), one CTA scans the tile counts per expert and the padded counts
-// over experts, and a second tile pass writes each entry at
+// positions): tiles of `sub_tiles` x kTile entries (a CTA of kTile threads walks its sub-tiles in
+// order, one entry per thread each) count per expert (warp match + per-warp counts in shared
+// memory, a running per-expert count across the sub-tiles), one CTA scans the tile counts per
+// expert and the padded counts over experts, and a second tile pass writes each entry at
 //   offset[e] + (entries of e in earlier tiles) + (entries of e earlier in this tile).
+// The host sizes the tiles so that there are at most ~kAlignTargetTiles of them: the scan's serial
+// walk over tiles stays short (T*k = 5e5: 123 steps instead of 1954 with one sub-tile per tile) and
+// tile_counts stays ~kAlignTargetTiles x E. block_size needs no bound of its own: every count,
+// padded count and position is <= N + E*(block_size-1) < 2^31 (checked by the host).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -29,7 +34,9 @@ struct IdView {
 
 constexpr int kTile = 256;  // entries per tile = threads per CTA in the tile passes
 constexpr int kTileWarps = kTile / 32;
-constexpr int kAlignMaxExperts = 1024;  // single-CTA scan; smem kTileWarps * E int32
+constexpr int kAlignMaxExperts = 1024;      // single-CTA scan; smem (kTileWarps + 1) * E int32
+constexpr int64_t kAlignTargetTiles = 128;  // tiles of the tile passes (more only at 256 sub-tiles)
+constexpr int64_t kAlignMaxSubTiles = 256;
 constexpr int kScanThreads = 1024;
 
 template <typename T>
@@ -72,16 +79,16 @@ __global__ void expert_histogram_global_kernel(const T* __restrict__ ids, IdView
 }
 
 // ---------------------------------------------------------------------------------------------
-// Align, pass 1 and 3 share the tile ranking. For the entry of this thread: its expert (or -1)
-// and its rank among the tile's entries of the same expert that come before it. On return
-// warp_counts[w * E + e] holds the count of expert e in warp w (valid after __syncthreads()).
+// Align, pass 1 and 3 share the sub-tile ranking. For the entry `idx` of this thread: its expert
+// (or -1) and its rank among the sub-tile's entries of the same expert that come before it. On
+// return warp_counts[w * E + e] holds the count of expert e in warp w (valid after the
+// __syncthreads() at its end; the caller syncs again before the next call clears them).
 template <typename T>
 __device__ __forceinline__ void tile_rank(const T* __restrict__ ids, const IdView& v, int32_t E, int32_t* warp_counts,
-                                          int64_t& expert, int32_t& rank_in_warp) {
+                                          int64_t idx, int64_t& expert, int32_t& rank_in_warp) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int32_t i = threadIdx.x; i < kTileWarps * E; i += blockDim.x) warp_counts[i] = 0;
   __syncthreads();
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.x;
   int64_t e = -1;
   if (idx < v.n) {
     e = load_id(ids, v, idx);
@@ -94,20 +101,39 @@ __device__ __forceinline__ void tile_rank(const T* __restrict__ ids, const IdVie
   __syncthreads();
 }
 
-// Pass 1: tile_counts[tile * E + e] = entries of expert e in this tile.
-template <typename T>
-__global__ void __launch_bounds__(kTile)
-    align_tile_count_kernel(const T* __restrict__ ids, IdView v, int32_t E, int32_t* __restrict__ tile_counts) {
-  UNIF2ACE_DYNAMIC_SHARED(int32_t, warp_counts);
-  int64_t e;
-  int32_t r;
-  tile_rank(ids, v, E, warp_counts, e, r);
+// The entries of this CTA's tile: sub-tile `sub` holds [first + sub * kTile, ... + kTile).
+__device__ __forceinline__ int64_t tile_first(int32_t sub_tiles) {
+  return static_cast<int64_t>(blockIdx.x) * sub_tiles * kTile;
+}
+
+// running[e] += the sub-tile's count of expert e (the ranks of the sub-tile are all read).
+__device__ __forceinline__ void add_sub_tile_counts(const int32_t* warp_counts, int32_t* running, int32_t E) {
+  __syncthreads();
   for (int32_t x = threadIdx.x; x < E; x += blockDim.x) {
     int32_t s = 0;
 #pragma unroll
     for (int w = 0; w < kTileWarps; ++w) s += warp_counts[w * E + x];
-    tile_counts[static_cast<int64_t>(blockIdx.x) * E + x] = s;
+    running[x] += s;
   }
+  __syncthreads();
+}
+
+// Pass 1: tile_counts[tile * E + e] = entries of expert e in this tile.
+template <typename T>
+__global__ void __launch_bounds__(kTile) align_tile_count_kernel(const T* __restrict__ ids, IdView v, int32_t E,
+                                                                 int32_t sub_tiles, int32_t* __restrict__ tile_counts) {
+  UNIF2ACE_DYNAMIC_SHARED(int32_t, warp_counts);  // [kTileWarps * E], then running [E]
+  int32_t* running = warp_counts + kTileWarps * E;
+  for (int32_t x = threadIdx.x; x < E; x += blockDim.x) running[x] = 0;
+  const int64_t first = tile_first(sub_tiles);
+  for (int32_t sub = 0; sub < sub_tiles && first + static_cast<int64_t>(sub) * kTile < v.n; ++sub) {
+    int64_t e;
+    int32_t r;
+    tile_rank(ids, v, E, warp_counts, first + static_cast<int64_t>(sub) * kTile + threadIdx.x, e, r);
+    add_sub_tile_counts(warp_counts, running, E);
+  }
+  for (int32_t x = threadIdx.x; x < E; x += blockDim.x)
+    tile_counts[static_cast<int64_t>(blockIdx.x) * E + x] = running[x];
 }
 
 // Pass 2 (one CTA of kScanThreads threads, E <= kScanThreads): per expert, turn the tile counts
@@ -121,6 +147,7 @@ __global__ void __launch_bounds__(kScanThreads)
   const int32_t e = threadIdx.x;
   int32_t cnt = 0;
   if (e < E) {
+#pragma unroll 8
     for (int64_t t = 0; t < num_tiles; ++t) cnt += tile_counts[t * E + e];
   }
   const int32_t padded = (cnt + block_size - 1) / block_size * block_size;
@@ -153,19 +180,26 @@ __global__ void __launch_bounds__(kScanThreads)
 // Pass 3: scatter flat indices to their stable positions (sorted_ids pre-filled with sentinel N).
 template <typename T>
 __global__ void __launch_bounds__(kTile)
-    align_scatter_kernel(const T* __restrict__ ids, IdView v, int32_t E, const int32_t* __restrict__ tile_cursor,
-                         int32_t* __restrict__ sorted_ids) {
-  UNIF2ACE_DYNAMIC_SHARED(int32_t, warp_counts);
-  int64_t e;
-  int32_t r;
-  tile_rank(ids, v, E, warp_counts, e, r);
-  if (e < 0) return;
+    align_scatter_kernel(const T* __restrict__ ids, IdView v, int32_t E, int32_t sub_tiles,
+                         const int32_t* __restrict__ tile_cursor, int32_t* __restrict__ sorted_ids) {
+  UNIF2ACE_DYNAMIC_SHARED(int32_t, warp_counts);  // [kTileWarps * E], then the cursors [E]
+  int32_t* running = warp_counts + kTileWarps * E;
+  for (int32_t x = threadIdx.x; x < E; x += blockDim.x)
+    running[x] = tile_cursor[static_cast<int64_t>(blockIdx.x) * E + x];
+  const int64_t first = tile_first(sub_tiles);
   const int warp = threadIdx.x / 32;
-  int32_t before = 0;
-  for (int w = 0; w < warp; ++w) before += warp_counts[w * E + e];
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.x;
-  const int64_t pos = static_cast<int64_t>(tile_cursor[static_cast<int64_t>(blockIdx.x) * E + e]) + before + r;
-  sorted_ids[pos] = static_cast<int32_t>(idx);
+  for (int32_t sub = 0; sub < sub_tiles && first + static_cast<int64_t>(sub) * kTile < v.n; ++sub) {
+    const int64_t idx = first + static_cast<int64_t>(sub) * kTile + threadIdx.x;
+    int64_t e;
+    int32_t r;
+    tile_rank(ids, v, E, warp_counts, idx, e, r);  // (its __syncthreads() also publishes `running`)
+    if (e >= 0) {
+      int32_t before = 0;
+      for (int w = 0; w < warp; ++w) before += warp_counts[w * E + e];
+      sorted_ids[static_cast<int64_t>(running[e]) + before + r] = static_cast<int32_t>(idx);
+    }
+    add_sub_tile_counts(warp_counts, running, E);
+  }
 }
 
 }  // namespace unif2ace::cuda

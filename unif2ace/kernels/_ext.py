@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import Tuple
+from typing import Dict, Tuple
 
 # Test seam, set only by unif2ace.testing.cuda_emu.emulated_cuda(): while it holds the op namespace
 # of the test-only CPU emulation of the CUDA kernels (torch.ops.unif2ace_cuda_emu), the cuda
@@ -52,6 +52,24 @@ def cuda_status() -> Tuple[bool, str]:
 def triton_status() -> Tuple[bool, str]:
     """(importable, error) for Triton."""
     return _load("triton")
+
+
+def cpu_features() -> Dict[str, object]:
+    """What this CPU offers the C++ kernels: the vector ISA torch dispatches to, the low-precision
+    matrix instructions, and whether the kernels run bf16 / fp16 GEMMs on them (the C++ rule in
+    csrc/cpu/cpu_features.h: oneDNN plus AVX512-BF16 / AMX-BF16, resp. AVX512-FP16 / AMX-FP16;
+    ``UNIF2ACE_CPU_LOWP_GEMM=0`` / ``1`` overrides it, see :func:`unif2ace.kernels.cpu.lowp_gemm`).
+    False for both when the extension is missing."""
+    import torch
+
+    caps = torch._C._cpu._get_cpu_capability()
+    out: Dict[str, object] = {"isa": torch.backends.cpu.get_cpu_capability(), "name": caps.get("cpu_name", "")}
+    for key in ("avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16"):
+        out[key] = bool(caps.get(key, False))
+    ok, _ = cpu_status()
+    for key, dtype in (("bf16_gemm", torch.bfloat16), ("fp16_gemm", torch.float16)):
+        out[key] = bool(ok and cpu_ops().low_precision_gemm(dtype))
+    return out
 
 
 def cpu_ops():

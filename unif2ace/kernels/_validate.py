@@ -234,7 +234,7 @@ def check_real(
 
 def check_bool(op: str, name: str, v) -> bool:
     """A bool argument (Python or numpy bool); strings such as ``"no"`` are rejected."""
-    if isinstance(v, bool) or type(v).__name__ == "bool_":
+    if isinstance(v, bool) or (type(v).__module__ == "numpy" and type(v).__name__ in ("bool_", "bool")):
         return bool(v)
     raise TypeError(f"{op}: argument '{name}' must be a bool, got {type(v).__name__} {v!r}")
 

@@ -37,15 +37,16 @@ from ._dispatch import BACKENDS, Op
 from ._validate import (
     FLOAT_DTYPES,
     INT_DTYPES,
+    check_bool,
     check_choice,
     check_int_at_least,
     check_int_list,
     check_range,
+    check_real,
     check_same_device,
     check_tensor,
 )
 from .reference import moe_gating as ref_gating
-from .reference import moe_mlp as ref_mlp
 from .reference import moe_routing as ref_routing
 
 Tensor = torch.Tensor
@@ -187,8 +188,9 @@ def moe_gating(
     sizes = _check_group_sizes(op, group_sizes, E_total, what="router_logits.shape[1]")
     top_k = _check_top_k(op, top_k, sizes)
     check_choice(op, "score", score, SCORES)
+    renormalize = check_bool(op, "renormalize", renormalize)
+    balance_coef = check_real(op, "balance_coef", balance_coef)
     check_range(op, "group_ids", group_ids, 0, len(sizes))
-    renormalize, balance_coef = bool(renormalize), float(balance_coef)
     be = MOE_GATING.select(dev, backend)
     if be == "reference":
         outs = ref_gating.moe_gating_ref(router_logits, group_ids, sizes, top_k, score, renormalize, balance_coef)
@@ -270,6 +272,12 @@ def moe_expert_mlp(
     combine is in fp32 in the fixed order j = 0..k-1; output ``[T, D]`` in x's dtype.
     ``"gelu"`` is the exact erf gelu; ``"gelu_tanh"`` the tanh approximation.
     Ids outside ``[0, E)`` contribute nothing. Differentiable w.r.t. x, w1, w2, b1, b2, gates.
+
+    Under ``torch.autocast`` on x's device the op behaves like ``F.linear``: the GEMM operands x,
+    w1 and w2 are cast to the autocast dtype (through autocast's cast cache: a weight that is a
+    leaf requiring grad is cast once per autocast region), which the kernels' GEMMs then run in,
+    forward and backward, with fp32 accumulation, activations and combine; gates and biases keep
+    their dtypes. The output is in the autocast dtype; gradients come back in the inputs' dtypes.
     """
     op = "moe_expert_mlp"
     check_tensor(op, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
@@ -298,8 +306,8 @@ def moe_expert_mlp(
     dev = check_same_device(op, x=x, w1=w1, w2=w2, expert_ids=expert_ids, gates=gates, b1=b1, b2=b2)
     be = MOE_MLP.select(dev, backend)
     if be == "reference":
-        return ref_mlp.moe_expert_mlp_ref(x, w1, w2, expert_ids, gates, b1, b2, activation)
-    return _ops.mlp_op(x, w1, w2, expert_ids, gates, b1, b2, activation, be)
+        return _ops.mlp_ref_autocast(x, w1, w2, expert_ids, gates, b1, b2, activation)
+    return _ops.mlp_op(x, w1, w2, expert_ids, gates, b1, b2, activation, be)[0]
 
 
 def moe_shared_expert(
@@ -369,6 +377,10 @@ def moe_sequence_gating(
     B, S, D = hidden.shape
     check_tensor(op, "valid_mask", valid_mask, shape=(B, S), dtypes=(torch.bool,))
     sizes = _check_group_sizes(op, group_sizes, None, what="")
+    _check_top_k(op, top_k, sizes)
+    check_choice(op, "score", score, SCORES)
+    check_bool(op, "renormalize", renormalize)
+    check_real(op, "balance_coef", balance_coef)
     E_total = sum(sizes)
     check_tensor(op, "router_weight", router_weight, ndim=2, dtypes=FLOAT_DTYPES)
     if tuple(router_weight.shape) != (E_total, D):

@@ -98,6 +98,7 @@ inline float2 make_float2(float x, float y) { return float2{x, y}; }
 typedef struct CUstream_st* cudaStream_t;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 
 namespace unif2ace::emu {
 
@@ -178,6 +179,13 @@ template <typename T>
 cudaError_t cudaFuncSetAttribute(T* kernel, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
   return ::unif2ace::emu::set_max_dynamic_shared(reinterpret_cast<const void*>(kernel), value);
+}
+
+// one device, an sm_90 (the opt-in shared memory limit that launches enforce)
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin || device != 0) return cudaErrorInvalidValue;
+  *value = 227 << 10;
+  return cudaSuccess;
 }
 
 // ------------------------------------------------------------------------------ synchronisation

@@ -75,6 +75,14 @@ def moe_gating_ref(
         balance_loss: ``[G]`` fp32 ``coef * size_g * sum_{e in g} f_e * P_e`` (0 for an empty
             group). Differentiable through ``P`` (``f`` is a count, constant).
     Routing never crosses groups: a token's scores and choices use its group's columns only.
+
+    NaN/inf (docs/kernels.md §B), exactly as torch computes it in fp32: a softmax row (the token's
+    group columns) holding a NaN or a +inf logit, or only -inf logits, is NaN in every column;
+    otherwise -inf scores 0. A sigmoid score is NaN for a NaN logit, 1 for +inf, 0 for -inf. The
+    top-k ranks NaN above every number (ties by index, as ``torch.sort``), so a chosen NaN gives a
+    NaN gate (all k of the token when renormalised). ``P_e`` of a column with a NaN score is NaN
+    and so is its group's ``balance_loss`` (``0 * NaN``); ``f`` counts the choices as usual. The
+    gradient is NaN where these NaNs feed it (the token's group row, or its NaN columns).
     """
     T = router_logits.shape[0]
     dev = router_logits.device
@@ -86,7 +94,7 @@ def moe_gating_ref(
     gid = group_ids.long()
 
     expert_ids = torch.full((T, k), -1, dtype=torch.int32, device=dev)
-    gates = torch.zeros((T, k), dtype=torch.float32, device=dev)
+    gates = torch.zeros((T, k), dtype=torch.float32, device=dev) + 0.0 * logits[:0].sum()  # attached when T = 0
     frac_parts, prob_parts, losses = [], [], []
     for g in range(G):
         lo, hi = offs[g], offs[g + 1]

@@ -53,8 +53,16 @@ def moe_expert_mlp_ref(
     ``expert_e(x) = act(x @ w1[e] + b1[e]) @ w2[e] + b2[e]`` with act = exact erf gelu
     (``"gelu"``), tanh-approximated gelu (``"gelu_tanh"``) or ``silu(gate) * up`` (``"swiglu"``).
     ``out[t] = sum_{j=0..k-1} gates[t, j] * expert_{ids[t, j]}(x[t])``, accumulated in fp32 in the
-    order j = 0..k-1, returned in x's dtype. Ids outside ``[0, E)`` contribute nothing.
+    order j = 0..k-1, returned in x's dtype. Ids outside ``[0, E)`` contribute nothing: their
+    slot's gate is never read (a NaN gate there leaves the output finite, its gradient is 0).
     Differentiable (autograd) w.r.t. x, w1, w2, b1, b2 and gates.
+
+    NaN/inf (docs/kernels.md §B): IEEE arithmetic in fp32, nothing is masked or clamped. A NaN
+    reaches every output entry that depends on it: a NaN in x[t] or in a valid slot's gate makes
+    out[t] NaN, a NaN weight of expert e the entries of e's tokens that it feeds (a gate of 0 does
+    not hide it: 0 * NaN = NaN), and so on into the gradients. +-inf inputs give non-finite
+    entries in the same places; which of them are NaN and which +-inf follows IEEE through the
+    GEMMs.
     """
     T, D = x.shape
     k = expert_ids.shape[1]
@@ -71,8 +79,9 @@ def moe_expert_mlp_ref(
         a = _activation(_affine(xf[t_idx], w1, b1, e), activation, F_)
         o = _affine(a, w2, b2, e)
         y = y.index_put((t_idx, j_idx), o)
-    g = gates.float()
-    out = xf.new_zeros(T, D)
+    g = torch.where((ids >= 0) & (ids < E), gates.float(), 0.0)  # invalid slots: gate never read
+    # (+ an empty sum: the output stays attached to the inputs when nothing is routed)
+    out = xf.new_zeros(T, D) + sum(t[:0].sum() for t in (xf, w1, w2, gates, b1, b2) if t is not None)
     for j in range(k):  # fixed combine order
         out = out + g[:, j : j + 1] * y[:, j]
     return out.to(x.dtype)

@@ -91,25 +91,36 @@ def _gating_scores(
     ptr = Z + rows64[:, None] * stride_zt + (goff[:, None] + cols[None, :]).to(tl.int64) * stride_ze
     z = tl.load(ptr, mask=cmask, other=float("-inf")).to(tl.float32)
     if SIGMOID:
-        s = 1.0 / (1.0 + tl.exp(-z))
+        s = 1.0 / (1.0 + tl.exp(-z))  # elementwise: NaN -> NaN, +-inf -> 1 / 0
     else:
         m = tl.max(z, 1)
-        m = tl.where(rmask, m, 0.0)
+        # the reference's NaN rows (whatever tl.max does with NaN): a NaN or +inf logit, or all -inf
+        bad = (tl.sum((z != z).to(tl.int32), 1) > 0) | (m == float("inf")) | (m == float("-inf"))
+        m = tl.where(rmask & ~bad, m, 0.0)
         ez = tl.exp(z - m[:, None])
         den = tl.sum(ez, 1)
         s = ez / tl.where(rmask, den, 1.0)[:, None]
+        s = tl.where(bad[:, None], float("nan"), s)
     s = tl.where(cmask, s, 0.0)
     return rows, rmask, g, goff, gsz, cols, cmask, s
 
 
 @triton.jit
+def _select_keys(s, cmask):
+    # top-k keys of the scores s (in [0, 1] or NaN): NaN ranks above every number (2.0, as
+    # torch.sort orders it), padding below every score (-1.0)
+    return tl.where(cmask, tl.where(s != s, 2.0, s), -1.0)
+
+
+@triton.jit
 def _take_max(sel, cols, BLOCK_E: tl.constexpr):
-    # one top-k round per row: the max m, its column idx (ties -> lowest index), the one-hot hit,
-    # and sel with that column taken out (scores are >= 0; -2 marks taken, -1 padding)
+    # one top-k round per row on the keys of _select_keys: the chosen score (NaN for a NaN key),
+    # its column idx (ties -> lowest index), the one-hot hit, and sel with that column taken out
+    # (-2 marks taken)
     m = tl.max(sel, 1)
     idx = tl.min(tl.where(sel == m[:, None], cols[None, :], BLOCK_E), 1)
     hit = cols[None, :] == idx[:, None]
-    return m, idx, hit, tl.where(hit, -2.0, sel)
+    return tl.where(m > 1.5, float("nan"), m), idx, hit, tl.where(hit, -2.0, sel)
 
 
 @triton.jit
@@ -140,7 +151,7 @@ def _gating_fwd_kernel(
     rows, rmask, g, goff, gsz, cols, cmask, s = _gating_scores(
         Z, GID, GOFF, GSIZE, pid, T, stride_zt, stride_ze, stride_gid, BLOCK_T, BLOCK_E, SIGMOID
     )
-    sel = tl.where(cmask, s, -1.0)  # scores are >= 0: padding never wins
+    sel = _select_keys(s, cmask)
     kk = tl.arange(0, BLOCK_K)
     top_v = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     top_i = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
@@ -246,7 +257,7 @@ def _gating_bwd_kernel(
         Z, GID, GOFF, GSIZE, pid, T, stride_zt, stride_ze, stride_gid, BLOCK_T, BLOCK_E, SIGMOID
     )
     rows64 = rows.to(tl.int64)
-    sel = tl.where(cmask, s, -1.0)
+    sel = _select_keys(s, cmask)
     dc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
     chosen = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
     csum = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -289,6 +300,12 @@ def _gating_tiles(T: int, sizes: Sequence[int]) -> Tuple[int, int]:
     return block_t, block_e
 
 
+def _gating_warps(block_t: int, block_e: int) -> Dict[str, int]:
+    """8 warps for a full 4K-element tile (at 4 the per-token kernels spill at 255 registers on
+    sm_90a: 16-bit forward with 64-expert groups, backward with 1024), else 4."""
+    return dict(num_warps=8 if block_t * block_e >= 4096 else 4)
+
+
 def _gating_launch(router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef):
     dev = router_logits.device
     T, E_total = router_logits.shape
@@ -321,7 +338,7 @@ def _gating_launch(router_logits, group_ids, group_sizes, top_k, score, renormal
                     SIGMOID=score == "sigmoid",
                     RENORM=bool(renormalize),
                 ),
-                dict(num_warps=4),
+                _gating_warps(block_t, block_e),
             )
         )
     launch(
@@ -392,7 +409,7 @@ def moe_gating_backward(
             + (router_logits.stride(0), router_logits.stride(1), group_ids.stride(0))
             + (grad_gates.stride(0), grad_gates.stride(1), dz.stride(0)),
             dict(K=int(top_k), BLOCK_T=block_t, BLOCK_E=block_e, SIGMOID=score == "sigmoid", RENORM=bool(renormalize)),
-            dict(num_warps=4),
+            _gating_warps(block_t, block_e),
         )
     )
     return dz

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.moe_mlp import moe_expert_mlp_backward_ref, moe_expert_mlp_ref
 from ._launch import Launch, interpreting, launch
 from .moe_routing import _pow2, moe_align
 
@@ -359,7 +360,9 @@ def _mlp_bwd_act_kernel(
         dsilu = sig * (1.0 + h * (1.0 - sig))
         tl.store(dhp + fc[None, :], (dA * up * dsilu).to(DH.dtype.element_ty), mask=fm[None, :])
         tl.store(dhp + F + fc[None, :], (dA * silu).to(DH.dtype.element_ty), mask=fm[None, :])
-    tl.store(A_OUT + pos[:, None] * stride_at + fc[None, :], act.to(A_OUT.dtype.element_ty), mask=fm[None, :])
+    # gated activations: dW2 = (g * act)^T grad_out reads both GEMM operands straight from memory
+    a_out = (act * g[:, None]).to(A_OUT.dtype.element_ty)
+    tl.store(A_OUT + pos[:, None] * stride_at + fc[None, :], a_out, mask=fm[None, :])
 
 
 @triton.jit
@@ -384,16 +387,17 @@ def _grouped_xty_kernel(
     stride_be,
     K: tl.constexpr,
     X_BY_TOKEN: tl.constexpr,
-    Y_BY_TOKEN_GATED: tl.constexpr,
+    Y_BY_TOKEN: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
 ):
-    # OUT[e] = sum over expert e's assignment rows r of X_r^T Y_r ([P, Q]); DBIAS[e] = sum_r Y_r.
-    # X rows: x[token] (X_BY_TOKEN) or a per-position buffer; Y rows: gate * grad_out[token]
-    # (Y_BY_TOKEN_GATED) or a per-position buffer. Walks e's blocks of the index list in order.
+    # OUT[e] = sum over expert e's assignment rows r of X_r^T Y_r ([P, Q]); DBIAS[e] = sum_r Y_r,
+    # or sum_r gate_r * Y_r when Y is by token. X rows: x[token] (X_BY_TOKEN) or a per-position
+    # buffer; Y rows: grad_out[token] (Y_BY_TOKEN) or a per-position buffer. Walks e's blocks of
+    # the index list in order.
     e = tl.program_id(0).to(tl.int64)
     pid_p = tl.program_id(1)
     pid_q = tl.program_id(2)
@@ -419,21 +423,19 @@ def _grouped_xty_kernel(
             mask=valid[:, None] & pm[None, :],
             other=0.0,
         )
-        if Y_BY_TOKEN_GATED:
-            g = tl.load(GATES + a, mask=valid, other=0.0).to(tl.float32)
-            yf = (
-                tl.load(Y + tok[:, None] * stride_yr + qc[None, :], mask=valid[:, None] & qm[None, :], other=0.0).to(
-                    tl.float32
-                )
-                * g[:, None]
-            )
-            yt = yf.to(Y.dtype.element_ty)
+        # the dot's operands come straight from memory (pipelined wgmma); only the bias sum
+        # scales the grad_out rows by their gates (fp32)
+        if Y_BY_TOKEN:
+            yt = tl.load(Y + tok[:, None] * stride_yr + qc[None, :], mask=valid[:, None] & qm[None, :], other=0.0)
         else:
             yt = tl.load(Y + pos[:, None] * stride_yr + qc[None, :], mask=valid[:, None] & qm[None, :], other=0.0)
-            yf = yt.to(tl.float32)
         acc = tl.dot(tl.trans(xt), yt, acc, input_precision=PREC)
         if HAS_BIAS:
-            bacc += tl.sum(yf, 0)
+            if Y_BY_TOKEN:
+                g = tl.load(GATES + a, mask=valid, other=0.0).to(tl.float32)
+                bacc += tl.sum(yt.to(tl.float32) * g[:, None], 0)
+            else:
+                bacc += tl.sum(yt.to(tl.float32), 0)
     optr = OUT + e * stride_oe + pc[:, None].to(tl.int64) * stride_op + qc[None, :].to(tl.int64) * stride_oq
     tl.store(optr, acc.to(OUT.dtype.element_ty), mask=pm[:, None] & qm[None, :])
     if HAS_BIAS:
@@ -469,7 +471,7 @@ class _Launch:
     """What the forward and backward launches share: shapes, the compute dtype and the operands
     cast to it, the tiles and the routing."""
 
-    def __init__(self, x, w1, w2, expert_ids, gates, config: Optional[Dict[str, int]]):
+    def __init__(self, x, w1, w2, expert_ids, gates, b1, b2, config: Optional[Dict[str, int]]):
         self.T, self.D = x.shape
         self.E, _, self.F1 = w1.shape
         self.F = w2.shape[1]
@@ -482,6 +484,9 @@ class _Launch:
         self.kw = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
         self.xc, self.w1c, self.w2c = x.to(self.cdt), w1.to(self.cdt), w2.to(self.cdt)
         self.g = gates.contiguous()
+        # the kernels index bias columns with unit stride
+        self.b1 = None if b1 is None else b1.contiguous()
+        self.b2 = None if b2 is None else b2.contiguous()
         self.rt = _Routing(expert_ids.reshape(self.T, self.k), self.E, self.BM)
 
     def gather_gemm(self, a: Tensor, b: Tensor, bias: Optional[Tensor], apply_gate: bool, R: int) -> Tensor:
@@ -518,8 +523,8 @@ class _Launch:
         BQ: int,
     ) -> None:
         """``out[e] = X_e^T Y_e`` ``[P, Q]`` and ``dbias[e] = sum_r Y_e[r]`` over expert e's rows: X
-        per token and Y per padded position (x_by_token), or X per position and Y the gated
-        grad_out rows of the tokens."""
+        per token and Y per padded position (x_by_token), or X per position (the gated
+        activations) and Y the grad_out rows of the tokens, whose bias sum is gated."""
         rt = self.rt
         args = (X, Y, self.g, rt.sorted, rt.seg, rt.counts, out, out if dbias is None else dbias, rt.N, P, Q)
         args += (X.stride(0), X.stride(1), Y.stride(0), out.stride(0), out.stride(1), out.stride(2))
@@ -527,7 +532,7 @@ class _Launch:
         constexprs = dict(
             K=self.k,
             X_BY_TOKEN=x_by_token,
-            Y_BY_TOKEN_GATED=not x_by_token,
+            Y_BY_TOKEN=not x_by_token,
             HAS_BIAS=dbias is not None,
             PREC=self.prec,
             BLOCK_M=self.BM,
@@ -567,8 +572,10 @@ def moe_expert_mlp(
     T, D = x.shape
     if T == 0 or expert_ids.shape[1] == 0:
         return torch.zeros((T, D), dtype=x.dtype, device=x.device)
-    s = _Launch(x, w1, w2, expert_ids, gates, config)
-    rt = s.rt
+    if D == 0 or w2.shape[1] == 0:  # no GEMM to run (F = 0: out = sum_j g * b2); the reference
+        return moe_expert_mlp_ref(x, w1, w2, expert_ids, gates, b1, b2, activation)
+    s = _Launch(x, w1, w2, expert_ids, gates, b1, b2, config)
+    rt, b1, b2 = s.rt, s.b1, s.b2
     h = _empty((rt.L, s.F), dtype=s.cdt, device=s.dev)
     args = (s.xc, s.w1c, h if b1 is None else b1, rt.sorted, rt.block_eid, h, rt.N, D, s.F)
     args += (s.xc.stride(0), s.xc.stride(1), s.w1c.stride(0), s.w1c.stride(1), s.w1c.stride(2))
@@ -596,12 +603,14 @@ def moe_expert_mlp_backward(
     config: Optional[Dict[str, int]] = None,
 ):
     """Same contract as ``moe_expert_mlp_backward_ref``: ``(dx, dw1, dw2, dgates, db1, db2)``."""
+    if x.shape[1] == 0 or w2.shape[1] == 0:  # D = 0 or F = 0: no GEMM to run
+        return moe_expert_mlp_backward_ref(grad_out, x, w1, w2, expert_ids, gates, b1, b2, activation)
     dw1 = _empty_like(w1, memory_format=torch.contiguous_format)
     dw2 = _empty_like(w2, memory_format=torch.contiguous_format)
     db1 = None if b1 is None else _empty_like(b1, memory_format=torch.contiguous_format)
     db2 = None if b2 is None else _empty_like(b2, memory_format=torch.contiguous_format)
-    s = _Launch(x, w1, w2, expert_ids, gates, config)
-    rt, T, D, F, F1, k = s.rt, s.T, s.D, s.F, s.F1, s.k
+    s = _Launch(x, w1, w2, expert_ids, gates, b1, b2, config)
+    rt, T, D, F, F1, k, b1, b2 = s.rt, s.T, s.D, s.F, s.F1, s.k, s.b1, s.b2
     BM, BF, BD, kw, prec = s.BM, s.BF, s.BD, s.kw, s.prec
     xc, w1c, w2c, g = s.xc, s.w1c, s.w2c, s.g
     go = grad_out.to(s.cdt).contiguous()
@@ -628,7 +637,7 @@ def moe_expert_mlp_backward(
         )
         launch(Launch(_mlp_bwd_act_kernel, (rt.NB, nF), args, constexprs, kw))
     dgates = dgp.sum(0).view(T, k).to(gates.dtype)  # fixed-order reduction over F tiles
-    # dW2[e] = a_e^T (g * grad_out)_e, db2[e] = sum (g * grad_out)_e
+    # dW2[e] = (g * a)_e^T grad_out_e (a_buf holds the gated activations), db2[e] = sum (g * grad_out)_e
     s.grouped_xty(a_buf, go, dw2, db2, F, D, False, BF, BD)
     # dW1[e] = x_e^T dh_e, db1[e] = sum dh_e
     s.grouped_xty(xc, dh, dw1, db1, D, F1, True, BD, BF)

@@ -35,7 +35,7 @@ _empty_like = torch.empty_like
 # defaults; tune them on the device and edit here.
 ALIGN_CONFIGS: Dict[str, Dict[str, int]] = {
     "interpret": dict(BLOCK_N=1024, BLOCK_E=128, BLOCK_B=1024),
-    "gpu": dict(BLOCK_N=256, BLOCK_E=64, BLOCK_B=256),
+    "gpu": dict(BLOCK_N=256, BLOCK_E=32, BLOCK_B=256),
 }
 
 
