@@ -831,8 +831,8 @@ def test_ar_rows_split_across_programs(backend, segments, monkeypatch):
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("top_p", [0.5, 0.95, 0.999])
 def test_ar_top_p_large_nucleus_matches_reference(backend, top_p):
-    """Flat logits: the nucleus holds thousands of codes (the C++ kernel widens its candidate set
-    1024, 4096, ... largest before sorting); fp16 and bf16 logits too."""
+    """Flat logits: the nucleus holds thousands of codes (the C++ kernel brackets its boundary by
+    mass passes and sorts only the codes near it); fp16 and bf16 logits too."""
     B, V = 8, 6000
     logits = torch.randn(B, V, generator=torch.Generator().manual_seed(1)) * 0.5
     logits[0, :100] = 4.0  # a 100-way tie at the top
@@ -841,6 +841,54 @@ def test_ar_top_p_large_nucleus_matches_reference(backend, top_p):
         out = ar_sample(x, seed=5, position=3, top_p=top_p, temperature=0.9, backend=backend)
         ref = ar_sample(x, seed=5, position=3, top_p=top_p, temperature=0.9, backend="reference")
         assert_same_ar(out, ref)
+
+
+def _groups_by_value(z: torch.Tensor):
+    """The distinct values of a 1-D fp32 row (descending), the reference's top-p mass strictly above
+    each (fp64) and each value's own mass, with p = the fp32 softmax of the row."""
+    p = torch.softmax(z, 0).double()
+    vals, inv = torch.unique(z, return_inverse=True)
+    mass = torch.zeros(len(vals), dtype=torch.float64).scatter_add_(0, inv, p).flip(0)
+    return vals.flip(0), torch.cumsum(mass, 0) - mass, mass
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_ar_top_p_boundary_matches_reference(dtype):
+    """top_p placed just above and just below the mass above a tie group (the group is then kept
+    whole, or dropped whole, while the cumulative mass crosses top_p inside it), at several depths of
+    the nucleus, with and without top-k, at two temperatures; and rows whose tail is many codes of
+    p < 2^-29 with top_p so close to 1 that the boundary lies among them (the C++ kernel's sorted
+    fallback). 16 copies of each row: a boundary one group off changes the kept mass, so the draws.
+    Margins are 2e-5 or more: the C++ top-p uses its own fp32 softmax (see the module docstring)."""
+    B, V = 16, 1000
+    g = torch.Generator().manual_seed(11)
+    row = torch.randn(V, generator=g) * 2
+    row[100:130] = 3.0  # a 30-way tie with a sizeable share of the mass
+    row[7] = row[8] = row.max() + 0.5  # a tie at the top
+    tail = torch.full((V,), -30.0)
+    tail[:8] = torch.randn(8, generator=g)
+    tail[8:] = -21.0 - torch.rand(V - 8, generator=g)  # p ~ 1e-10 each, ~1e-7 in all
+    t07 = torch.tensor(0.7, dtype=torch.float32)
+    for temp in (1.0, 0.7):
+        x = row.to(dtype)
+        z = x.float() if temp == 1.0 else x.float() / t07
+        vals, above, mass = _groups_by_value(z)
+        big = [int(i) for i in torch.nonzero((mass >= 1e-3) & (above < 0.98)).flatten()]
+        picks = sorted(set(big[:: max(1, len(big) // 3)] + [int(torch.nonzero(vals == z[100]).flatten()[0])]))
+        for gi in picks:
+            s, m = float(above[gi]), float(mass[gi])
+            for top_p in (s + 0.02 * m, s + 0.5 * m, s + 0.98 * m, s - 0.02 * float(mass[max(gi - 1, 0)])):
+                if not 0.0 < top_p < 1.0:
+                    continue
+                for top_k in (None, 300) if top_p == s + 0.5 * m else (None,):
+                    kw = dict(seed=7, position=gi, temperature=temp, top_p=top_p, top_k=top_k)
+                    xb = x.expand(B, V)
+                    assert_same_ar(ar_sample(xb, backend="cpu", **kw), ar_sample(xb, backend="reference", **kw))
+        xt = tail.to(dtype).expand(B, V)
+        tail_mass = float(torch.softmax(tail.to(dtype).float(), 0)[8:].double().sum())
+        for top_p in (1.0 - 0.5 * tail_mass, 1.0 - 1e-12, 1.0 - 2 * tail_mass):
+            kw = dict(seed=9, position=1, temperature=temp, top_p=top_p)
+            assert_same_ar(ar_sample(xt, backend="cpu", **kw), ar_sample(xt, backend="reference", **kw))
 
 
 @pytest.mark.parametrize("backend", ALL)

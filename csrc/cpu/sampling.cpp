@@ -19,8 +19,9 @@
 // sanitised fp32 row goes to a thread-local buffer of V floats (cache resident) with its max, and
 // the later passes -- top-k threshold (chunk maxima, then a selection among the few chunks that can
 // hold the k largest), the fixed-point sum of exponentials, the draw -- run over that buffer. AR top-k / top-p work on
-// the list of surviving codes; top-p sorts only a superset of its nucleus (the 1024, 4096, ...
-// largest codes), never the row.
+// the list of surviving codes; top-p without top-k finds its nucleus by mass passes over the row and
+// sorts only the few codes near the boundary (top_p_select), falling back to sorting every finite
+// code only when a probability below 2^-29 could sway the decision.
 //
 // Exactness. Every value the reference rounds is rounded the same way here, so sampled codes,
 // confidences and log-probabilities equal the reference's bit for bit: the guidance combine is two
@@ -527,8 +528,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_sample_step(
 // ------------------------------------------------------------------------------ AR sampling
 
 struct ArScratch {
-  std::vector<float> x, z, tmp, p;
+  std::vector<float> x, z, tmp, p, cp;
   std::vector<int64_t> cand, order, kept, sums, gi;
+  std::vector<std::pair<float, float>> zp;
 };
 
 // The code drawn from softmax(z) restricted to the codes in ``idx`` (ascending; z_v stored there),
@@ -569,10 +571,10 @@ U2A_INLINE void top_p_keep(ArScratch& s, const float* z, float mz, float sum, do
   std::sort(s.kept.begin(), s.kept.end());
 }
 
-// s.cand = the codes v with z_v = score_of(x_v) >= zthr and z_v > -inf, ascending, with z_v stored
-// at s.z[v] (x may be s.z itself when !DIV): 64 codes at a time, a vectorised test first.
+// s.cand = the codes v with zthr <= z_v < zcap, z_v = score_of(x_v) > -inf, ascending, with z_v
+// stored at s.z[v] (x may be s.z itself when !DIV): 64 codes at a time, a vectorised test first.
 template <bool DIV>
-U2A_INLINE void gather_candidates(ArScratch& s, const float* x, int64_t V, float t, float zthr) {
+U2A_INLINE void gather_candidates(ArScratch& s, const float* x, int64_t V, float t, float zthr, float zcap = kInf) {
   constexpr int64_t CH = 64;
   float* z = s.z.data();
   s.cand.clear();
@@ -582,38 +584,118 @@ U2A_INLINE void gather_candidates(ArScratch& s, const float* x, int64_t V, float
 #pragma omp simd reduction(| : hit)
     for (int64_t j = 0; j < n; ++j) {
       const float zz = score_of<DIV>(x[v0 + j], t);
-      hit |= static_cast<int>((zz >= zthr) & (zz > -kInf));
+      hit |= static_cast<int>((zz >= zthr) & (zz < zcap) & (zz > -kInf));
     }
     if (!hit) continue;
     for (int64_t j = 0; j < n; ++j) {
       const float zz = score_of<DIV>(x[v0 + j], t);
       z[v0 + j] = zz;  // only read back at candidates
-      if (zz >= zthr && zz > -kInf) s.cand.push_back(v0 + j);
+      if (zz >= zthr && zz < zcap && zz > -kInf) s.cand.push_back(v0 + j);
     }
   }
 }
 
-// Candidates for top-p on a whole row z: the m largest (m = 1024, x4 while needed) once their
-// mass reaches top_p -- every code below them has at least that much mass strictly above it and is
-// dropped -- or every finite code. Returns the row's sum of exp(z - mz).
-U2A_INLINE float top_p_candidates(ArScratch& s, const float* z, int64_t V, float mz, double top_p) {
+// g(t) = sum of p_v over the codes with z_v >= t, in fp64, and (when count is given) their number:
+// vectorised passes (a bit select in fp32, then the widening; the count in a loop of its own, or
+// GCC keeps both scalar).
+U2A_INLINE double mass_from(const float* __restrict__ z, const float* __restrict__ p, int64_t V, float t,
+                            int64_t* count) {
+  double g = 0.0;
+#pragma omp simd reduction(+ : g)
+  for (int64_t v = 0; v < V; ++v) g += static_cast<double>(select_f32(z[v] >= t, p[v], 0.0f));
+  if (count == nullptr) return g;
+  int64_t n = 0;
+#pragma omp simd reduction(+ : n)
+  for (int64_t v = 0; v < V; ++v) n += static_cast<int64_t>(z[v] >= t);
+  *count = n;
+  return g;
+}
+
+// An fp32 p >= 2^-29 is a multiple of 2^-52, so any sum of such values below 2 is exact in fp64, in
+// any order.
+constexpr float kExactP = 0x1p-29f;
+
+// Top-p on a whole row z (max mz, ``sum`` = the row's sum of exp(z - mz)) without sorting it, into
+// s.kept (ascending); false when it cannot decide exactly (the caller then sorts). With g(w) = the
+// mass of the codes with z >= w, g grows as w falls, and top_p_keep keeps exactly the codes with
+// z >= z* = the largest value w with g(w) >= top_p, provided its running sums are exact -- true
+// when every code with z >= z* has p >= 2^-29 (checked at the end; then every sum below is exact
+// too, and equals top_p_keep's sorted fp64 prefix sums). Found by a bracket lo <= z* < hi: row
+// passes at thresholds p ~ 16^-j, then the codes in [lo, hi) copied out and the bracket bisected on
+// that copy until few remain, which are sorted and walked group by group from g(hi).
+U2A_INLINE bool top_p_select(ArScratch& s, const float* z, int64_t V, float mz, float sum, double top_p) {
+  float* p = s.p.data();
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) p[v] = exp_or_zero(z[v] - mz) / sum;
+  float lo = -kInf, hi = kInf;  // g(lo) >= top_p > g(hi) (g(+inf) = 0)
+  double g_hi = 0.0;
+  const float base = mz + std::log(sum);  // the z of p = 1 (only a guess: any threshold is valid)
+  for (int j = 0; j <= 8 && lo == -kInf; ++j) {
+    const float t = j == 0 ? mz : base - static_cast<float>(j) * 2.77258872f;  // p ~ 16^-j
+    if (!(t < hi)) continue;
+    const double g = mass_from(z, p, V, t, nullptr);
+    if (g >= top_p) {
+      lo = t;
+    } else {
+      hi = t;
+      g_hi = g;
+    }
+  }
+  if (lo == -kInf) return false;  // the mass of p >~ 2^-32 is below top_p
+  gather_candidates<false>(s, z, V, 1.0f, lo, hi);
+  const int64_t m = static_cast<int64_t>(s.cand.size());
+  float* cz = s.tmp.data();  // the codes in [lo, hi): z, p
+  float* cp = s.cp.data();
+  for (int64_t i = 0; i < m; ++i) {
+    cz[i] = z[s.cand[i]];
+    cp[i] = p[s.cand[i]];
+  }
+  const double g_top = g_hi;   // the mass >= hi before the bisection, outside the copy
+  int64_t n_lo = m, n_hi = 0;  // counts in the copy
+  for (int it = 0; it < 40 && hi < kInf && n_lo - n_hi > 64; ++it) {
+    const float t = 0.5f * lo + 0.5f * hi;
+    if (!(t > lo && t < hi)) break;
+    int64_t n = 0;
+    const double g = g_top + mass_from(cz, cp, m, t, &n);
+    if (g >= top_p) {
+      lo = t;
+      n_lo = n;
+    } else {
+      hi = t;
+      g_hi = g;
+      n_hi = n;
+    }
+  }
+  std::vector<std::pair<float, float>>& zp = s.zp;  // (z, p) in [lo, hi), z descending
+  zp.clear();
+  for (int64_t i = 0; i < m; ++i) {
+    if (cz[i] >= lo && cz[i] < hi) zp.emplace_back(cz[i], cp[i]);
+  }
+  std::sort(zp.begin(), zp.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  double g = g_hi;
+  float zstar = kInf;
+  for (size_t j = 0; j < zp.size() && zstar == kInf;) {
+    const float w = zp[j].first;
+    for (; j < zp.size() && zp[j].first == w; ++j) g += static_cast<double>(zp[j].second);
+    if (g >= top_p) zstar = w;
+  }
+  if (zstar == kInf) return false;
+  gather_candidates<false>(s, z, V, 1.0f, zstar);
+  bool exact = true;
+  for (const int64_t v : s.cand) exact &= p[v] >= kExactP;
+  if (!exact) return false;
+  s.kept.swap(s.cand);
+  return true;
+}
+
+// Top-p on a whole row z (max mz) into s.kept: top_p_select, or top_p_keep on every finite code.
+U2A_INLINE void top_p_row(ArScratch& s, const float* z, int64_t V, float mz, double top_p) {
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t v = 0; v < V; ++v) sum += exp_or_zero(z[v] - mz);
-  int64_t live = 0;
-  for (int64_t v = 0; v < V; ++v) live += z[v] > -kInf;
-  float thr = -kInf;
-  for (int64_t m = 1024; m < live; m *= 4) {
-    const float t = kth_largest(z, s.tmp.data(), V, m);
-    double mass = 0.0;
-    for (int64_t v = 0; v < V; ++v) mass += z[v] >= t ? static_cast<double>(exp_or_zero(z[v] - mz) / sum) : 0.0;
-    if (mass >= top_p) {
-      thr = t;
-      break;
-    }
-  }
-  gather_candidates<false>(s, z, V, 1.0f, thr);
-  return sum;
+  if (top_p_select(s, z, V, mz, sum, top_p)) return;
+  gather_candidates<false>(s, z, V, 1.0f, -kInf);
+  top_p_keep(s, z, mz, sum, top_p);
 }
 
 struct ArArgs {
@@ -669,7 +751,6 @@ U2A_INLINE void ar_rows_impl(const ArArgs& a, int64_t begin, int64_t end, ArScra
         pick = 0;
       } else {
         float* z = s.z.data();
-        float sum = 0.0f;
         if (do_k) {
           // the k-th largest z is the score of the k-th largest x (the division is monotone)
           int64_t listed = -1;
@@ -689,17 +770,16 @@ U2A_INLINE void ar_rows_impl(const ArArgs& a, int64_t begin, int64_t end, ArScra
           } else {
             gather_candidates<true>(s, x, V, a.t, kth);
           }
-          for (const int64_t v : s.cand) sum += exp_or_zero(z[v] - mz);
+          if (do_p) {
+            float sum = 0.0f;
+            for (const int64_t v : s.cand) sum += exp_or_zero(z[v] - mz);
+            top_p_keep(s, z, mz, sum, a.top_p);
+          }
         } else {
           scale_row(x, z, V, a.t);
-          sum = top_p_candidates(s, z, V, mz, a.top_p);
+          top_p_row(s, z, V, mz, a.top_p);
         }
-        if (do_p) {
-          top_p_keep(s, z, mz, sum, a.top_p);
-          pick = draw_list(z, s.kept, mz, fs, rk);
-        } else {
-          pick = draw_list(z, s.cand, mz, fs, rk);
-        }
+        pick = draw_list(z, do_p ? s.kept : s.cand, mz, fs, rk);
       }
     }
     a.tokens[b] = pick;
@@ -761,7 +841,10 @@ std::tuple<at::Tensor, at::Tensor> ar_sample(const at::Tensor& logits_in, const 
         s.tmp.resize(V);
         s.gi.resize(V);
       }
-      if (filter && top_p < 1.0) s.p.resize(V);
+      if (filter && top_p < 1.0) {
+        s.p.resize(V);
+        s.cp.resize(V);
+      }
       ArScratch* ps = &s;
       run_isa<ArRows<scalar_t>>(a, b, e, ps);
     });
