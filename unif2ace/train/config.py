@@ -43,6 +43,9 @@ class TrainConfig:
     progress: bool = True
     threads: int = 0  # > 0: torch.set_num_threads
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP; sharded torch.distributed.checkpoint checkpoints
+    # torch.compile(fullgraph=True) the model's forward (one process). Off by default: on the demo config (CPU)
+    # a compiled step is ~7% faster than eager, which does not pay back the compile time (benchmarks/README.md)
+    compile: bool = False
 
     def validate(self) -> "TrainConfig":
         c = "TrainConfig"
@@ -77,7 +80,7 @@ class TrainConfig:
             raise ValueError(f"{c}: field 'betas' must be two numbers in [0, 1), got {self.betas!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"{c}: field 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        for f in ("fsdp", "progress"):
+        for f in ("fsdp", "progress", "compile"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{c}: field '{f}' must be true or false, got {getattr(self, f)!r}")
         if self.amp not in ("auto", "bf16", "none"):

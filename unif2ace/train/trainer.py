@@ -196,7 +196,11 @@ class Trainer:
         self.model = UniF2ace(self.mcfg).to(self.device)
         self.model.set_backend(cfg.backend)
         # parameter groups by name before sharding (FSDP2 keeps the names, the parameters become DTensors)
-        no_decay_names = {n for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)}
+        no_decay_names = {
+            n
+            for n, p in self.model.named_parameters()
+            if not (p.dim() >= 2 and "embed" not in n and "image_pos" not in n)
+        }
         if cfg.fsdp:
             from .fsdp import shard_model
 
@@ -229,6 +233,13 @@ class Trainer:
                 find_unused_parameters=True,
             )
         self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+        self.forward = self.model
+        if cfg.compile:
+            if self.world > 1 or cfg.fsdp:
+                raise ValueError("train: compile=true runs in one process without --fsdp")
+            # one graph for the whole forward (the backward follows from it); batches are validated
+            # before the call (validation reads values: a host sync the graph must not hold)
+            self.forward = torch.compile(self.model, fullgraph=True)
 
     # -- collectives helpers
     def _collective(self) -> bool:
@@ -428,7 +439,10 @@ class Trainer:
             ctx = model.no_sync() if (self.ddp is not None and not last) else _null()
             with ctx:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                    out = model(batch)
+                    if self.ddp is None:
+                        out = self.forward(batch.validate(self.mcfg), validate=False)
+                    else:
+                        out = model(batch)
                 (out.loss / cfg.grad_accum).backward()
             sums += torch.tensor(
                 [
@@ -578,7 +592,11 @@ def write_loss_curve(metrics_path: str, png_path: str) -> None:
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
             recs = [json.loads(ln) for ln in f if ln.strip()]
-    plot_curves(png_path, {k: [r[k] for r in recs] for k in ("loss", "mmu_loss", "d3diff_loss", "mask_loss")})
+    plot_curves(
+        png_path,
+        {k: [r[k] for r in recs] for k in ("loss", "mmu_loss", "d3diff_loss", "mask_loss")},
+        x=[r["step"] for r in recs],
+    )
 
 
 def train(cfg: TrainConfig, resume: Optional[str] = None, log=print, *, overwrite: bool = False) -> Dict[str, Any]:
