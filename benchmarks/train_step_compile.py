@@ -9,7 +9,7 @@ forward + backward + AdamW steps on one fixed batch, eager and compiled interlea
 rounds of ``--steps`` steps each, and prints the best round of each (process CPU seconds per step,
 which a busy machine disturbs less than wall time, and wall seconds) with the one-off compile time.
 The demo trains eagerly: a compiled step has to save more than the compile costs over the demo's
-steps (see benchmarks/README.md for the measured numbers).
+steps (the measured numbers: README.md, "Demo recipe").
 """
 
 from __future__ import annotations

@@ -766,3 +766,31 @@ def test_compiled_training_step_matches_eager(data, tmp_path):
     np.testing.assert_allclose(losses(compiled), losses(eager), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="compile"):
         TrainConfig(compile="yes").validate()
+
+
+def test_codebook_image_embedding_init(data, tmp_path):
+    """image_embedding_init="codebook": the image-code rows of the input embedding and of the LM head
+    are one projection of the VQ's patch pixels (std 0.02; codes that look alike start alike); every
+    other parameter keeps the model's init; a data set without a patch VQ is refused."""
+    from unif2ace.data.shards import TokenDataset
+    from unif2ace.data.synthetic import vq_from_meta
+
+    tr = Trainer(cfg_for(data, tmp_path / "c", image_embedding_init="codebook"), log=lambda *a: None)
+    ref = Trainer(cfg_for(data, tmp_path / "r"), log=lambda *a: None)
+    lo, K = tr.mcfg.image_token_offset, tr.mcfg.codebook_size
+    e = tr.model.embed.weight[lo : lo + K].detach()
+    assert torch.equal(e, tr.model.lm_head.weight[lo : lo + K].detach())
+    assert abs(float(e.std()) - 0.02) < 1e-3 and not torch.equal(e, ref.model.embed.weight[lo : lo + K])
+    x = torch.from_numpy(np.asarray(vq_from_meta(tr.data.meta).codebook)).double().reshape(K, -1)
+    d_pix, d_emb = torch.pdist(x), torch.pdist(e.double())
+    assert float(torch.corrcoef(torch.stack([d_pix, d_emb]))[0, 1]) > 0.5
+    for (n, p), (_, q) in zip(tr.model.named_parameters(), ref.model.named_parameters()):
+        if n in ("embed.weight", "lm_head.weight"):
+            p, q = torch.cat([p[:lo], p[lo + K :]]), torch.cat([q[:lo], q[lo + K :]])
+        assert torch.equal(p, q), n
+    bare = TokenDataset(data)
+    bare.meta = {}
+    with pytest.raises(ValueError, match="image_embedding_init.*no patch VQ"):
+        Trainer(cfg_for(data, tmp_path / "b", image_embedding_init="codebook"), dataset=bare, log=lambda *a: None)
+    with pytest.raises(ValueError, match="image_embedding_init"):
+        TrainConfig(image_embedding_init="pixels").validate()

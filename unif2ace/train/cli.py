@@ -47,7 +47,7 @@ def add_subcommands(sub) -> None:
         "--compile",
         action="store_true",
         default=None,
-        help="torch.compile(fullgraph=True) the forward (one process; slower to start: benchmarks/README.md)",
+        help="torch.compile(fullgraph=True) the forward (one process; slower to start: README.md, Demo recipe)",
     )
     p.add_argument(
         "--resume",

@@ -40,22 +40,24 @@ from .trainer import Trainer
 
 __all__ = ["run_demo", "time_backends", "demo_config", "samples_picture", "DEMO_STEPS"]
 
-DEMO_STEPS = 2200
+DEMO_STEPS = 1200  # about 4 min of training on a quiet 2-core CPU (~0.2 s/step); README.md, Demo recipe
 N_GEN = 256  # generated faces (held-out captions)
 N_VQA_IMAGES = 250  # held-out faces asked about ...
 QUESTIONS_PER_IMAGE = 4  # ... this many distinct attributes each: 1000 questions
 SAMPLES_SHOWN = 32  # pairs in samples.png
 # evaluation cost in training-step equivalents per generated face / per question, and fixed seconds
 # (decoder, rendering); measured on the demo config, used only for the printed estimate
-_EVAL_STEPS_PER_FACE = 0.09
+_EVAL_STEPS_PER_FACE = 0.05  # without guidance: one forward per MaskGIT step
 _EVAL_STEPS_PER_QUESTION = 0.012
 _EVAL_FIXED_S = 15.0
 _BENCHMARK_S = 100.0  # the quick kernel benchmark: its --time-limit (90 s) and start-up
 
 
 def demo_config(out: str, *, steps: int = DEMO_STEPS, seed: int = 0, threads: int = 0, progress: bool = True, **kw):
-    """The demo's training config (the defaults of :class:`TrainConfig`: the ``tiny`` preset with
-    :data:`~unif2ace.train.config.DEMO_MODEL_OVERRIDES` on the synthetic set)."""
+    """The demo's training config: the defaults of :class:`TrainConfig` (the ``tiny`` preset with
+    :data:`~unif2ace.train.config.DEMO_MODEL_OVERRIDES` on the synthetic set) with the image-code
+    embeddings initialised from the patch VQ's codebook (``image_embedding_init="codebook"``)."""
+    kw.setdefault("image_embedding_init", "codebook")
     return TrainConfig(
         out=out, steps=steps, seed=seed, threads=threads, progress=progress, log_every=10, ckpt_every=500, **kw
     )
@@ -367,7 +369,13 @@ def run_demo(
         "torch": torch.__version__,
         "model": {"preset": cfg.preset, "overrides": cfg.model, "parameters": run.model.num_parameters()},
         "training": {k: v for k, v in summary.items() if k != "history"}
-        | {"train_s": train_s, "global_batch": cfg.global_batch, "lr": cfg.lr, "seed": cfg.seed},
+        | {
+            "train_s": train_s,
+            "global_batch": cfg.global_batch,
+            "lr": cfg.lr,
+            "seed": cfg.seed,
+            "image_embedding_init": cfg.image_embedding_init,
+        },
         "generation": {k: gen[k] for k in ("accuracy", "per_attribute", "chance", "all_attributes_correct", "n")}
         | {
             "decoder_ceiling": ceiling,
@@ -482,7 +490,8 @@ def render_markdown(r: Dict) -> str:
         "## Training",
         "",
         f"- {tr['steps']} steps, fixed (global batch {tr['global_batch']}, AdamW lr {tr['lr']}, warmup + cosine, "
-        f"seed {tr['seed']}) in {tr['wall_s']:.0f} s on backend `{tr['backend']}`; {tr['tokens_per_s']:.0f} tokens/s; "
+        f"seed {tr['seed']}, image-code embeddings initialised `{tr.get('image_embedding_init', 'random')}`) in "
+        f"{tr['wall_s']:.0f} s on backend `{tr['backend']}`; {tr['tokens_per_s']:.0f} tokens/s; "
         f"final loss {tr['final_loss']:.3f}",
         "- loss curves: `loss_curve.png` (log scale; total, MMU answer CE, D3Diff, mask CE)",
         "",

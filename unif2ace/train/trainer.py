@@ -20,6 +20,7 @@ import time
 from dataclasses import fields
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -93,6 +94,36 @@ def make_batch(mcfg, samples, keys: List[int], device) -> Batch:
         have = next((v for v in vals if v is not None), None)  # optional features: zeros = missing
         out[f.name] = None if have is None else torch.cat([torch.zeros_like(have) if v is None else v for v in vals])
     return Batch(**out).to(device)
+
+
+def init_image_embeddings_from_codebook(model, dataset, seed: int) -> None:
+    """``TrainConfig.image_embedding_init = "codebook"``: each image code's input embedding and LM-head
+    row become a fixed random projection (seeded by ``seed``) of the code's patch pixels, centred over
+    the codebook and scaled to std 0.02 (the embedding's init scale); codes that look alike start
+    alike. Needs the data set's patch VQ (``dataset.meta``: the synthetic set carries one)."""
+    from unif2ace.data.synthetic import vq_from_meta
+
+    vq = vq_from_meta(getattr(dataset, "meta", None))
+    if vq is None:
+        raise ValueError(
+            "TrainConfig: field 'image_embedding_init' is 'codebook' but the data set carries no patch VQ "
+            "(only the synthetic set does); use 'random'"
+        )
+    cfg = model.cfg
+    if vq.num_codes != cfg.codebook_size:
+        raise ValueError(
+            f"TrainConfig: image_embedding_init='codebook': the data's VQ has {vq.num_codes} codes, "
+            f"the model's codebook_size is {cfg.codebook_size}"
+        )
+    x = torch.from_numpy(np.asarray(vq.codebook)).double().reshape(vq.num_codes, -1) / 255.0
+    x = x - x.mean(0)
+    g = torch.Generator().manual_seed(seed)
+    e = x @ torch.randn(x.shape[1], cfg.hidden_size, generator=g, dtype=torch.float64)
+    e = (e / e.std() * 0.02).float()
+    lo = cfg.image_token_offset
+    with torch.no_grad():
+        for w in (model.embed.weight, model.lm_head.weight):
+            w[lo : lo + vq.num_codes] = e.to(w.device, w.dtype)
 
 
 def _sample_key(seed: int, step: int, k: int) -> int:
@@ -194,6 +225,8 @@ class Trainer:
         # model and optimisation
         torch.manual_seed(cfg.seed)
         self.model = UniF2ace(self.mcfg).to(self.device)
+        if cfg.image_embedding_init == "codebook":
+            init_image_embeddings_from_codebook(self.model, self.data, cfg.seed)
         self.model.set_backend(cfg.backend)
         # parameter groups by name before sharding (FSDP2 keeps the names, the parameters become DTensors)
         no_decay_names = {
