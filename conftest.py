@@ -41,6 +41,32 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
 
 
+def pytest_terminal_summary(terminalreporter):
+    """Count the CUDA kernel tests that ran through the CPU emulator (marker cuda_emu)."""
+    counts = {}
+    for outcome in ("passed", "failed", "xfailed", "xpassed", "skipped", "error"):
+        for rep in terminalreporter.stats.get(outcome, []):
+            if "cuda_emu" in getattr(rep, "keywords", {}) and (rep.when == "call" or outcome in ("skipped", "error")):
+                counts[outcome] = counts.get(outcome, 0) + 1
+    if counts:
+        ran = sum(v for k, v in counts.items() if k != "skipped")
+        detail = ", ".join(f"{v} {k}" for k, v in counts.items())
+        terminalreporter.write_line(f"CUDA kernel tests run through the CPU emulator: {ran} ({detail})")
+
+
+@pytest.fixture(autouse=True)
+def _cuda_emulation(request):
+    """Tests marked cuda_emu (the ``cuda`` backend's parameter with id ``cuda_emu``, see
+    unif2ace.testing.cuda_emu.cuda_backends) run the cuda backend through the CPU emulator."""
+    if request.node.get_closest_marker("cuda_emu") is None:
+        yield
+        return
+    from unif2ace.testing import cuda_emu
+
+    with cuda_emu.emulated_cuda():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

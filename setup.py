@@ -10,6 +10,10 @@
 
 Environment knobs: ``UNIF2ACE_NO_CUDA=1`` skips the CUDA extension; ``TORCH_CUDA_ARCH_LIST``
 (default "9.0") picks the GPU architectures.
+
+``cuda_extension_spec()`` is the one description of the CUDA extension (sources and flags):
+scripts/check_cuda_compile.py compiles exactly that on machines that cannot build it. The test-only
+CPU emulation of the CUDA kernels (unif2ace/testing/cuda_emu.py) is never built here.
 """
 
 import glob
@@ -42,6 +46,20 @@ def _rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
 
+def cuda_extension_spec():
+    """unif2ace._C_cuda: its sources (csrc/cuda/*.cu and *.cpp, relative to the repository) and the
+    extra flags of its host (cxx) and device (nvcc) compiles; torch adds its defaults to both."""
+    cuda_dir = os.path.join(ROOT, "csrc", "cuda")
+    sources = glob.glob(os.path.join(cuda_dir, "*.cu")) + glob.glob(os.path.join(cuda_dir, "*.cpp"))
+    return {
+        "name": "unif2ace._C_cuda",
+        "sources": _rel(sources),
+        "include_dirs": [os.path.join(ROOT, "csrc")],
+        "cxx": ["-O3", "-g0", "-std=c++17"],
+        "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+    }
+
+
 def extensions():
     cxx = ["-O3", "-g0", "-fopenmp", "-std=c++17"]
     exts = [
@@ -63,18 +81,13 @@ def extensions():
     if reason is None:
         from torch.utils.cpp_extension import CUDAExtension
 
-        sources = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(
-            os.path.join(ROOT, "csrc", "cuda", "*.cpp")
-        )
+        spec = cuda_extension_spec()
         exts.append(
             CUDAExtension(
-                "unif2ace._C_cuda",
-                _rel(sources),
-                include_dirs=[os.path.join(ROOT, "csrc")],
-                extra_compile_args={
-                    "cxx": ["-O3", "-g0", "-std=c++17"],
-                    "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
-                },
+                spec["name"],
+                spec["sources"],
+                include_dirs=spec["include_dirs"],
+                extra_compile_args={"cxx": spec["cxx"], "nvcc": spec["nvcc"]},
             )
         )
     else:
@@ -83,9 +96,11 @@ def extensions():
 
 
 # Package metadata (name, version, dependencies, entry points) lives in pyproject.toml; this file
-# only declares the compiled extensions.
-setup(
-    ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    zip_safe=False,
-)
+# only declares the compiled extensions. setuptools runs this file as __main__; the compile check
+# imports it for cuda_extension_spec() only.
+if __name__ == "__main__":
+    setup(
+        ext_modules=extensions(),
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        zip_safe=False,
+    )

@@ -9,13 +9,17 @@ benchmarks/cases/moe_*.py); none = every case file not starting with ``_``. Each
 file ``benchmarks/cases/<name>.py`` defines ``cases(device, quick) -> list[Case]`` (see
 ``benchmarks/common.py``); a file that fails to import is reported and skipped.
 
-For every case and implementation ("reference", "cpu", "triton", "cuda", baselines...) the forward
-is timed, then forward+backward when the case has ``backward``; ``torch.compile`` of the reference
+For every case and implementation ("reference", "cpu", "triton", "cuda", baselines...) and every
+peer (``Case.peers``: what a user would install instead, benchmarks/peers.py) the forward is
+timed, then forward+backward when the case has ``backward``; ``torch.compile`` of the reference
 is timed too as "torch.compile(reference)" (off in quick mode on CPU unless ``--compile``).
-Implementations that cannot run here (``BackendUnavailableError``, ``NotImplementedError``) are
-listed as skipped rows. Speedups are against the reference and torch.compile rows of the same
-run. Exit status: 0 (also with skipped or failed rows; ``--strict`` makes failed rows exit 1),
-2 for bad arguments.
+Implementations that cannot run here (``BackendUnavailableError``, ``NotImplementedError``; a peer
+that is not installed) are listed as skipped rows. Speedups are against the reference and
+torch.compile rows of the same run; ``% limit`` is against the machine limit of the case
+(``Case.limit``: ``torch.mm`` at the op's GEMM shapes, or the copy bandwidth) measured in the same
+run, which is also printed as a "limit" row. ``--plot DIR`` writes one PNG per op
+(benchmarks/plot.py, needs matplotlib). Exit status: 0 (also with skipped or failed rows;
+``--strict`` makes failed rows exit 1), 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     Case,
+    MachineLimits,
     call_with_cpu_peak,
     cuda_peak_mb,
     device_name,
@@ -69,14 +74,18 @@ except Exception as _e:  # noqa: BLE001 - the runner still works for baselines w
 
 CASES_DIR = ROOT / "benchmarks" / "cases"
 COMPILE = "torch.compile(reference)"
+LIMIT = "limit"
+# kinds of rows: our reference, torch.compile of it, our kernel backends, other implementations a
+# case file brings (e.g. the model's own sampler), peers (other libraries / plain torch), the limit
+KINDS = ("reference", "compile", "ours", "baseline", "peer", "limit")
 SKIPPABLE = (BackendUnavailableError, NotImplementedError)
 
 FIELDS = (
-    "op", "family", "case", "backend", "shape", "dtype", "device", "device_name", "threads",
+    "op", "family", "case", "backend", "kind", "shape", "dtype", "device", "device_name", "threads",
     "torch", "triton", "date", "quick", "mode", "status", "reason",
-    "median_ms", "p20_ms", "p80_ms", "reps", "first_call_ms", "peak_mem_mb",
+    "median_ms", "p20_ms", "p80_ms", "reps", "first_call_ms", "peak_mem_mb", "timer", "l2_flush",
     "gbps", "tflops", "pct_peak_bw", "pct_peak_tflops",
-    "speedup_vs_reference", "speedup_vs_compile",
+    "speedup_vs_reference", "speedup_vs_compile", "limit", "limit_ms", "pct_limit",
 )  # fmt: skip
 
 DTYPES = {
@@ -178,7 +187,7 @@ class Measured:
         self.peak_mb = None
 
 
-def _measure_mode(run: Callable[[], object], device, quick, prepare, eager: bool) -> Measured:
+def _measure_mode(run: Callable[[], object], device, quick, prepare, eager: bool, timing: dict) -> Measured:
     m = Measured()
     try:
         if prepare:
@@ -197,7 +206,7 @@ def _measure_mode(run: Callable[[], object], device, quick, prepare, eager: bool
         traceback.print_exc(limit=-3, file=sys.stderr)
         return Measured("error", _why(e))
     try:
-        m.timing = time_fn(run, device, quick, prepare)
+        m.timing = time_fn(run, device, quick, prepare, **timing)
         if device.type == "cuda":
             m.peak_mb = cuda_peak_mb(run, prepare)
         elif not eager:
@@ -210,24 +219,47 @@ def _measure_mode(run: Callable[[], object], device, quick, prepare, eager: bool
     return m
 
 
-def measure_impl(case: Case, label: str, fn, device: torch.device, quick: bool) -> Dict[str, Measured]:
-    """{"fwd": Measured, "fwd+bwd": Measured (when the case has backward)}."""
-    modes = ["fwd"] + (["fwd+bwd"] if case.backward is not None else [])
+def skip_reason(label: str, kind: str, device: torch.device) -> Optional[str]:
+    """Why one of our rows cannot run here before trying it (None: try it)."""
     backend = "reference" if label == COMPILE else label
-    reason = None
-    if backend in BACKENDS:
+    if kind in ("reference", "compile", "ours") and backend in BACKENDS:
         ok, why = backend_usable(backend, device)
         if not ok:
-            reason = why
-        elif backend == "triton" and device.type == "cpu" and triton_interpreter_enabled():
-            reason = "TRITON_INTERPRET=1: interpreter timings are meaningless, unset it to benchmark"
+            return why
+        if backend == "triton" and device.type == "cpu" and triton_interpreter_enabled():
+            return "TRITON_INTERPRET=1: interpreter timings are meaningless, unset it to benchmark"
+    return None
+
+
+def compiled(fn):
+    """``torch.compile(fn)`` for the "torch.compile(reference)" row: static shapes per case."""
+    torch._dynamo.reset()  # no recompile limit across cases
+    return torch.compile(fn, dynamic=False)
+
+
+def measure_impl(
+    case: Case,
+    label: str,
+    fn,
+    device: torch.device,
+    quick: bool,
+    kind: Optional[str] = None,
+    flush_l2: bool = True,
+    cuda_graph: bool = False,
+) -> Dict[str, Measured]:
+    """{"fwd": Measured, "fwd+bwd": Measured (when the case has backward)}. ``kind``: the row's
+    kind (default: from the label); only our own rows go through ``backend_usable``.
+    On CUDA the L2 cache is flushed before every timed call unless ``flush_l2=False``;
+    ``cuda_graph`` times the forward through a CUDA graph."""
+    modes = ["fwd"] + (["fwd+bwd"] if case.backward is not None else [])
+    kind = kind or row_kind(case, label)
+    reason = skip_reason(label, kind, device)
     if reason is not None:
         return {mode: Measured("skipped", reason) for mode in modes}
 
     if label == COMPILE:
-        torch._dynamo.reset()  # static shapes per case; no recompile limit across cases
         try:
-            fn = torch.compile(fn, dynamic=False)
+            fn = compiled(fn)
         except Exception as e:  # noqa: BLE001
             return {mode: Measured("skipped", "torch.compile failed: " + _why(e)) for mode in modes}
 
@@ -243,7 +275,8 @@ def measure_impl(case: Case, label: str, fn, device: torch.device, quick: bool) 
 
     out: Dict[str, Measured] = {}
     eager = label != COMPILE
-    m = _measure_mode(lambda: fn(inputs), device, quick, None, eager)
+    timing = {"flush_l2": flush_l2}
+    m = _measure_mode(lambda: fn(inputs), device, quick, None, eager, dict(timing, graph=cuda_graph))
     if label == COMPILE and m.status != "ok":
         m = Measured("skipped", "torch.compile failed: " + (m.reason or ""))
     out["fwd"] = m
@@ -261,7 +294,7 @@ def measure_impl(case: Case, label: str, fn, device: torch.device, quick: bool) 
     def fwd_bwd():
         case.backward(fn(inputs)).backward()
 
-    mb = _measure_mode(fwd_bwd, device, quick, prepare, eager)
+    mb = _measure_mode(fwd_bwd, device, quick, prepare, eager, timing)
     if label == COMPILE and mb.status == "error":
         mb = Measured("skipped", "torch.compile failed: " + (mb.reason or ""))
     out["fwd+bwd"] = mb
@@ -272,45 +305,93 @@ def measure_impl(case: Case, label: str, fn, device: torch.device, quick: bool) 
 # one case -> records
 
 
-def run_case(case: Case, device: torch.device, env: dict, opts) -> List[dict]:
-    labels = ["reference"]
-    if env["compile"] and case.compile:
-        labels.append(COMPILE)
-    for name in case.impls:
-        if name != "reference" and (opts.backends is None or name in opts.backends):
-            labels.append(name)
-    results: Dict[str, Dict[str, Measured]] = {}
-    for label in labels:
-        fn = case.impls["reference"] if label == COMPILE else case.impls[label]
-        results[label] = measure_impl(case, label, fn, device, opts.quick)
+def row_kind(case: Case, label: str) -> str:
+    if label == "reference":
+        return "reference"
+    if label == COMPILE:
+        return "compile"
+    if label == LIMIT:
+        return "limit"
+    if label in case.impls:
+        return "ours" if label in BACKENDS else "baseline"
+    return "peer"
 
+
+def case_labels(case: Case, compile_on: bool, backends=None, peers: bool = True) -> List[Tuple[str, str, Callable]]:
+    """[(label, kind, fn)] of one case, in table order: reference, torch.compile(reference), the
+    case's implementations, then its peers. ``backends`` (a set of labels or None) filters all but
+    the reference; ``peers=False`` leaves the peers out. One list for run.py and pytest-benchmark."""
+    out = [("reference", "reference", case.impls["reference"])]
+    if compile_on and case.compile:
+        out.append((COMPILE, "compile", case.impls["reference"]))
+    for name, fn in case.impls.items():
+        if name != "reference" and (backends is None or name in backends):
+            out.append((name, row_kind(case, name), fn))
+    if peers:
+        for name, fn in case.peers.items():
+            if name not in case.impls and (backends is None or name in backends):
+                out.append((name, "peer", fn))
+    return out
+
+
+def _base_record(case: Case, device, env, opts) -> dict:
+    r = {k: None for k in FIELDS}
+    r.update(
+        op=case.op,
+        family=case.family,
+        case=case.name,
+        shape=dict(case.shape),
+        dtype=dtype_name(case.dtype),
+        device=device.type,
+        device_name=env["device_name"],
+        threads=env["threads"],
+        torch=env["torch"],
+        triton=env["triton"],
+        date=env["date"],
+        quick=bool(opts.quick),
+        l2_flush=env.get("l2_flush"),
+    )
+    return r
+
+
+def case_limits(case: Case, modes: Sequence[str], limits: Optional[MachineLimits]) -> Dict[str, Tuple[float, str]]:
+    """{mode: (limit_ms, description)} of a case (empty without ``Case.limit`` or ``limits``)."""
+    out = {}
+    if case.limit is None or limits is None:
+        return out
+    for mode in modes:
+        try:
+            ms, desc = limits.limit_ms(case.limit, mode, case.dtype)
+        except Exception as e:  # noqa: BLE001 - a limit that cannot be measured leaves the rows without it
+            print(f"warning: limit of {case.op} {case.name} ({mode}) not measured: {_why(e)}", file=sys.stderr)
+            continue
+        if ms is not None and ms > 0:
+            out[mode] = (ms, desc)
+    return out
+
+
+def run_case(case: Case, device: torch.device, env: dict, opts) -> List[dict]:
+    labels = case_labels(case, env["compile"], opts.backends, not getattr(opts, "no_peers", False))
+    flush = env.get("l2_flush") is not False
+    graph = bool(getattr(opts, "cuda_graph", False)) and device.type == "cuda"
+    results: Dict[str, Dict[str, Measured]] = {}
+    for label, kind, fn in labels:
+        results[label] = measure_impl(case, label, fn, device, opts.quick, kind, flush, graph)
+
+    modes = ["fwd"] + (["fwd+bwd"] if case.backward is not None else [])
+    lim = case_limits(case, modes, env.get("limits"))
     peaks = device_peak(env["device_name"]) if device.type == "cuda" else None
     records = []
-    for label in labels:
+    for label, kind, _ in labels:
         for mode, m in results[label].items():
-            r = {k: None for k in FIELDS}
-            r.update(
-                op=case.op,
-                family=case.family,
-                case=case.name,
-                backend=label,
-                shape=dict(case.shape),
-                dtype=dtype_name(case.dtype),
-                device=device.type,
-                device_name=env["device_name"],
-                threads=env["threads"],
-                torch=env["torch"],
-                triton=env["triton"],
-                date=env["date"],
-                quick=bool(opts.quick),
-                mode=mode,
-                status=m.status,
-                reason=m.reason,
-            )
+            r = _base_record(case, device, env, opts)
+            r.update(backend=label, kind=kind, mode=mode, status=m.status, reason=m.reason)
+            if mode in lim:
+                r["limit_ms"], r["limit"] = lim[mode]
             if m.status == "ok":
                 t = m.timing
                 r.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps,
-                         first_call_ms=m.first_ms, peak_mem_mb=m.peak_mb)  # fmt: skip
+                         first_call_ms=m.first_ms, peak_mem_mb=m.peak_mb, timer=t.timer or None)  # fmt: skip
                 sec = t.median_ms / 1e3
                 if mode == "fwd" and sec > 0:
                     if case.bytes:
@@ -326,7 +407,14 @@ def run_case(case: Case, device: torch.device, env: dict, opts) -> List[dict]:
                     b = results.get(base, {}).get(mode)
                     if b is not None and b.status == "ok" and t.median_ms > 0:
                         r[key] = b.timing.median_ms / t.median_ms
+                if r["limit_ms"] is not None and t.median_ms > 0:
+                    r["pct_limit"] = 100 * r["limit_ms"] / t.median_ms
             records.append(r)
+    for mode, (ms, desc) in lim.items():  # the limit itself, one row per mode
+        r = _base_record(case, device, env, opts)
+        r.update(backend=LIMIT, kind="limit", mode=mode, status="ok", median_ms=ms, limit=desc, limit_ms=ms,
+                 pct_limit=100.0, timer="cuda-events" if device.type == "cuda" else "perf_counter")  # fmt: skip
+        records.append(r)
     return records
 
 
@@ -350,14 +438,21 @@ def _num(x, fmt="{:.1f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def pct(x) -> str:
+    """A percentage with two significant digits below 10 % (0.31%, 4.2%, 57%)."""
+    if x is None:
+        return "-"
+    return f"{x:.2g}%" if x < 10 else f"{x:.0f}%"
+
+
 def _pair(a, b, fmt) -> str:
     return _num(a, fmt) if b is None else f"{_num(a, fmt)}/{_num(b, fmt)}"
 
 
 def table_columns(cuda: bool, op_w: int = 24, case_w: int = 26, backend_w: int = 24):
-    cols = [("op", op_w), ("case", case_w), ("backend", backend_w), ("dtype", 8), ("fwd ms [p20-p80]", 24),
-            ("fwd+bwd ms [p20-p80]", 24), ("peak MB f/fb", 14), ("GB/s", 7), ("TFLOP/s", 7),
-            ("vs ref f/fb", 12), ("vs compile f/fb", 15)]  # fmt: skip
+    cols = [("op", op_w), ("case", case_w), ("backend", backend_w), ("kind", 9), ("dtype", 8),
+            ("fwd ms [p20-p80]", 24), ("fwd+bwd ms [p20-p80]", 24), ("peak MB f/fb", 14), ("GB/s", 7),
+            ("TFLOP/s", 7), ("vs ref f/fb", 12), ("vs compile f/fb", 15), ("% limit f/fb", 12)]  # fmt: skip
     if cuda:
         cols += [("%peak BW", 8), ("%peak TF", 8)]
     return cols
@@ -371,11 +466,18 @@ def format_rows(records: List[dict], cols) -> List[str]:
     for (op, case, backend), modes in seen.items():
         f, fb = modes.get("fwd"), modes.get("fwd+bwd")
         first = f or fb
-        lead = [op or "-", case or "-", backend or "-", first["dtype"] or "-"]
+        lead = [op or "-", case or "-", backend or "-", first.get("kind") or "-", first["dtype"] or "-"]
+        if first.get("kind") == "limit":
+            cells = lead + [_ms(f and f["median_ms"]), _ms(fb and fb["median_ms"])]
+            desc = "; ".join(dict.fromkeys(r["limit"] for r in (f, fb) if r and r.get("limit")))
+            lines.append("  ".join(c.ljust(w) for c, (_, w) in zip(cells, cols)) + "  " + desc)
+            continue
         if first["status"] != "ok" and (fb is None or fb["status"] != "ok"):
             cells = lead + [f"{first['status']}: {first['reason']}"]
             lines.append("  ".join(c.ljust(w) for c, (_, w) in zip(cells[:-1], cols)) + "  " + cells[-1])
             continue
+        if f is None:  # fwd+bwd only (cannot happen with the runner; tolerated for hand-made records)
+            f = {k: None for k in FIELDS}
         cells = lead + [
             _t(f) if f["status"] == "ok" else f"{f['status']}",
             _t(fb) if fb is None or fb["status"] == "ok" else f"{fb['status']}: {fb['reason']}",
@@ -384,6 +486,7 @@ def format_rows(records: List[dict], cols) -> List[str]:
             _num(f.get("tflops"), "{:.2f}"),
             _pair(f.get("speedup_vs_reference"), fb and fb.get("speedup_vs_reference"), "{:.2f}x"),
             _pair(f.get("speedup_vs_compile"), fb and fb.get("speedup_vs_compile"), "{:.2f}x"),
+            "/".join(pct(x) for x in ([f.get("pct_limit")] + ([fb.get("pct_limit")] if fb else []))),
         ]
         if cuda:
             cells += [_num(f.get("pct_peak_bw")), _num(f.get("pct_peak_tflops"))]
@@ -429,6 +532,11 @@ def parse_args(argv=None):
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
     p.add_argument("--cases-dir", default=str(CASES_DIR), help=argparse.SUPPRESS)
     p.add_argument("--strict", action="store_true", help="exit 1 if any row failed (not skipped)")
+    p.add_argument("--plot", metavar="DIR", help="write one PNG per op here (needs matplotlib)")
+    p.add_argument("--no-peers", action="store_true", help="leave out the peer rows (other libraries)")
+    p.add_argument("--no-limits", action="store_true", help="do not measure the machine limits")
+    p.add_argument("--no-flush-l2", action="store_true", help="CUDA: do not flush the L2 cache between timed calls")
+    p.add_argument("--cuda-graph", action="store_true", help="CUDA: time forwards as CUDA graph replays")
     return p.parse_args(argv)
 
 
@@ -458,7 +566,9 @@ def main(argv=None) -> int:
         "torch": v["torch"],
         "triton": v["triton"],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "l2_flush": (not opts.no_flush_l2) if device.type == "cuda" else None,
     }
+    env["limits"] = None if opts.no_limits else MachineLimits(device, opts.quick, flush_l2=env["l2_flush"] is not False)
     if opts.no_compile:
         env["compile"], why = False, "off (--no-compile)"
     elif device.type == "cpu" and opts.quick and not opts.compile:
@@ -486,8 +596,10 @@ def main(argv=None) -> int:
 
     if opts.list:
         for stem, c in selected:
+            peers = f" peers: {','.join(c.peers)}" if c.peers else ""
+            lim = f" limit: {c.limit.kind}" if c.limit else ""
             print(f"{stem:12s} {c.family:20s} {c.op:28s} {c.name:30s} {dtype_name(c.dtype):9s} "
-                  f"{','.join(c.impls)}{' +bwd' if c.backward else ''}")  # fmt: skip
+                  f"{','.join(c.impls)}{' +bwd' if c.backward else ''}{peers}{lim}")  # fmt: skip
         return 0
 
     if not selected:
@@ -495,6 +607,9 @@ def main(argv=None) -> int:
     dev_desc = env["device_name"] + (f", {env['threads']} threads" if env["threads"] else "")
     print(f"unif2ace benchmarks | {device.type}: {dev_desc} | torch {env['torch']} triton {env['triton']} | "
           f"{'quick' if opts.quick else 'full'} | torch.compile baseline: {why} | {len(selected)} cases")  # fmt: skip
+    if device.type == "cuda":
+        print(f"  (CUDA timing: events, L2 {'flushed' if env['l2_flush'] else 'NOT flushed'} before every call"
+              f"{', forwards through CUDA graphs where capturable' if opts.cuda_graph else ''})")  # fmt: skip
     if device.type == "cpu":
         print("  (CPU peak MB = approximate extra RSS during one call)")
     cuda = device.type == "cuda"
@@ -502,7 +617,9 @@ def main(argv=None) -> int:
         "op_w": max([2] + [len(c.op) for _, c in selected]),
         "case_w": max([4] + [len(c.name) for _, c in selected]),
         "backend_w": max(
-            [7] + [len(k) for _, c in selected for k in c.impls] + [len(COMPILE) if env["compile"] else 0]
+            [7]
+            + [len(k) for _, c in selected for k in list(c.impls) + list(c.peers)]
+            + [len(COMPILE) if env["compile"] else 0]
         ),
     }
     cols = table_columns(cuda, **widths)
@@ -513,12 +630,9 @@ def main(argv=None) -> int:
     for _stem, case in selected:
         if opts.time_limit is not None and time.perf_counter() - t_start > opts.time_limit:
             recs = []
-            for label in ["reference"] + [k for k in case.impls if k != "reference"]:
-                r = {k: None for k in FIELDS}
-                r.update(op=case.op, family=case.family, case=case.name, backend=label, shape=dict(case.shape),
-                         dtype=dtype_name(case.dtype), device=device.type, device_name=env["device_name"],
-                         threads=env["threads"], torch=env["torch"], triton=env["triton"], date=env["date"],
-                         quick=bool(opts.quick), mode="fwd", status="skipped",
+            for label, kind, _ in case_labels(case, False, opts.backends, not opts.no_peers):
+                r = _base_record(case, device, env, opts)
+                r.update(backend=label, kind=kind, mode="fwd", status="skipped",
                          reason=f"--time-limit {opts.time_limit:g} s reached")  # fmt: skip
                 recs.append(r)
         else:
@@ -532,7 +646,15 @@ def main(argv=None) -> int:
 
     if opts.json:
         write_json(opts.json, records)
-    n = {s: sum(1 for r in records if r["status"] == s) for s in ("ok", "skipped", "error")}
+    if opts.plot:
+        try:
+            from benchmarks.plot import plot_records
+
+            paths = plot_records(records, opts.plot)
+            print(f"plots: {len(paths)} PNG files in {opts.plot}")
+        except ImportError as e:
+            print(f"warning: --plot needs matplotlib ({e}); pip install matplotlib", file=sys.stderr)
+    n = {s: sum(1 for r in records if r["status"] == s and r["kind"] != "limit") for s in ("ok", "skipped", "error")}
     print(f"{len(selected)} cases, {n['ok']} measurements, {n['skipped']} skipped, {n['error']} failed "
           f"in {time.perf_counter() - t_start:.1f} s" + (f"; JSON: {opts.json}" if opts.json else ""))  # fmt: skip
     return 1 if opts.strict and n["error"] else 0

@@ -2,15 +2,21 @@
 # One-shot check on a bare H100/H200 machine (Python 3.12, CUDA torch, triton, nvcc, ninja, pybind11,
 # pytest, pytest-xdist; no package index, no network):
 #
-#   bash scripts/gpu_check.sh [--full] [--skip-build] [--dry-run] [OUTDIR]
+#   bash scripts/gpu_check.sh [--full] [--skip-build] [--dry-run] [--peers WHEELDIR] [OUTDIR]
 #
 # OUTDIR defaults to $OUT when set, else gpu_results/<UTC date>. Steps, in this order (the GPU-only
 # work first, so that a tight time limit cuts the least useful step):
 #   1 env        nvidia-smi, python/torch/triton/nvcc versions                  -> env.log
 #   2 build      pip install --no-build-isolation --no-deps -e . (CUDA_HOME, sm_90, 16 jobs),
 #                then python -m unif2ace info                                   -> build.log
+#   2b peers     pip install --no-deps --no-index WHEELDIR/*.whl: the benchmark peers of
+#                requirements-peers.txt (Cut Cross-Entropy, Liger-Kernel), from --peers WHEELDIR
+#                or ./peer_wheels when it exists (the machine has no package index: fetch them
+#                elsewhere with `pip download --no-deps -d peer_wheels -r requirements-peers.txt`
+#                and carry the folder); without wheels the peer rows are skipped -> build.log
 #   3 tests-gpu  pytest -m gpu -n 4 (real GPU, TRITON_INTERPRET unset)          -> tests_gpu.log
-#   4 bench      benchmarks/run.py --device cuda --quick                        -> bench.log, bench_cuda.json
+#   4 bench      benchmarks/run.py --device cuda --quick (our backends, peers, limits; L2 flushed
+#                between timed calls)                                           -> bench.log, bench_cuda.json
 #   5 tests-cpu  the whole suite with the GPU hidden and TRITON_INTERPRET=1, i.e. the CPU paths
 #                on this machine's Python (gpu tests skip)                      -> tests_all.log
 #   6 bench-full (--full only) benchmarks/run.py --device cuda (full sizes)     -> bench.log, bench_cuda_full.json
@@ -24,17 +30,25 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
-FULL=0 DRY=0 SKIP_BUILD=0 OUTDIR=""
+FULL=0 DRY=0 SKIP_BUILD=0 OUTDIR="" PEERS=""
+want_peers=0
 for a in "$@"; do
+  if (( want_peers )); then PEERS=$a; want_peers=0; continue; fi
   case "$a" in
+    --peers) want_peers=1 ;;
+    --peers=*) PEERS=${a#--peers=} ;;
     --full) FULL=1 ;;
     --dry-run) DRY=1 ;;
     --skip-build) SKIP_BUILD=1 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $a" >&2; exit 2 ;;
     *) OUTDIR=$a ;;
   esac
 done
+(( want_peers )) && { echo "gpu_check.sh: --peers needs a folder" >&2; exit 2; }
+if [[ -z $PEERS && -d peer_wheels ]]; then PEERS=peer_wheels; fi
+if [[ -n $PEERS && ! -d $PEERS ]]; then echo "gpu_check.sh: --peers $PEERS: no such folder" >&2; exit 2; fi
+[[ -n $PEERS ]] && PEERS=$(cd "$PEERS" && pwd)
 OUTDIR=${OUTDIR:-${OUT:-gpu_results/$(date -u +%Y%m%d-%H%M%S)}}
 mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd) || { echo "cannot create $OUTDIR" >&2; exit 2; }
 PY=${PYTHON:-python3}
@@ -143,6 +157,23 @@ if (( SKIP_BUILD )); then
   step info build.log 60 "$PY" -m unif2ace info
 else
   step build build.log 300 bash "$BUILD_SH"
+fi
+
+# ---- 2b benchmark peers from local wheels (no index on the GPU machines)
+if [[ -n $PEERS ]]; then
+  PEERS_SH=$SCRATCH/peers.sh
+  cat > "$PEERS_SH" <<EOF
+shopt -s nullglob
+whl=("$PEERS"/*.whl)
+(( \${#whl[@]} )) || { echo "no wheels in $PEERS"; exit 1; }
+"$PY" -m pip install --no-deps --no-index --disable-pip-version-check "\${whl[@]}" \\
+  || "$PY" -m pip install --no-deps --no-index --disable-pip-version-check --break-system-packages "\${whl[@]}"
+"$PY" -m pip list 2>/dev/null | grep -iE "cut.cross.entropy|liger|flashinfer" || true
+EOF
+  step peers build.log 120 bash "$PEERS_SH"
+else
+  echo "== peers: no wheel folder (--peers DIR or ./peer_wheels): the peer rows will be skipped" >> "$OUTDIR/build.log"
+  printf 'peers\tskipped (no wheels)\t0\tbuild.log\t\n' >> "$STEPS"
 fi
 
 # ---- 3 GPU tests (real GPU, no interpreter)
@@ -287,13 +318,24 @@ for jname in ("bench_cuda.json", "bench_cuda_full.json"):
           f"{len(ok)} measured, {sum(r.get('status') == 'skipped' for r in recs)} skipped, "
           f"{sum(r.get('status') == 'error' for r in recs)} failed")
         w("")
-    w("| op | case | backend | dtype | mode | median ms | p20-p80 | peak MB | GB/s | %BW | TFLOP/s | %TF | vs ref | vs compile |")
-    w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    flush = {r.get("l2_flush") for r in recs if r.get("device") == "cuda"}
+    if flush:
+        w(f"Timing: CUDA events, L2 {'flushed' if flush == {True} else 'not flushed' if flush == {False} else flush}"
+          " before every timed call; % limit: of the same run's torch.mm rate at the op's GEMM shapes, or of"
+          " its copy bandwidth (the rows of kind limit).")
+        w("")
+    w("| op | case | backend | kind | dtype | mode | median ms | p20-p80 | peak MB | GB/s | %BW | TFLOP/s | %TF | vs ref | vs compile | % limit |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in ok:
-        w(f"| {r['op']} | {r['case']} | {r['backend']} | {r['dtype']} | {r['mode']} | {fmt(r['median_ms'])} | "
+        if r.get("kind") == "limit":
+            w(f"| {r['op']} | {r['case']} | limit | limit | {r['dtype']} | {r['mode']} | {fmt(r['median_ms'])} | "
+              f"{r.get('limit') or ''} | | | | | | | | 100 |")
+            continue
+        w(f"| {r['op']} | {r['case']} | {r['backend']} | {r.get('kind') or ''} | {r['dtype']} | {r['mode']} | {fmt(r['median_ms'])} | "
           f"{fmt(r['p20_ms'])}-{fmt(r['p80_ms'])} | {fmt(r['peak_mem_mb'], '{:.1f}')} | {fmt(r['gbps'], '{:.0f}')} | "
           f"{fmt(r['pct_peak_bw'], '{:.0f}')} | {fmt(r['tflops'], '{:.1f}')} | {fmt(r['pct_peak_tflops'], '{:.0f}')} | "
-          f"{fmt(r['speedup_vs_reference'], '{:.2f}x')} | {fmt(r['speedup_vs_compile'], '{:.2f}x')} |")
+          f"{fmt(r['speedup_vs_reference'], '{:.2f}x')} | {fmt(r['speedup_vs_compile'], '{:.2f}x')} | "
+          f"{fmt(r.get('pct_limit'), '{:.3g}')} |")
     if bad:
         w("")
         w("Not measured (status: reason -> rows):")
@@ -325,5 +367,5 @@ if ! "$PY" "$SUMMARY_PY" "$OUTDIR" "$SCRATCH" "$TOTAL" "$DRY" 2> "$SCRATCH/summa
 fi
 cat "$OUTDIR/summary.md"
 log "done in ${TOTAL}s; results in $OUTDIR ($(ls "$OUTDIR" | wc -l) files)"
-if cut -f2 "$STEPS" | grep -qvE '^(ok|dry-run|skipped \(--skip-build\))'; then exit 1; fi
+if cut -f2 "$STEPS" | grep -qvE '^(ok|dry-run|skipped \((--skip-build|no wheels)\))'; then exit 1; fi
 exit 0

@@ -7,26 +7,33 @@ import pytest
 import torch
 
 from unif2ace.kernels._dispatch import backend_usable
-from unif2ace.testing import poison_
+from unif2ace.testing import cuda_emu, poison_
 
-CUDA = pytest.param("cuda", marks=pytest.mark.gpu)  # the cuda backend: skipped without a GPU
+# the cuda backend, twice: on the card (marked gpu: skipped without one) and through the CPU
+# emulator of the CUDA kernels (marked cuda_emu, id "cuda_emu"); the parameter value is "cuda" in both
+CUDA = cuda_emu.cuda_backends()
+CUDA_GPU = CUDA[0]  # the card only (shapes too large for the emulator)
 
 
 def backend_cases(by_backend):
-    """pytest params ``(backend, *case)`` from per-backend case lists; the cuda ones are marked gpu."""
-    return [
-        pytest.param(be, *case, marks=pytest.mark.gpu if be == "cuda" else (), id="-".join(map(str, (be,) + case)))
-        for be, cases in by_backend.items()
-        for case in cases
-    ]
+    """pytest params ``(backend, *case)`` from per-backend case lists: key ``cuda`` gives the GPU
+    cases (marked gpu), key ``cuda_emu`` the emulated ones (backend "cuda", marked cuda_emu)."""
+    out = []
+    for be, cases in by_backend.items():
+        for case in cases:
+            marks = {"cuda": pytest.mark.gpu, "cuda_emu": pytest.mark.cuda_emu}.get(be, ())
+            value = "cuda" if be == "cuda_emu" else be
+            out.append(pytest.param(value, *case, marks=marks, id="-".join(map(str, (be,) + case))))
+    return out
 
 
 def backend_device(backend: str) -> torch.device:
-    """The device of a backend's tensors: CUDA for cuda (the test is skipped when the CUDA extension is
-    missing), else the CPU (triton runs under the interpreter there)."""
-    if backend != "cuda":
-        return torch.device("cpu")
-    dev = torch.device("cuda")
+    """The device of a backend's tensors: CUDA for cuda on the card (the test is skipped when the CUDA
+    extension is missing), else the CPU (triton runs under the interpreter there, cuda under the
+    emulator)."""
+    dev = cuda_emu.device(backend)
+    if dev.type != "cuda":
+        return dev
     ok, why = backend_usable("cuda", dev)
     if not ok:
         pytest.skip(why)

@@ -1,8 +1,9 @@
 """Grouped MoE gating, fast backends against the reference (forward: ids exact, gates and balance
 statistics at fp32 tolerance; backward): cpu (csrc/cpu/moe_gating.cpp), triton
 (unif2ace/kernels/triton/moe_gating.py, under the interpreter on CPU tensors) and cuda
-(csrc/cuda/moe_gating.cu/.cuh; ``gpu``, skipped without a GPU, compile-checked by
-scripts/check_cuda_compile.py); the custom ops behind them, selection and argument errors."""
+(csrc/cuda/moe_gating.cu/.cuh: on a GPU, marked ``gpu``, and through the CPU emulator of the CUDA
+kernels, marked ``cuda_emu``, at shapes that keep every branch); the custom ops behind them,
+selection and argument errors."""
 
 import math
 
@@ -82,6 +83,8 @@ PARITY_CASES = {
         ]
     ],
     "cuda": _grid_cases(),
+    # the emulator: the same grid without most T = 1000 cases (the grid cap is tested below)
+    "cuda_emu": [c for c in _grid_cases() if c[0] < 1000 or c[2] == 8],
 }
 
 
@@ -103,7 +106,7 @@ def test_gating_parity(backend, T, sizes, k, score, renorm, gid_dtype, dev, pois
     assert_close(got, R.moe_gating_backward_ref(gg, gp, gl, *args), name="d router_logits")
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", CUDA])
+@pytest.mark.parametrize("backend", ["cpu", "triton", *CUDA])
 def test_gating_hand_computed(backend, dev):
     # one group of 2, k = 1: softmax rows [1/4, 3/4] and [3/4, 1/4]
     l3 = math.log(3.0)
@@ -133,7 +136,7 @@ def test_gating_hand_computed(backend, dev):
     assert_close(r.balance_loss.cpu(), torch.tensor([4 * (0.5 * 2 / 9 + 0.5 * 4 / 9)]))
 
 
-@pytest.mark.parametrize("backend", ["cpu", CUDA])
+@pytest.mark.parametrize("backend", ["cpu", *CUDA])
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 def test_gating_ties_go_to_lowest_index(backend, score, dev):
     z = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0]], device=dev)
@@ -154,7 +157,7 @@ def test_gating_ties_go_to_lowest_index(backend, score, dev):
     assert torch.equal(got, R.moe_gating_ref(zu, g1, [5], 4, score)[0])
 
 
-@pytest.mark.parametrize("backend", ["cpu", CUDA])
+@pytest.mark.parametrize("backend", ["cpu", *CUDA])
 def test_gating_empty_groups_and_no_tokens(backend, dev):
     T = 40
     z = randn(T, 4 + 6 + 5, device=dev).requires_grad_(True)
@@ -182,7 +185,7 @@ def test_gating_empty_groups_and_no_tokens(backend, dev):
     assert z0.grad.shape == (0, 8)
 
 
-@pytest.mark.parametrize("backend", ["cpu", CUDA])
+@pytest.mark.parametrize("backend", ["cpu", *CUDA])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gating_low_precision_logits(backend, dtype, dev):
     T, sizes, k = 222, [8, 5], 2
@@ -376,10 +379,10 @@ def test_triton_gpu_gating_parity(T, sizes, k, gpu_device):
 
 
 # ------------------------------------------------------------------------------------------------
-# cuda (skipped without a GPU)
+# cuda (on a GPU, and through the CPU emulator)
 
 
-@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("backend", CUDA)
 def test_cuda_gating_strided_inputs_and_invalid_group_id(backend, dev):
     T, sizes, k = 300, [8, 4], 3
     base = randn(sum(sizes) + 3, T, device=dev, scale=2.0)
@@ -410,10 +413,11 @@ def test_cuda_gating_strided_inputs_and_invalid_group_id(backend, dev):
     assert not dz[5].any() and torch.isfinite(dz).all()
 
 
-@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("backend", CUDA)
 def test_cuda_gating_deterministic_and_many_blocks(backend, dev):
-    # T large enough to cap the statistics grid (1024 blocks, several tokens per warp)
-    T, sizes, k = 40000, [64, 8], 4
+    # T large enough to cap the statistics grid (1024 blocks, several tokens per warp; emulated:
+    # 9000 tokens, blocks of 9 whose first warp takes two)
+    T, sizes, k = 40000 if dev.type == "cuda" else 9000, [64, 8], 4
     z = _quantized_logits(T, sum(sizes), dev)
     gid = torch.randint(0, 2, (T,), device=dev)
     ops = _ext.cuda_ops()
@@ -426,17 +430,18 @@ def test_cuda_gating_deterministic_and_many_blocks(backend, dev):
     gg, gp, gl = randn(T, k, device=dev), randn(sum(sizes), device=dev), randn(2, device=dev)
     base_dz = ops.moe_gating_backward(gg, gp, gl, *args)
     assert_close(base_dz, R.moe_gating_backward_ref(gg, gp, gl, *args), name="d router_logits")
-    for _ in range(3):
+    for _ in range(3 if dev.type == "cuda" else 1):  # the emulator runs blocks in one fixed order
         again = ops.moe_gating(*args)
         assert all(torch.equal(a, b) for a, b in zip(base, again)), "forward not bitwise reproducible"
         assert torch.equal(ops.moe_gating_backward(gg, gp, gl, *args), base_dz), "backward not reproducible"
 
 
-@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("backend", CUDA)
 def test_cuda_gating_global_scratch_statistics(backend, dev):
     # 8 groups x 100 experts: the per-warp accumulators (8 * (2E + G) words) exceed 48 KiB of
-    # shared memory and live in a global scratch buffer (64 statistics blocks)
-    T, sizes, k = 3000, [100] * 8, 8
+    # shared memory and live in a global scratch buffer (64 statistics blocks; emulated: 1000 tokens
+    # still fill them)
+    T, sizes, k = 3000 if dev.type == "cuda" else 1000, [100] * 8, 8
     z = _quantized_logits(T, sum(sizes), dev).requires_grad_(True)
     gid = torch.randint(0, 8, (T,), device=dev)
     gid[gid == 5] = 6  # and one empty group
@@ -448,7 +453,7 @@ def test_cuda_gating_global_scratch_statistics(backend, dev):
     assert all(torch.equal(a, b) for a, b in zip(out, again))
 
 
-@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("backend", CUDA)
 def test_cuda_gating_fallback_for_large_groups(backend, dev):
     # groups over 128 experts (and more than 255 groups) run the reference inside the cuda backend
     for T, sizes, k in ((70, [200, 8], 4), (50, [1] * 300, 1)):
@@ -463,7 +468,7 @@ def test_cuda_gating_fallback_for_large_groups(backend, dev):
     fwd_bwd_parity(ref_fn, cuda_fn, [z], names=["router_logits"])
 
 
-@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("backend", CUDA)
 def test_cuda_gating_compile_fullgraph(backend, dev):
     T, sizes, k = 64, [8, 4], 2
     z = randn(T, 12, device=dev).requires_grad_(True)
@@ -481,9 +486,10 @@ def test_cuda_gating_compile_fullgraph(backend, dev):
     fwd_bwd_parity(g, f, [z], names=["router_logits"])
 
 
-@pytest.mark.parametrize("backend", [CUDA])
+@pytest.mark.parametrize("backend", CUDA)
 def test_cuda_gating_raw_op_errors_name_the_argument(backend, dev):
     ops = _ext.cuda_ops()
+    elsewhere = torch.device("meta") if dev.type == "cpu" else torch.device("cpu")  # not the kernels' device
     z, gid = randn(4, 8, device=dev), torch.zeros(4, dtype=torch.long, device=dev)
     with pytest.raises(RuntimeError, match="sum\\(group_sizes\\)"):
         ops.moe_gating(z, gid, [3, 4], 2, "softmax", False, 0.1)
@@ -494,12 +500,58 @@ def test_cuda_gating_raw_op_errors_name_the_argument(backend, dev):
     with pytest.raises(RuntimeError, match="score"):
         ops.moe_gating(z, gid, [8], 2, "relu", False, 0.1)
     with pytest.raises(RuntimeError, match="group_ids"):
-        ops.moe_gating(z, gid.cpu(), [8], 2, "softmax", False, 0.1)
-    with pytest.raises(RuntimeError, match="router_logits must be a CUDA tensor"):
-        ops.moe_gating(z.cpu(), gid, [8], 2, "softmax", False, 0.1)
+        ops.moe_gating(z, gid.to(elsewhere), [8], 2, "softmax", False, 0.1)
+    with pytest.raises(RuntimeError, match="router_logits must be a CUDA"):
+        ops.moe_gating(z.to(elsewhere), gid, [8], 2, "softmax", False, 0.1)
+    with pytest.raises(RuntimeError, match="gradients must be on"):
+        ops.moe_gating_backward(
+            randn(4, 2, device=elsewhere),
+            randn(8, device=dev),
+            randn(1, device=dev),
+            z,
+            gid,
+            [8],
+            2,
+            "softmax",
+            False,
+            0.1,
+        )
     with pytest.raises(RuntimeError, match="grad_gates"):
         ops.moe_gating_backward(
             randn(4, 3, device=dev), randn(8, device=dev), randn(1, device=dev), z, gid, [8], 2, "softmax", False, 0.1
         )
     with pytest.raises(ValueError, match="group_ids"):  # the public check, cuda backend selected
         moe_gating(z, torch.tensor([0, 1, 2, 0], device=dev), [3, 5], 2, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", CUDA)
+def test_cuda_gating_1024_experts(backend, dev):
+    # E = 1024 in 8 full groups of 128 (every lane's 4 slots; global-scratch statistics), k = 8
+    T, sizes, k = 120, [128] * 8, 8
+    z = randn(T, sum(sizes), device=dev, scale=2.0).requires_grad_(True)
+    gid = torch.randint(0, 8, (T,), device=dev)
+    gid[gid == 3] = 4  # an empty group
+    for score, renorm in (("softmax", True), ("sigmoid", False)):
+        ref_fn, cuda_fn = _fns("cuda", gid, sizes, k, score, renorm, 0.02)
+        _check_written(cuda_fn(z.detach()))
+        fwd_bwd_parity(ref_fn, cuda_fn, [z], names=["router_logits"])
+
+
+@pytest.mark.parametrize("backend", CUDA)
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_cuda_gating_nan_inf_logits(backend, score, dev):
+    # NaN ranks above every number; -inf rows, +inf entries; the same ids / gates as the reference
+    z = randn(7, 16, device=dev)
+    z[0, 3] = float("nan")
+    z[1, :] = float("-inf")
+    z[2, 4] = float("inf")
+    z[3, :4] = float("nan")
+    z[4, :] = float("inf")
+    z[5, 9] = float("-inf")
+    gid = torch.zeros(7, dtype=torch.long, device=dev)
+    for renorm in (False, True):
+        got = moe_gating(z, gid, [16], 3, score=score, renormalize=renorm, backend="cuda")
+        want = R.moe_gating_ref(z, gid, [16], 3, score, renorm, 0.01)
+        assert torch.equal(got.expert_ids, want[0])
+        for name, a, b in zip(FIELDS[1:], got[1:], want[1:]):
+            torch.testing.assert_close(a, b, equal_nan=True, msg=name)

@@ -1,14 +1,15 @@
 """Grouped MoE routing metadata, fast backends against the reference: the expert histogram and
 moe_align on the cpu (csrc/cpu/moe_routing.cpp), triton (unif2ace/kernels/triton/moe_routing.py,
-under the interpreter on CPU tensors) and cuda (csrc/cuda/moe_routing.cu; ``gpu``, skipped without
-a GPU) backends, and the custom ops behind them."""
+under the interpreter on CPU tensors) and cuda (csrc/cuda/moe_routing.cu: on a GPU, marked ``gpu``,
+and through the CPU emulator of the CUDA kernels, marked ``cuda_emu``) backends, and the custom ops
+behind them."""
 
 import pytest
 import torch
-from moe_testing import CUDA, backend_cases, device_fixture, poison_fixture, random_ids
+from moe_testing import CUDA, CUDA_GPU, backend_cases, device_fixture, poison_fixture, random_ids
 
+from unif2ace.kernels import _ext, moe_align, moe_expert_histogram
 from unif2ace.kernels import moe as M
-from unif2ace.kernels import moe_align, moe_expert_histogram
 from unif2ace.kernels._custom_ops import moe as C
 from unif2ace.kernels.reference import moe_routing as R
 from unif2ace.testing import assert_all_written, poison_
@@ -60,6 +61,8 @@ ALIGN_CASES = {
         (600, 4, 200, 32, "int64"),  # several chunks of ids and several tiles of experts
     ],
     "cuda": _grid_cases(TS + (32768,), KS, ES + (128, 1024)),
+    # the emulator: one tile, several tiles and partial tiles; few, many and mostly empty experts
+    "cuda_emu": _grid_cases((1, 33, 1000), (1, 8), (4, 64, 1024)) + [(3000, 2, 1000, 7, "int32")],
 }
 
 
@@ -80,7 +83,7 @@ def test_histogram_and_align_parity(backend, T, k, E, bs, id_dtype, dev, poison)
     assert all(torch.equal(a, b) for a, b in zip(got, again))
 
 
-@pytest.mark.parametrize("backend", ["cpu", CUDA])
+@pytest.mark.parametrize("backend", ["cpu", CUDA_GPU])  # emulated, 2^31 loads would take minutes
 def test_histogram_64bit_indexing(backend, dev):
     # 2**31 + 192 entries, read through a stride-0 view (no memory): an int32 element counter
     # or offset would wrap and miscount.
@@ -179,18 +182,18 @@ def test_triton_gpu_align_parity(T, k, E, bs, gpu_device):
 
 
 # ------------------------------------------------------------------------------------------------
-# cuda (skipped without a GPU)
+# cuda (on a GPU, and through the CPU emulator)
 
 
-@pytest.mark.gpu
-def test_cuda_strided_large_experts_and_compile(gpu_device):
-    ids = _ids(500, 8, 64, dtype=torch.int64, device=gpu_device)
+@pytest.mark.parametrize("backend", CUDA)
+def test_cuda_strided_large_experts_and_compile(backend, dev):
+    ids = _ids(500, 8, 64, dtype=torch.int64, device=dev)
     t = ids.t()
     _assert_align_equal(moe_align(t, 64, 16, backend="cuda"), R.moe_align_ref(t.cpu(), 64, 16))
     assert torch.equal(
         moe_expert_histogram(ids[:, 3], 64, backend="cuda").cpu(), R.moe_expert_histogram_ref(ids[:, 3].cpu(), 64)
     )
-    big = _ids(300, 4, 20000, device=gpu_device)  # global-atomics histogram, reference align fallback
+    big = _ids(300, 4, 20000, device=dev)  # global-atomics histogram, reference align fallback
     assert torch.equal(
         moe_expert_histogram(big, 20000, backend="cuda").cpu(), R.moe_expert_histogram_ref(big.cpu(), 20000)
     )
@@ -202,3 +205,22 @@ def test_cuda_strided_large_experts_and_compile(gpu_device):
         return a.sorted_token_ids, a.block_expert_ids, a.num_tokens_post_padded, a.expert_counts
 
     _assert_align_equal(f(ids), R.moe_align_ref(ids.cpu(), 64, 16))
+
+
+@pytest.mark.parametrize("backend", CUDA)
+def test_cuda_routing_raw_op_errors(backend, dev):
+    ops = _ext.cuda_ops()
+    elsewhere = torch.device("meta") if dev.type == "cpu" else torch.device("cpu")
+    ids = _ids(10, 2, 8, device=dev)
+    with pytest.raises(RuntimeError, match="expert_ids must be a CUDA"):
+        ops.moe_expert_histogram(ids.to(elsewhere), 8)
+    with pytest.raises(RuntimeError, match="int32 or int64"):
+        ops.moe_align(ids.float(), 8, 4)
+    with pytest.raises(RuntimeError, match="1-D or 2-D"):
+        ops.moe_align(ids.view(2, 5, 2), 8, 4)
+    with pytest.raises(RuntimeError, match="num_experts"):
+        ops.moe_expert_histogram(ids, 0)
+    with pytest.raises(RuntimeError, match="num_experts must be <= 1024"):
+        ops.moe_align(ids, 1025, 4)
+    with pytest.raises(RuntimeError, match="block_size"):
+        ops.moe_align(ids, 8, 0)

@@ -236,32 +236,46 @@ def test_guidance_combine():
 
 
 def test_noise_contract_pins_rng_keys():
-    """Sampling is argmax(x/T + g0) and confidence log p + fp32(τ)·g1 with the documented keys."""
+    """The draw and the confidence with the documented keys, re-derived here: per position the
+    64 random bits r of (seed, step, stream 0, sample id, position, token 0), the integer weights
+    q_v = exp_fixed(x_v / T - max, K), the code = the first v whose running sum of q exceeds
+    floor(r · sum(q) / 2^64) (Python integers); confidence = (x_code - max) - lse_rel + fp32(τ)·g'
+    with g' the stream-1 Gumbel of (seed, step, sample id, position, token 0) -- bit for bit, and
+    within 1e-6 of the float64 log-softmax."""
     B, L, V, T, step, seed = 2, 11, 23, 6, 2, 2**40 + 17
     cond, _, tokens, is_masked, mid = make_inputs(B, L, V, masked_frac=1.0)
     ids = torch.tensor([7, 2**33 + 1])
     temp, tau0 = 0.9, 3.0
-    out = masked_sample_step(
-        cond,
-        tokens,
-        is_masked,
-        step=step,
-        num_steps=T,
-        seed=seed,
-        mask_token_id=mid,
-        temperature=temp,
-        confidence_noise=tau0,
-        sample_ids=ids,
-    )
+    kw = dict(step=step, num_steps=T, seed=seed, mask_token_id=mid, temperature=temp, sample_ids=ids)
+    out = masked_sample_step(cond, tokens, is_masked, confidence_noise=tau0, **kw)
     pos = torch.arange(L)
-    g0 = rng.gumbel(seed, 0, ids[:, None, None], pos[None, :, None], torch.arange(V)[None, None, :])
+    hi, lo = rng.random_words(seed, step, 0, ids[:, None], pos[None, :], 0)
     x = cond.float()
-    want = (x / torch.tensor(temp, dtype=torch.float32) + g0).argmax(-1)
-    assert torch.equal(out.sampled, want)
-    g1 = rng.gumbel(seed, 1, ids[:, None], pos[None, :], 0)
+    z = x / torch.tensor(temp, dtype=torch.float32)
+    q = rng.exp_fixed(z - z.amax(-1, keepdim=True), rng.sum_bits(V))
+    for b in range(B):
+        for i in range(L):
+            qs = q[b, i].tolist()
+            u = ((int(hi[b, i]) << 32 | int(lo[b, i])) * sum(qs)) >> 64
+            run, code = 0, None
+            for v, w in enumerate(qs):
+                run += w
+                if run > u:
+                    code = v
+                    break
+            assert int(out.sampled[b, i]) == code
+    g1 = rng.gumbel(seed, step, 1, ids[:, None], pos[None, :], 0)
     tau = torch.tensor(tau0 * (1 - (step + 1) / T), dtype=torch.float32)
-    lp = torch.log_softmax(x, -1).gather(-1, want[..., None])[..., 0]
-    assert_close(out.confidence, lp + tau * g1, name="confidence")
+    m = x.amax(-1, keepdim=True)
+    lp = ((x.gather(-1, out.sampled[..., None]) - m) - rng.lse_rel(x, m))[..., 0]
+    assert torch.equal(out.confidence, lp + tau * g1)
+    plain = masked_sample_step(cond, tokens, is_masked, confidence_noise=0.0, **kw).confidence
+    assert (
+        float(
+            (plain.double() - torch.log_softmax(x.double(), -1).gather(-1, out.sampled[..., None])[..., 0]).abs().max()
+        )
+        < 1e-6
+    )
 
 
 def test_confidence_uses_top_k_filtered_distribution():

@@ -3,12 +3,13 @@
 A row softmax with every kind of implementation the runner must handle: the reference, a second
 working implementation ("cpu" here stands in for a kernel backend), one the dispatcher says cannot
 run on CPU ("cuda"), one raising BackendUnavailableError on its first call, one raising
-NotImplementedError, and one that fails with an unexpected error.
+NotImplementedError, and one that fails with an unexpected error; two peers (one that runs, one
+"not installed"); a copy-bandwidth limit (fp32 case) and a stand-in GEMM limit (bf16 case).
 """
 
 import torch
 
-from benchmarks.common import Case
+from benchmarks.common import Case, Gemm, Limit, copy_limit
 from unif2ace.kernels import BackendUnavailableError
 
 
@@ -32,6 +33,10 @@ def _not_implemented(inp):
 
 def _broken(inp):
     raise RuntimeError("selftest: a deliberately broken implementation")
+
+
+def _peer_missing(inp):
+    raise BackendUnavailableError("selftest-peer not installed (pip install --no-deps -r requirements-peers.txt)")
 
 
 def cases(device, quick):
@@ -64,6 +69,10 @@ def cases(device, quick):
                 flops=5.0 * rows * cols,
                 bytes=2.0 * rows * cols * elt,
                 compile=dtype == torch.float32,
+                peers={"peer-torch": lambda inp: torch.softmax(inp["x"], dim=-1), "peer-missing": _peer_missing},
+                limit=copy_limit(2.0 * rows * cols * elt, 3.0 * rows * cols * elt)
+                if dtype == torch.float32
+                else Limit(gemms=(Gemm(rows, 64, cols),), note="selftest: a stand-in GEMM"),
             )
         )
     return out

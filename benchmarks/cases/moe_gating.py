@@ -12,7 +12,7 @@ from typing import List
 
 import torch
 
-from benchmarks.common import Case
+from benchmarks.common import Case, copy_limit
 from unif2ace.kernels import moe_gating
 
 # (tag, T, group sizes, k, dtype) for the CPU, then the CUDA-only and the CUDA full-size shapes
@@ -56,6 +56,7 @@ def _gating_case(tag: str, device, T: int, sizes: List[int], k: int, dtype) -> C
         setup=routing_setup(device, T, sizes, k, dtype),
         impls={be: gating(be) for be in ("reference", "cpu", "triton", "cuda")},
         bytes=float(T * E * torch.finfo(dtype).bits // 8 + T * k * 8),
+        limit=copy_limit(T * E * torch.finfo(dtype).bits // 8 + T * k * 8, note="logits read, ids + gates written"),
     )
 
 

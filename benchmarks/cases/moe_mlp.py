@@ -4,6 +4,11 @@ Shapes (docs/kernels.md §B):
   (c) CPU-sized: T = 2048, D = F = 256, 16 experts, top-4 (quick: T = 256, D = F = 128).
   (a) UniF2ace-sized, CUDA only: T = 8 x 512, D = 2048, F = 1024, 16 experts, top-4.
   (b) Qwen3-30B-A3B-like, CUDA only: H = 2048, I = 768, E = 128, k = 8, T = 32768, SwiGLU.
+
+Peers (benchmarks/peers.py): tokens sorted by expert, then ``torch._grouped_mm`` (where this torch
+and device have it) or a per-expert loop of ``torch.mm``; the same gated combine in fp32.
+Limit: ``torch.mm`` at the per-expert shapes ([T·k/E, D] x [D, F] and [T·k/E, F] x [F, D], E of
+each) in the case's dtype.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from typing import List
 
 import torch
 
-from benchmarks.common import Case
+from benchmarks import peers
+from benchmarks.common import Case, Gemm, Limit
 from unif2ace.kernels import moe_expert_mlp, moe_gating
 
 
@@ -34,6 +40,7 @@ def _mlp_case(tag: str, device, T: int, D: int, F: int, E: int, k: int, dtype, a
         )
 
     mult = 3 if activation == "swiglu" else 2
+    m = -(-T * k // E)  # rows per expert, balanced
     esz = torch.finfo(dtype).bits // 8
     return Case(
         family="moe_mlp",
@@ -46,6 +53,8 @@ def _mlp_case(tag: str, device, T: int, D: int, F: int, E: int, k: int, dtype, a
         backward=lambda out: out.float().square().mean(),
         flops=float(2 * T * k * D * F * mult),
         bytes=float(esz * (2 * T * D + E * D * F1 + E * F * D) + T * k * 8),
+        peers=peers.moe_mlp_peers(activation),
+        limit=Limit(gemms=(Gemm(m, D, F1, E), Gemm(m, F, D, E)), note="rows per expert if balanced"),
     )
 
 

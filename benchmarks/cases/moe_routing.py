@@ -9,7 +9,7 @@ from typing import List
 import torch
 
 from benchmarks.cases.moe_gating import routing_setup, shapes
-from benchmarks.common import Case
+from benchmarks.common import Case, copy_limit
 from unif2ace.kernels import moe_align
 
 BLOCK_M = 64
@@ -31,6 +31,7 @@ def _align_case(tag: str, device, T: int, sizes: List[int], k: int, dtype) -> Ca
         impls={be: align(be) for be in ("reference", "cpu", "cuda", "triton")},
         bytes=float(T * k * 4 * 2 + (T * k + E * (BLOCK_M - 1)) * 4),
         compile=False,
+        limit=copy_limit(T * k * 4 * 2 + (T * k + E * (BLOCK_M - 1)) * 4),
     )
 
 

@@ -16,6 +16,11 @@ models/sampling.py) -- guidance combine, full softmax, ``torch.multinomial``, co
 fp32 Gumbel noise, full-row sort and gather of the cut-off; and Show-o's ``mmu_generate`` decode
 step (temperature, top-k filter, softmax, ``torch.multinomial``). Written here from that
 description; they use torch's global generator and so are not reproducible per sample.
+
+Peers (benchmarks/peers.py): "torch-native", the sampler serving stacks fall back to (temperature,
+top-k / top-p by a full sort, exponential-race draw), and FlashInfer's sampling kernels (CUDA);
+for the MaskGIT step the same draw inside the step. Limit: the copy bandwidth for reading the
+logits (``bytes``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from typing import List
 
 import torch
 
-from benchmarks.common import Case
+from benchmarks import peers
+from benchmarks.common import Case, copy_limit
 from unif2ace.kernels import ar_sample, masked_sample_step
 
 T_STEPS = 18
@@ -104,6 +110,10 @@ def _step_case(tag: str, device, B: int, L: int, V: int, dtype) -> Case:
         impls=impls,
         bytes=float(2 * B * L * V * esize),
         compile=False,  # the reference loops over row chunks; not a compile target
+        peers=peers.masked_step_peers(
+            step=0, num_steps=T_STEPS, guidance_scale=GUIDANCE, confidence_noise=CONF_NOISE, mask_token_id=V
+        ),
+        limit=copy_limit(2 * B * L * V * esize, note="the cond + uncond logits read once"),
     )
 
 
@@ -131,6 +141,8 @@ def _ar_case(tag: str, device, B: int, V: int, dtype, *, temperature=1.0, top_k=
         impls=impls,
         bytes=float(B * V * esize),
         compile=False,
+        peers=peers.ar_sample_peers(temperature, top_k, top_p),
+        limit=copy_limit(B * V * esize, note="the logits read once"),
     )
 
 

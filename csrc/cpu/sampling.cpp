@@ -1,10 +1,10 @@
 // Masked token sampling (one MaskGIT / Show-o step) and autoregressive sampling, C++ CPU kernels.
-// Semantics: unif2ace/kernels/reference/sampling.py (the oracle); RNG: csrc/common/rng.h (bit for bit
-// the reference's counter-based generator).
+// Semantics: unif2ace/kernels/reference/sampling.py (the oracle); RNG and fp32 math:
+// csrc/common/rng.h (bit for bit the reference's definitions).
 //
 //   masked_sample_step(cond [B, L, V], uncond [B, L, V]?, tokens [B, L] int64, is_masked [B, L] bool,
-//                      sample_ids [B] int64, seed_lo, seed_hi, guidance_scale, temperature, tau,
-//                      top_k (0: none), n_cap, mask_token_id)
+//                      sample_ids [B] int64, seed_lo, seed_hi, step_lo, step_hi, guidance_scale,
+//                      temperature, tau, top_k (0: none), n_cap, mask_token_id)
 //       -> (tokens int64, is_masked bool, sampled int64, confidence fp32), all [B, L]
 //       uncond given = guided; tau = fp64 confidence-noise scale (0: none); n_cap = 0 at the last
 //       step, else max(n_raw, 1): a row re-masks n = max(0, min(n_cap, masked_count - 1)).
@@ -16,29 +16,32 @@
 // on the row's masked positions; ties -> lowest position). AR: parallel over rows.
 //
 // Per position the logits are read from memory once (cond and uncond together): the combined,
-// sanitised fp32 row goes to a thread-local buffer of V floats (cache resident), and the later
-// passes -- top-k threshold (a k-element heap for k <= 512, else nth_element on a copy), sum-exp,
-// Gumbel-max -- run over that buffer. AR top-k / top-p work on the list of surviving codes; top-p
-// sorts only a superset of its nucleus (the 1024, 4096, ... largest codes), never the row.
+// sanitised fp32 row goes to a thread-local buffer of V floats (cache resident) with its max, and
+// the later passes -- top-k threshold (chunk maxima, then a selection among the few chunks that can
+// hold the k largest), the fixed-point sum of exponentials, the draw -- run over that buffer. AR top-k / top-p work on
+// the list of surviving codes; top-p sorts only a superset of its nucleus (the 1024, 4096, ...
+// largest codes), never the row.
 //
-// Exactness. Every value the reference rounds is rounded the same way here: the guidance combine
-// is two fp32 products and a difference (no FMA: contraction is off for this file, and the hot
-// loops are compiled for baseline x86-64 and for AVX2 without FMA), the temperature is an IEEE
-// division clamped at FLT_MAX, the Gumbel noise is computed in float64 from the 64 random bits and
-// cast to fp32, and the score x/T + g is an fp32 sum compared with ties -> lowest code. So sampled
-// codes equal the reference's bit for bit (up to a libm ulp in float64 moving an fp32 rounding,
-// ~2^-28 per Gumbel value). The exact Gumbel is evaluated only for codes whose fp32 upper bound
-// (rng.h: gumbel_upper_f32, from the high word alone, vectorised) beats the running best, which
-// cannot change the argmax. log-softmax (confidence, AR logprobs) uses a polynomial exp
-// (|rel err| < 2e-7) summed in fp32: equal to the reference within fp32 tolerance, not bit for bit.
-// Top-p probabilities likewise: a keep/drop decision can differ from the reference only when the
-// mass above a code is within ~1e-6 (relative) of top_p.
+// Exactness. Every value the reference rounds is rounded the same way here, so sampled codes,
+// confidences and log-probabilities equal the reference's bit for bit: the guidance combine is two
+// fp32 products and a difference, the temperature an IEEE division clamped at FLT_MAX, the
+// exponentials, the log-sum-exp and the confidence noise the definitions of rng.h (no libm), the
+// draw integer arithmetic -- and no FMA contraction anywhere (the pragma below). Only the top-p
+// keep/drop decision uses its own fp32 softmax: it can differ from the reference's when the mass
+// above a code is within ~1e-6 (relative) of top_p.
+//
+// Sampling is an inverse transform on the exact fixed-point softmax (rng.h): per row one vectorised
+// pass sums the integer exponentials (recording 64-code chunk sums), which also gives the log-sum-exp
+// of the confidence / logprob, and one 64-bit random draw picks the code -- found through the chunk
+// sums and one chunk recomputed. At temperature 1 the same pass serves both; otherwise the tempered
+// scores get their own pass. No random number per code: the cost is one exponential per code.
 // Not reproduced: a temperature in (0, 7e-46), which rounds to fp32 0 -- the reference then scores
 // x = 0 as 0/0 = NaN and torch.argmax picks the NaN; here NaN scores never win.
 
-// The guidance combine (two products and a difference), x / T + g and log p + tau * g' must round
-// like the reference's separate fp32 operations: no FMA contraction in this file, whatever -march
-// or target the build uses (GCC contracts a*b - c*d even in ISO mode once FMA is available).
+// The guidance combine (two products and a difference), x / T + g, log p + tau * g' and rng.h's fp32
+// functions must round like the reference's separate fp32 operations: no FMA contraction in this
+// file, whatever -march or target the build uses (GCC contracts a*b - c*d even in ISO mode once FMA
+// is available).
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
@@ -70,6 +73,10 @@
 namespace {
 
 using namespace unif2ace::rng;
+using unif2ace::cpu::cpu_isa;
+using unif2ace::cpu::fast_exp;  // exp for x in [-87, 88]; callers map x < -87 to 0 themselves
+using unif2ace::cpu::Isa;
+using unif2ace::cpu::to_f32;
 
 #ifndef U2A_INLINE
 #define U2A_INLINE inline __attribute__((always_inline))
@@ -77,10 +84,7 @@ using namespace unif2ace::rng;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kFltMax = std::numeric_limits<float>::max();
-
-using unif2ace::cpu::fast_exp;  // exp for x in [-87, 88]; callers map x < -87 to 0 themselves
-using unif2ace::cpu::to_f32;
-
+// top-p's own softmax (not part of the bit-exact contract, see the header)
 U2A_INLINE float exp_or_zero(float d) {
   const float e = fast_exp(d);  // computed unconditionally: a select, not a branch, so it vectorises
   return select_f32(d > -87.0f, e, 0.0f);
@@ -112,114 +116,175 @@ U2A_INLINE float load_row(const T* __restrict__ c, const T* __restrict__ u, floa
   return mx;
 }
 
-U2A_INLINE float sum_exp(const float* __restrict__ x, int64_t V, float mx) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t v = 0; v < V; ++v) s += exp_or_zero(x[v] - mx);
-  return s;
+// min(x / t, FLT_MAX), IEEE division (-inf stays -inf); x itself when !DIV (t == 1).
+template <bool DIV>
+U2A_INLINE float score_of(float x, float t) {
+  if (!DIV) return x;
+  const float q = fdiv(x, t);
+  return select_f32(q > kFltMax, kFltMax, q);  // a bit select: vectorises
 }
 
-// z = min(x / t, FLT_MAX), IEEE division (-inf stays -inf).
+// The fixed-point softmax of a V-entry row (rng.h): kbias = 127 + K for exp_fixed, inv = 2^-K.
+struct FixedScale {
+  int32_t kbias;
+  float inv;
+  explicit FixedScale(int64_t V) {
+    const int K = sum_bits(V);
+    kbias = 127 + K;
+    inv = pow2_f32(-K);
+  }
+};
+
+constexpr int64_t kChunk = 64;  // the fixed-point sums are recorded per chunk of codes
+
+// The next row's logits (up to two arrays), fetched into the cache while this row computes: one
+// chunk's worth of each (bpc bytes) per chunk of the sum, so the memory traffic of the next row
+// overlaps the arithmetic of this one.
+struct Prefetch {
+  const char* a = nullptr;
+  const char* b = nullptr;
+  int64_t bpc = 0;
+  U2A_INLINE void chunk(int64_t c) const {
+    for (int64_t o = 0; o < bpc; o += 64) {
+      if (a != nullptr) __builtin_prefetch(a + c * bpc + o);
+      if (b != nullptr) __builtin_prefetch(b + c * bpc + o);
+    }
+  }
+};
+
+// S = sum_v exp_fixed(score_of(x_v) - m) (int64, exact, order-free) with m the max score; the sum
+// of each 64-code chunk into sums[] when given (the draw's index). The scores are z = min(x / t,
+// FLT_MAX) (DIV) or x.
+template <bool DIV>
+U2A_INLINE int64_t sum_fixed(const float* __restrict__ x, int64_t V, float t, float m, const FixedScale& fs,
+                             int64_t* __restrict__ sums, const Prefetch& pf = Prefetch()) {
+  int64_t total = 0;
+  for (int64_t c = 0, v0 = 0; v0 < V; ++c, v0 += kChunk) {
+    pf.chunk(c);
+    const int64_t n = std::min(kChunk, V - v0);
+    int64_t sc = 0;
+#pragma omp simd reduction(+ : sc)
+    for (int64_t j = 0; j < n; ++j) sc += exp_fixed(fsub(score_of<DIV>(x[v0 + j], t), m), fs.kbias);
+    if (sums != nullptr) sums[c] = sc;
+    total += sc;
+  }
+  return total;
+}
+
+// The drawn code: the first v with q_0 + ... + q_v > U (U < S, the sum of sum_fixed, whose chunk
+// sums locate the chunk; the q of that chunk are recomputed).
+template <bool DIV>
+U2A_INLINE int64_t draw_fixed(const float* x, int64_t V, float t, float m, const FixedScale& fs, const int64_t* sums,
+                              int64_t U) {
+  int64_t acc = 0;
+  for (int64_t c = 0, v0 = 0; v0 < V; ++c, v0 += kChunk) {
+    if (acc + sums[c] <= U) {
+      acc += sums[c];
+      continue;
+    }
+    const int64_t n = std::min(kChunk, V - v0);
+    for (int64_t j = 0; j < n; ++j) {
+      acc += exp_fixed(fsub(score_of<DIV>(x[v0 + j], t), m), fs.kbias);
+      if (acc > U) return v0 + j;
+    }
+  }
+  return V - 1;  // not reached: U < S
+}
+
+// U = floor(r S / 2^64) of the row's 64 random bits r (stream 0, token 0).
+U2A_INLINE int64_t draw_target(KeyPair rk, int64_t S) {
+  return static_cast<int64_t>(mulhi_u64(draw_at(rk, 0u), static_cast<uint64_t>(S)));
+}
+
+// The code drawn from softmax(z) of a row with max x xmax, z = score_of(x) at temperature t, given
+// S1 (the sum_fixed of x at temperature 1, whose chunk sums are in sums): at t == 1 that sum is the
+// draw's, otherwise the scores' sum is formed (overwriting sums). Every z = -inf (x / t
+// overflowed to -inf): code 0.
+U2A_INLINE int64_t draw_row(const float* x, int64_t V, float t, float xmax, const FixedScale& fs, int64_t* sums,
+                            int64_t S1, KeyPair rk) {
+  if (t == 1.0f) return draw_fixed<false>(x, V, 1.0f, xmax, fs, sums, draw_target(rk, S1));
+  const float mz = score_of<true>(xmax, t);
+  if (!(mz > -kInf)) return 0;
+  const int64_t S = sum_fixed<true>(x, V, t, mz, fs, sums);
+  return draw_fixed<true>(x, V, t, mz, fs, sums, draw_target(rk, S));
+}
+
+// log p of a code with logit x in a row with max mx and lse_rel lse: (x - mx) - lse.
+U2A_INLINE float log_p(float x, float mx, float lse) { return fsub(fsub(x, mx), lse); }
+
+// z = min(x / t, FLT_MAX).
 U2A_INLINE void scale_row(const float* __restrict__ x, float* __restrict__ z, int64_t V, float t) {
 #pragma omp simd
-  for (int64_t v = 0; v < V; ++v) {
-    const float q = x[v] / t;
-    z[v] = q > kFltMax ? kFltMax : q;
-  }
+  for (int64_t v = 0; v < V; ++v) z[v] = score_of<true>(x[v], t);
 }
 
 // argmax with ties -> lowest index, given the row max mx (finite or FLT_MAX): the first v with
-// x_v == mx.
+// x_v == mx, searched 64 codes at a time (vectorised compare, scalar scan of the hit chunk).
 U2A_INLINE int64_t argmax_first(const float* x, int64_t V, float mx) {
-  for (int64_t v = 0; v < V; ++v) {
-    if (x[v] == mx) return v;
+  constexpr int64_t CH = 64;
+  for (int64_t v0 = 0; v0 < V; v0 += CH) {
+    const int64_t n = std::min<int64_t>(CH, V - v0);
+    int hit = 0;
+#pragma omp simd reduction(| : hit)
+    for (int64_t j = 0; j < n; ++j) hit |= static_cast<int>(x[v0 + j] == mx);
+    if (!hit) continue;
+    for (int64_t j = 0; j < n; ++j) {
+      if (x[v0 + j] == mx) return v0 + j;
+    }
   }
   return 0;
 }
 
-// argmax_v (min(x_v / t, FLT_MAX) + g_v) (DIV) or argmax_v (x_v + g_v), g_v the fp32 Gumbel of the
-// words (element(rk.hi, v), element(rk.lo, v)); ties -> lowest v, 0 if every score is -inf. A tile's
-// exact scores are computed only where the fp32 upper bound beats the running best: a code with
-// bound <= best has exact score <= bound <= best and cannot win (only a strictly larger score
-// replaces the best).
-template <bool DIV>
-U2A_INLINE int64_t gumbel_argmax(const float* __restrict__ x, int64_t V, float t, KeyPair rk) {
-  constexpr int TILE = 256;
-  alignas(64) float bnd[TILE];
-  float best = -kInf;
-  int64_t best_i = 0;
-  for (int64_t v0 = 0; v0 < V; v0 += TILE) {
-    const int n = static_cast<int>(std::min<int64_t>(TILE, V - v0));
-    const float* xt = x + v0;
-    const uint32_t tok0 = static_cast<uint32_t>(v0);
-    float tmax = -kInf;
-#pragma omp simd reduction(max : tmax)
-    for (int j = 0; j < n; ++j) {
-      float sc = xt[j];
-      if (DIV) {
-        sc = sc / t;
-        sc = sc > kFltMax ? kFltMax : sc;
-      }
-      const float b = sc + gumbel_upper_f32(element(rk.hi, tok0 + static_cast<uint32_t>(j)));
-      bnd[j] = b;
-      tmax = tmax > b ? tmax : b;
-    }
-    if (!(tmax > best)) continue;
-    for (int j = 0; j < n; ++j) {
-      if (!(bnd[j] > best)) continue;
-      const uint32_t tok = tok0 + static_cast<uint32_t>(j);
-      float sc = xt[j];
-      if (DIV) {
-        sc = sc / t;
-        sc = sc > kFltMax ? kFltMax : sc;
-      }
-      const float score = sc + gumbel_at(rk, tok);
-      if (score > best) {
-        best = score;
-        best_i = v0 + j;
-      }
-    }
-  }
-  return best_i;
-}
-
-// The k-th largest value of x (counting duplicates), 0 < k < V. Small k: a min-heap of the k
-// largest seen, skipping 64-wide tiles whose max cannot enter it (O(V) compares, no copy of the
-// row); otherwise nth_element on a copy in tmp.
-float kth_largest(const float* x, float* tmp, int64_t V, int64_t k) {
-  if (k <= 512) {
-    std::vector<float> heap(x, x + k);
-    std::make_heap(heap.begin(), heap.end(), std::greater<float>());
-    float hmin = heap.front();
-    constexpr int64_t TILE = 64;
-    int64_t v = k;
-    for (; v < V && (v % TILE) != 0; ++v) {
-      if (x[v] > hmin) {
-        std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
-        heap.back() = x[v];
-        std::push_heap(heap.begin(), heap.end(), std::greater<float>());
-        hmin = heap.front();
-      }
-    }
-    for (; v < V; v += TILE) {
-      const int64_t n = std::min<int64_t>(TILE, V - v);
-      float tmax = -kInf;
-      for (int64_t j = 0; j < n; ++j) tmax = tmax > x[v + j] ? tmax : x[v + j];
-      if (!(tmax > hmin)) continue;
-      for (int64_t j = 0; j < n; ++j) {
-        if (x[v + j] > hmin) {
-          std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
-          heap.back() = x[v + j];
-          std::push_heap(heap.begin(), heap.end(), std::greater<float>());
-          hmin = heap.front();
-        }
-      }
-    }
-    return hmin;
-  }
+// The k-th largest value of x (counting duplicates), 0 < k < V; tmp holds V floats. Small k (at
+// most a quarter of the 64-wide chunks): the chunk maxima first (vectorised); their k-th largest t
+// is a lower bound of the answer (k chunks hold a value >= t), so only the chunks whose max is
+// >= t can hold the k largest values: their values >= t are gathered (with their codes into gi,
+// when given) and nth_element picks the k-th. Otherwise nth_element on a copy of the row. With
+// `listed`: whether the gathered codes are in gi[0, *listed_n) (ascending; a superset of the codes
+// holding the k largest values, all >= t).
+U2A_INLINE float kth_on_copy(const float* x, float* tmp, int64_t V, int64_t k) {
   std::memcpy(tmp, x, sizeof(float) * V);
   std::nth_element(tmp, tmp + (k - 1), tmp + V, std::greater<float>());
   return tmp[k - 1];
+}
+
+U2A_INLINE float kth_largest(const float* x, float* tmp, int64_t V, int64_t k, int64_t* gi = nullptr,
+                             int64_t* listed_n = nullptr) {
+  constexpr int64_t CH = 64;
+  const int64_t nch = (V + CH - 1) / CH;
+  if (listed_n != nullptr) *listed_n = -1;
+  if (4 * k > nch) return kth_on_copy(x, tmp, V, k);
+  float* cmax = tmp;       // nch chunk maxima
+  float* sel = tmp + nch;  // a copy of them for the selection
+  for (int64_t c = 0; c < nch; ++c) {
+    const int64_t v0 = c * CH, n = std::min<int64_t>(CH, V - v0);
+    float m = -kInf;
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < n; ++j) m = m > x[v0 + j] ? m : x[v0 + j];
+    cmax[c] = m;
+  }
+  std::memcpy(sel, cmax, sizeof(float) * nch);
+  std::nth_element(sel, sel + (k - 1), sel + nch, std::greater<float>());
+  const float t = sel[k - 1];
+  int64_t reach = 0;
+  for (int64_t c = 0; c < nch; ++c) reach += cmax[c] >= t;
+  if (2 * reach * CH > V - nch) return kth_on_copy(x, tmp, V, k);  // many ties at t: no room, no gain
+  float* got = tmp + nch;                                          // the values >= t of the chunks that reach t
+  int64_t m = 0;
+  for (int64_t c = 0; c < nch; ++c) {
+    if (!(cmax[c] >= t)) continue;
+    const int64_t v0 = c * CH, n = std::min<int64_t>(CH, V - v0);
+    for (int64_t j = 0; j < n; ++j) {  // branch-free: write always, advance when kept
+      got[m] = x[v0 + j];
+      if (gi != nullptr) gi[m] = v0 + j;
+      m += x[v0 + j] >= t;
+    }
+  }
+  if (listed_n != nullptr) *listed_n = m;
+  float* part = got + m;  // nth_element on a copy: got stays in code order
+  std::memcpy(part, got, sizeof(float) * m);
+  std::nth_element(part, part + (k - 1), part + m, std::greater<float>());
+  return part[k - 1];
 }
 
 // Keep x_v iff x_v >= the k-th largest value of the row (ties kept), else -inf; 0 < k < V.
@@ -239,7 +304,7 @@ struct StepArgs {
   int64_t top_k;  // 0: none
   bool noise;
   float tau;
-  KeyPair k_token, k_conf;  // seed/stream keys: stream 0 (token), stream 1 (confidence)
+  KeyPair k_token, k_conf;  // call keys: stream 0 (token), stream 1 (confidence)
   const int64_t* tokens;
   const bool* masked;
   const int64_t* ids;
@@ -247,11 +312,21 @@ struct StepArgs {
   float* conf;
 };
 
+// Scratch of one thread: the row, the top-k copy, the chunk sums.
+struct RowScratch {
+  std::vector<float> buf, tmp;
+  std::vector<int64_t> sums;
+  RowScratch(int64_t V, bool need_tmp) : buf(V), tmp(need_tmp ? V : 0), sums((V + kChunk - 1) / kChunk) {}
+};
+
 template <typename T, bool GUIDED>
-U2A_INLINE void step_positions_impl(const StepArgs& p, int64_t begin, int64_t end, float* buf, float* tmp) {
+U2A_INLINE void step_positions_impl(const StepArgs& p, int64_t begin, int64_t end, RowScratch& rs) {
   const T* cond = static_cast<const T*>(p.cond);
   const T* unc = static_cast<const T*>(p.unc);
   const int64_t V = p.V;
+  const FixedScale fs(V);
+  float* buf = rs.buf.data();
+  int64_t* sums = rs.sums.data();
   for (int64_t q = begin; q < end; ++q) {
     if (!p.masked[q]) {
       p.sampled[q] = p.tokens[q];
@@ -270,52 +345,78 @@ U2A_INLINE void step_positions_impl(const StepArgs& p, int64_t begin, int64_t en
       pick = 0;
       lp = -kInf;
     } else {
-      if (p.top_k > 0 && p.top_k < V) top_k_filter(buf, tmp, V, p.top_k);
-      const float lse_rel = std::log(sum_exp(buf, V, mx));
-      if (p.sample) {
-        const KeyPair rk = row_keys(p.k_token, sid, pos);
-        // x / 1 == x exactly: skip the division at temperature 1
-        pick = p.t == 1.0f ? gumbel_argmax<false>(buf, V, 1.0f, rk) : gumbel_argmax<true>(buf, V, p.t, rk);
-      } else {
-        pick = argmax_first(buf, V, mx);  // top-k keeps the max
+      if (p.top_k > 0 && p.top_k < V) top_k_filter(buf, rs.tmp.data(), V, p.top_k);  // keeps the max
+      Prefetch pf;                                                                   // the next position's rows
+      if (q + 1 < end) {
+        const int64_t b1 = (q + 1) / p.L, i1 = q + 1 - b1 * p.L;
+        pf.a = reinterpret_cast<const char*>(cond + b1 * p.cs0 + i1 * p.cs1);
+        pf.b = GUIDED ? reinterpret_cast<const char*>(unc + b1 * p.us0 + i1 * p.us1) : nullptr;
+        pf.bpc = kChunk * static_cast<int64_t>(sizeof(T));
       }
-      lp = (buf[pick] - mx) - lse_rel;
+      const int64_t S = sum_fixed<false>(buf, V, 1.0f, mx, fs, sums, pf);
+      pick =
+          p.sample ? draw_row(buf, V, p.t, mx, fs, sums, S, row_keys(p.k_token, sid, pos)) : argmax_first(buf, V, mx);
+      lp = log_p(buf[pick], mx, lse_rel_from_sum(S, fs.inv));
     }
-    if (p.noise) {
-      const float g1 =
-          gumbel_from_words(element(row_key(p.k_conf.hi, sid, pos), 0u), element(row_key(p.k_conf.lo, sid, pos), 0u));
-      const float ng = p.tau * g1;
-      lp = lp + ng;
-    }
+    if (p.noise) lp = fadd(lp, fmul(p.tau, gumbel_at(row_keys(p.k_conf, sid, pos), 0u)));
     p.sampled[q] = pick;
     p.conf[q] = lp;
   }
 }
 
-template <typename T, bool GUIDED>
-__attribute__((target("avx2"))) void step_positions_avx2(const StepArgs& p, int64_t b, int64_t e, float* buf,
-                                                         float* tmp) {
-  step_positions_impl<T, GUIDED>(p, b, e, buf, tmp);
+// The row loops compiled once per instruction set, cpu_isa() picking (contraction off in all):
+// run_isa<F>(args...) calls the always-inline F::run(args...) inside a function compiled for the
+// machine's AVX-512, AVX2 or baseline x86-64.
+template <typename F, typename... A>
+U2A_TARGET_AVX512 void run_avx512(const A&... a) {
+  F::run(a...);
 }
-template <typename T, bool GUIDED>
-void step_positions_base(const StepArgs& p, int64_t b, int64_t e, float* buf, float* tmp) {
-  step_positions_impl<T, GUIDED>(p, b, e, buf, tmp);
+template <typename F, typename... A>
+U2A_TARGET_AVX2 void run_avx2(const A&... a) {
+  F::run(a...);
+}
+template <typename F, typename... A>
+void run_base(const A&... a) {
+  F::run(a...);
+}
+template <typename F, typename... A>
+void run_isa(const A&... a) {
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      run_avx512<F>(a...);
+      break;
+    case Isa::kAvx2:
+      run_avx2<F>(a...);
+      break;
+    default:
+      run_base<F>(a...);
+  }
 }
 
-bool have_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2");
-  return ok;
+template <typename T, bool GUIDED>
+struct StepPositions {
+  U2A_INLINE static void run(const StepArgs& p, int64_t begin, int64_t end, RowScratch* rs) {
+    step_positions_impl<T, GUIDED>(p, begin, end, *rs);
+  }
+};
+
+void check_words(const char* op, const char* what, int64_t lo, int64_t hi) {
+  TORCH_CHECK(lo >= 0 && lo <= 0xFFFFFFFFll && hi >= 0 && hi <= 0xFFFFFFFFll, op, ": ", what, "_lo and ", what,
+              "_hi must be 32-bit words in [0, 2^32), got ", lo, " and ", hi);
 }
 
-void check_seed(const char* op, int64_t seed_lo, int64_t seed_hi) {
-  TORCH_CHECK(seed_lo >= 0 && seed_lo <= 0xFFFFFFFFll && seed_hi >= 0 && seed_hi <= 0xFFFFFFFFll, op,
-              ": seed_lo and seed_hi must be 32-bit words in [0, 2^32), got ", seed_lo, " and ", seed_hi);
+// The call keys of both streams of (seed, step).
+std::pair<KeyPair, KeyPair> stream_call_keys(int64_t seed_lo, int64_t seed_hi, int64_t step_lo, int64_t step_hi) {
+  const uint32_t a = static_cast<uint32_t>(seed_lo), b = static_cast<uint32_t>(seed_hi);
+  const uint32_t c = static_cast<uint32_t>(step_lo), d = static_cast<uint32_t>(step_hi);
+  return {call_keys(a, b, c, d, STREAM_TOKEN), call_keys(a, b, c, d, STREAM_CONFIDENCE)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_sample_step(
     const at::Tensor& cond_in, const std::optional<at::Tensor>& uncond_opt, const at::Tensor& tokens_in,
-    const at::Tensor& is_masked_in, const at::Tensor& sample_ids_in, int64_t seed_lo, int64_t seed_hi,
-    double guidance_scale, double temperature, double tau, int64_t top_k, int64_t n_cap, int64_t mask_token_id) {
+    const at::Tensor& is_masked_in, const at::Tensor& sample_ids_in, int64_t seed_lo, int64_t seed_hi, int64_t step_lo,
+    int64_t step_hi, double guidance_scale, double temperature, double tau, int64_t top_k, int64_t n_cap,
+    int64_t mask_token_id) {
   const char* op = "unif2ace_cpu::masked_sample_step";
   TORCH_CHECK(cond_in.device().is_cpu() && cond_in.dim() == 3, op, ": cond must be a 3-D CPU tensor [B, L, V], got ",
               cond_in.sizes(), " on ", cond_in.device());
@@ -336,7 +437,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_sample_step(
   TORCH_CHECK(sample_ids_in.dim() == 1 && sample_ids_in.size(0) == B && sample_ids_in.scalar_type() == at::kLong, op,
               ": sample_ids must be int64 [B] with B = ", B, ", got ", sample_ids_in.scalar_type(), " ",
               sample_ids_in.sizes());
-  check_seed(op, seed_lo, seed_hi);
+  check_words(op, "seed", seed_lo, seed_hi);
+  check_words(op, "step", step_lo, step_hi);
   TORCH_CHECK(temperature >= 0.0 && tau >= 0.0 && top_k >= 0 && n_cap >= 0, op,
               ": temperature, tau, top_k and n_cap must be >= 0");
 
@@ -353,7 +455,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_sample_step(
   at::Tensor conf = at::empty({B, L}, cond.options().dtype(at::kFloat));
   if (B * L == 0) return {tok_out, mask_out, sampled, conf};
 
-  const uint32_t slo = static_cast<uint32_t>(seed_lo), shi = static_cast<uint32_t>(seed_hi);
   StepArgs p;
   p.cond = cond.const_data_ptr();
   p.unc = guided ? unc.const_data_ptr() : nullptr;
@@ -370,8 +471,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_sample_step(
   p.top_k = top_k;
   p.noise = tau != 0.0;
   p.tau = static_cast<float>(tau);
-  p.k_token = stream_keys(slo, shi, STREAM_TOKEN);
-  p.k_conf = stream_keys(slo, shi, STREAM_CONFIDENCE);
+  std::tie(p.k_token, p.k_conf) = stream_call_keys(seed_lo, seed_hi, step_lo, step_hi);
   p.tokens = tokens.const_data_ptr<int64_t>();
   p.masked = is_masked.const_data_ptr<bool>();
   p.ids = ids.const_data_ptr<int64_t>();
@@ -379,15 +479,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_sample_step(
   p.conf = conf.data_ptr<float>();
 
   // phase 1: every (row, position)
-  const bool avx2 = have_avx2();
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / V);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cond.scalar_type(), "masked_sample_step", [&] {
-    auto fn = guided ? (avx2 ? step_positions_avx2<scalar_t, true> : step_positions_base<scalar_t, true>)
-                     : (avx2 ? step_positions_avx2<scalar_t, false> : step_positions_base<scalar_t, false>);
     at::parallel_for(0, B * L, grain, [&](int64_t b, int64_t e) {
-      std::vector<float> buf(V);
-      std::vector<float> tmp(top_k > 0 && top_k < V ? V : 0);
-      fn(p, b, e, buf.data(), tmp.data());
+      RowScratch rs(V, top_k > 0 && top_k < V);
+      RowScratch* prs = &rs;
+      if (guided) {
+        run_isa<StepPositions<scalar_t, true>>(p, b, e, prs);
+      } else {
+        run_isa<StepPositions<scalar_t, false>>(p, b, e, prs);
+      }
     });
   });
 
@@ -427,25 +528,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_sample_step(
 
 struct ArScratch {
   std::vector<float> x, z, tmp, p;
-  std::vector<int64_t> cand, order, kept;
+  std::vector<int64_t> cand, order, kept, sums, gi;
 };
 
-// Gumbel-max over the codes in ``idx`` (ascending): argmax (z_v + g_v), ties -> lowest v; the
-// exact Gumbel only where the fp32 bound beats the running best (as gumbel_argmax).
-U2A_INLINE int64_t gumbel_argmax_list(const float* z, const std::vector<int64_t>& idx, KeyPair rk) {
-  float best = -kInf;
-  int64_t best_i = 0;
+// The code drawn from softmax(z) restricted to the codes in ``idx`` (ascending; z_v stored there),
+// whose largest z is mz: the fixed-point draw of rng.h over the list (the reference's over the whole
+// row, where every other code has q = 0).
+U2A_INLINE int64_t draw_list(const float* z, const std::vector<int64_t>& idx, float mz, const FixedScale& fs,
+                             KeyPair rk) {
+  int64_t S = 0;
+  for (const int64_t v : idx) S += exp_fixed(fsub(z[v], mz), fs.kbias);
+  const int64_t U = draw_target(rk, S);
+  int64_t acc = 0;
   for (const int64_t v : idx) {
-    const uint32_t tok = static_cast<uint32_t>(v);
-    const uint32_t hi = element(rk.hi, tok);
-    if (!(z[v] + gumbel_upper_f32(hi) > best)) continue;
-    const float score = z[v] + gumbel_from_words(hi, element(rk.lo, tok));
-    if (score > best) {
-      best = score;
-      best_i = v;
-    }
+    acc += exp_fixed(fsub(z[v], mz), fs.kbias);
+    if (acc > U) return v;
   }
-  return best_i;
+  return idx.empty() ? 0 : idx.back();  // not reached: U < S
 }
 
 // Top-p over the candidates s.cand (ascending codes; every other code has probability 0 or is
@@ -470,6 +569,30 @@ U2A_INLINE void top_p_keep(ArScratch& s, const float* z, float mz, float sum, do
   std::sort(s.kept.begin(), s.kept.end());
 }
 
+// s.cand = the codes v with z_v = score_of(x_v) >= zthr and z_v > -inf, ascending, with z_v stored
+// at s.z[v] (x may be s.z itself when !DIV): 64 codes at a time, a vectorised test first.
+template <bool DIV>
+U2A_INLINE void gather_candidates(ArScratch& s, const float* x, int64_t V, float t, float zthr) {
+  constexpr int64_t CH = 64;
+  float* z = s.z.data();
+  s.cand.clear();
+  for (int64_t v0 = 0; v0 < V; v0 += CH) {
+    const int64_t n = std::min<int64_t>(CH, V - v0);
+    int hit = 0;
+#pragma omp simd reduction(| : hit)
+    for (int64_t j = 0; j < n; ++j) {
+      const float zz = score_of<DIV>(x[v0 + j], t);
+      hit |= static_cast<int>((zz >= zthr) & (zz > -kInf));
+    }
+    if (!hit) continue;
+    for (int64_t j = 0; j < n; ++j) {
+      const float zz = score_of<DIV>(x[v0 + j], t);
+      z[v0 + j] = zz;  // only read back at candidates
+      if (zz >= zthr && zz > -kInf) s.cand.push_back(v0 + j);
+    }
+  }
+}
+
 // Candidates for top-p on a whole row z: the m largest (m = 1024, x4 while needed) once their
 // mass reaches top_p -- every code below them has at least that much mass strictly above it and is
 // dropped -- or every finite code. Returns the row's sum of exp(z - mz).
@@ -489,10 +612,7 @@ U2A_INLINE float top_p_candidates(ArScratch& s, const float* z, int64_t V, float
       break;
     }
   }
-  s.cand.clear();
-  for (int64_t v = 0; v < V; ++v) {
-    if (z[v] > -kInf && z[v] >= thr) s.cand.push_back(v);
-  }
+  gather_candidates<false>(s, z, V, 1.0f, thr);
   return sum;
 }
 
@@ -503,7 +623,7 @@ struct ArArgs {
   bool greedy;
   int64_t top_k;
   double top_p;
-  KeyPair k;  // seed/stream keys of stream 0 (token)
+  KeyPair k;  // call keys of stream 0 (token), step 0
   const int64_t* ids;
   const int64_t* pos;
   int64_t* tokens;
@@ -512,11 +632,13 @@ struct ArArgs {
 
 // One row: x = sanitised logits (logprobs), z = min(x / T, FLT_MAX); top-k leaves the list of
 // codes >= the k-th largest z, top-p the kept subset of that list (or of the row's candidates);
-// Gumbel-max over the list, or over the whole row (vectorised) when nothing is filtered.
+// the fixed-point draw over the list, or over the whole row when nothing is filtered.
 template <typename T>
 U2A_INLINE void ar_rows_impl(const ArArgs& a, int64_t begin, int64_t end, ArScratch& s) {
   const int64_t V = a.V;
+  const FixedScale fs(V);
   float* x = s.x.data();
+  int64_t* sums = s.sums.data();
   const bool do_k = a.top_k > 0 && a.top_k < V;
   const bool do_p = a.top_p < 1.0;
   for (int64_t b = begin; b < end; ++b) {
@@ -527,57 +649,70 @@ U2A_INLINE void ar_rows_impl(const ArArgs& a, int64_t begin, int64_t end, ArScra
       a.logprobs[b] = -kInf;
       continue;
     }
-    const float lse_rel = std::log(sum_exp(x, V, mx));
+    Prefetch pf;  // the next row
+    if (b + 1 < end) {
+      pf.a = reinterpret_cast<const char*>(row + a.ld);
+      pf.bpc = kChunk * static_cast<int64_t>(sizeof(T));
+    }
+    const int64_t S = sum_fixed<false>(x, V, 1.0f, mx, fs, sums, pf);
     int64_t pick;
     if (a.greedy) {
       pick = argmax_first(x, V, mx);
     } else {
-      float* z = s.z.data();
-      scale_row(x, z, V, a.t);
       const uint32_t sid = static_cast<uint32_t>(static_cast<uint64_t>(a.ids[b]));
       const uint32_t pos = static_cast<uint32_t>(static_cast<uint64_t>(a.pos[b]));
       const KeyPair rk = row_keys(a.k, sid, pos);
-      float mz = -kInf;
-      for (int64_t v = 0; v < V; ++v) mz = z[v] > mz ? z[v] : mz;
+      const float mz = score_of<true>(mx, a.t);  // the max of z (the division is monotone)
       if (!do_k && !do_p) {
-        pick = gumbel_argmax<false>(z, V, 1.0f, rk);
-      } else if (!(mz > -kInf)) {  // every z = -inf (x / T underflowed): the reference draws code 0
+        pick = draw_row(x, V, a.t, mx, fs, sums, S, rk);
+      } else if (!(mz > -kInf)) {  // every z = -inf (x / T overflowed): the reference draws code 0
         pick = 0;
       } else {
+        float* z = s.z.data();
         float sum = 0.0f;
         if (do_k) {
-          const float kth = kth_largest(z, s.tmp.data(), V, a.top_k);
-          s.cand.clear();
-          for (int64_t v = 0; v < V; ++v) {
-            if (z[v] >= kth && z[v] > -kInf) {
-              s.cand.push_back(v);
-              sum += exp_or_zero(z[v] - mz);
+          // the k-th largest z is the score of the k-th largest x (the division is monotone)
+          int64_t listed = -1;
+          const float kth_x = kth_largest(x, s.tmp.data(), V, a.top_k, s.gi.data(), &listed);
+          const float kth = score_of<true>(kth_x, a.t);
+          if (a.t == 1.0f && listed >= 0) {  // z = x: the codes >= kth are among those listed
+            s.cand.clear();
+            for (int64_t i = 0; i < listed; ++i) {
+              const int64_t v = s.gi[i];
+              if (x[v] >= kth && x[v] > -kInf) {
+                z[v] = x[v];
+                s.cand.push_back(v);
+              }
             }
+          } else if (a.t == 1.0f) {
+            gather_candidates<false>(s, x, V, 1.0f, kth);
+          } else {
+            gather_candidates<true>(s, x, V, a.t, kth);
           }
+          for (const int64_t v : s.cand) sum += exp_or_zero(z[v] - mz);
         } else {
+          scale_row(x, z, V, a.t);
           sum = top_p_candidates(s, z, V, mz, a.top_p);
         }
         if (do_p) {
           top_p_keep(s, z, mz, sum, a.top_p);
-          pick = gumbel_argmax_list(z, s.kept, rk);
+          pick = draw_list(z, s.kept, mz, fs, rk);
         } else {
-          pick = gumbel_argmax_list(z, s.cand, rk);
+          pick = draw_list(z, s.cand, mz, fs, rk);
         }
       }
     }
     a.tokens[b] = pick;
-    a.logprobs[b] = (x[pick] - mx) - lse_rel;
+    a.logprobs[b] = log_p(x[pick], mx, lse_rel_from_sum(S, fs.inv));
   }
 }
 
 template <typename T>
-__attribute__((target("avx2"))) void ar_rows_avx2(const ArArgs& a, int64_t b, int64_t e, ArScratch& s) {
-  ar_rows_impl<T>(a, b, e, s);
-}
-template <typename T>
-void ar_rows_base(const ArArgs& a, int64_t b, int64_t e, ArScratch& s) {
-  ar_rows_impl<T>(a, b, e, s);
-}
+struct ArRows {
+  U2A_INLINE static void run(const ArArgs& a, int64_t begin, int64_t end, ArScratch* s) {
+    ar_rows_impl<T>(a, begin, end, *s);
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor> ar_sample(const at::Tensor& logits_in, const at::Tensor& sample_ids_in,
                                              const at::Tensor& position_in, int64_t seed_lo, int64_t seed_hi,
@@ -592,7 +727,7 @@ std::tuple<at::Tensor, at::Tensor> ar_sample(const at::Tensor& logits_in, const 
                 pr.first, " must be int64 [B] with B = ", B, ", got ", pr.second->scalar_type(), " ",
                 pr.second->sizes());
   }
-  check_seed(op, seed_lo, seed_hi);
+  check_words(op, "seed", seed_lo, seed_hi);
   TORCH_CHECK(temperature >= 0.0 && top_k >= 0 && top_p > 0.0, op,
               ": temperature and top_k must be >= 0 and top_p > 0");
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
@@ -602,7 +737,6 @@ std::tuple<at::Tensor, at::Tensor> ar_sample(const at::Tensor& logits_in, const 
   at::Tensor logprobs = at::empty({B}, logits.options().dtype(at::kFloat));
   if (B == 0) return {tokens, logprobs};
 
-  const uint32_t slo = static_cast<uint32_t>(seed_lo), shi = static_cast<uint32_t>(seed_hi);
   ArArgs a;
   a.logits = logits.const_data_ptr();
   a.ld = logits.stride(0);
@@ -611,44 +745,48 @@ std::tuple<at::Tensor, at::Tensor> ar_sample(const at::Tensor& logits_in, const 
   a.greedy = temperature == 0.0 || top_k == 1;
   a.top_k = top_k;
   a.top_p = top_p;
-  a.k = stream_keys(slo, shi, STREAM_TOKEN);
+  a.k = stream_call_keys(seed_lo, seed_hi, 0, 0).first;  // ar_sample: step 0
   a.ids = ids.const_data_ptr<int64_t>();
   a.pos = pos.const_data_ptr<int64_t>();
   a.tokens = tokens.data_ptr<int64_t>();
   a.logprobs = logprobs.data_ptr<float>();
-  const bool avx2 = have_avx2();
-  const bool need_tmp = !a.greedy && ((top_k > 0 && top_k < V) || top_p < 1.0);
+  const bool filter = !a.greedy && ((top_k > 0 && top_k < V) || top_p < 1.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ar_sample", [&] {
-    auto fn = avx2 ? ar_rows_avx2<scalar_t> : ar_rows_base<scalar_t>;
     at::parallel_for(0, B, std::max<int64_t>(1, (int64_t{1} << 14) / V), [&](int64_t b, int64_t e) {
       ArScratch s;
       s.x.resize(V);
-      if (!a.greedy) s.z.resize(V);
-      if (need_tmp) s.tmp.resize(V);
-      if (!a.greedy && top_p < 1.0) s.p.resize(V);
-      fn(a, b, e, s);
+      s.sums.resize((V + kChunk - 1) / kChunk);
+      if (filter) {
+        s.z.resize(V);
+        s.tmp.resize(V);
+        s.gi.resize(V);
+      }
+      if (filter && top_p < 1.0) s.p.resize(V);
+      ArScratch* ps = &s;
+      run_isa<ArRows<scalar_t>>(a, b, e, ps);
     });
   });
   return {tokens, logprobs};
 }
 
-// ------------------------------------------------------------------------------ RNG test hooks
+// ------------------------------------------------------------------------------ test hooks
 
-// The RNG words of (seed, stream, sample, position, token) for 1-D int64 tensors of one length.
+// The RNG words of (seed, step, stream, sample, position, token) for 1-D int64 tensors of one length.
 std::tuple<at::Tensor, at::Tensor> sampling_rng_words(const at::Tensor& sample, const at::Tensor& position,
                                                       const at::Tensor& token, int64_t seed_lo, int64_t seed_hi,
-                                                      int64_t stream) {
+                                                      int64_t step_lo, int64_t step_hi, int64_t stream) {
   const char* op = "unif2ace_cpu::sampling_rng_words";
   TORCH_CHECK(sample.dim() == 1 && position.sizes() == sample.sizes() && token.sizes() == sample.sizes() &&
                   sample.scalar_type() == at::kLong && position.scalar_type() == at::kLong &&
                   token.scalar_type() == at::kLong,
               op, ": sample, position and token must be int64 1-D tensors of one length");
-  check_seed(op, seed_lo, seed_hi);
+  check_words(op, "seed", seed_lo, seed_hi);
+  check_words(op, "step", step_lo, step_hi);
   const at::Tensor sa = sample.contiguous(), po = position.contiguous(), to = token.contiguous();
   const int64_t n = sa.size(0);
   at::Tensor hi = at::empty({n}, sa.options()), lo = at::empty({n}, sa.options());
-  const uint32_t st = static_cast<uint32_t>(stream);
-  const KeyPair k = stream_keys(static_cast<uint32_t>(seed_lo), static_cast<uint32_t>(seed_hi), st);
+  const auto keys = stream_call_keys(seed_lo, seed_hi, step_lo, step_hi);
+  const KeyPair k = stream == 0 ? keys.first : keys.second;
   const int64_t *ps = sa.const_data_ptr<int64_t>(), *pp = po.const_data_ptr<int64_t>(),
                 *pt = to.const_data_ptr<int64_t>();
   int64_t *ph = hi.data_ptr<int64_t>(), *pl = lo.data_ptr<int64_t>();
@@ -656,28 +794,52 @@ std::tuple<at::Tensor, at::Tensor> sampling_rng_words(const at::Tensor& sample, 
     const uint32_t s32 = static_cast<uint32_t>(static_cast<uint64_t>(ps[j]));
     const uint32_t p32 = static_cast<uint32_t>(static_cast<uint64_t>(pp[j]));
     const uint32_t t32 = static_cast<uint32_t>(static_cast<uint64_t>(pt[j]));
-    ph[j] = element(row_key(k.hi, s32, p32), t32);
-    pl[j] = element(row_key(k.lo, s32, p32), t32);
+    const KeyPair rk = row_keys(k, s32, p32);
+    ph[j] = element(rk.hi, t32);
+    pl[j] = element(rk.lo, t32);
   }
   return {hi, lo};
 }
 
-// (exact fp32 Gumbel, fp32 upper bound) of the words (hi, lo), int64 tensors in [0, 2^32).
-std::tuple<at::Tensor, at::Tensor> sampling_gumbel_from_words(const at::Tensor& hi_in, const at::Tensor& lo_in) {
+// The fp32 Gumbel of the words (hi, lo), int64 tensors in [0, 2^32).
+at::Tensor sampling_gumbel_from_words(const at::Tensor& hi_in, const at::Tensor& lo_in) {
   TORCH_CHECK(hi_in.dim() == 1 && lo_in.sizes() == hi_in.sizes() && hi_in.scalar_type() == at::kLong &&
                   lo_in.scalar_type() == at::kLong,
               "unif2ace_cpu::sampling_gumbel_from_words: hi and lo must be int64 1-D tensors of one length");
   const at::Tensor hi = hi_in.contiguous(), lo = lo_in.contiguous();
   const int64_t n = hi.size(0);
-  at::Tensor g = at::empty({n}, hi.options().dtype(at::kFloat)), ub = at::empty({n}, hi.options().dtype(at::kFloat));
+  at::Tensor g = at::empty({n}, hi.options().dtype(at::kFloat));
   const int64_t *ph = hi.const_data_ptr<int64_t>(), *pl = lo.const_data_ptr<int64_t>();
-  float *pg = g.data_ptr<float>(), *pu = ub.data_ptr<float>();
+  float* pg = g.data_ptr<float>();
+  for (int64_t j = 0; j < n; ++j) pg[j] = gumbel_from_words(static_cast<uint32_t>(ph[j]), static_cast<uint32_t>(pl[j]));
+  return g;
+}
+
+// rng.h's fp32 functions, for tests: (log_f32(x) for x > 0, exp_fixed(x, K = 40) for x <= 0)
+// elementwise on a 1-D fp32 tensor, and lse_rel of each row of rows [R, V] (a finite max per row).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sampling_f32_math(const at::Tensor& x_in, const at::Tensor& rows_in) {
+  TORCH_CHECK(
+      x_in.dim() == 1 && x_in.scalar_type() == at::kFloat && rows_in.dim() == 2 && rows_in.scalar_type() == at::kFloat,
+      "unif2ace_cpu::sampling_f32_math: x must be 1-D fp32, rows 2-D fp32");
+  const at::Tensor x = x_in.contiguous(), rows = rows_in.contiguous();
+  const int64_t n = x.size(0), R = rows.size(0), V = rows.size(1);
+  at::Tensor lg = at::empty({n}, x.options()), ex = at::empty({n}, x.options().dtype(at::kLong));
+  at::Tensor lse = at::empty({R}, x.options());
+  const float* px = x.const_data_ptr<float>();
+  float *pl = lg.data_ptr<float>(), *ps = lse.data_ptr<float>();
+  int64_t* pe = ex.data_ptr<int64_t>();
   for (int64_t j = 0; j < n; ++j) {
-    const uint32_t h = static_cast<uint32_t>(ph[j]), l = static_cast<uint32_t>(pl[j]);
-    pg[j] = gumbel_from_words(h, l);
-    pu[j] = gumbel_upper_f32(h);
+    pl[j] = px[j] > 0.0f ? log_f32(px[j]) : 0.0f;
+    pe[j] = px[j] <= 0.0f ? exp_fixed(px[j], 127 + 40) : 0;
   }
-  return {g, ub};
+  const FixedScale fs(V);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* row = rows.const_data_ptr<float>() + r * V;
+    float mx = -kInf;
+    for (int64_t v = 0; v < V; ++v) mx = row[v] > mx ? row[v] : mx;
+    ps[r] = lse_rel_from_sum(sum_fixed<false>(row, V, 1.0f, mx, fs, nullptr), fs.inv);
+  }
+  return {lg, ex, lse};
 }
 
 }  // namespace
@@ -685,16 +847,17 @@ std::tuple<at::Tensor, at::Tensor> sampling_gumbel_from_words(const at::Tensor& 
 TORCH_LIBRARY_FRAGMENT(unif2ace_cpu, m) {
   m.def(
       "masked_sample_step(Tensor cond, Tensor? uncond, Tensor tokens, Tensor is_masked, Tensor sample_ids, "
-      "int seed_lo, int seed_hi, float guidance_scale, float temperature, float tau, int top_k, int n_cap, "
-      "int mask_token_id) -> (Tensor, Tensor, Tensor, Tensor)",
+      "int seed_lo, int seed_hi, int step_lo, int step_hi, float guidance_scale, float temperature, float tau, "
+      "int top_k, int n_cap, int mask_token_id) -> (Tensor, Tensor, Tensor, Tensor)",
       &masked_sample_step);
   m.def(
       "ar_sample(Tensor logits, Tensor sample_ids, Tensor position, int seed_lo, int seed_hi, float temperature, "
       "int top_k, float top_p) -> (Tensor, Tensor)",
       &ar_sample);
   m.def(
-      "sampling_rng_words(Tensor sample, Tensor position, Tensor token, int seed_lo, int seed_hi, int stream) "
-      "-> (Tensor, Tensor)",
+      "sampling_rng_words(Tensor sample, Tensor position, Tensor token, int seed_lo, int seed_hi, int step_lo, "
+      "int step_hi, int stream) -> (Tensor, Tensor)",
       &sampling_rng_words);
-  m.def("sampling_gumbel_from_words(Tensor hi, Tensor lo) -> (Tensor, Tensor)", &sampling_gumbel_from_words);
+  m.def("sampling_gumbel_from_words(Tensor hi, Tensor lo) -> Tensor", &sampling_gumbel_from_words);
+  m.def("sampling_f32_math(Tensor x, Tensor rows) -> (Tensor, Tensor, Tensor)", &sampling_f32_math);
 }

@@ -6,6 +6,15 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+// Dynamic shared memory (the launch's smem bytes) as `T* name`: `extern __shared__ T name[]` on
+// the GPU; the CPU emulator (csrc/cuda/emu) hands out its per-block buffer instead, since a
+// block-scope `extern __shared__` array has no host C++ equivalent.
+#ifdef UNIF2ACE_CUDA_EMU
+#define UNIF2ACE_DYNAMIC_SHARED(T, name) T* const name = ::unif2ace::emu::dynamic_shared<T>()
+#else
+#define UNIF2ACE_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 namespace unif2ace::cuda {
 
 __device__ __forceinline__ float to_f32(float v) { return v; }

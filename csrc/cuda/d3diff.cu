@@ -5,9 +5,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -15,12 +12,13 @@
 
 #include "cuda/d3diff.cuh"
 #include "cuda/dispatch.h"
+#include "cuda/launch.h"
 
 namespace unif2ace::cuda {
 namespace {
 
 void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& target) {
-  TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor");
+  TORCH_CHECK(on_device(logits), op, ": logits must be a ", kDeviceName, " tensor, got ", logits.device());
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, V], got ", logits.sizes());
   TORCH_CHECK(
       logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kHalf || logits.scalar_type() == at::kBFloat16,
@@ -64,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> lse_gather(const at::Tensor& logits_in, const
                                               int64_t ignore_index) {
   const char* op = "unif2ace_cuda::lse_gather";
   check_inputs(op, logits_in, target_in);
-  c10::cuda::CUDAGuard guard(logits_in.device());
+  DeviceGuard guard(logits_in.device());
   const int64_t N = logits_in.size(0), V = logits_in.size(1);
   at::Tensor lse = at::empty({N}, logits_in.options().dtype(at::kFloat));
   at::Tensor tgt = at::empty({N}, logits_in.options().dtype(at::kFloat));
@@ -73,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> lse_gather(const at::Tensor& logits_in, const
   const at::Tensor logits = rows_view(logits_in);
   const at::Tensor target = target_in.contiguous();
   const int64_t ld = logits.stride(0);
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = current_stream();
   UNIF2ACE_DISPATCH_FLOAT3(logits.scalar_type(), "lse_gather_cuda", [&] {
     using T = typename DevType<scalar_t>::type;
     const T* x = reinterpret_cast<const T*>(logits.const_data_ptr<scalar_t>());
@@ -81,10 +79,9 @@ std::tuple<at::Tensor, at::Tensor> lse_gather(const at::Tensor& logits_in, const
       constexpr int RT = decltype(row_threads)::value, R = decltype(rows)::value;
       const int64_t grid = (N + R - 1) / R;
       TORCH_CHECK(grid < (int64_t(1) << 31), op, ": too many rows (", N, ")");
-      d3diff::lse_gather_kernel<T, RT, R><<<static_cast<unsigned>(grid), RT * R, 0, stream>>>(
-          x, ld, target.const_data_ptr<int64_t>(), N, V, ignore_index, lse.mutable_data_ptr<float>(),
-          tgt.mutable_data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(d3diff::lse_gather_kernel<T, RT, R>, static_cast<unsigned>(grid), RT * R, 0, stream, x, ld,
+             target.const_data_ptr<int64_t>(), N, V, ignore_index, lse.mutable_data_ptr<float>(),
+             tgt.mutable_data_ptr<float>());
     });
   });
   return {lse, tgt};
@@ -100,14 +97,14 @@ at::Tensor lse_gather_backward(const at::Tensor& logits_in, const at::Tensor& ta
                 op, ": lse, grad_lse and grad_tgt must be fp32 [N] on ", logits_in.device(), " with N = ", N, ", got ",
                 v->sizes(), " ", v->scalar_type(), " on ", v->device());
   }
-  c10::cuda::CUDAGuard guard(logits_in.device());
+  DeviceGuard guard(logits_in.device());
   at::Tensor grad = at::empty({N, V}, logits_in.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0 || V == 0) return grad;
   const at::Tensor logits = rows_view(logits_in);
   const at::Tensor target = target_in.contiguous();
   const at::Tensor lse = lse_in.contiguous(), gl = grad_lse_in.contiguous(), gt = grad_tgt_in.contiguous();
   const int64_t ld = logits.stride(0);
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = current_stream();
   UNIF2ACE_DISPATCH_FLOAT3(logits.scalar_type(), "lse_gather_backward_cuda", [&] {
     using T = typename DevType<scalar_t>::type;
     const T* x = reinterpret_cast<const T*>(logits.const_data_ptr<scalar_t>());
@@ -116,10 +113,9 @@ at::Tensor lse_gather_backward(const at::Tensor& logits_in, const at::Tensor& ta
       constexpr int RT = decltype(row_threads)::value, R = decltype(rows)::value;
       const int64_t grid = (N + R - 1) / R;
       TORCH_CHECK(grid < (int64_t(1) << 31), op, ": too many rows (", N, ")");
-      d3diff::lse_gather_backward_kernel<T, RT, R><<<static_cast<unsigned>(grid), RT * R, 0, stream>>>(
-          x, ld, target.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(), gl.const_data_ptr<float>(),
-          gt.const_data_ptr<float>(), N, V, ignore_index, g);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(d3diff::lse_gather_backward_kernel<T, RT, R>, static_cast<unsigned>(grid), RT * R, 0, stream, x, ld,
+             target.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(), gl.const_data_ptr<float>(),
+             gt.const_data_ptr<float>(), N, V, ignore_index, g);
     });
   });
   return grad;
@@ -128,7 +124,7 @@ at::Tensor lse_gather_backward(const at::Tensor& logits_in, const at::Tensor& ta
 }  // namespace
 }  // namespace unif2ace::cuda
 
-TORCH_LIBRARY_FRAGMENT(unif2ace_cuda, m) {
+TORCH_LIBRARY_FRAGMENT(UNIF2ACE_CUDA_LIBRARY, m) {
   m.def("lse_gather(Tensor logits, Tensor target, int ignore_index) -> (Tensor, Tensor)", &unif2ace::cuda::lse_gather);
   m.def(
       "lse_gather_backward(Tensor logits, Tensor target, Tensor lse, Tensor grad_lse, Tensor grad_tgt, "

@@ -17,9 +17,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -27,6 +24,7 @@
 #include <tuple>
 
 #include "cuda/dispatch.h"
+#include "cuda/launch.h"
 #include "cuda/moe_gating.cuh"
 
 namespace unif2ace::cuda {
@@ -46,7 +44,8 @@ struct Setup {
 
 Setup make_setup(const char* op, const at::Tensor& router_logits, const at::Tensor& group_ids,
                  c10::IntArrayRef group_sizes, int64_t top_k, c10::string_view score, bool renormalize) {
-  TORCH_CHECK(router_logits.is_cuda(), op, ": router_logits must be a CUDA tensor, got ", router_logits.device());
+  TORCH_CHECK(on_device(router_logits), op, ": router_logits must be a ", kDeviceName, " tensor, got ",
+              router_logits.device());
   TORCH_CHECK(router_logits.dim() == 2, op, ": router_logits must be 2-D [T, E], got ", router_logits.sizes());
   const auto st = router_logits.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
@@ -110,12 +109,11 @@ void launch_tokens(const Setup& s, const at::Tensor& group_ids, at::Tensor* ids,
     using T = typename DevType<scalar_t>::type;
     const T* x = reinterpret_cast<const T*>(s.logits.const_data_ptr<scalar_t>());
     AT_DISPATCH_INDEX_TYPES(group_ids.scalar_type(), "moe_gating_cuda_groups", [&] {
-      gating_forward_kernel<T, index_t, kOutputs, kProb><<<static_cast<unsigned>(s.nb), kThreads, smem, stream>>>(
-          x, group_ids.const_data_ptr<index_t>(), s.p, s.grp, kOutputs ? ids->mutable_data_ptr<int32_t>() : nullptr,
-          kOutputs ? gates->mutable_data_ptr<float>() : nullptr, scratch_p, s.use_smem,
-          kProb ? part_P.mutable_data_ptr<float>() : nullptr, part_C.mutable_data_ptr<int32_t>(),
-          part_N.mutable_data_ptr<int32_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(gating_forward_kernel<T, index_t, kOutputs, kProb>, static_cast<unsigned>(s.nb), kThreads, smem, stream, x,
+             group_ids.const_data_ptr<index_t>(), s.p, s.grp, kOutputs ? ids->mutable_data_ptr<int32_t>() : nullptr,
+             kOutputs ? gates->mutable_data_ptr<float>() : nullptr, scratch_p, s.use_smem,
+             kProb ? part_P.mutable_data_ptr<float>() : nullptr, part_C.mutable_data_ptr<int32_t>(),
+             part_N.mutable_data_ptr<int32_t>());
     });
   });
 }
@@ -125,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_gatin
     c10::string_view score, bool renormalize, double balance_coef) {
   const char* op = "unif2ace_cuda::moe_gating";
   const Setup s = make_setup(op, router_logits, group_ids, group_sizes, top_k, score, renormalize);
-  c10::cuda::CUDAGuard guard(router_logits.device());
+  DeviceGuard guard(router_logits.device());
   const int64_t T = s.p.T, E = s.p.E, G = s.grp.G, k = top_k;
   auto f32 = router_logits.options().dtype(at::kFloat);
   at::Tensor ids = at::empty({T, k}, router_logits.options().dtype(at::kInt));
@@ -139,13 +137,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_gatin
   at::Tensor part_P = at::empty({s.nb * E}, f32);
   at::Tensor part_C = at::empty({s.nb * E}, router_logits.options().dtype(at::kInt));
   at::Tensor part_N = at::empty({s.nb * G}, router_logits.options().dtype(at::kInt));
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = current_stream();
   launch_tokens<true, true>(s, group_ids, &ids, &gates, part_P, part_C, part_N, stream);
-  gating_stats_kernel<false><<<static_cast<unsigned>(G), kStatThreads, 0, stream>>>(
-      part_P.const_data_ptr<float>(), part_C.const_data_ptr<int32_t>(), part_N.const_data_ptr<int32_t>(), s.nb, E,
-      s.grp, s.p.k, balance_coef, frac.mutable_data_ptr<float>(), prob.mutable_data_ptr<float>(),
-      loss.mutable_data_ptr<float>(), nullptr, nullptr, nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(gating_stats_kernel<false>, static_cast<unsigned>(G), kStatThreads, 0, stream, part_P.const_data_ptr<float>(),
+         part_C.const_data_ptr<int32_t>(), part_N.const_data_ptr<int32_t>(), s.nb, E, s.grp, s.p.k, balance_coef,
+         frac.mutable_data_ptr<float>(), prob.mutable_data_ptr<float>(), loss.mutable_data_ptr<float>(), nullptr,
+         nullptr, nullptr);
   return {ids, gates, frac, prob, loss};
 }
 
@@ -155,7 +152,7 @@ at::Tensor moe_gating_backward(const at::Tensor& grad_gates, const at::Tensor& g
                                double balance_coef) {
   const char* op = "unif2ace_cuda::moe_gating_backward";
   const Setup s = make_setup(op, router_logits, group_ids, group_sizes, top_k, score, renormalize);
-  c10::cuda::CUDAGuard guard(router_logits.device());
+  DeviceGuard guard(router_logits.device());
   const int64_t T = s.p.T, E = s.p.E, G = s.grp.G, k = top_k;
   TORCH_CHECK(grad_gates.dim() == 2 && grad_gates.size(0) == T && grad_gates.size(1) == k, op,
               ": grad_gates must be [T, k] = [", T, ", ", k, "], got ", grad_gates.sizes());
@@ -178,13 +175,12 @@ at::Tensor moe_gating_backward(const at::Tensor& grad_gates, const at::Tensor& g
   at::Tensor part_C = at::empty({s.nb * E}, router_logits.options().dtype(at::kInt));
   at::Tensor part_N = at::empty({s.nb * G}, router_logits.options().dtype(at::kInt));
   at::Tensor dbase = at::empty({E}, f32);
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = current_stream();
   launch_tokens<false, false>(s, group_ids, nullptr, nullptr, part_P, part_C, part_N, stream);
-  gating_stats_kernel<true><<<static_cast<unsigned>(G), kStatThreads, 0, stream>>>(
-      nullptr, part_C.const_data_ptr<int32_t>(), part_N.const_data_ptr<int32_t>(), s.nb, E, s.grp, s.p.k, balance_coef,
-      nullptr, nullptr, nullptr, gp.const_data_ptr<float>(), gl.const_data_ptr<float>(),
-      dbase.mutable_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(gating_stats_kernel<true>, static_cast<unsigned>(G), kStatThreads, 0, stream, nullptr,
+         part_C.const_data_ptr<int32_t>(), part_N.const_data_ptr<int32_t>(), s.nb, E, s.grp, s.p.k, balance_coef,
+         nullptr, nullptr, nullptr, gp.const_data_ptr<float>(), gl.const_data_ptr<float>(),
+         dbase.mutable_data_ptr<float>());
   // grid-stride over tokens: at most 2^20 CTAs of kWarps tokens each
   const int64_t blocks = std::min<int64_t>((T + kWarps - 1) / kWarps, int64_t(1) << 20);
   UNIF2ACE_DISPATCH_FLOAT3(s.logits.scalar_type(), "moe_gating_backward_cuda", [&] {
@@ -192,10 +188,9 @@ at::Tensor moe_gating_backward(const at::Tensor& grad_gates, const at::Tensor& g
     const Tp* x = reinterpret_cast<const Tp*>(s.logits.const_data_ptr<scalar_t>());
     Tp* out = reinterpret_cast<Tp*>(dz.mutable_data_ptr<scalar_t>());
     AT_DISPATCH_INDEX_TYPES(group_ids.scalar_type(), "moe_gating_backward_cuda_groups", [&] {
-      gating_backward_kernel<Tp, index_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          x, group_ids.const_data_ptr<index_t>(), s.p, s.grp, gg.const_data_ptr<float>(), dbase.const_data_ptr<float>(),
-          out);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(gating_backward_kernel<Tp, index_t>, static_cast<unsigned>(blocks), kThreads, 0, stream, x,
+             group_ids.const_data_ptr<index_t>(), s.p, s.grp, gg.const_data_ptr<float>(), dbase.const_data_ptr<float>(),
+             out);
     });
   });
   return dz;
@@ -204,7 +199,7 @@ at::Tensor moe_gating_backward(const at::Tensor& grad_gates, const at::Tensor& g
 }  // namespace
 }  // namespace unif2ace::cuda
 
-TORCH_LIBRARY_FRAGMENT(unif2ace_cuda, m) {
+TORCH_LIBRARY_FRAGMENT(UNIF2ACE_CUDA_LIBRARY, m) {
   m.def(
       "moe_gating(Tensor router_logits, Tensor group_ids, int[] group_sizes, int top_k, str score, "
       "bool renormalize, float balance_coef) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",

@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(kThreads)
     gating_forward_kernel(const T* __restrict__ logits, const G* __restrict__ gids, Params p, Groups grp,
                           int32_t* __restrict__ ids, float* __restrict__ gates, int32_t* scratch, bool use_smem,
                           float* __restrict__ part_P, int32_t* __restrict__ part_C, int32_t* __restrict__ part_N) {
-  extern __shared__ int32_t smem_acc[];
+  UNIF2ACE_DYNAMIC_SHARED(int32_t, smem_acc);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t E = p.E;
   const int ng = grp.G;

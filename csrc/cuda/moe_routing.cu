@@ -6,14 +6,12 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <tuple>
 
+#include "cuda/launch.h"
 #include "cuda/moe_routing.cuh"
 
 namespace unif2ace::cuda {
@@ -27,7 +25,7 @@ IdView make_view(const at::Tensor& ids) {
 }
 
 void check_args(const at::Tensor& ids, int64_t E) {
-  TORCH_CHECK(ids.is_cuda(), "moe routing (cuda): expert_ids must be a CUDA tensor");
+  TORCH_CHECK(on_device(ids), "moe routing (cuda): expert_ids must be a ", kDeviceName, " tensor, got ", ids.device());
   TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
               "moe routing (cuda): expert_ids must be int32 or int64, got ", ids.scalar_type());
   TORCH_CHECK(E >= 1 && E < (int64_t(1) << 31), "moe routing (cuda): num_experts out of range: ", E);
@@ -39,24 +37,23 @@ constexpr int64_t kSmemLimit = 48 * 1024;
 
 at::Tensor moe_expert_histogram(const at::Tensor& expert_ids, int64_t num_experts) {
   check_args(expert_ids, num_experts);
-  c10::cuda::CUDAGuard guard(expert_ids.device());
+  DeviceGuard guard(expert_ids.device());
   const IdView v = make_view(expert_ids);
   const int32_t E = static_cast<int32_t>(num_experts);
   at::Tensor counts = at::zeros({num_experts}, expert_ids.options().dtype(at::kInt));
   if (v.n == 0) return counts;
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = current_stream();
   const int blocks = static_cast<int>(std::min<int64_t>(kHistMaxBlocks, (v.n + kHistThreads - 1) / kHistThreads));
   const int64_t smem = static_cast<int64_t>(E) * sizeof(int32_t);
   AT_DISPATCH_INDEX_TYPES(expert_ids.scalar_type(), "moe_expert_histogram_cuda", [&] {
     const index_t* p = expert_ids.const_data_ptr<index_t>();
     if (smem <= kSmemLimit) {
-      expert_histogram_smem_kernel<index_t>
-          <<<blocks, kHistThreads, smem, stream>>>(p, v, E, counts.mutable_data_ptr<int32_t>());
+      launch(expert_histogram_smem_kernel<index_t>, blocks, kHistThreads, smem, stream, p, v, E,
+             counts.mutable_data_ptr<int32_t>());
     } else {
-      expert_histogram_global_kernel<index_t>
-          <<<blocks, kHistThreads, 0, stream>>>(p, v, E, counts.mutable_data_ptr<int32_t>());
+      launch(expert_histogram_global_kernel<index_t>, blocks, kHistThreads, 0, stream, p, v, E,
+             counts.mutable_data_ptr<int32_t>());
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return counts;
 }
@@ -67,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::T
   TORCH_CHECK(num_experts <= kAlignMaxExperts, "moe_align (cuda): num_experts must be <= ", kAlignMaxExperts, ", got ",
               num_experts);
   TORCH_CHECK(block_size >= 1 && block_size < (int64_t(1) << 20), "moe_align (cuda): bad block_size ", block_size);
-  c10::cuda::CUDAGuard guard(expert_ids.device());
+  DeviceGuard guard(expert_ids.device());
   const IdView v = make_view(expert_ids);
   const int64_t E = num_experts, N = v.n, bs = block_size;
   const int64_t max_len = N + E * (bs - 1);
@@ -81,24 +78,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::T
   at::Tensor counts = at::empty({E}, opts);
   const int64_t num_tiles = (N + kTile - 1) / kTile;
   at::Tensor tile_counts = at::empty({std::max<int64_t>(num_tiles, 1) * E}, opts);
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = current_stream();
   const int64_t smem = static_cast<int64_t>(kTileWarps) * E * sizeof(int32_t);
   AT_DISPATCH_INDEX_TYPES(expert_ids.scalar_type(), "moe_align_cuda", [&] {
     const index_t* p = expert_ids.const_data_ptr<index_t>();
     if (num_tiles > 0) {
-      align_tile_count_kernel<index_t><<<static_cast<unsigned>(num_tiles), kTile, smem, stream>>>(
-          p, v, static_cast<int32_t>(E), tile_counts.mutable_data_ptr<int32_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(align_tile_count_kernel<index_t>, static_cast<unsigned>(num_tiles), kTile, smem, stream, p, v,
+             static_cast<int32_t>(E), tile_counts.mutable_data_ptr<int32_t>());
     }
-    align_scan_kernel<<<1, kScanThreads, 0, stream>>>(
-        tile_counts.mutable_data_ptr<int32_t>(), num_tiles, static_cast<int32_t>(E), static_cast<int32_t>(bs),
-        max_blocks, counts.mutable_data_ptr<int32_t>(), blocks.mutable_data_ptr<int32_t>(),
-        total.mutable_data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(align_scan_kernel, 1, kScanThreads, 0, stream, tile_counts.mutable_data_ptr<int32_t>(), num_tiles,
+           static_cast<int32_t>(E), static_cast<int32_t>(bs), max_blocks, counts.mutable_data_ptr<int32_t>(),
+           blocks.mutable_data_ptr<int32_t>(), total.mutable_data_ptr<int32_t>());
     if (num_tiles > 0) {
-      align_scatter_kernel<index_t><<<static_cast<unsigned>(num_tiles), kTile, smem, stream>>>(
-          p, v, static_cast<int32_t>(E), tile_counts.const_data_ptr<int32_t>(), sorted.mutable_data_ptr<int32_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(align_scatter_kernel<index_t>, static_cast<unsigned>(num_tiles), kTile, smem, stream, p, v,
+             static_cast<int32_t>(E), tile_counts.const_data_ptr<int32_t>(), sorted.mutable_data_ptr<int32_t>());
     }
   });
   return {sorted, blocks, total, counts};
@@ -107,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::T
 }  // namespace
 }  // namespace unif2ace::cuda
 
-TORCH_LIBRARY_FRAGMENT(unif2ace_cuda, m) {
+TORCH_LIBRARY_FRAGMENT(UNIF2ACE_CUDA_LIBRARY, m) {
   m.def("moe_expert_histogram(Tensor expert_ids, int num_experts) -> Tensor", &unif2ace::cuda::moe_expert_histogram);
   m.def("moe_align(Tensor expert_ids, int num_experts, int block_size) -> (Tensor, Tensor, Tensor, Tensor)",
         &unif2ace::cuda::moe_align);

@@ -16,6 +16,8 @@
 #include <cuda_runtime.h>
 #include <cstdint>
 
+#include "cuda/common.cuh"
+
 namespace unif2ace::cuda {
 
 struct IdView {
@@ -43,7 +45,7 @@ __device__ __forceinline__ int64_t load_id(const T* __restrict__ p, const IdView
 template <typename T>
 __global__ void expert_histogram_smem_kernel(const T* __restrict__ ids, IdView v, int32_t E,
                                              int32_t* __restrict__ counts) {
-  extern __shared__ int32_t sh_hist[];
+  UNIF2ACE_DYNAMIC_SHARED(int32_t, sh_hist);
   for (int32_t e = threadIdx.x; e < E; e += blockDim.x) sh_hist[e] = 0;
   __syncthreads();
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -96,7 +98,7 @@ __device__ __forceinline__ void tile_rank(const T* __restrict__ ids, const IdVie
 template <typename T>
 __global__ void __launch_bounds__(kTile)
     align_tile_count_kernel(const T* __restrict__ ids, IdView v, int32_t E, int32_t* __restrict__ tile_counts) {
-  extern __shared__ int32_t warp_counts[];
+  UNIF2ACE_DYNAMIC_SHARED(int32_t, warp_counts);
   int64_t e;
   int32_t r;
   tile_rank(ids, v, E, warp_counts, e, r);
@@ -153,7 +155,7 @@ template <typename T>
 __global__ void __launch_bounds__(kTile)
     align_scatter_kernel(const T* __restrict__ ids, IdView v, int32_t E, const int32_t* __restrict__ tile_cursor,
                          int32_t* __restrict__ sorted_ids) {
-  extern __shared__ int32_t warp_counts[];
+  UNIF2ACE_DYNAMIC_SHARED(int32_t, warp_counts);
   int64_t e;
   int32_t r;
   tile_rank(ids, v, E, warp_counts, e, r);

@@ -118,6 +118,9 @@ def backend_usable(backend: str, device: torch.device) -> Tuple[bool, str]:
         ok, err = _ext.cpu_status()
         return ok, "" if ok else f"the C++ extension unif2ace._C did not load ({err})"
     if backend == "cuda":
+        if _ext.cuda_emulated():  # tests: the CPU emulation of the CUDA kernels (unif2ace.testing.cuda_emu)
+            ok = dev == "cpu"
+            return ok, "" if ok else f"the emulated cuda backend runs on CPU tensors, got {dev} tensors"
         if dev != "cuda":
             return False, f"the cuda backend runs on CUDA tensors, got {dev} tensors"
         ok, err = _ext.cuda_status()

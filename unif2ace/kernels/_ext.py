@@ -13,6 +13,16 @@ import functools
 import importlib
 from typing import Tuple
 
+# Test seam, set only by unif2ace.testing.cuda_emu.emulated_cuda(): while it holds the op namespace
+# of the test-only CPU emulation of the CUDA kernels (torch.ops.unif2ace_cuda_emu), the cuda
+# backend runs those on CPU tensors. Not a backend of its own, never set by the library.
+_cuda_emulation = None
+
+
+def cuda_emulated() -> bool:
+    """Whether the cuda backend currently runs the CPU emulation of the CUDA kernels (tests only)."""
+    return _cuda_emulation is not None
+
 
 @functools.lru_cache(maxsize=None)
 def _load(module: str) -> Tuple[bool, str]:
@@ -56,6 +66,8 @@ def cpu_ops():
 
 def cuda_ops():
     """``torch.ops.unif2ace_cuda`` after loading the extension (raises if it did not load)."""
+    if _cuda_emulation is not None:
+        return _cuda_emulation
     ok, err = cuda_status()
     if not ok:
         raise RuntimeError(f"the CUDA extension unif2ace._C_cuda did not load: {err}")

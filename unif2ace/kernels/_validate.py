@@ -2,9 +2,21 @@
 and what was given -- never an index error from inside a kernel.
 
 Shape, dtype and device checks are free (metadata only) and always run. Value checks (index
-ranges such as ``0 <= target < V``) need to read the tensor, which is a host sync on a GPU; they run
-by default, are skipped while ``torch.compile`` traces, and can be switched off for sync-free
-production use (CUDA graphs) with ``UNIF2ACE_CHECK_VALUES=0`` or :func:`set_value_checks`.
+ranges such as ``0 <= target < V``) read the tensor. How, is the value-check mode
+(:func:`set_value_checks`, or the environment variable ``UNIF2ACE_CHECK_VALUES``):
+
+- ``"on"`` (default; ``1``): CPU tensors are checked on the host (a ``ValueError`` naming the
+  argument and the values found). Tensors on a GPU are checked **on the device, without a host
+  sync**: the condition is reduced there and handed to ``torch._assert_async``, so the ops stay
+  free of host syncs and capturable in CUDA graphs. A failure is a device-side assert, reported
+  at the next synchronisation, and it ends the process's CUDA context (like an out-of-range
+  index in ``torch.gather``); rerun with ``"sync"`` to get the named error.
+- ``"sync"``: host checks on every device -- the named ``ValueError``, at the cost of a host sync
+  per check on a GPU (debugging).
+- ``"off"`` (``0``): no value checks; out-of-range values then give what the kernels document
+  (e.g. a NaN target logit), or undefined results.
+
+Value checks are skipped while ``torch.compile`` traces.
 """
 
 from __future__ import annotations
@@ -13,28 +25,62 @@ import math
 import numbers
 import operator
 import os
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT_DTYPES = (torch.int32, torch.int64)
 
-_value_checks: Optional[bool] = None
+VALUE_CHECK_MODES = ("on", "sync", "off")
+_value_checks: Optional[str] = None
+_MODE_NAMES = {"1": "on", "on": "on", "true": "on", "sync": "sync", "0": "off", "off": "off", "false": "off"}
 
 
-def set_value_checks(enabled: Optional[bool]) -> None:
-    """Enable/disable value checks globally (None: follow ``UNIF2ACE_CHECK_VALUES``, default on)."""
+def _mode(v, what: str) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    m = _MODE_NAMES.get(str(v).strip().lower())
+    if m is None:
+        raise ValueError(f"{what} must be one of on/1, sync, off/0 (or a bool), got {v!r}")
+    return m
+
+
+def set_value_checks(enabled: Optional[Union[bool, str]]) -> None:
+    """Set the value-check mode globally: ``True``/``"on"`` (default: host checks on CPU tensors,
+    sync-free device checks on GPU tensors), ``"sync"`` (host checks everywhere, named errors),
+    ``False``/``"off"``; ``None``: follow ``UNIF2ACE_CHECK_VALUES`` (``1``/``on``, ``sync``,
+    ``0``/``off``; default on)."""
     global _value_checks
-    _value_checks = enabled
+    _value_checks = None if enabled is None else _mode(enabled, "set_value_checks: the mode")
+
+
+def value_check_mode() -> str:
+    """The value-check mode in force: ``"on"``, ``"sync"`` or ``"off"`` (always off while
+    ``torch.compile`` traces)."""
+    if torch.compiler.is_compiling():
+        return "off"
+    if _value_checks is not None:
+        return _value_checks
+    return _mode(os.environ.get("UNIF2ACE_CHECK_VALUES", "1"), "UNIF2ACE_CHECK_VALUES")
 
 
 def value_checks_enabled() -> bool:
-    if torch.compiler.is_compiling():
-        return False
-    if _value_checks is not None:
-        return _value_checks
-    return os.environ.get("UNIF2ACE_CHECK_VALUES", "1") != "0"
+    return value_check_mode() != "off"
+
+
+def _checks_on_host(t: torch.Tensor) -> Optional[bool]:
+    """None: no value check; True: read ``t`` on the host; False: check it on its device (no sync)."""
+    mode = value_check_mode()
+    if mode == "off" or t.numel() == 0:
+        return None
+    return t.device.type == "cpu" or mode == "sync"
+
+
+def _assert_on_device(bad: Optional[torch.Tensor], message: str) -> None:
+    """Device-side check (no host sync): fails asynchronously if any element of ``bad`` is set."""
+    if bad is not None:
+        torch._assert_async(torch.logical_not(bad.any()), message)
 
 
 def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
@@ -89,14 +135,26 @@ def check_same_device(op: str, **tensors) -> torch.device:
 
 def check_range(op: str, name: str, t: torch.Tensor, low: int, high: int, *, allow: Optional[int] = None) -> None:
     """Value check: every element in [low, high) (elements equal to ``allow`` are exempt)."""
-    if not value_checks_enabled() or t.numel() == 0:
+    on_host = _checks_on_host(t)
+    if on_host is None:
+        return
+    extra = f" (or {allow})" if allow is not None else ""
+    if not on_host:
+        bad = None
+        info = torch.iinfo(t.dtype) if not (t.is_floating_point() or t.dtype == torch.bool) else None
+        if info is None or low > info.min:  # a bound outside the dtype's range cannot be broken
+            bad = t < low
+        if info is None or high <= info.max:
+            bad = (t >= high) if bad is None else bad | (t >= high)
+        if bad is not None and allow is not None:
+            bad = bad & (t != allow)
+        _assert_on_device(bad, f"{op}: argument '{name}' must hold values in [{low}, {high}){extra}")
         return
     vals = t if allow is None else t[t != allow]
     if vals.numel() == 0:
         return
     lo, hi = int(vals.min()), int(vals.max())
     if lo < low or hi >= high:
-        extra = f" (or {allow})" if allow is not None else ""
         raise ValueError(
             f"{op}: argument '{name}' must hold values in [{low}, {high}){extra}, got values in [{lo}, {hi}]"
         )
@@ -104,12 +162,19 @@ def check_range(op: str, name: str, t: torch.Tensor, low: int, high: int, *, all
 
 def check_float_range(op: str, name: str, t: torch.Tensor, low: float, high: float, *, low_open: bool = False) -> None:
     """Value check for float tensors: low <= t <= high (low < t when ``low_open``); no NaN."""
-    if not value_checks_enabled() or t.numel() == 0:
+    on_host = _checks_on_host(t)
+    if on_host is None:
+        return
+    lb = "(" if low_open else "["
+    if not on_host:
+        bad = torch.isnan(t) | ((t <= low) if low_open else (t < low))
+        if high != float("inf"):
+            bad = bad | (t > high)
+        _assert_on_device(bad, f"{op}: argument '{name}' must hold values in {lb}{low}, {high}]")
         return
     tf = t.float()
     bad = torch.isnan(tf) | (tf > high) | ((tf <= low) if low_open else (tf < low))
     if bool(bad.any()):
-        lb = "(" if low_open else "["
         raise ValueError(
             f"{op}: argument '{name}' must hold values in {lb}{low}, {high}], got values in "
             f"[{float(tf.min())}, {float(tf.max())}]" + (" with NaN" if bool(torch.isnan(tf).any()) else "")

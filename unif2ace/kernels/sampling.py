@@ -8,15 +8,17 @@ Public ops:
 - :func:`ar_sample` -- temperature / top-k / top-p sampling of one decode step (§5).
 - :func:`mask_schedule`, :func:`num_to_keep_masked` -- the schedule arithmetic (host side).
 
-Randomness is a stateless counter-based RNG keyed by (seed, sample id, position, token)
+Randomness is a stateless counter-based RNG keyed by (seed, step, sample id, position, token)
 (:mod:`unif2ace.kernels.reference.rng`): results do not depend on batch composition or order,
-nothing is captured from a generator, and the noise has 64 random bits (no fp32 tail truncation).
-The exact semantics are in :mod:`unif2ace.kernels.reference.sampling`.
+nothing is captured from a generator, every MaskGIT step draws fresh noise, and the noise has 64
+random bits (no fp32 tail truncation). The exact semantics are in
+:mod:`unif2ace.kernels.reference.sampling`; every backend computes the same bits (sampled codes,
+confidences, log-probabilities) for a seed.
 
 Backends (stem ``sampling``; the RNG's stem is ``rng``): ``reference``; ``cpu`` (C++/OpenMP,
-csrc/cpu/sampling.cpp behind unif2ace/kernels/cpu/sampling.py: bit-identical RNG, sampled codes
-equal to the reference's); ``triton`` and ``cuda`` (fused kernels, unif2ace/kernels/triton/sampling.py
-and csrc/cuda/sampling.cu behind unif2ace/kernels/cuda/sampling.py). The fast backends run behind
+csrc/cpu/sampling.cpp behind unif2ace/kernels/cpu/sampling.py); ``triton`` and ``cuda`` (fused
+kernels, unif2ace/kernels/triton/sampling.py and csrc/cuda/sampling.cu behind
+unif2ace/kernels/cuda/sampling.py). The fast backends run behind
 the custom ops ``unif2ace::masked_sample_step`` / ``unif2ace::ar_sample``
 (unif2ace/kernels/_custom_ops/sampling.py), so they work under torch.compile. Inputs are checked at
 the boundary with errors naming the argument.
@@ -84,8 +86,13 @@ def _seed_arg(op: str, seed) -> int:
     return check_int(op, "seed", seed, low=0, high=1 << 64)
 
 
-def _top_k_arg(op: str, top_k) -> Optional[int]:
-    return None if top_k is None else check_int(op, "top_k", top_k, low=1)
+def _top_k_arg(op: str, top_k, V: int) -> Optional[int]:
+    """``top_k`` checked (>= 1, any size); None when it filters nothing (``top_k >= V``), so the
+    custom ops only ever see a k < V."""
+    if top_k is None:
+        return None
+    k = check_int(op, "top_k", top_k, low=1)
+    return None if k >= V else k
 
 
 def _sample_ids_arg(op: str, sample_ids, B: int, device: torch.device) -> Optional[Tensor]:
@@ -126,15 +133,18 @@ def masked_sample_step(
         cond_logits: ``[B, L, V]`` fp32/bf16/fp16 logits over the V image codes.
         tokens: ``[B, L]`` int32/int64 current tokens (read at non-masked positions).
         is_masked: ``[B, L]`` bool, the positions still masked before this step.
-        step, num_steps: ``0 <= step < num_steps``; the schedule ratio is ``(step+1)/num_steps``.
-        seed: int in [0, 2^64), the RNG key together with the sample id and position.
+        step, num_steps: ``0 <= step < num_steps < 2^63``; the schedule ratio is
+            ``(step+1)/num_steps``. The step is part of the RNG key: every step draws fresh noise.
+        seed: int in [0, 2^64), the RNG key together with the step, sample id and position; keep
+            one seed for all the steps of a generation.
         mask_token_id: the id written at re-masked positions.
         uncond_logits: ``[B, L, V]`` unconditional logits for classifier-free guidance.
         guidance_scale: s; ``(1 + s)·cond − s·uncond`` when s != 0 (needs ``uncond_logits``).
         temperature: >= 0; 0 is greedy (exact argmax, ties -> lowest code).
         confidence_noise: >= 0, τ₀ of the annealed confidence noise ``τ₀·(1 − (step+1)/T)·Gumbel``.
         schedule: "cosine" (default), "linear", "pow" (uses ``schedule_exponent`` > 0), "sigmoid".
-        top_k: keep the codes >= the k-th largest combined logit (ties kept); None or >= V: all.
+        top_k: >= 1 (any size); keep the codes >= the k-th largest combined logit (ties kept);
+            None or >= V: all.
         sample_ids: ``[B]`` int, the RNG sample id of each row (default ``arange(B)``); permuting
             rows together with their ids permutes the results exactly.
         backend: force a backend (see ``unif2ace.kernels.use_backend``).
@@ -142,8 +152,11 @@ def masked_sample_step(
     Returns:
         :class:`MaskedStepOutput` ``(tokens, is_masked, sampled, confidence)``, all ``[B, L]``.
 
+    Integer arguments may be Python or numpy integers, real ones Python or numpy reals.
+
     Defined edge cases: NaN logits act as -inf, +inf as FLT_MAX; a position whose combined row has
     no finite value samples code 0 with confidence -inf (the lowest, so it is re-masked first).
+    Exactly tied confidences are re-masked lowest position first, on every backend.
     """
     op = "masked_sample_step"
     check_tensor(op, "cond_logits", cond_logits, ndim=3, dtypes=FLOAT_DTYPES)
@@ -160,7 +173,7 @@ def masked_sample_step(
     device = check_same_device(
         op, cond_logits=cond_logits, tokens=tokens, is_masked=is_masked, uncond_logits=uncond_logits
     )
-    num_steps = check_int(op, "num_steps", num_steps, low=1)
+    num_steps = check_int(op, "num_steps", num_steps, low=1, high=1 << 63)
     step = check_int(op, "step", step, low=0, high=num_steps)
     seed = _seed_arg(op, seed)
     mask_token_id = check_int(op, "mask_token_id", mask_token_id, low=-(1 << 63), high=1 << 63)
@@ -174,7 +187,7 @@ def masked_sample_step(
     confidence_noise = check_real(op, "confidence_noise", confidence_noise, low=0.0)
     check_choice(op, "schedule", schedule, SCHEDULES)
     schedule_exponent = check_real(op, "schedule_exponent", schedule_exponent, low=0.0, low_open=True)
-    top_k = _top_k_arg(op, top_k)
+    top_k = _top_k_arg(op, top_k, V)
     sample_ids = _sample_ids_arg(op, sample_ids, B, device)
 
     be = MASKED_SAMPLE_STEP.select(device, backend)
@@ -238,7 +251,8 @@ def ar_sample(
         position: int or ``[B]`` int tensor in [0, 2^32): the decode step, part of the RNG key (use
             a new position for every step, or the same noise is drawn again).
         temperature: >= 0; 0 (or ``top_k == 1``) is greedy argmax, ties -> lowest index.
-        top_k: >= 1; keep the tokens >= the k-th largest logit (ties kept); None or >= V: all.
+        top_k: >= 1 (any size); keep the tokens >= the k-th largest logit (ties kept); None or
+            >= V: all.
         top_p: in (0, 1]; keep token v iff the probability mass of the tokens strictly more likely
             than v is < top_p (on the tempered, top-k-filtered distribution; tie-symmetric, needs no
             sort); None or 1: all.
@@ -264,7 +278,7 @@ def ar_sample(
     else:
         position = check_int(op, "position", position, low=0, high=1 << 32)
     temperature = check_real(op, "temperature", temperature, low=0.0)
-    top_k = _top_k_arg(op, top_k)
+    top_k = _top_k_arg(op, top_k, V)
     if top_p is not None:
         top_p = check_real(op, "top_p", top_p, low=0.0, low_open=True, high=1.0)
     sample_ids = _sample_ids_arg(op, sample_ids, B, device)

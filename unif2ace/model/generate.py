@@ -51,8 +51,8 @@ def generate_images(
     steps / guidance / temperature / confidence_noise / confidence_schedule / schedule default to
     the config's generation fields (T = 18, s = 1.75, 1.0, τ0 = 1.0, "showo", cosine). Guidance
     uses the empty caption as the unconditional branch. Deterministic for a given seed (the
-    sampling RNG is keyed by seed, row and position; the step is passed to every
-    :func:`masked_sample_step` call); temperature 0 is greedy.
+    sampling RNG is keyed by seed, step, row and position: every step draws fresh noise);
+    temperature 0 is greedy.
 
     Confidence noise at step t (ratio r_t = (t+1)/T): "showo" τ_t = τ0·Π_{s<=t}(1 − r_s) (Show-o's
     ``t2i_generate`` shrinks its noise temperature by (1 − r) at every step, cumulatively);

@@ -41,7 +41,7 @@ def masked_sample_step_op(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(tokens int64, is_masked bool, sampled int64, confidence fp32), all [B, L]."""
     scalars = step_scalars(tokens.shape[1], step, num_steps, confidence_noise, schedule, schedule_exponent)
-    p = StepParams((seed_hi << 32) | seed_lo, mask_token_id, guidance_scale, temperature, top_k, *scalars)
+    p = StepParams((seed_hi << 32) | seed_lo, step, mask_token_id, guidance_scale, temperature, top_k, *scalars)
     kernels = OPS["masked_sample_step"].kernels(backend)
     return tuple(kernels.masked_sample_step(cond_logits, tokens, is_masked, uncond_logits, sample_ids, p))
 

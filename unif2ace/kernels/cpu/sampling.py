@@ -2,8 +2,8 @@
 (``torch.ops.unif2ace_cpu.masked_sample_step`` / ``ar_sample``).
 
 The host scalars (:class:`~unif2ace.kernels.reference.sampling.StepParams`: τ, the re-mask cap,
-the last-step flag), the seed halves and the sample-id / position defaults come from the
-reference's helpers; everything else runs in C++.
+the last-step flag), the seed and step halves and the sample-id / position defaults come from the
+reference's helpers; everything else (the RNG keys included) runs in C++.
 """
 
 from __future__ import annotations
@@ -21,15 +21,14 @@ def masked_sample_step(cond_logits, tokens, is_masked, uncond_logits, sample_ids
     if unc is not None and unc.dtype != cond_logits.dtype:  # mixed dtypes: both to fp32 (exact)
         cond_logits, unc = cond_logits.float(), unc.float()
     ids = _ref.row_sample_ids(sample_ids, cond_logits.shape[0], cond_logits.device)
-    seed_lo, seed_hi = _rng.split_seed(p.seed)
     out = _ext.cpu_ops().masked_sample_step(
         cond_logits,
         unc,
         tokens.long(),
         is_masked,
         ids,
-        seed_lo,
-        seed_hi,
+        *_rng.split_seed(p.seed),
+        *_rng.split_step(p.step),
         float(p.guidance_scale),
         float(p.temperature),
         float(p.tau),  # float64 on the host, as the reference

@@ -20,7 +20,7 @@ An in-kernel top-k / top-p selection (radix / pivot search) is future work.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -66,8 +66,9 @@ class StepInputs(NamedTuple):
     tokens: Tensor
     is_masked: Tensor
     sample_ids: Tensor
-    keys: Tensor
-    """int64 ``[4]``: :func:`unif2ace.kernels.reference.rng.seed_stream_keys`."""
+    keys: Tuple[int, int, int, int]
+    """The call keys of (seed, step), :func:`unif2ace.kernels.reference.rng.call_keys`: scalar
+    kernel arguments (no host-to-device copy; CUDA-graph capturable)."""
     a: float
     s: float
     temperature: float
@@ -95,7 +96,7 @@ def masked_step_inputs(cond_logits, tokens, is_masked, uncond_logits, sample_ids
         tokens=tokens.contiguous(),
         is_masked=is_masked.contiguous(),
         sample_ids=_ref.row_sample_ids(sample_ids, B, device),
-        keys=_rng.seed_stream_keys(p.seed, device),
+        keys=tuple(_rng.call_keys(p.seed, p.step)),
         a=a,
         s=s,
         temperature=float(p.temperature) if p.temperature > 0 else 1.0,
@@ -121,7 +122,8 @@ class ArInputs(NamedTuple):
     """``[B, V]``, unit column stride."""
     sample_ids: Tensor
     positions: Tensor
-    keys: Tensor
+    keys: Tuple[int, int, int, int]
+    """The call keys of (seed, step 0)."""
     thr: Optional[Tensor]
     """``[B]`` fp32 filter threshold on ``min(x / T, FLT_MAX)`` (None: no filter)."""
     temperature: float
@@ -145,7 +147,7 @@ def ar_inputs(logits, seed, position, temperature, top_k, top_p, sample_ids) -> 
         logits=_unit_stride(logits),
         sample_ids=_ref.row_sample_ids(sample_ids, B, device),
         positions=_ref.row_positions(position, B, device),
-        keys=_rng.seed_stream_keys(seed, device),
+        keys=tuple(_rng.call_keys(seed, 0)),
         thr=ar_threshold(logits, temperature, top_k, top_p) if filt else None,
         temperature=float(temperature) if temperature > 0 else 1.0,
         greedy=greedy,
@@ -171,7 +173,6 @@ def masked_sample_step(cond_logits, tokens, is_masked, uncond_logits, sample_ids
         x.tokens,
         x.is_masked,
         x.sample_ids,
-        x.keys,
         x.thr,
         x.a,
         x.s,
@@ -179,6 +180,7 @@ def masked_sample_step(cond_logits, tokens, is_masked, uncond_logits, sample_ids
         x.tau,
         p.temperature == 0,
         p.tau != 0.0,
+        *x.keys,
     )
     if L > MAX_L:
         return remask_in_torch(conf, sampled, tokens, is_masked, p)
@@ -193,5 +195,5 @@ def ar_sample(logits, *, seed, position, temperature=1.0, top_k=None, top_p=None
     if logits.shape[0] == 0:
         return _ref.ARSample(logits.new_empty(0, dtype=torch.int64), logits.new_empty(0, dtype=torch.float32))
     x = ar_inputs(logits, seed, position, temperature, top_k, top_p, sample_ids)
-    out = _ext.cuda_ops().ar_sample(x.logits, x.sample_ids, x.positions, x.keys, x.thr, x.temperature, x.greedy)
+    out = _ext.cuda_ops().ar_sample(x.logits, x.sample_ids, x.positions, x.thr, x.temperature, x.greedy, *x.keys[:2])
     return _ref.ARSample(*out)

@@ -4,9 +4,15 @@ the semantics every backend is tested against; they do not validate their argume
 ops in ``unif2ace.kernels.sampling`` do).
 
 Randomness comes only from the counter-based RNG of :mod:`.rng`, keyed by
-``(seed, sample id, position, token)``: stream 0 is the token-sampling Gumbel noise (one number
-per (position, code)), stream 1 the confidence noise (token = 0). Results therefore do not depend
-on the batch composition or order, only on each row's sample id.
+``(seed, step, sample id, position, token)``: stream 0 is the draw of the code (one 64-bit number
+per position, token 0), stream 1 the confidence noise (a Gumbel per position, token 0); every
+MaskGIT step draws fresh numbers (``ar_sample`` uses step 0: its position is the decode step). Results therefore do
+not depend on the batch composition or order, only on each row's sample id.
+
+Log-probabilities (the confidence of the masked step, the logprobs of ``ar_sample``) are the
+exactly defined fp32 log-softmax of :mod:`.rng` (:func:`log_prob`): the exponentials are summed in
+fixed point, so a row and any permutation of it give the same value, bit for bit, on every
+backend -- and exact ties in confidence are ranked by position everywhere.
 
 Sanitising (both ops): the logits (the guidance-combined logits for the masked step) are taken to
 fp32; NaN becomes -inf (the code can never be drawn) and +inf becomes FLT_MAX (finite, so
@@ -14,9 +20,10 @@ log-softmax stays defined). A row with no finite value left (all -inf or NaN) sa
 confidence / log-probability -inf.
 
 Temperature: ``scaled = min(x / fp32(temperature), FLT_MAX)`` with IEEE fp32 division (a logit so
-large that dividing by a small temperature overflows is clamped to FLT_MAX). Gumbel-max sampling
-takes ``argmax_v(scaled_v + g_v)`` with both terms and the sum in fp32; every argmax in this module
-breaks ties towards the lowest index.
+large that dividing by a small temperature overflows is clamped to FLT_MAX). A code is drawn from
+``softmax(scaled)`` by :func:`draw_code`: the exact fixed-point probabilities of :mod:`.rng` and one
+64-bit random draw per row, inverse transform in integers -- no per-code random number, and every
+backend draws the same code. Every argmax in this module breaks ties towards the lowest index.
 
 Top-k (k >= V: no filtering): keep v iff ``x_v >= `` the k-th largest value of the row (all ties
 at the boundary are kept, so more than k codes can survive); the rest become -inf.
@@ -55,6 +62,8 @@ __all__ = [
     "row_sample_ids",
     "row_positions",
     "sanitize_logits",
+    "log_prob",
+    "draw_code",
     "guidance_factors",
     "active_uncond",
     "guided_logits",
@@ -99,8 +108,8 @@ class ARSample(NamedTuple):
     tokens: Tensor
     """int64: the drawn token."""
     logprobs: Tensor
-    """fp32: ``log_softmax(logits)[token]`` of the model's own distribution (temperature 1, no
-    top-k/top-p filtering); -inf for a row with no finite logit."""
+    """fp32: ``log_softmax(logits)[token]`` (:func:`log_prob`) of the model's own distribution
+    (temperature 1, no top-k/top-p filtering); -inf for a row with no finite logit."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,6 +191,7 @@ class StepParams(NamedTuple):
     custom op from the public arguments; the last three fields are :class:`StepScalars`)."""
 
     seed: int
+    step: int
     mask_token_id: int
     guidance_scale: float
     temperature: float
@@ -224,6 +234,33 @@ def row_positions(position: Union[int, Tensor], B: int, device: torch.device) ->
 def sanitize_logits(x: Tensor) -> Tensor:
     """fp32 copy of ``x`` with NaN -> -inf and +inf -> FLT_MAX."""
     return torch.nan_to_num(x.float(), nan=float("-inf"), posinf=FLT_MAX, neginf=float("-inf"))
+
+
+def log_prob(x: Tensor, pick: Tensor) -> Tensor:
+    """``log softmax(x)[pick]`` along the last dim of sanitised fp32 ``x`` (``[..., V]``, ``pick``
+    ``[...]`` int64), by the exact fixed-point definition of :mod:`.rng`: ``(x_pick - m) - lse_rel``
+    with ``m`` the row max; -inf for a row with no finite value."""
+    m = x.amax(dim=-1, keepdim=True)
+    finite = m > float("-inf")
+    m = torch.where(finite, m, 0.0)
+    lp = (x.gather(-1, pick[..., None]) - m) - rng.lse_rel(x, m)
+    return torch.where(finite, lp, float("-inf"))[..., 0]
+
+
+def draw_code(z: Tensor, hi: Tensor, lo: Tensor) -> Tensor:
+    """The code drawn from ``softmax(z)`` along the last dim of fp32 scores ``z`` (``[R, V]``; -inf:
+    excluded) with the 64 random bits ``(hi, lo)`` of each row (int64 ``[R]``), by inverse transform
+    on the exact fixed-point probabilities of :mod:`.rng`: ``q = exp_fixed(z - max z)``,
+    ``U = floor((hi 2^32 + lo) sum(q) / 2^64)``, the code is the first ``v`` with
+    ``q_0 + ... + q_v > U`` (probability ``q_v / sum(q)``). A row whose scores are all -inf draws
+    code 0."""
+    m = z.amax(dim=-1, keepdim=True)
+    live = m > float("-inf")
+    q = rng.exp_fixed(z - torch.where(live, m, 0.0), rng.sum_bits(z.shape[-1]))
+    c = q.cumsum(dim=-1)
+    u = rng.mulhi_u64(hi, lo, c[:, -1])
+    pick = torch.searchsorted(c, u[:, None], right=True)[:, 0]
+    return torch.where(live[:, 0], pick, 0)
 
 
 def guidance_factors(guidance_scale: float) -> Tuple[float, float]:
@@ -360,16 +397,16 @@ def masked_sample_step_ref(
     ``arange(B)``; the RNG uses its low 32 bits). Per row b, position i:
 
     1. ``x = cond`` if ``uncond_logits`` is None or ``guidance_scale == 0``, else
-       ``fp32(1 + s) · cond − fp32(s) · uncond`` in fp32 (two products, then the difference; a
-       backend that fuses it into an FMA differs by rounding only); then sanitised
-       (NaN -> -inf, +inf -> FLT_MAX).
+       ``fp32(1 + s) · cond − fp32(s) · uncond`` in fp32 (two rounded products, then the
+       rounded difference: no FMA); then sanitised (NaN -> -inf, +inf -> FLT_MAX).
     2. Top-k filter (if ``top_k``), see the module docstring. ``x`` from here on is filtered.
-    3. At every input-masked position: ``temperature > 0``: ``sampled = argmax_v(scaled_v + g_v)``
-       with ``g_v`` = the stream-0 Gumbel of (seed, sample id, i, v); ``temperature == 0``:
-       ``argmax_v x_v`` (no noise). Ties -> lowest code.
-    4. ``confidence = log_softmax(x)[sampled] + fp32(τ) · g'`` with ``τ = confidence_noise ·
-       (1 − (step + 1) / num_steps)`` (float64 on the host, then fp32), ``g'`` the stream-1 Gumbel of
-       (seed, sample id, i, 0). [choice] ``log_softmax`` is of the guided, top-k-filtered
+    3. At every input-masked position: ``temperature > 0``: ``sampled`` is drawn from
+       ``softmax(scaled)`` by :func:`draw_code` with the stream-0 draw of (seed, step, sample id,
+       i, token 0); ``temperature == 0``: ``argmax_v x_v`` (no noise; ties -> lowest code).
+    4. ``confidence = log_softmax(x)[sampled] + fp32(τ) · g'`` (a rounded product, then a rounded
+       sum) with ``τ = confidence_noise · (1 − (step + 1) / num_steps)`` (float64 on the host, then
+       fp32), ``g'`` the stream-1 Gumbel of (seed, step, sample id, i, 0), ``log_softmax`` the exact
+       fixed-point one of :func:`log_prob`. [choice] ``log_softmax`` is of the guided, top-k-filtered
        distribution at temperature 1: the temperature only shapes which code is drawn, so
        temperature 0 is greedy decoding with meaningful confidences. +inf at positions that were
        not masked; -inf where the row had no finite value (its code is 0).
@@ -392,28 +429,27 @@ def masked_sample_step_ref(
     unc = uncond.reshape(rows, V) if uncond is not None else None
     row_sample = sample_ids.repeat_interleave(L)
     row_pos = torch.arange(L, device=device, dtype=torch.int64).repeat(B)
-    codes = torch.arange(V, device=device, dtype=torch.int64)
 
     sampled = torch.empty(rows, dtype=torch.int64, device=device)
     logp = torch.empty(rows, dtype=torch.float32, device=device)
     for r0, r1 in _chunks(rows, V, device):
         x = top_k_filter(guided_logits(cond[r0:r1], None if unc is None else unc[r0:r1], guidance_scale), top_k)
         if temperature > 0:
-            g = rng.gumbel(seed, rng.STREAM_TOKEN, row_sample[r0:r1, None], row_pos[r0:r1, None], codes[None, :])
-            pick = (_scale(x, temperature) + g).argmax(dim=-1)
-            del g
+            hi, lo = rng.random_words(seed, step, rng.STREAM_TOKEN, row_sample[r0:r1], row_pos[r0:r1], 0)
+            pick = draw_code(_scale(x, temperature), hi, lo)
         else:
             pick = x.argmax(dim=-1)
         finite = (x > float("-inf")).any(dim=-1)
-        lp = torch.log_softmax(x, dim=-1).gather(-1, pick[:, None])[:, 0]
-        sampled[r0:r1] = torch.where(finite, pick, 0)
-        logp[r0:r1] = torch.where(finite, lp, float("-inf"))
+        pick = torch.where(finite, pick, 0)
+        sampled[r0:r1] = pick
+        logp[r0:r1] = log_prob(x, pick)
     sampled = sampled.view(B, L)
     logp = logp.view(B, L)
 
     confidence = logp
     if sc.tau != 0.0 and B * L > 0:
-        g1 = rng.gumbel(seed, rng.STREAM_CONFIDENCE, sample_ids[:, None], torch.arange(L, device=device)[None, :], 0)
+        pos = torch.arange(L, device=device)[None, :]
+        g1 = rng.gumbel(seed, step, rng.STREAM_CONFIDENCE, sample_ids[:, None], pos, 0)
         confidence = logp + torch.tensor(sc.tau, dtype=torch.float32, device=device) * g1
     confidence = torch.where(is_masked, confidence, float("inf"))
     tokens_out, new_mask, sampled_out = remask(confidence, is_masked, tokens, sampled, sc.n_cap, mask_token_id)
@@ -439,9 +475,10 @@ def ar_sample_ref(
     Per row b: ``x`` = sanitised fp32 logits. ``temperature == 0`` or ``top_k == 1``: greedy
     ``argmax x`` (ties -> lowest index). Otherwise ``scaled = min(x / T, FLT_MAX)``, top-k filter
     (see the module docstring), top-p filter (:func:`top_p_filter`, on the tempered, top-k-filtered
-    distribution), then ``argmax_v(scaled_v + g_v)`` with ``g_v`` the stream-0 Gumbel keyed
-    (seed, sample id, position[b], v); ``position`` is an int or a ``[B]`` int tensor (the decode
-    step, a 32-bit word). ``logprobs = log_softmax(x)[token]`` (temperature 1, unfiltered).
+    distribution), then a code drawn from ``softmax`` of what is left by :func:`draw_code` with the
+    stream-0 draw of (seed, step 0, sample id, position[b], token 0); ``position`` is an int or a
+    ``[B]`` int tensor (the decode step, a 32-bit word). ``logprobs = log_softmax(x)[token]`` (:func:`log_prob`;
+    temperature 1, unfiltered).
     A row with no finite logit gives token 0 and logprob -inf.
     """
     B, V = logits.shape
@@ -449,7 +486,6 @@ def ar_sample_ref(
     sample_ids = row_sample_ids(sample_ids, B, device)
     pos = row_positions(position, B, device)
     greedy = ar_greedy(temperature, top_k)
-    codes = torch.arange(V, device=device, dtype=torch.int64)
 
     tokens = torch.empty(B, dtype=torch.int64, device=device)
     logprobs = torch.empty(B, dtype=torch.float32, device=device)
@@ -458,12 +494,10 @@ def ar_sample_ref(
         if greedy:
             pick = x.argmax(dim=-1)
         else:
-            z = ar_scores(x, temperature, top_k, top_p)
-            g = rng.gumbel(seed, rng.STREAM_TOKEN, sample_ids[r0:r1, None], pos[r0:r1, None], codes[None, :])
-            pick = (z + g).argmax(dim=-1)
-            del g, z
+            hi, lo = rng.random_words(seed, 0, rng.STREAM_TOKEN, sample_ids[r0:r1], pos[r0:r1], 0)
+            pick = draw_code(ar_scores(x, temperature, top_k, top_p), hi, lo)
         finite = (x > float("-inf")).any(dim=-1)
-        lp = torch.log_softmax(x, dim=-1).gather(-1, pick[:, None])[:, 0]
-        tokens[r0:r1] = torch.where(finite, pick, 0)
-        logprobs[r0:r1] = torch.where(finite, lp, float("-inf"))
+        pick = torch.where(finite, pick, 0)
+        tokens[r0:r1] = pick
+        logprobs[r0:r1] = log_prob(x, pick)
     return ARSample(tokens, logprobs)

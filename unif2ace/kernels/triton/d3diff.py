@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import Launch, launch
+
 __all__ = ["lse_gather", "lse_gather_backward", "block_v"]
 
 MAX_BLOCK_V = 4096
@@ -109,6 +111,41 @@ def _rows(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
 
+def _plan_fwd(logits, target, lse, tgt, ignore_index) -> Launch:
+    N, V = logits.shape
+    blk = block_v(V)
+    return Launch(
+        _lse_gather_fwd_kernel,
+        (N,),
+        (logits, target, lse, tgt, V, logits.stride(0), int(ignore_index)),
+        dict(BLOCK_V=blk),
+        dict(num_warps=_num_warps(blk)),
+    )
+
+
+def _plan_bwd(logits, target, lse, grad_lse, grad_tgt, grad, ignore_index) -> Launch:
+    N, V = logits.shape
+    blk = block_v(V)
+    return Launch(
+        _lse_gather_bwd_kernel,
+        (N,),
+        (
+            logits,
+            target,
+            lse.contiguous(),
+            grad_lse.contiguous(),
+            grad_tgt.contiguous(),
+            grad,
+            V,
+            logits.stride(0),
+            grad.stride(0),
+            int(ignore_index),
+        ),
+        dict(BLOCK_V=blk),
+        dict(num_warps=_num_warps(blk)),
+    )
+
+
 def lse_gather(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -124,18 +161,7 @@ def lse_gather(
     tgt = torch.empty(N, dtype=torch.float32, device=logits.device) if tgt_out is None else tgt_out
     if N == 0:
         return lse, tgt
-    blk = block_v(V)
-    _lse_gather_fwd_kernel[(N,)](
-        logits,
-        target,
-        lse,
-        tgt,
-        V,
-        logits.stride(0),
-        int(ignore_index),
-        BLOCK_V=blk,
-        num_warps=_num_warps(blk),
-    )
+    launch(_plan_fwd(logits, target, lse, tgt, ignore_index))
     return lse, tgt
 
 
@@ -155,19 +181,5 @@ def lse_gather_backward(
     grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device) if grad_out is None else grad_out
     if N == 0 or V == 0:
         return grad
-    blk = block_v(V)
-    _lse_gather_bwd_kernel[(N,)](
-        logits,
-        target,
-        lse.contiguous(),
-        grad_lse.contiguous(),
-        grad_tgt.contiguous(),
-        grad,
-        V,
-        logits.stride(0),
-        grad.stride(0),
-        int(ignore_index),
-        BLOCK_V=blk,
-        num_warps=_num_warps(blk),
-    )
+    launch(_plan_bwd(logits, target, lse, grad_lse, grad_tgt, grad, ignore_index))
     return grad

@@ -62,6 +62,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
+from ._launch import Launch, launch
+
 __all__ = [
     "FusedConfig",
     "pick_config",
@@ -114,7 +117,7 @@ INTERPRETER_CONFIG = FusedConfig(block_m=64, block_v=256, block_k=128, num_warps
 
 
 def pick_config(dtype: torch.dtype, D: int, device: torch.device) -> FusedConfig:
-    if device.type != "cuda":
+    if not _launch.on_gpu(device):
         return INTERPRETER_CONFIG
     dclass = "small" if D <= _D_SMALL else "large"
     return _CONFIGS[("fp32" if dtype == torch.float32 else "16bit", dclass)]
@@ -122,19 +125,9 @@ def pick_config(dtype: torch.dtype, D: int, device: torch.device) -> FusedConfig
 
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
     """fp32 operands: exact IEEE products unless torch allows TF32 matmuls; 16-bit: the default."""
-    if dtype == torch.float32 and not (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32):
+    if dtype == torch.float32 and not (_launch.on_gpu(device) and torch.backends.cuda.matmul.allow_tf32):
         return "ieee"
     return "tf32"
-
-
-_SM_COUNT = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def _split(
@@ -144,8 +137,8 @@ def _split(
     split non-empty. ``base_programs``: programs of the grid per split."""
     if cfg.splits is not None:
         want = cfg.splits
-    elif device.type == "cuda":
-        want = triton.cdiv(2 * _sm_count(device), max(1, base_programs))
+    elif _launch.on_gpu(device):
+        want = triton.cdiv(2 * _launch.sm_count(device), max(1, base_programs))
     else:
         want = 1
     want = max(1, min(want, cfg.max_splits, n_units))
@@ -550,17 +543,18 @@ def _prep(hidden, weight, bias, target, ignore_index, config):
     return hidden, weight, bias, target, N, D, V, cfg, valid, order, count
 
 
-def _meta(hidden, bias, cfg, counter):
-    return dict(
+def _meta(hidden, bias, cfg, counter, **extra):
+    """(constexprs, compile options) of the head kernels for config ``cfg``."""
+    constexprs = dict(
         HAS_BIAS=bias is not None,
         DEBUG=counter is not None,
         BLOCK_M=cfg.block_m,
         BLOCK_V=cfg.block_v,
         BLOCK_K=cfg.block_k,
         PRECISION=_precision(hidden.dtype, hidden.device),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **extra,
     )
+    return constexprs, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def head_lse_gather(
@@ -595,23 +589,15 @@ def head_lse_gather(
         part_lse.fill_(float("nan"))
         part_tgt.fill_(float("nan"))
     ctr = debug_counter if debug_counter is not None else count
-    _fwd_kernel[(n_rb, S)](
-        hidden,
-        weight,
-        bias if bias is not None else hidden,
-        target,
-        order,
-        count,
-        part_lse,
-        part_tgt,
-        ctr,
-        N,
-        V,
-        D,
-        hidden.stride(0),
-        weight.stride(0),
-        per,
-        **_meta(hidden, bias, cfg, debug_counter),
+    b_arg = bias if bias is not None else hidden
+    args = (hidden, weight, b_arg, target, order, count, part_lse, part_tgt, ctr, N, V, D)
+    launch(
+        Launch(
+            _fwd_kernel,
+            (n_rb, S),
+            args + (hidden.stride(0), weight.stride(0), per),
+            *_meta(hidden, bias, cfg, debug_counter),
+        )
     )
     # ignored rows were never written: select them away (no host sync)
     lse = part_lse[0] if S == 1 else torch.logsumexp(part_lse, 0)
@@ -658,12 +644,12 @@ def head_lse_gather_backward(
     n_tiles = triton.cdiv(V, cfg.block_v)
     n_rb = triton.cdiv(N, cfg.block_m)
     ctr = debug_counter if debug_counter is not None else count
-    meta = _meta(hidden, bias, cfg, debug_counter)
     if precise_grad is None:
         precise_grad = PRECISE_GRAD
-    meta["SPLIT_GRAD"] = bool(precise_grad) and hidden.dtype != torch.float32
+    meta = _meta(hidden, bias, cfg, debug_counter, SPLIT_GRAD=bool(precise_grad) and hidden.dtype != torch.float32)
     b_arg = bias if bias is not None else hidden
     common = (hidden, weight, b_arg, target, order, count, lse, grad_lse, grad_tgt)
+    strides = (hidden.stride(0), weight.stride(0))
     if N == 0:
         gh = torch.zeros((0, D), dtype=torch.float32, device=dev)
         gw = torch.zeros((V, D), dtype=torch.float32, device=dev)
@@ -671,13 +657,13 @@ def head_lse_gather_backward(
     elif deterministic:
         S_h, per_h = _split(n_tiles, n_rb, cfg, dev, bytes_per_split=N * D * 4)
         dh = torch.zeros((S_h, N, D), dtype=torch.float32, device=dev)
-        _bwd_dh_kernel[(n_rb, S_h)](*common, dh, ctr, N, V, D, hidden.stride(0), weight.stride(0), per_h, **meta)
+        launch(Launch(_bwd_dh_kernel, (n_rb, S_h), common + (dh, ctr, N, V, D, *strides, per_h), *meta))
         S_w, per_w = _split(n_rb, n_tiles, cfg, dev, bytes_per_split=V * D * 4)
         dw = torch.zeros((S_w, V, D), dtype=torch.float32, device=dev)
         db = torch.empty((S_w, V), dtype=torch.float32, device=dev)
         if debug_counter is not None:
             db.fill_(float("nan"))
-        _bwd_dw_kernel[(n_tiles, S_w)](*common, dw, db, ctr, N, V, D, hidden.stride(0), weight.stride(0), per_w, **meta)
+        launch(Launch(_bwd_dw_kernel, (n_tiles, S_w), common + (dw, db, ctr, N, V, D, *strides, per_w), *meta))
         gh = dh[0] if S_h == 1 else dh.sum(0)
         gw = dw[0] if S_w == 1 else dw.sum(0)
         gb = db[0] if S_w == 1 else db.sum(0)
@@ -685,9 +671,7 @@ def head_lse_gather_backward(
         gh = torch.zeros((N, D), dtype=torch.float32, device=dev)
         gw = torch.zeros((V, D), dtype=torch.float32, device=dev)
         gb = torch.zeros(V, dtype=torch.float32, device=dev)
-        _bwd_atomic_kernel[(n_rb, n_tiles)](
-            *common, gh, gw, gb, ctr, N, V, D, hidden.stride(0), weight.stride(0), **meta
-        )
+        launch(Launch(_bwd_atomic_kernel, (n_rb, n_tiles), common + (gh, gw, gb, ctr, N, V, D, *strides), *meta))
     gh = gh.to(hidden.dtype)
     gw = gw.to(weight.dtype)
     gb = gb.to(bias.dtype) if bias is not None else hidden.new_empty(0)

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import triton_interpreter_enabled as _interpreting
 from ..reference.moe_gating import moe_gating_backward_ref, moe_gating_ref
+from ._launch import Launch, interpreting, launch
 
 __all__ = ["MAX_GROUP_EXPERTS", "moe_gating", "moe_gating_backward"]
 
@@ -284,8 +284,8 @@ def _gating_bwd_kernel(
 def _gating_tiles(T: int, sizes: Sequence[int]) -> Tuple[int, int]:
     block_e = _pow2(max(sizes), 16)
     # keep a [BLOCK_T, BLOCK_E] tile around 4K elements on GPUs; the interpreter prefers few programs
-    cap = 8192 if _interpreting() else 4096
-    block_t = max(1, min(_pow2(T, 1), cap // block_e, 128 if _interpreting() else 64))
+    cap = 8192 if interpreting() else 4096
+    block_t = max(1, min(_pow2(T, 1), cap // block_e, 128 if interpreting() else 64))
     return block_t, block_e
 
 
@@ -307,47 +307,31 @@ def _gating_launch(router_logits, group_ids, group_sizes, top_k, score, renormal
     part_c = _empty((max(n_blocks, 1), E_total), dtype=torch.int32, device=dev)
     part_n = _empty((max(n_blocks, 1), G), dtype=torch.int32, device=dev)
     if n_blocks > 0:
-        _gating_fwd_kernel[(n_blocks,)](
-            router_logits,
-            group_ids,
-            goff,
-            gsize,
-            ids,
-            gates,
-            part_s,
-            part_c,
-            part_n,
-            T,
-            G,
-            E_total,
-            router_logits.stride(0),
-            router_logits.stride(1),
-            group_ids.stride(0),
-            K=k,
-            BLOCK_T=block_t,
-            BLOCK_E=block_e,
-            BLOCK_K=_pow2(k, 2),
-            SIGMOID=score == "sigmoid",
-            RENORM=bool(renormalize),
-            num_warps=4,
+        launch(
+            Launch(
+                _gating_fwd_kernel,
+                (n_blocks,),
+                (router_logits, group_ids, goff, gsize, ids, gates, part_s, part_c, part_n, T, G, E_total)
+                + (router_logits.stride(0), router_logits.stride(1), group_ids.stride(0)),
+                dict(
+                    K=k,
+                    BLOCK_T=block_t,
+                    BLOCK_E=block_e,
+                    BLOCK_K=_pow2(k, 2),
+                    SIGMOID=score == "sigmoid",
+                    RENORM=bool(renormalize),
+                ),
+                dict(num_warps=4),
+            )
         )
-    _gating_stats_kernel[(G,)](
-        part_s,
-        part_c,
-        part_n,
-        goff,
-        gsize,
-        frac,
-        prob,
-        loss,
-        ntok,
-        n_blocks,
-        G,
-        E_total,
-        float(balance_coef),
-        K=k,
-        BLOCK_E=block_e,
-        num_warps=4,
+    launch(
+        Launch(
+            _gating_stats_kernel,
+            (G,),
+            (part_s, part_c, part_n, goff, gsize, frac, prob, loss, ntok, n_blocks, G, E_total, float(balance_coef)),
+            dict(K=k, BLOCK_E=block_e),
+            dict(num_warps=4),
+        )
     )
     return ids, gates, frac, prob, loss, ntok
 
@@ -400,26 +384,15 @@ def moe_gating_backward(
     dps = (dP / ntok.float().clamp_min(1.0)[gexp]).contiguous()
     grad_gates = grad_gates.float()
     block_t, block_e = _gating_tiles(T, sizes)
-    _gating_bwd_kernel[(triton.cdiv(T, block_t),)](
-        router_logits,
-        group_ids,
-        *_group_tables(sizes, dev)[:2],
-        grad_gates,
-        dps,
-        dz,
-        T,
-        E_total,
-        router_logits.stride(0),
-        router_logits.stride(1),
-        group_ids.stride(0),
-        grad_gates.stride(0),
-        grad_gates.stride(1),
-        dz.stride(0),
-        K=int(top_k),
-        BLOCK_T=block_t,
-        BLOCK_E=block_e,
-        SIGMOID=score == "sigmoid",
-        RENORM=bool(renormalize),
-        num_warps=4,
+    launch(
+        Launch(
+            _gating_bwd_kernel,
+            (triton.cdiv(T, block_t),),
+            (router_logits, group_ids, *_group_tables(sizes, dev)[:2], grad_gates, dps, dz, T, E_total)
+            + (router_logits.stride(0), router_logits.stride(1), group_ids.stride(0))
+            + (grad_gates.stride(0), grad_gates.stride(1), dz.stride(0)),
+            dict(K=int(top_k), BLOCK_T=block_t, BLOCK_E=block_e, SIGMOID=score == "sigmoid", RENORM=bool(renormalize)),
+            dict(num_warps=4),
+        )
     )
     return dz

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import triton_interpreter_enabled as _interpreting
+from ._launch import Launch, interpreting, launch
 from .moe_routing import _pow2, moe_align
 
 __all__ = ["MLP_CONFIGS", "mlp_config", "moe_expert_mlp", "moe_expert_mlp_backward"]
@@ -60,7 +60,7 @@ MLP_CONFIGS: Dict[str, Dict[str, int]] = {
 
 def mlp_config(num_assignments: int, num_experts: int, dtype: torch.dtype) -> Dict[str, int]:
     """Tile config for the grouped MLP from the shape class (rows per expert, dtype)."""
-    if _interpreting():
+    if interpreting():
         return MLP_CONFIGS["interpret"]
     if dtype == torch.float32:
         return MLP_CONFIGS["fp32"]
@@ -491,23 +491,9 @@ class _Launch:
         y = _empty((rt.N, self.D), dtype=torch.float32, device=self.dev)
         if not rt.N:
             return y
-        _gather_gemm_kernel[(rt.NB, triton.cdiv(self.D, self.BD))](
-            a,
-            b,
-            a if bias is None else bias,
-            self.g,
-            rt.sorted,
-            rt.block_eid,
-            y,
-            rt.N,
-            R,
-            self.D,
-            a.stride(0),
-            b.stride(0),
-            b.stride(1),
-            b.stride(2),
-            0 if bias is None else bias.stride(0),
-            y.stride(0),
+        args = (a, b, a if bias is None else bias, self.g, rt.sorted, rt.block_eid, y, rt.N, R, self.D)
+        args += (a.stride(0), b.stride(0), b.stride(1), b.stride(2), 0 if bias is None else bias.stride(0), y.stride(0))
+        constexprs = dict(
             K=self.k,
             HAS_BIAS=bias is not None,
             APPLY_GATE=apply_gate,
@@ -515,8 +501,8 @@ class _Launch:
             BLOCK_M=self.BM,
             BLOCK_F=self.BF,
             BLOCK_D=self.BD,
-            **self.kw,
         )
+        launch(Launch(_gather_gemm_kernel, (rt.NB, triton.cdiv(self.D, self.BD)), args, constexprs, self.kw))
         return y
 
     def grouped_xty(
@@ -535,25 +521,10 @@ class _Launch:
         per token and Y per padded position (x_by_token), or X per position and Y the gated
         grad_out rows of the tokens."""
         rt = self.rt
-        _grouped_xty_kernel[(self.E, triton.cdiv(P, BP), triton.cdiv(Q, BQ))](
-            X,
-            Y,
-            self.g,
-            rt.sorted,
-            rt.seg,
-            rt.counts,
-            out,
-            out if dbias is None else dbias,
-            rt.N,
-            P,
-            Q,
-            X.stride(0),
-            X.stride(1),
-            Y.stride(0),
-            out.stride(0),
-            out.stride(1),
-            out.stride(2),
-            0 if dbias is None else dbias.stride(0),
+        args = (X, Y, self.g, rt.sorted, rt.seg, rt.counts, out, out if dbias is None else dbias, rt.N, P, Q)
+        args += (X.stride(0), X.stride(1), Y.stride(0), out.stride(0), out.stride(1), out.stride(2))
+        args += (0 if dbias is None else dbias.stride(0),)
+        constexprs = dict(
             K=self.k,
             X_BY_TOKEN=x_by_token,
             Y_BY_TOKEN_GATED=not x_by_token,
@@ -562,8 +533,9 @@ class _Launch:
             BLOCK_M=self.BM,
             BLOCK_P=BP,
             BLOCK_Q=BQ,
-            **self.kw,
         )
+        grid = (self.E, triton.cdiv(P, BP), triton.cdiv(Q, BQ))
+        launch(Launch(_grouped_xty_kernel, grid, args, constexprs, self.kw))
 
     def combine(self, y: Tensor, out_dtype: torch.dtype) -> Tensor:
         """``[T, D]``: ``sum_j y[t*k + j]`` over the valid slots, fp32, in the order j = 0..k-1."""
@@ -572,10 +544,10 @@ class _Launch:
         if rt.T == 0 or D == 0:
             return out
         BT = min(_pow2(rt.T), 64)
-        BD = min(_pow2(D), 128 if _interpreting() else 64)
-        _combine_kernel[(triton.cdiv(rt.T, BT), triton.cdiv(D, BD))](
-            y, rt.ids, out, rt.T, D, self.E, y.stride(0), out.stride(0), K=rt.k, BLOCK_T=BT, BLOCK_D=BD, num_warps=4
-        )
+        BD = min(_pow2(D), 128 if interpreting() else 64)
+        args = (y, rt.ids, out, rt.T, D, self.E, y.stride(0), out.stride(0))
+        grid = (triton.cdiv(rt.T, BT), triton.cdiv(D, BD))
+        launch(Launch(_combine_kernel, grid, args, dict(K=rt.k, BLOCK_T=BT, BLOCK_D=BD), dict(num_warps=4)))
         return out
 
 
@@ -598,32 +570,13 @@ def moe_expert_mlp(
     s = _Launch(x, w1, w2, expert_ids, gates, config)
     rt = s.rt
     h = _empty((rt.L, s.F), dtype=s.cdt, device=s.dev)
-    _mlp_up_kernel[(rt.NB, triton.cdiv(s.F, s.BF))](
-        s.xc,
-        s.w1c,
-        h if b1 is None else b1,
-        rt.sorted,
-        rt.block_eid,
-        h,
-        rt.N,
-        D,
-        s.F,
-        s.xc.stride(0),
-        s.xc.stride(1),
-        s.w1c.stride(0),
-        s.w1c.stride(1),
-        s.w1c.stride(2),
-        0 if b1 is None else b1.stride(0),
-        h.stride(0),
-        K=s.k,
-        ACT=_ACT[activation],
-        HAS_B1=b1 is not None,
-        PREC=s.prec,
-        BLOCK_M=s.BM,
-        BLOCK_F=s.BF,
-        BLOCK_D=s.BD,
-        **s.kw,
+    args = (s.xc, s.w1c, h if b1 is None else b1, rt.sorted, rt.block_eid, h, rt.N, D, s.F)
+    args += (s.xc.stride(0), s.xc.stride(1), s.w1c.stride(0), s.w1c.stride(1), s.w1c.stride(2))
+    args += (0 if b1 is None else b1.stride(0), h.stride(0))
+    constexprs = dict(
+        K=s.k, ACT=_ACT[activation], HAS_B1=b1 is not None, PREC=s.prec, BLOCK_M=s.BM, BLOCK_F=s.BF, BLOCK_D=s.BD
     )
+    launch(Launch(_mlp_up_kernel, (rt.NB, triton.cdiv(s.F, s.BF)), args, constexprs, s.kw))
     # y[a] = gate[a] * (h[pos] @ w2[e] + b2[e])
     y = s.gather_gemm(h, s.w2c, b2, True, s.F)
     return s.combine(y, x.dtype)
@@ -658,35 +611,12 @@ def moe_expert_mlp_backward(
     dgp = torch.zeros((nF, rt.N), dtype=torch.float32, device=s.dev)  # invalid assignments keep 0
     dummy = a_buf
     if rt.N:
-        _mlp_bwd_act_kernel[(rt.NB, nF)](
-            xc,
-            w1c,
-            dummy if b1 is None else b1,
-            w2c,
-            dummy if b2 is None else b2,
-            go,
-            g,
-            rt.sorted,
-            rt.block_eid,
-            a_buf,
-            dh,
-            dgp,
-            rt.N,
-            D,
-            F,
-            xc.stride(0),
-            xc.stride(1),
-            w1c.stride(0),
-            w1c.stride(1),
-            w1c.stride(2),
-            0 if b1 is None else b1.stride(0),
-            w2c.stride(0),
-            w2c.stride(1),
-            w2c.stride(2),
-            0 if b2 is None else b2.stride(0),
-            go.stride(0),
-            a_buf.stride(0),
-            dh.stride(0),
+        args = (xc, w1c, dummy if b1 is None else b1, w2c, dummy if b2 is None else b2, go, g)
+        args += (rt.sorted, rt.block_eid, a_buf, dh, dgp, rt.N, D, F)
+        args += (xc.stride(0), xc.stride(1), w1c.stride(0), w1c.stride(1), w1c.stride(2))
+        args += (0 if b1 is None else b1.stride(0), w2c.stride(0), w2c.stride(1), w2c.stride(2))
+        args += (0 if b2 is None else b2.stride(0), go.stride(0), a_buf.stride(0), dh.stride(0))
+        constexprs = dict(
             K=k,
             ACT=_ACT[activation],
             HAS_B1=b1 is not None,
@@ -695,8 +625,8 @@ def moe_expert_mlp_backward(
             BLOCK_M=BM,
             BLOCK_F=BF,
             BLOCK_D=BD,
-            **kw,
         )
+        launch(Launch(_mlp_bwd_act_kernel, (rt.NB, nF), args, constexprs, kw))
     dgates = dgp.sum(0).view(T, k).to(gates.dtype)  # fixed-order reduction over F tiles
     # dW2[e] = a_e^T (g * grad_out)_e, db2[e] = sum (g * grad_out)_e
     s.grouped_xty(a_buf, go, dw2, db2, F, D, False, BF, BD)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import triton_interpreter_enabled as _interpreting
+from ._launch import Launch, interpreting, launch
 
 __all__ = ["ALIGN_CONFIGS", "align_config", "moe_align"]
 
@@ -40,7 +40,7 @@ ALIGN_CONFIGS: Dict[str, Dict[str, int]] = {
 
 
 def align_config() -> Dict[str, int]:
-    return ALIGN_CONFIGS["interpret" if _interpreting() else "gpu"]
+    return ALIGN_CONFIGS["interpret" if interpreting() else "gpu"]
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -137,14 +137,18 @@ def moe_align(expert_ids: Tensor, num_experts: int, block_size: int, *, with_seg
     seg = _empty((E,), dtype=torch.int32, device=dev)
     part = _empty((max(n_chunks, 1), E), dtype=torch.int32, device=dev)
     chunk_off = _empty_like(part)
+    w4 = dict(num_warps=4)
     if n_chunks:
-        _align_count_kernel[(n_chunks,)](flat, part, N, E, BLOCK_N=BN, BLOCK_E=BE, num_warps=4)
-    _align_scan_kernel[(1,)](part, chunk_off, counts, seg, total, n_chunks, E, bs, BLOCK_E=BE, num_warps=4)
+        launch(Launch(_align_count_kernel, (n_chunks,), (flat, part, N, E), dict(BLOCK_N=BN, BLOCK_E=BE), w4))
+    scan_args = (part, chunk_off, counts, seg, total, n_chunks, E, bs)
+    launch(Launch(_align_scan_kernel, (1,), scan_args, dict(BLOCK_E=BE), w4))
     if max_blocks:
-        _align_blocks_kernel[(triton.cdiv(max_blocks, BB),)](
-            counts, seg, total, block_ids, E, max_blocks, bs, BLOCK_B=BB, BLOCK_E=BE, num_warps=4
+        blocks_args = (counts, seg, total, block_ids, E, max_blocks, bs)
+        launch(
+            Launch(_align_blocks_kernel, (triton.cdiv(max_blocks, BB),), blocks_args, dict(BLOCK_B=BB, BLOCK_E=BE), w4)
         )
     if n_chunks:
-        _align_scatter_kernel[(n_chunks,)](flat, chunk_off, seg, sorted_ids, N, E, BLOCK_N=BN, BLOCK_E=BE, num_warps=4)
+        scatter_args = (flat, chunk_off, seg, sorted_ids, N, E)
+        launch(Launch(_align_scatter_kernel, (n_chunks,), scatter_args, dict(BLOCK_N=BN, BLOCK_E=BE), w4))
     out = (sorted_ids, block_ids, total, counts)
     return out + (seg,) if with_segments else out

@@ -38,8 +38,10 @@ import triton
 import triton.language as tl
 
 from ..cuda import sampling as _host
+from ..reference import rng as _rng
 from ..reference import sampling as _ref
-from .rng import element, gumbel, row_keys
+from ._launch import Launch, launch, on_gpu, sm_count
+from .rng import FP_OPTIONS, draw_target, element, exp_fixed, gumbel, log_f32, row_keys
 
 __all__ = ["masked_sample_step", "ar_sample", "MAX_L", "MAX_BLOCK_V"]
 
@@ -56,18 +58,17 @@ def _num_warps(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
+def _remask_warps(block_l: int) -> int:
+    """Warps of the re-mask kernel: at most 8 of a row's positions per thread (each holds its
+    64-bit sort key, confidence, mask, token and code: at 32 per thread, L = 4096 on 4 warps, the
+    sort spilled at 255 registers)."""
+    return max(4, min(16, block_l // 256))
+
+
 @triton.jit
 def _sanitize(x):
     x = tl.where(x != x, float("-inf"), x)
     return tl.where(x == float("inf"), 3.4028234663852886e38, x)
-
-
-@triton.jit
-def _online_sumexp(m, ssum, x):
-    """Fold the tile ``x`` into the running (max ``m``, ``sum exp(x - m)``)."""
-    m_new = tl.maximum(m, tl.max(x, 0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    return m_new, ssum * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
 
 
 @triton.jit
@@ -76,29 +77,50 @@ def _scale(x, temperature):
     return tl.minimum(tl.math.div_rn(x, temperature), 3.4028234663852886e38)
 
 
-@triton.jit
-def _perturb(z, cols, rk_hi, rk_lo):
-    """``z + g`` with ``g`` the Gumbel of each code ``cols`` under the row keys (rk_hi, rk_lo)."""
-    t = cols.to(tl.uint32)
-    return z + gumbel(element(rk_hi, t), element(rk_lo, t))
+# --------------------------------------------------------------------------------------------
+# the draw: fixed-point softmax and inverse transform over a row streamed in tiles
 
 
 @triton.jit
-def _carry_best(best, best_idx, best_x, score, cols, x):
-    """Carry the tile's best (score, its lowest code, that code's ``x``) into the running best: only
-    a strictly larger score replaces it, so ties keep the lowest code."""
-    tmax = tl.max(score, 0)
-    tidx = tl.min(tl.where(score == tmax, cols, 2147483647), 0)
-    tx = tl.max(tl.where(cols == tidx, x, float("-inf")), 0)
-    upd = tmax > best
-    return tl.where(upd, tmax, best), tl.where(upd, tidx, best_idx), tl.where(upd, tx, best_x)
+def _first_max(m, idx, x, cols):
+    """Carry the tile's max and its lowest code into the running (max ``m``, its code ``idx``): only
+    a strictly larger max replaces it, so ties keep the lowest code."""
+    tmax = tl.max(x, 0)
+    tidx = tl.min(tl.where(x == tmax, cols, 2147483647), 0)
+    upd = tmax > m
+    return tl.where(upd, tmax, m), tl.where(upd, tidx, idx)
 
 
 @triton.jit
-def _log_p(best_x, m, ssum):
-    """``(log softmax of the best code, finite)``: -inf where the row had no finite value."""
+def _find_tile(TSUM, n_tiles, U):
+    """The tile holding the draw (the first whose running sum of the tile sums exceeds ``U``) and
+    the sum of the tiles before it."""
+    sel = n_tiles * 0 - 1
+    before = U * 0
+    acc = U * 0
+    for t in range(0, n_tiles):
+        ts = tl.load(TSUM + t)
+        hit = (sel < 0) & (acc + ts > U)
+        sel = tl.where(hit, t, sel)
+        before = tl.where(hit, acc, before)
+        acc += ts
+    return sel, before
+
+
+@triton.jit
+def _pick_in_tile(q, cols, before, U):
+    """The first code of the tile whose running sum ``before + q_0 + ... + q_v`` exceeds ``U``."""
+    c = tl.cumsum(q, 0) + before
+    return tl.min(tl.where(c > U, cols, 2147483647), 0)
+
+
+@triton.jit
+def _log_p(x_pick, m, S, inv_scale):
+    """``(x_pick - m) - lse_rel`` with lse_rel = log_f32(f32(S) 2^-K); -inf where the row had no
+    finite value (m = -inf)."""
     finite = m > float("-inf")
-    lp = (best_x - tl.where(finite, m, 0.0)) - tl.log(tl.where(finite, ssum, 1.0))
+    lse = log_f32(tl.where(finite, S, 1 << 50).to(tl.float32) * inv_scale)
+    lp = (x_pick - tl.where(finite, m, 0.0)) - lse
     return tl.where(finite, lp, float("-inf")), finite
 
 
@@ -107,27 +129,50 @@ def _log_p(best_x, m, ssum):
 
 
 @triton.jit
+def _step_tile(c_row, u_row, cols, V, a, s, thr, HAS_UNC: tl.constexpr, HAS_THR: tl.constexpr):
+    """The guided, sanitised, top-k-filtered fp32 logits of one tile (-inf past V)."""
+    inb = cols < V
+    x = tl.load(c_row + cols, mask=inb, other=float("-inf")).to(tl.float32)
+    if HAS_UNC:
+        xu = tl.load(u_row + cols, mask=inb, other=0.0).to(tl.float32)
+        x = a * x - s * xu
+    x = _sanitize(x)
+    x = tl.where(inb, x, float("-inf"))
+    if HAS_THR:
+        x = tl.where(x >= thr, x, float("-inf"))
+    return x
+
+
+@triton.jit(do_not_specialize=["K0", "K1", "K2", "K3", "kbias"])
 def _masked_step_kernel(
     COND,
     UNC,
     TOK,
     MASK,
     SID,
-    KEYS,
     THR,
+    TSUM,
     SAMPLED,
     CONF,
     L,
     V,
+    n_tiles,
     stride_c,
     stride_u,
     a,
     s,
     temperature,
     tau,
+    K0,
+    K1,
+    K2,
+    K3,
+    kbias,
+    inv_scale,
     HAS_UNC: tl.constexpr,
     HAS_THR: tl.constexpr,
     GREEDY: tl.constexpr,
+    TEMPERED: tl.constexpr,
     HAS_NOISE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -137,37 +182,59 @@ def _masked_step_kernel(
     masked = tl.load(MASK + unit) != 0
     sid = tl.load(SID + b).to(tl.uint32)
     pos = i.to(tl.uint32)
-    rk_hi, rk_lo = row_keys(KEYS, 0, sid, pos)  # stream 0: token sampling
+    thr = 0.0
     if HAS_THR:
         thr = tl.load(THR + unit)
     c_row = COND + unit * stride_c
     u_row = UNC + unit * stride_u
     offs = tl.arange(0, BLOCK_V)
-    n_cols = tl.where(masked, V, 0)  # unmasked positions skip the sweep
-    m, ssum = float("-inf"), 0.0  # running max and sum of exp(x - max)
-    best, best_idx, best_x = float("-inf"), 0, float("-inf")  # running best score, its code, its x
+    n_cols = tl.where(masked, V, 0)  # unmasked positions skip the sweeps
+    # pass 1: the row max (and, greedy, its first code)
+    m, pick = float("-inf"), 0
     for start in range(0, n_cols, BLOCK_V):
         cols = start + offs
-        inb = cols < V
-        x = tl.load(c_row + cols, mask=inb, other=float("-inf")).to(tl.float32)
-        if HAS_UNC:
-            xu = tl.load(u_row + cols, mask=inb, other=0.0).to(tl.float32)
-            x = a * x - s * xu
-        x = _sanitize(x)
-        x = tl.where(inb, x, float("-inf"))
-        if HAS_THR:
-            x = tl.where(x >= thr, x, float("-inf"))
-        m, ssum = _online_sumexp(m, ssum, x)
-        # Gumbel-max (or argmax) on this tile
-        if GREEDY:
-            score = x
-        else:
-            score = _perturb(_scale(x, temperature), cols, rk_hi, rk_lo)
-        best, best_idx, best_x = _carry_best(best, best_idx, best_x, score, cols, x)
-    lp, finite = _log_p(best_x, m, ssum)
-    code = tl.where(finite, best_idx, 0).to(tl.int64)
+        x = _step_tile(c_row, u_row, cols, V, a, s, thr, HAS_UNC, HAS_THR)
+        m, pick = _first_max(m, pick, x, cols)
+    m0 = tl.where(m > float("-inf"), m, 0.0)
+    mz = m0
+    if TEMPERED:
+        mz = _scale(m0, temperature)
+    # pass 2: the fixed-point sums at temperature 1 (log p) and of the draw's scores, per tile
+    S = n_cols.to(tl.int64) * 0
+    Sz = S
+    tsum = TSUM + unit * n_tiles
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + offs
+        x = _step_tile(c_row, u_row, cols, V, a, s, thr, HAS_UNC, HAS_THR)
+        ts = tl.sum(exp_fixed(x - m0, kbias), 0)
+        S += ts
+        if not GREEDY:
+            if TEMPERED:
+                ts = tl.sum(exp_fixed(_scale(x, temperature) - mz, kbias), 0)
+                Sz += ts
+            tl.store(tsum + start // BLOCK_V, ts)
+    if not TEMPERED:
+        Sz = S
+    # pass 3: the draw (the tile holding it, then the code within)
+    x_pick = m
+    if not GREEDY:
+        rk_hi, rk_lo = row_keys(K0, K1, sid, pos)  # stream 0: the code's draw
+        U = draw_target(rk_hi, rk_lo, Sz)
+        n_t = tl.where(masked & (mz > float("-inf")), n_tiles, 0)
+        sel, before = _find_tile(tsum, n_t, U)  # sel < 0: every score -inf, code 0
+        start = tl.maximum(sel, 0) * BLOCK_V
+        for _ in range(0, tl.where(masked, 1, 0)):  # the one tile holding the code
+            cols = start + offs
+            x = _step_tile(c_row, u_row, cols, V, a, s, thr, HAS_UNC, HAS_THR)
+            z = x
+            if TEMPERED:
+                z = _scale(x, temperature)
+            pick = tl.where(sel >= 0, _pick_in_tile(exp_fixed(z - mz, kbias), cols, before, U), 0)
+            x_pick = tl.max(tl.where(cols == pick, x, float("-inf")), 0)
+    lp, finite = _log_p(x_pick, m, S, inv_scale)
+    code = tl.where(finite, pick, 0).to(tl.int64)
     if HAS_NOISE:
-        ck_hi, ck_lo = row_keys(KEYS, 1, sid, pos)  # stream 1: confidence noise, token 0
+        ck_hi, ck_lo = row_keys(K2, K3, sid, pos)  # stream 1: confidence noise, token 0
         zero = pos * 0
         lp = lp + tau * gumbel(element(ck_hi, zero), element(ck_lo, zero))
     tok = tl.load(TOK + unit).to(tl.int64)
@@ -226,52 +293,195 @@ def _remask_kernel(
 
 
 @triton.jit
-def _ar_kernel(
+def _ar_tile(x_row, cols, V):
+    """The sanitised fp32 logits of one tile (-inf past V)."""
+    inb = cols < V
+    x = _sanitize(tl.load(x_row + cols, mask=inb, other=float("-inf")).to(tl.float32))
+    return tl.where(inb, x, float("-inf"))
+
+
+@triton.jit
+def _ar_scores(x, temperature, thr, TEMPERED: tl.constexpr, HAS_THR: tl.constexpr):
+    """The scores the draw is over: ``min(x / T, FLT_MAX)`` (x at T = 1) kept where ``>= thr``."""
+    z = x
+    if TEMPERED:
+        z = _scale(x, temperature)
+    if HAS_THR:
+        z = tl.where(z >= thr, z, float("-inf"))
+    return z
+
+
+# The rows are split into segments of whole BLOCK_V tiles, one program each, so that a few rows of a
+# large vocabulary still fill the GPU (B <= 8 rows of V = 256k on 132 SMs). The exact integer sums
+# make the split invisible: any partition of a row sums to the same bits.
+
+
+@triton.jit
+def _ar_max_kernel(X, MAXV, MAXI, V, stride_x, seg_len, n_seg, BLOCK_V: tl.constexpr):
+    """Per (row, segment): the segment's max and its first code."""
+    row = tl.program_id(0).to(tl.int64)
+    seg = tl.program_id(1)
+    x_row = X + row * stride_x
+    offs = tl.arange(0, BLOCK_V)
+    m, idx = float("-inf"), 0
+    for start in range(seg * seg_len, tl.minimum(seg * seg_len + seg_len, V), BLOCK_V):
+        cols = start + offs
+        m, idx = _first_max(m, idx, _ar_tile(x_row, cols, V), cols)
+    tl.store(MAXV + row * n_seg + seg, m)
+    tl.store(MAXI + row * n_seg + seg, idx)
+
+
+@triton.jit
+def _row_max(MAXV, MAXI, row, n_seg, BLOCK_S: tl.constexpr):
+    """The row's max and its first code from the segments' (segments in code order)."""
+    segs = tl.arange(0, BLOCK_S)
+    mv = tl.load(MAXV + row * n_seg + segs, mask=segs < n_seg, other=float("-inf"))
+    mi = tl.load(MAXI + row * n_seg + segs, mask=segs < n_seg, other=2147483647)
+    m = tl.max(mv, 0)
+    return m, tl.min(tl.where(mv == m, mi, 2147483647), 0)
+
+
+@triton.jit(do_not_specialize=["kbias"])
+def _ar_sum_kernel(
     X,
-    SID,
-    POS,
-    KEYS,
     THR,
-    TOKENS,
-    LOGPROBS,
+    MAXV,
+    MAXI,
+    TSUM,
+    SSUM,
     V,
     stride_x,
+    seg_len,
+    n_seg,
+    n_tiles,
     temperature,
+    kbias,
     HAS_THR: tl.constexpr,
     GREEDY: tl.constexpr,
+    TEMPERED: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
+    """Per (row, segment): the fixed-point sums of the logits (logprob) and of the draw's scores,
+    per tile (TSUM) and per segment (SSUM)."""
     row = tl.program_id(0).to(tl.int64)
-    sid = tl.load(SID + row).to(tl.uint32)
-    pos = tl.load(POS + row).to(tl.uint32)
-    rk_hi, rk_lo = row_keys(KEYS, 0, sid, pos)
+    seg = tl.program_id(1)
+    thr = 0.0
     if HAS_THR:
         thr = tl.load(THR + row)
     x_row = X + row * stride_x
     offs = tl.arange(0, BLOCK_V)
-    m, ssum = float("-inf"), 0.0  # running max and sum of exp(x - max)
-    best, best_idx, best_x = float("-inf"), 0, float("-inf")  # running best score, its code, its x
-    for start in range(0, V, BLOCK_V):
+    m, _ = _row_max(MAXV, MAXI, row, n_seg, BLOCK_S)
+    m0 = tl.where(m > float("-inf"), m, 0.0)
+    mz = m0
+    if TEMPERED:
+        mz = _scale(m0, temperature)  # the top code survives the filters: the max of the scores
+    S = row * 0
+    Sz = S
+    for start in range(seg * seg_len, tl.minimum(seg * seg_len + seg_len, V), BLOCK_V):
         cols = start + offs
-        inb = cols < V
-        x = _sanitize(tl.load(x_row + cols, mask=inb, other=float("-inf")).to(tl.float32))
-        x = tl.where(inb, x, float("-inf"))
-        m, ssum = _online_sumexp(m, ssum, x)
-        if GREEDY:
-            score = x
-        else:
-            z = _scale(x, temperature)
-            if HAS_THR:
-                z = tl.where(z >= thr, z, float("-inf"))
-            score = _perturb(z, cols, rk_hi, rk_lo)
-        best, best_idx, best_x = _carry_best(best, best_idx, best_x, score, cols, x)
-    lp, finite = _log_p(best_x, m, ssum)
-    tl.store(TOKENS + row, tl.where(finite, best_idx, 0).to(tl.int64))
+        x = _ar_tile(x_row, cols, V)
+        ts = tl.sum(exp_fixed(x - m0, kbias), 0)
+        S += ts
+        if not GREEDY:
+            if TEMPERED or HAS_THR:
+                ts = tl.sum(exp_fixed(_ar_scores(x, temperature, thr, TEMPERED, HAS_THR) - mz, kbias), 0)
+                Sz += ts
+            tl.store(TSUM + row * n_tiles + start // BLOCK_V, ts)
+    tl.store(SSUM + (row * n_seg + seg) * 2, S)
+    tl.store(SSUM + (row * n_seg + seg) * 2 + 1, Sz)
+
+
+@triton.jit(do_not_specialize=["K0", "K1", "kbias"])
+def _ar_pick_kernel(
+    X,
+    SID,
+    POS,
+    THR,
+    MAXV,
+    MAXI,
+    TSUM,
+    SSUM,
+    TOKENS,
+    LOGPROBS,
+    V,
+    stride_x,
+    n_seg,
+    n_tiles,
+    temperature,
+    K0,
+    K1,
+    kbias,
+    inv_scale,
+    HAS_THR: tl.constexpr,
+    GREEDY: tl.constexpr,
+    TEMPERED: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Per row: the segments' results combined, the draw (the tile holding it, then the code
+    within), the logprob."""
+    row = tl.program_id(0).to(tl.int64)
+    thr = 0.0
+    if HAS_THR:
+        thr = tl.load(THR + row)
+    x_row = X + row * stride_x
+    offs = tl.arange(0, BLOCK_V)
+    m, pick = _row_max(MAXV, MAXI, row, n_seg, BLOCK_S)
+    segs = tl.arange(0, BLOCK_S)
+    sums = SSUM + (row * n_seg + segs) * 2
+    S = tl.sum(tl.load(sums, mask=segs < n_seg, other=0), 0)
+    Sz = S
+    if TEMPERED or HAS_THR:
+        Sz = tl.sum(tl.load(sums + 1, mask=segs < n_seg, other=0), 0)
+    x_pick = m
+    if not GREEDY:
+        mz = tl.where(m > float("-inf"), m, 0.0)
+        if TEMPERED:
+            mz = _scale(mz, temperature)
+        sid = tl.load(SID + row).to(tl.uint32)
+        pos = tl.load(POS + row).to(tl.uint32)
+        rk_hi, rk_lo = row_keys(K0, K1, sid, pos)
+        U = draw_target(rk_hi, rk_lo, Sz)
+        n_t = tl.where(mz > float("-inf"), n_tiles, 0)
+        sel, before = _find_tile(TSUM + row * n_tiles, n_t, U)  # sel < 0: every score -inf, code 0
+        cols = tl.maximum(sel, 0) * BLOCK_V + offs
+        x = _ar_tile(x_row, cols, V)
+        z = _ar_scores(x, temperature, thr, TEMPERED, HAS_THR)
+        pick = tl.where(sel >= 0, _pick_in_tile(exp_fixed(z - mz, kbias), cols, before, U), 0)
+        x_pick = tl.max(tl.where(cols == pick, x, float("-inf")), 0)
+    lp, finite = _log_p(x_pick, m, S, inv_scale)
+    tl.store(TOKENS + row, tl.where(finite, pick, 0).to(tl.int64))
     tl.store(LOGPROBS + row, lp)
 
 
 # --------------------------------------------------------------------------------------------
 # launch glue (the host pre-passes are shared with the cuda backend)
+
+
+# AR rows are split into segments when they alone would not fill the GPU: about two programs per SM.
+# Under the interpreter one segment per row unless a test sets FORCE_AR_SEGMENTS.
+FORCE_AR_SEGMENTS = None
+
+
+def _ar_segments(B: int, n_tiles: int, device: torch.device) -> int:
+    """Segments (programs) per AR row: enough for ~2 programs per SM, at most one per tile."""
+    if FORCE_AR_SEGMENTS is not None:
+        return max(1, min(n_tiles, FORCE_AR_SEGMENTS))
+    if not on_gpu(device):
+        return 1
+    return max(1, min(n_tiles, triton.cdiv(2 * sm_count(device), B)))
+
+
+def _signed32(k: int) -> int:
+    """A uint32 key as the int32 with its bits (scalar kernel arguments of one type)."""
+    return k - (1 << 32) if k >= (1 << 31) else k
+
+
+def _fixed_args(V: int, blk: int):
+    """``(kbias = 127 + K, 2^-K, n_tiles)`` of the fixed-point softmax of a V-code row."""
+    K = _rng.sum_bits(V)
+    return 127 + K, 2.0**-K, triton.cdiv(V, blk)
 
 
 def masked_sample_step(cond_logits, tokens, is_masked, uncond_logits, sample_ids, p: _ref.StepParams):
@@ -283,51 +493,31 @@ def masked_sample_step(cond_logits, tokens, is_masked, uncond_logits, sample_ids
         return _host.remask_in_torch(conf, sampled, tokens, is_masked, p)
     x = _host.masked_step_inputs(cond_logits, tokens, is_masked, uncond_logits, sample_ids, p)
     blk = block_v(V)
-    _masked_step_kernel[(rows,)](
-        x.cond,
-        x.unc if x.unc is not None else x.cond,
-        x.tokens,
-        x.is_masked,
-        x.sample_ids,
-        x.keys,
-        x.thr if x.thr is not None else conf,
-        sampled,
-        conf,
-        L,
-        V,
-        x.cond.stride(0),
-        x.unc.stride(0) if x.unc is not None else 0,
-        x.a,
-        x.s,
-        x.temperature,
-        x.tau,
+    kbias, inv_scale, n_tiles = _fixed_args(V, blk)
+    greedy = p.temperature == 0
+    tsum = torch.empty(1 if greedy else rows * n_tiles, dtype=torch.int64, device=conf.device)
+    args = (x.cond, x.unc if x.unc is not None else x.cond, x.tokens, x.is_masked, x.sample_ids)
+    args += (x.thr if x.thr is not None else conf, tsum, sampled, conf, L, V, n_tiles)
+    args += (x.cond.stride(0), x.unc.stride(0) if x.unc is not None else 0, x.a, x.s, x.temperature, x.tau)
+    args += (*(_signed32(k) for k in x.keys), kbias, inv_scale)
+    constexprs = dict(
         HAS_UNC=x.unc is not None,
         HAS_THR=x.thr is not None,
-        GREEDY=p.temperature == 0,
+        GREEDY=greedy,
+        TEMPERED=not greedy and x.temperature != 1.0,
         HAS_NOISE=p.tau != 0.0,
         BLOCK_V=blk,
-        num_warps=_num_warps(blk),
     )
+    launch(Launch(_masked_step_kernel, (rows,), args, constexprs, dict(num_warps=_num_warps(blk), **FP_OPTIONS)))
     if L > MAX_L:
         return _host.remask_in_torch(conf, sampled, tokens, is_masked, p)
     tok_out = torch.empty(B, L, dtype=torch.int64, device=conf.device)
     new_mask = torch.empty(B, L, dtype=torch.bool, device=conf.device)
     smp_out = torch.empty(B, L, dtype=torch.int64, device=conf.device)
-    _remask_kernel[(B,)](
-        conf,
-        x.is_masked,
-        x.tokens,
-        sampled,
-        tok_out,
-        new_mask,
-        smp_out,
-        L,
-        p.n_cap,
-        int(p.mask_token_id),
-        LAST=p.last,
-        BLOCK_L=max(16, triton.next_power_of_2(L)),
-        num_warps=4,
-    )
+    args = (conf, x.is_masked, x.tokens, sampled, tok_out, new_mask, smp_out, L, p.n_cap, int(p.mask_token_id))
+    block_l = max(16, triton.next_power_of_2(L))
+    constexprs = dict(LAST=p.last, BLOCK_L=block_l)
+    launch(Launch(_remask_kernel, (B,), args, constexprs, dict(num_warps=_remask_warps(block_l), **FP_OPTIONS)))
     return _ref.MaskedStepOutput(tok_out, new_mask, smp_out, conf)
 
 
@@ -340,20 +530,26 @@ def ar_sample(logits, *, seed, position, temperature=1.0, top_k=None, top_p=None
         return _ref.ARSample(tokens, logprobs)
     x = _host.ar_inputs(logits, seed, position, temperature, top_k, top_p, sample_ids)
     blk = block_v(V)
-    _ar_kernel[(B,)](
-        x.logits,
-        x.sample_ids,
-        x.positions,
-        x.keys,
-        x.thr if x.thr is not None else logprobs,
-        tokens,
-        logprobs,
-        V,
-        x.logits.stride(0),
-        x.temperature,
-        HAS_THR=x.thr is not None,
-        GREEDY=x.greedy,
-        BLOCK_V=blk,
-        num_warps=_num_warps(blk),
-    )
+    kbias, inv_scale, n_tiles = _fixed_args(V, blk)
+    n_seg = _ar_segments(B, n_tiles, logits.device)
+    seg_len = triton.cdiv(n_tiles, n_seg) * blk
+    n_seg = triton.cdiv(V, seg_len)
+    dev = logits.device
+    maxv = torch.empty(B * n_seg, dtype=torch.float32, device=dev)
+    maxi = torch.empty(B * n_seg, dtype=torch.int32, device=dev)
+    tsum = torch.empty(B * n_tiles, dtype=torch.int64, device=dev)
+    ssum = torch.empty(B * n_seg * 2, dtype=torch.int64, device=dev)
+    thr = x.thr if x.thr is not None else logprobs
+    own = not x.greedy and x.temperature != 1.0
+    flags = dict(HAS_THR=x.thr is not None, GREEDY=x.greedy, TEMPERED=own)
+    opts = dict(num_warps=_num_warps(blk), **FP_OPTIONS)
+    blk_s = max(2, triton.next_power_of_2(n_seg))
+    stride = x.logits.stride(0)
+    args = (x.logits, maxv, maxi, V, stride, seg_len, n_seg)
+    launch(Launch(_ar_max_kernel, (B, n_seg), args, dict(BLOCK_V=blk), opts))
+    args = (x.logits, thr, maxv, maxi, tsum, ssum, V, stride, seg_len, n_seg, n_tiles, x.temperature, kbias)
+    launch(Launch(_ar_sum_kernel, (B, n_seg), args, dict(**flags, BLOCK_V=blk, BLOCK_S=blk_s), opts))
+    args = (x.logits, x.sample_ids, x.positions, thr, maxv, maxi, tsum, ssum, tokens, logprobs, V, stride, n_seg)
+    args += (n_tiles, x.temperature, *(_signed32(k) for k in x.keys[:2]), kbias, inv_scale)
+    launch(Launch(_ar_pick_kernel, (B,), args, dict(**flags, BLOCK_V=blk, BLOCK_S=blk_s), opts))
     return _ref.ARSample(tokens, logprobs)
