@@ -185,15 +185,17 @@ def estimate_seconds(s_per_step: float, steps: int, n_gen: int, n_questions: int
 
 
 def run_kernel_benchmark(out_json: str, time_limit: float = 90.0, log=print) -> Optional[Dict]:
-    """``python benchmarks/run.py --quick --device cpu`` (the repository's benchmark runner, when the
-    package runs from a checkout) into ``out_json``; returns {"records", "seconds"} or None."""
+    """``python benchmarks/run.py --quick --device cpu --no-peers --no-limits`` (the repository's
+    benchmark runner, when the package runs from a checkout; our backends only) into ``out_json``;
+    returns {"records", "seconds", "command"} or None."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     runner = os.path.join(root, "benchmarks", "run.py")
     if not os.path.isfile(runner):
         log("[demo] no benchmarks/run.py next to the package (not a checkout): no kernel speed table")
         return None
     t0 = time.perf_counter()
-    cmd = [sys.executable, runner, "--quick", "--device", "cpu", "--json", out_json, "--time-limit", str(time_limit)]
+    cmd = [sys.executable, runner, "--quick", "--device", "cpu", "--no-peers", "--no-limits"]
+    cmd += ["--json", out_json, "--time-limit", str(time_limit)]
     try:
         subprocess.run(cmd, cwd=root, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
         with open(out_json) as f:
@@ -356,7 +358,7 @@ def run_demo(
     shutil.copy(os.path.join(run_dir, "loss_curve.png"), os.path.join(out, "loss_curve.png"))
     kernels = None
     if benchmark:
-        log("[demo] quick kernel benchmark (benchmarks/run.py --quick --device cpu) ...")
+        log("[demo] quick kernel benchmark (benchmarks/run.py --quick --device cpu --no-peers --no-limits) ...")
         kernels = run_kernel_benchmark(os.path.join(out, "kernels.json"), time_limit=_BENCHMARK_S - 10, log=log)
     total_s = time.perf_counter() - t_all
     ru_self, ru_children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
