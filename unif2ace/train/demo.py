@@ -203,7 +203,8 @@ def run_kernel_benchmark(out_json: str, time_limit: float = 90.0, log=print) -> 
     except (OSError, ValueError, subprocess.TimeoutExpired) as e:
         log(f"[demo] the quick kernel benchmark failed ({type(e).__name__}: {e}); no kernel speed table")
         return None
-    return {"records": records, "seconds": time.perf_counter() - t0, "command": " ".join(cmd[1:])}
+    shown = ["python", os.path.relpath(runner, root), *cmd[2:]]  # as typed in the checkout's root
+    return {"records": records, "seconds": time.perf_counter() - t0, "command": " ".join(shown)}
 
 
 def samples_picture(
