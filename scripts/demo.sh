@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The main job on built-in defaults: set up, then train the tiny UniF2ace model on the built-in
-# synthetic face set with the fused ops (CPU, or CUDA when a GPU is present), generate faces for
-# held-out captions, answer held-out questions and write results/demo/report.md (+ report.json,
-# samples.png, loss_curve.png). About 5 minutes on 2 CPU cores. Extra arguments go to the demo
-# (e.g. --steps 300, --max-minutes 3).
+# synthetic face set with the fused ops (CPU, or CUDA when a GPU is present) for a fixed number of
+# steps with fixed seeds, generate faces for held-out captions, answer held-out questions, run the
+# quick kernel benchmark and write results/demo/report.md (+ report.json, samples.png,
+# loss_curve.png). Under 10 minutes on 2 CPU cores including the setup (the demo prints its time
+# estimate after the first timed steps). Extra arguments go to the demo (e.g. --no-benchmark).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+t0=$(date +%s.%N)
 bash scripts/bootstrap.sh
-.venv/bin/python -m unif2ace demo --out results/demo "$@"
+setup=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$t0" "$(date +%s.%N)")
+.venv/bin/python -m unif2ace demo --out results/demo --setup-seconds "$setup" "$@"

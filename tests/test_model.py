@@ -105,6 +105,7 @@ def test_presets_and_vocabulary_layout():
         ("tiny", {"expert_activation": "swiglu", "block_layout": "parallel", "resampler_mode": "per_position"}),
         ("tiny", {"expert_bias": False, "face_tokens": 1, "resampler_depth": 3, "resampler_ff_mult": 1}),
         ("tiny", {"seq_moe": False}),
+        ("tiny", {"image_pos_embedding": True}),
     ],
 )
 def test_parameter_count_per_part(name, overrides):
@@ -690,8 +691,9 @@ def test_kv_cache_matches_full_recompute():
     assert_close(inc[keep], full[keep], atol=1e-5, rtol=1e-4)
 
 
-def test_answer_cache_and_no_cache_agree():
-    model = make_model().eval()
+@pytest.mark.parametrize("pos", [False, True])
+def test_answer_cache_and_no_cache_agree(pos):
+    model = make_model(image_pos_embedding=pos).eval()
     g = torch.Generator().manual_seed(6)
     codes = torch.randint(0, CFG.codebook_size, (3, L), generator=g)
     qs = [[1, 2, 3], [4], [5, 6]]
@@ -733,6 +735,53 @@ def test_generate_images_deterministic_and_backend_independent():
     assert torch.equal(r, f)
     # no guidance works without the unconditional rows
     assert model.generate_images(caps, steps=2, guidance=0.0, seed=1).shape == (2, L)
+
+
+def test_image_position_embedding_is_added_at_the_image_positions():
+    """cfg.image_pos_embedding: grid cell i's vector is added to the i-th image token, in T2I (after
+    the text part) and MMU (after <|mmu|> <|soi|>) alike, and nowhere else."""
+    model = make_model(image_pos_embedding=True)
+    b = make_batch(model.cfg)
+    seen = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    try:
+        model(b)
+        with torch.no_grad():
+            model.image_pos.zero_()
+        model(b)
+    finally:
+        hook.remove()
+    diff = seen[0] - seen[1]
+    at_image = torch.zeros(diff.shape[:2], dtype=torch.bool).scatter(1, b.image_positions, True)
+    assert not bool(diff[~at_image].any())  # nothing outside the image positions
+    pos = make_model(image_pos_embedding=True).image_pos.detach()  # the same initialisation
+    for i in range(b.size):
+        assert_close(diff[i, b.image_positions[i]], pos)
+    assert b.image_positions[0, 0] == model.cfg.text_len + 1 and b.image_positions[1, 0] == 2
+
+
+def test_static_token_routing_matches_eager_and_compiles_as_one_graph():
+    """The token MoE without the nonzero() gather (every position routed, pads masked; what runs
+    under torch.compile) gives the eager losses and gradients, and the training forward traces as
+    one graph (no graph break: no host sync)."""
+    model = make_model(image_pos_embedding=True)
+    b = make_batch(model.cfg)
+    results = []
+    for static in (False, True):
+        model.static_routing = static
+        model.zero_grad(set_to_none=True)
+        out = model(b)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (o_e, g_e), (o_s, g_s) = results
+    for a, c in zip(o_e, o_s):
+        assert_close(c, a)
+    assert g_e.keys() == g_s.keys()
+    for n in g_e:
+        assert_close(g_s[n], g_e[n], name=n)
+    model.static_routing = False
+    explain = torch._dynamo.explain(model)(b, validate=False)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
 
 
 # ------------------------------------------------------------------------------------------------
@@ -892,13 +941,16 @@ def test_showo_import_reproduces_the_dense_forward(tmp_path):
     model's "showo" form and gives the dense model's logits; special tokens are mapped by name."""
     from safetensors.torch import save_file
 
-    cfg = preset("tiny", block_layout="parallel", expert_activation="gelu_tanh", shared_width=512)
+    cfg = preset(
+        "tiny", block_layout="parallel", expert_activation="gelu_tanh", shared_width=512, image_pos_embedding=True
+    )
     sd = _random_phi(cfg, cfg.vocab_size, cfg.mlp_width, cfg.num_layers)  # Show-o: the full vocabulary
     save_file({f"showo.{k}": v for k, v in sd.items()}, str(tmp_path / "showo.safetensors"))
     torch.manual_seed(0)
     model = UniF2ace(cfg).eval()
     report = load_phi_state_dict(model, tmp_path / "showo.safetensors")
     assert "blocks.1.token_moe.w2" in report["zeroed"] and "blocks.0.seq_gain" in report["zeroed"]
+    assert "image_pos" in report["zeroed"]  # Phi has no absolute positions: zero keeps the import exact
     assert "blocks.0.ln3.weight" in report["initialised"] and "blocks.0.token_moe.router" in report["initialised"]
     # special tokens by name: Show-o's row of each name lands on our id of that name
     T = cfg.text_vocab_size
@@ -921,7 +973,8 @@ def test_showo_import_reproduces_the_dense_forward(tmp_path):
     for backend in ("reference", "auto"):
         model.set_backend(backend)
         with torch.no_grad():
-            h, _, _ = model.hidden(ids, valid, task, span=bidirectional_span(img_pos, task, cfg.seq_len))
+            span = bidirectional_span(img_pos, task, cfg.seq_len)
+            h, _, _ = model.hidden(ids, valid, task, span=span, image_positions=img_pos)
             got = model.lm_head(h)
         assert_close(got[valid], want[valid].float(), name=f"logits ({backend})")  # fp32 tolerance
     # a Phi checkpoint (padded text vocabulary): text rows only, the rest keeps its initialisation

@@ -714,3 +714,83 @@ def test_fsdp_one_process_checkpoint_resumes_on_two(data, tmp_path):
         str(tmp_path / "one" / "checkpoints" / "step-00000002"),
     )
     np.testing.assert_allclose([x["loss"] for x in recs], losses(s)[2:], rtol=1e-5)
+
+
+def test_demo_trains_its_fixed_steps_and_reports(tmp_path, monkeypatch):
+    """The demo trains exactly its step count whatever the machine's speed (no time budget), from
+    fixed seeds: evaluating its run again gives the same figures; it writes the report, the
+    captioned samples picture and the loss curves, and its time estimate."""
+    from unif2ace.data import faces
+    from unif2ace.data.png import read_png
+    from unif2ace.data.synthetic import held_out_split
+    from unif2ace.train import demo
+    from unif2ace.train.evaluate import eval_generation, eval_vqa, load_run
+
+    monkeypatch.setenv("UNIF2ACE_CACHE", str(tmp_path / "cache"))
+    msgs = []
+    r = demo.run_demo(
+        str(tmp_path / "out"),
+        steps=3,
+        n_gen=4,
+        n_vqa_images=3,
+        questions_per_image=2,
+        benchmark=False,
+        timing_steps=1,
+        progress=False,
+        model_overrides=SMALL,
+        train_overrides={"synthetic_images": 96, "batch_size": 8},
+        log=msgs.append,
+    )
+    assert r["training"]["steps"] == 3 and not r["training"]["stopped_early"]
+    assert r["generation"]["n"] == 4 and r["vqa"]["n"] == 6
+    assert any("estimate from the timed steps" in m for m in msgs) and r["timing"]["estimate"]["train_s"] > 0
+    out = tmp_path / "out"
+    for f in ("report.md", "report.json", "samples.png", "loss_curve.png"):
+        assert (out / f).is_file(), f
+    md = (out / "report.md").read_text()
+    assert "3 steps, fixed" in md and "![samples](samples.png)" in md and "fused ops" in md
+    assert read_png(str(out / "samples.png")).shape[0] > 4 * 32  # pairs plus caption lines
+    run = load_run(str(out / "run"))
+    dec = faces.AttributeDecoder(roundtrip=run.vq.roundtrip)
+    again = eval_generation(run, held_out_split(4, seed=1001), dec, seed=0)
+    assert again["accuracy"] == r["generation"]["accuracy"]
+    assert eval_vqa(run, held_out_split(3, seed=2002), per_image=2, seed=0)["accuracy"] == r["vqa"]["accuracy"]
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager(data, tmp_path):
+    """TrainConfig.compile: the forward is torch.compile(fullgraph=True)d and trains like eager."""
+    pytest.importorskip("torch._inductor")
+    eager = train(cfg_for(data, tmp_path / "e", steps=2), log=lambda *a: None)
+    compiled = train(cfg_for(data, tmp_path / "c", steps=2, compile=True), log=lambda *a: None)
+    np.testing.assert_allclose(losses(compiled), losses(eager), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="compile"):
+        TrainConfig(compile="yes").validate()
+
+
+def test_codebook_image_embedding_init(data, tmp_path):
+    """image_embedding_init="codebook": the image-code rows of the input embedding and of the LM head
+    are one projection of the VQ's patch pixels (std 0.02; codes that look alike start alike); every
+    other parameter keeps the model's init; a data set without a patch VQ is refused."""
+    from unif2ace.data.shards import TokenDataset
+    from unif2ace.data.synthetic import vq_from_meta
+
+    tr = Trainer(cfg_for(data, tmp_path / "c", image_embedding_init="codebook"), log=lambda *a: None)
+    ref = Trainer(cfg_for(data, tmp_path / "r"), log=lambda *a: None)
+    lo, K = tr.mcfg.image_token_offset, tr.mcfg.codebook_size
+    e = tr.model.embed.weight[lo : lo + K].detach()
+    assert torch.equal(e, tr.model.lm_head.weight[lo : lo + K].detach())
+    assert abs(float(e.std()) - 0.02) < 1e-3 and not torch.equal(e, ref.model.embed.weight[lo : lo + K])
+    x = torch.from_numpy(np.asarray(vq_from_meta(tr.data.meta).codebook)).double().reshape(K, -1)
+    d_pix, d_emb = torch.pdist(x), torch.pdist(e.double())
+    assert float(torch.corrcoef(torch.stack([d_pix, d_emb]))[0, 1]) > 0.5
+    for (n, p), (_, q) in zip(tr.model.named_parameters(), ref.model.named_parameters()):
+        if n in ("embed.weight", "lm_head.weight"):
+            p, q = torch.cat([p[:lo], p[lo + K :]]), torch.cat([q[:lo], q[lo + K :]])
+        assert torch.equal(p, q), n
+    bare = TokenDataset(data)
+    bare.meta = {}
+    with pytest.raises(ValueError, match="image_embedding_init.*no patch VQ"):
+        Trainer(cfg_for(data, tmp_path / "b", image_embedding_init="codebook"), dataset=bare, log=lambda *a: None)
+    with pytest.raises(ValueError, match="image_embedding_init"):
+        TrainConfig(image_embedding_init="pixels").validate()

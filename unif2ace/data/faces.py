@@ -2,8 +2,12 @@
 
 Everything is a pure function of a seed: :func:`sample_attributes` draws attribute dicts from a
 ``numpy.random.Generator``, :func:`render` draws one ``[H, W, 3]`` uint8 image (default 32 x 32)
-from an attribute dict (no randomness: the image is fixed by its attributes), :func:`caption`
-and :func:`vqa_pairs` build varied text from the attributes with the given generator.
+from an attribute dict (no randomness: the image is fixed by its attributes; :func:`render_batch`
+draws many at once), :func:`caption` and :func:`vqa_pairs` build varied text from the attributes
+with the given generator. The face is laid out on the 8 x 8 grid of the image tokenizer's 4-pixel
+patches, so that every attribute is drawn at a size a patch carries and each patch depends on few
+attributes (the layout: :func:`render_batch`): all faces together have fewer than 300 distinct
+patches, which a 512-code patch VQ keeps exactly.
 
 Held-out split: an attribute *combination* is held out when a hash of it falls in the held-out
 fraction (:func:`is_held_out`), so held-out captions describe faces never seen in training.
@@ -17,6 +21,7 @@ within-value variance, so only the pixels the attribute changes count).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -28,7 +33,9 @@ __all__ = [
     "IMAGE_SIZE",
     "sample_attributes",
     "render",
+    "render_batch",
     "caption",
+    "caption_chunks",
     "vqa_pairs",
     "is_held_out",
     "attribute_key",
@@ -106,71 +113,135 @@ def _grid(n: int):
     return y + 0.5, x + 0.5
 
 
-def render(attrs: Dict[str, str], size: int = IMAGE_SIZE) -> np.ndarray:
-    """Draw one face: ``[size, size, 3]`` uint8. Geometry is laid out on a 32-unit canvas and scaled."""
-    attribute_key(attrs)  # validates
+_SHIRT = (58, 66, 92)
+_NOSE_SHADE = 0.82  # the nose is the skin colour darkened by this factor
+
+
+def _face_half_width(shape: str, y: np.ndarray) -> np.ndarray:
+    """Half width of the face at canvas row ``y`` (the face spans rows 8..28, x = 16 +- half width).
+
+    Rows 12..24 are 12 wide for every shape; the shapes differ only at the temples (patch row 2)
+    and the jaw (patch row 6): square keeps its corners, round rounds them (radius 5), oval tapers
+    the temples and ends in a pointed chin."""
+    hw = np.full_like(y, 12.0)
+    if shape == "round":
+        hw = np.where(y < 13, 7 + np.sqrt(np.clip(25 - (13 - y) ** 2, 0, None)), hw)
+        hw = np.where(y > 23, 7 + np.sqrt(np.clip(25 - (y - 23) ** 2, 0, None)), hw)
+    elif shape == "oval":
+        hw = np.where(y < 12, np.maximum(8.0, 12 - 1.4 * (12 - y)), hw)
+        hw = np.where(y > 24, 12 - 2.6 * (y - 24), hw)
+    return hw
+
+
+@functools.lru_cache(maxsize=8)
+def _masks(size: int) -> Dict[str, np.ndarray]:
+    """The renderer's geometry at ``size`` px: boolean masks ``[H, W]`` (or ``[V, H, W]`` per value)."""
     s = size / 32.0
     y, x = _grid(size)
     y, x = y / s, x / s  # canvas units
-    img = np.empty((size, size, 3), dtype=np.float64)
-    img[:] = _BG[attrs["background"]]
+    dx = np.abs(x - 16.0)
+    inner = dx < 12  # columns 1-6
+    eye_cols = np.abs(dx - 6) < 2  # the eye/brow patches: columns 2 and 5
+    face = np.stack([(y >= 8) & (y < 28) & (dx < _face_half_width(v, y)) for v in ATTRIBUTES["face_shape"]])
+    mouths = {
+        "smiling": ((dx < 2) & (y >= 22) & (y < 23)) | ((np.abs(dx - 2.5) < 0.5) & (y >= 21) & (y < 22)),
+        "neutral": (dx < 3) & (y >= 22) & (y < 23),
+        "surprised": (dx < 1) & (y >= 21) & (y < 24),
+    }
+    brows = {"thin": 1.0, "thick": 2.0}  # thickness, ending a unit above the eyes
+    m = {
+        "long_hair": ~inner & (y >= 8),  # the edge columns, from the forehead down
+        "hat": (y < 4) & (dx < 8 + np.sqrt(np.clip(16 - (4 - y) ** 2, 0, None))),
+        "hair_cap": (y >= 4) & (y < 8) & (dx < 8 + np.sqrt(np.clip(16 - (8 - y) ** 2, 0, None))),
+        "temples": inner & (y >= 8) & (y < 12),  # hair beside the forehead
+        "shirt": inner & (y >= 24),  # around the jaw and below
+        "face": face,
+        "jaw": y >= 24,  # the face below this grows a beard
+        "brows": np.stack([eye_cols & (y >= 11 - brows[v]) & (y < 11) for v in ATTRIBUTES["brows"]]),
+        "eye_patch": eye_cols & (y >= 12) & (y < 16),  # filled by the glasses' frame
+        "glasses_bar": inner & (y >= 13) & (y < 14),  # bridge and arms
+        "iris": (np.abs(dx - 6) < 1) & (y >= 13) & (y < 15),
+        "nose": (dx < 1) & (y >= 17) & (y < 20),
+        "mouth": np.stack([mouths[v] for v in ATTRIBUTES["expression"]]),
+        "earrings": (np.abs(dx - 13) < 1) & (y >= 17) & (y < 20),
+    }
+    for v in m.values():
+        v.setflags(write=False)
+    return m
 
-    def paint(mask, rgb):
-        img[mask] = rgb
 
-    cy, cx = 17.0, 16.0
-    hair = _HAIR[attrs["hair_color"]]
-    # long hair falls behind the face to the shoulders
-    if attrs["hair_style"] == "long":
-        paint((np.abs(x - cx) < 11.5) & (y > 7) & (y < 30), hair)
-    # the face
-    shape = attrs["face_shape"]
-    if shape == "round":
-        face = ((x - cx) / 9.0) ** 2 + ((y - cy) / 9.0) ** 2 < 1
-        half_w = 9.0
-    elif shape == "oval":
-        face = ((x - cx) / 7.0) ** 2 + ((y - cy) / 10.5) ** 2 < 1
-        half_w = 7.0
-    else:
-        face = (np.abs(x - cx) < 8.5) & (np.abs(y - cy) < 9.0)
-        half_w = 8.5
-    paint(face, _SKIN[attrs["skin"]])
-    # hair cap on top of the head
-    cap = (((x - cx) / 10.0) ** 2 + ((y - 11.0) / 6.0) ** 2 < 1) & (y < 11.0)
-    paint(cap, hair)
-    # beard: lower part of the face
-    if attrs["beard"] == "yes":
-        paint(face & (y > 20.0), hair)
-    # brows
-    th = 1.0 if attrs["brows"] == "thin" else 2.2
-    brow = (np.abs(np.abs(x - cx) - 4.0) < 2.5) & (y > 12.0 - th) & (y < 12.0)
-    paint(brow, _BROW)
-    # eyes
-    eyes = (np.abs(np.abs(x - cx) - 4.0) < 1.5) & (np.abs(y - 14.5) < 1.5)
-    paint(eyes, _EYE[attrs["eye_color"]])
-    if attrs["glasses"] == "yes":
-        ring = (np.abs(np.abs(x - cx) - 4.0) < 3.0) & (np.abs(y - 14.5) < 2.6)
-        inner = (np.abs(np.abs(x - cx) - 4.0) < 2.0) & (np.abs(y - 14.5) < 1.6)
-        bridge = (np.abs(x - cx) < 1.2) & (np.abs(y - 14.0) < 0.6)
-        paint((ring & ~inner) | bridge, _FRAME)
-    # mouth
-    e = attrs["expression"]
-    if e == "smiling":
-        mouth = ((np.abs(x - cx) < 3.5) & (np.abs(y - 22.5) < 0.6)) | (
-            (np.abs(np.abs(x - cx) - 3.5) < 1.0) & (np.abs(y - 21.5) < 0.6)
-        )
-    elif e == "neutral":
-        mouth = (np.abs(x - cx) < 3.5) & (np.abs(y - 22.0) < 0.6)
-    else:
-        mouth = (np.abs(x - cx) < 1.6) & (np.abs(y - 22.0) < 1.6)
-    paint(mouth, _MOUTH)
-    if attrs["earrings"] == "yes":
-        ear = (np.abs(np.abs(x - cx) - (half_w + 0.5)) < 1.3) & (np.abs(y - 20.0) < 1.3)
-        paint(ear, _GOLD)
-    if attrs["hat"] != "none":
-        hat = ((np.abs(x - cx) < 8.0) & (y > 1.0) & (y < 7.0)) | ((np.abs(x - cx) < 12.0) & (y >= 6.0) & (y < 8.0))
-        paint(hat, _HAT[attrs["hat"]])
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+_LAYERS = ("background", "hair", "hat", "shirt", "skin", "brow", "frame", "iris", "nose", "mouth", "gold")
+
+
+def _palette(table: Dict[str, Tuple[int, int, int]], values: Sequence[str]) -> np.ndarray:
+    return np.array([table.get(v, (0, 0, 0)) for v in values], dtype=np.float64).reshape(len(values), 3)
+
+
+def render_batch(attrs: Sequence[Dict[str, str]], size: int = IMAGE_SIZE) -> np.ndarray:
+    """Draw faces: ``[N, size, size, 3]`` uint8, ``render_batch(attrs)[i] == render(attrs[i])``.
+
+    The layout follows the 8 x 8 grid of 4-unit patches of the image tokenizer (a 32-unit canvas,
+    scaled to ``size``), so every attribute is drawn at a size one patch carries and each patch
+    depends on few attributes (rows/cols are patch indices)::
+
+        row 0     hat (cols 1-6; background without a hat)
+        row 1     hair cap (cols 1-6, rounded outer corners)
+        row 2     forehead: temples (cols 1, 6: face shape vs hair), brows (cols 2, 5: 1 or 2 units)
+        row 3     eyes (cols 2, 5: a 2 x 2 iris; glasses = the patch's frame + bridge + arms)
+        row 4     nose (cols 3-4), earrings (cols 0, 7: a gold stud beside the face)
+        row 5     mouth (cols 3-4: smiling / neutral / surprised)
+        row 6     jaw (cols 1-6: face shape; a beard in the hair colour), shirt around it
+        row 7     shirt (cols 1-6)
+        cols 0, 7 background, or the hair colour below row 1 for long hair
+
+    Each pixel gets a layer (background, hair, skin, ...) painted in order, then the layer's colour
+    for that face.
+    """
+    keys = np.array([attribute_key(a) for a in attrs], dtype=np.int64).reshape(len(attrs), len(ATTRIBUTES))
+    col = {a: keys[:, i] for i, a in enumerate(ATTRIBUTES)}
+    val = {a: [ATTRIBUTES[a][j] for j in col[a]] for a in ATTRIBUTES}
+    m = _masks(size)
+    n = len(attrs)
+    lab = np.zeros((n, size, size), dtype=np.int8)
+
+    def paint(mask, layer):
+        np.copyto(lab, np.int8(_LAYERS.index(layer)), where=mask)
+
+    def has(a, v):
+        return (col[a] == ATTRIBUTES[a].index(v))[:, None, None]
+
+    paint(m["long_hair"] & has("hair_style", "long"), "hair")
+    paint(m["hat"] & ~has("hat", "none"), "hat")
+    paint(m["hair_cap"] | m["temples"], "hair")
+    paint(m["shirt"], "shirt")
+    face = m["face"][col["face_shape"]]
+    paint(face, "skin")
+    paint(face & m["jaw"] & has("beard", "yes"), "hair")
+    paint(m["brows"][col["brows"]], "brow")
+    paint((m["eye_patch"] | m["glasses_bar"]) & has("glasses", "yes"), "frame")
+    paint(m["iris"], "iris")
+    paint(m["nose"], "nose")
+    paint(m["mouth"][col["expression"]], "mouth")
+    paint(m["earrings"] & has("earrings", "yes"), "gold")
+    skin = _palette(_SKIN, val["skin"])
+    pal = np.empty((n, len(_LAYERS), 3), dtype=np.float64)
+    pal[:] = [(0, 0, 0), (0, 0, 0), (0, 0, 0), _SHIRT, (0, 0, 0), _BROW, _FRAME, (0, 0, 0), (0, 0, 0), _MOUTH, _GOLD]
+    for layer, colours in (
+        ("background", _palette(_BG, val["background"])),
+        ("hair", _palette(_HAIR, val["hair_color"])),
+        ("hat", _palette(_HAT, val["hat"])),
+        ("skin", skin),
+        ("iris", _palette(_EYE, val["eye_color"])),
+        ("nose", _NOSE_SHADE * skin),
+    ):
+        pal[:, _LAYERS.index(layer)] = colours
+    pal = np.clip(np.rint(pal), 0, 255).astype(np.uint8)
+    return pal[np.arange(n)[:, None, None], lab]
+
+
+def render(attrs: Dict[str, str], size: int = IMAGE_SIZE) -> np.ndarray:
+    """Draw one face: ``[size, size, 3]`` uint8 (the layout: :func:`render_batch`)."""
+    return render_batch([attrs], size)[0]
 
 
 def _phrases(attrs: Dict[str, str]) -> Dict[str, List[str]]:
@@ -219,6 +290,22 @@ def caption(
             words += ph[n]
             done.add(n)
     return words, sorted(done, key=names.index)
+
+
+def caption_chunks(attrs: Dict[str, str]) -> List[Tuple[List[str], str]]:
+    """The full caption (``caption(attrs, full=True)``) as ``(words, attribute)`` chunks in order; the
+    merged hair phrase ``"<colour> <style> hair"`` is the chunks ``[colour]`` (hair_color) and
+    ``[style, "hair"]`` (hair_style)."""
+    ph = _phrases(attrs)
+    out = []
+    for a in ATTRIBUTES:
+        if a == "hair_color":
+            out.append(([attrs[a]], a))
+        elif a == "hair_style":
+            out.append(([attrs[a], "hair"], a))
+        else:
+            out.append((ph[a], a))
+    return out
 
 
 def vqa_pairs(attrs: Dict[str, str], rng: np.random.Generator, n: int) -> List[Tuple[str, List[str], str]]:
@@ -287,12 +374,7 @@ class AttributeDecoder:
         for a, vals in ATTRIBUTES.items():
             groups = []
             for v in vals:
-                imgs = []
-                for _ in range(per_value):
-                    at = sample_attributes(rng)
-                    at[a] = v
-                    imgs.append(render(at, size))
-                imgs = np.stack(imgs)
+                imgs = render_batch([dict(sample_attributes(rng), **{a: v}) for _ in range(per_value)], size)
                 if roundtrip is not None:
                     imgs = roundtrip(imgs)
                 groups.append(imgs.astype(np.float64) / 255.0)
@@ -312,7 +394,7 @@ class AttributeDecoder:
         return out
 
     def _renders(self, attrs: List[Dict[str, str]]) -> np.ndarray:
-        imgs = np.stack([render(a, self.size) for a in attrs])
+        imgs = render_batch(attrs, self.size)
         if self.roundtrip is not None:
             imgs = self.roundtrip(imgs)
         return imgs.astype(np.float64) / 255.0

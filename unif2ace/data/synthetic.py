@@ -22,7 +22,10 @@ from . import faces
 from .shards import ShardWriter, TokenDataset
 from .tokenizers import PatchVQ, WordTokenizer, default_cache_dir, fitted_vq
 
-__all__ = ["SyntheticSpec", "text_tokenizer", "build_synthetic", "held_out_split", "synthetic_vq"]
+__all__ = ["SyntheticSpec", "text_tokenizer", "build_synthetic", "held_out_split", "synthetic_vq", "vq_from_meta"]
+
+
+SOURCE = "unif2ace synthetic faces"  # meta["source"] of the synthetic set
 
 
 @dataclass
@@ -68,6 +71,14 @@ def synthetic_vq(spec: SyntheticSpec, cache_dir: Optional[str] = None, verbose: 
     return fitted_vq(spec.num_codes, spec.patch, size=spec.size, cache_dir=cache_dir, verbose=verbose)
 
 
+def vq_from_meta(meta: Dict) -> Optional[PatchVQ]:
+    """The patch VQ a data set's ``meta`` (``index.json`` / ``data.json``) names: the synthetic set's
+    fitted VQ, or None for a data set that carries none."""
+    if not isinstance(meta, dict) or meta.get("source") != SOURCE or not isinstance(meta.get("spec"), dict):
+        return None
+    return synthetic_vq(SyntheticSpec(**meta["spec"]))
+
+
 def _train_attrs(rng, spec):
     while True:
         a = faces.sample_attributes(rng)
@@ -106,7 +117,7 @@ def build_synthetic(
         codebook_size=spec.num_codes,
         text_vocab_size=len(tok),
         meta={
-            "source": "unif2ace synthetic faces",
+            "source": SOURCE,
             "key": key,
             "spec": spec.__dict__,
             "tokenizer": json.loads(tok.to_json()),

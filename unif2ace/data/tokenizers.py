@@ -85,11 +85,13 @@ class PatchVQ:
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """``[N, H, W, 3]`` uint8 -> codes ``[N, (H/p)*(W/p)]`` int64 (row-major grid)."""
-        x = torch.from_numpy(self._patches(images))
-        cb = torch.from_numpy(self.codebook)
+        x = self._patches(images)
         N, L, D = x.shape
-        d = torch.cdist(x.reshape(N * L, D), cb)
-        return d.argmin(1).reshape(N, L).numpy().astype(np.int64)
+        # images share most of their patches: find the nearest code of each distinct patch once
+        flat = np.ascontiguousarray(x.reshape(N * L, D))
+        _, first, inverse = np.unique(flat.view(np.dtype((np.void, D * 4))), return_index=True, return_inverse=True)
+        d = torch.cdist(torch.from_numpy(flat[first]), torch.from_numpy(self.codebook))
+        return d.argmin(1).numpy().astype(np.int64)[inverse.reshape(-1)].reshape(N, L)
 
     def decode(self, codes, grid: Optional[int] = None) -> np.ndarray:
         """codes ``[N, L]`` (L a square) -> ``[N, H, W, 3]`` uint8."""

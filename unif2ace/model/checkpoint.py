@@ -270,6 +270,8 @@ def load_phi_state_dict(model: UniF2ace, source) -> Dict[str, List[str]]:
         zeroed[d + "b2"] = torch.zeros_like(own[d + "b2"])
         if cfg.seq_moe:
             zeroed[f"blocks.{i}.seq_gain"] = torch.zeros_like(own[f"blocks.{i}.seq_gain"])
+    if model.image_pos is not None:  # Phi / Show-o have none: zero keeps the import exact
+        zeroed["image_pos"] = torch.zeros_like(own["image_pos"])
     model.load_state_dict({**loaded, **zeroed}, strict=False)
     return {
         "loaded": sorted(loaded),

@@ -96,6 +96,11 @@ class UniF2aceConfig:
     mlp_width: int = 8192  # width of the dense MLP the experts are carved from
     rotary_fraction: float = 0.5  # partial rotary: this fraction of each head dim
     rope_theta: float = 10000.0
+    # [choice, not in the paper / Show-o] a learned absolute position embedding per image-grid cell, added to the
+    # image tokens' embeddings (T2I and MMU alike). Rotary positions alone leave a small model guessing where a
+    # [MASK] token sits in the grid (every masked token has the same embedding); the demo's tiny model turns it
+    # on. Zero after a Phi / Show-o import, so the import stays exact
+    image_pos_embedding: bool = False
     layer_norm_eps: float = 1e-5
     block_layout: str = "sequential"  # [choice] "sequential" (LN1/LN2/LN3, the paper figure) | "parallel" (Phi)
     # -- token-level MoE (docs/model.md §3), per group
@@ -212,7 +217,7 @@ class UniF2aceConfig:
         ln = 2 * D
         lns_per_layer = 1 + (self.block_layout == "sequential") + self.seq_moe
         parts = {
-            "embedding + LM head": 2 * V * D + V,
+            "embedding + LM head": 2 * V * D + V + (self.image_tokens * D if self.image_pos_embedding else 0),
             "attention": L * 4 * (D * D + D),
             "layer norms": L * lns_per_layer * ln + ln,
             "token routers": L * G * N * D,
@@ -324,6 +329,9 @@ class UniF2aceConfig:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
                 raise ValueError(f"{c}: field '{f}' must be a finite number >= 0, got {v!r}")
+        for f in ("expert_bias", "gate_renormalize", "seq_moe", "clamp_mask_rate", "image_pos_embedding"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"{c}: field '{f}' must be true or false, got {getattr(self, f)!r}")
         if not 0.0 < self.rotary_fraction <= 1.0:
             raise ValueError(f"{c}: field 'rotary_fraction' must be in (0, 1], got {self.rotary_fraction}")
         if not 0.0 <= self.cond_dropout_prob <= 1.0:

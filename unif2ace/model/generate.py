@@ -94,7 +94,7 @@ def generate_images(
         for step in range(steps):
             img = torch.where(is_masked, cfg.mask_token_id, tokens + cfg.image_token_offset)
             ids[:, img_pos] = img.repeat(R // B, 1)
-            h, _, _ = model.hidden(ids, valid, task, span=span, features=features)
+            h, _, _ = model.hidden(ids, valid, task, span=span, features=features, image_positions=img_pos.expand(R, L))
             logits = torch.addmm(b, h[:, img_pos].reshape(R * L, -1), w.t()).view(R, L, -1)
             out = masked_sample_step(
                 logits[:B],
@@ -181,13 +181,20 @@ def answer(
                 route_mask=route_mask[:, :P],
                 features=features,
                 cache=cache,
+                image_positions=img_pos,
             )
             last = h[b, pos - 1]
         for i in range(max_new_tokens):
             if not use_cache:
                 T = int(pos.max())
                 h, _, _ = model.hidden(
-                    ids[:, :T], valid[:, :T], task, span=span[:, :T], route_mask=route_mask[:, :T], features=features
+                    ids[:, :T],
+                    valid[:, :T],
+                    task,
+                    span=span[:, :T],
+                    route_mask=route_mask[:, :T],
+                    features=features,
+                    image_positions=img_pos,
                 )
                 last = h[b, pos - 1]
             logits = torch.addmm(model.lm_head.bias[:V], last, model.lm_head.weight[:V].t())

@@ -53,10 +53,17 @@ class UniF2ace(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # cfg.image_pos_embedding: one learned vector per image-grid cell, added at the image positions
+        self.image_pos = (
+            nn.Parameter(torch.randn(cfg.image_tokens, cfg.hidden_size) * 0.02) if cfg.image_pos_embedding else None
+        )
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size)
         self.backend: Optional[str] = None
+        # True: the token MoE routes every position and masks the pads (static shapes, no host sync),
+        # as it always does under torch.compile; False: eager gathers the non-pad tokens first
+        self.static_routing = False
         self.apply(self._init)
 
     @staticmethod
@@ -86,7 +93,7 @@ class UniF2ace(nn.Module):
         :meth:`UniF2aceConfig.parameter_counts`; works on the meta device)."""
         out = dict.fromkeys(self.cfg.parameter_counts(), 0)
         rules = (
-            (("embed.", "lm_head."), "embedding + LM head"),
+            (("embed.", "lm_head.", "image_pos"), "embedding + LM head"),
             ((".attn.",), "attention"),
             ((".ln1.", ".ln2.", ".ln3.", "ln_f."), "layer norms"),
             ((".token_moe.router",), "token routers"),
@@ -113,6 +120,7 @@ class UniF2ace(nn.Module):
         features: Optional[Dict[str, Optional[Tensor]]] = None,
         positions: Optional[Tensor] = None,
         cache: Optional[KVCache] = None,
+        image_positions: Optional[Tensor] = None,
     ):
         """Final hidden states ``[B, T, D]`` (after ``ln_f``) and the balance losses.
 
@@ -123,7 +131,9 @@ class UniF2ace(nn.Module):
         "noise": [B, Nn, Dn]} (None, or a sample's all-zero rows: missing, S(f) = 0 at the expert;
         noise drawn when None); positions
         ``[B, T]`` absolute positions (default 0..T-1); cache: a :class:`KVCache` the keys/values
-        are written into (attention then runs over the cache).
+        are written into (attention then runs over the cache); image_positions ``[B, L]``: where the
+        image tokens are in ``input_ids``, for ``cfg.image_pos_embedding`` (None: the input holds no
+        image tokens, e.g. a decoding step; ignored without ``cfg.image_pos_embedding``).
         Returns (h, token_balance ``[G]``, seq_balance ``[G]``).
         """
         cfg = self.cfg
@@ -146,8 +156,13 @@ class UniF2ace(nn.Module):
             cache.span[b, positions] = span
             mask = attention_mask(positions, span, cache.valid, cache.span)
         cos, sin = rotary_tables(positions, cfg.rotary_dim, cfg.rope_theta)
-        token_index = valid.reshape(-1).nonzero().squeeze(1)
-        token_group = task.repeat_interleave(T).index_select(0, token_index)
+        token_group = task.repeat_interleave(T)
+        token_valid = None
+        if self.static_routing or torch.compiler.is_compiling():
+            token_index, token_valid = None, valid.reshape(-1)  # every position routed, pads masked
+        else:
+            token_index = valid.reshape(-1).nonzero().squeeze(1)  # a host sync: only eager
+            token_group = token_group.index_select(0, token_index)
         ctx = BlockContext(
             mask=mask,
             cos=cos,
@@ -155,12 +170,16 @@ class UniF2ace(nn.Module):
             positions=positions,
             token_index=token_index,
             token_group=token_group,
+            token_valid=token_valid,
             group=task,
             route_mask=route_mask,
             features=features,
             cache=cache,
         )
         h = self.embed(input_ids)
+        if self.image_pos is not None and image_positions is not None:
+            idx = image_positions.long()[..., None].expand(-1, -1, h.shape[-1])
+            h = h.scatter_add(1, idx, self.image_pos[: idx.shape[1]].to(h.dtype).expand(B, -1, -1))
         token_bal = torch.zeros(NUM_GROUPS, device=dev)
         seq_bal = torch.zeros(NUM_GROUPS, device=dev)
         with self.backend_scope():
@@ -221,6 +240,7 @@ class UniF2ace(nn.Module):
             span=span,
             route_mask=self.route_mask(batch.valid, batch.task, span, batch.labels),
             features=self.batch_features(batch),
+            image_positions=batch.image_positions,
         )
         with self.backend_scope():
             mask_loss, score_loss = self._d3diff(h, batch)

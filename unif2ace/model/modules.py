@@ -31,6 +31,7 @@ __all__ = [
     "KVCache",
     "Attention",
     "TokenMoE",
+    "masked_balance_loss",
     "ResamplerLayer",
     "PerceiverResampler",
     "FeatureExpert",
@@ -205,17 +206,23 @@ class TokenMoE(nn.Module):
         for w in (self.router, self.w1, self.w2, self.shared_w1, self.shared_w2):
             nn.init.normal_(w, std=0.02)
 
-    def forward(self, x: Tensor, group: Tensor) -> Tuple[Tensor, Tensor]:
-        """x ``[T, D]``, group ``[T]`` -> (output ``[T, D]``, balance loss per group ``[G]``)."""
+    def forward(self, x: Tensor, group: Tensor, valid: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """x ``[T, D]``, group ``[T]`` -> (output ``[T, D]``, balance loss per group ``[G]``).
+
+        ``valid [T]`` bool (the static-shape form :func:`torch.compile` traces without a host sync):
+        every token is routed, only the valid ones count in the balance statistics
+        (:func:`masked_balance_loss`), and the others' outputs are 0. Without it every token is valid.
+        """
         cfg = self.cfg
+        logits = x @ self.router.t().to(x.dtype)
         route = moe_gating(
-            x @ self.router.t().to(x.dtype),
+            logits,
             group,
             [cfg.num_routed_experts] * NUM_GROUPS,
             cfg.top_k,
             score=cfg.router_score,
             renormalize=cfg.gate_renormalize,
-            balance_coef=cfg.balance_coef,
+            balance_coef=cfg.balance_coef if valid is None else 0.0,
         )
         routed = moe_expert_mlp(
             x, self.w1, self.w2, route.expert_ids, route.gates, b1=self.b1, b2=self.b2, activation=cfg.expert_activation
@@ -231,7 +238,29 @@ class TokenMoE(nn.Module):
             b2=self.shared_b2,
             activation=cfg.expert_activation,
         )
-        return shared + routed, route.balance_loss
+        if valid is None:
+            return shared + routed, route.balance_loss
+        out = (shared + routed) * valid[:, None].to(x.dtype)
+        return out, masked_balance_loss(logits, group, valid, route.expert_ids, cfg)
+
+
+def masked_balance_loss(logits: Tensor, group: Tensor, valid: Tensor, expert_ids: Tensor, cfg) -> Tensor:
+    """:func:`moe_gating`'s balance loss ``coef * N * sum_e f_e * P_e`` per group, over the tokens
+    where ``valid [T]`` is True only (logits ``[T, G*N]``, group ``[T]``, expert_ids ``[T, k]``): the
+    same value the kernel gives for those tokens alone, with static shapes (no host sync)."""
+    N, k, G = cfg.num_routed_experts, cfg.top_k, NUM_GROUPS
+    T = logits.shape[0]
+    z = logits.float().view(T, G, N).gather(1, group.long().view(T, 1, 1).expand(T, 1, N)).squeeze(1)
+    p = torch.softmax(z, dim=-1) if cfg.router_score == "softmax" else torch.sigmoid(z)  # own group's scores
+    w = valid.to(p.dtype)
+    member = (group.long()[:, None] == torch.arange(G, device=group.device)).to(p.dtype) * w[:, None]  # [T, G]
+    n = member.sum(0)
+    P = member.t() @ p / n.clamp_min(1)[:, None]  # [G, N] mean score over the group's valid tokens
+    counts = torch.zeros(G * N, dtype=p.dtype, device=p.device).index_add(
+        0, expert_ids.reshape(-1).long(), w.repeat_interleave(k)
+    )
+    f = counts.view(G, N) / (n * k).clamp_min(1)[:, None]  # fraction of the group's assignments
+    return cfg.balance_coef * N * (f * P).sum(1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -430,8 +459,13 @@ class Block(nn.Module):
             self.seq_gain = nn.Parameter(torch.ones(D))
 
     def _token_moe(self, a: Tensor, ctx: "BlockContext") -> Tuple[Tensor, Tensor]:
-        # only non-pad tokens are routed (pads would skew the balance statistics); pads get 0
+        # pads never count in the balance statistics and get 0. Eager: only the non-pad tokens are
+        # routed (gathered by ctx.token_index, a nonzero(): a host sync); static (token_index None,
+        # under torch.compile): every position is routed with the pads masked out
         B, T, D = a.shape
+        if ctx.token_index is None:
+            y, bal = self.token_moe(a.reshape(B * T, D), ctx.token_group, ctx.token_valid)
+            return y.view(B, T, D), bal
         y, bal = self.token_moe(a.reshape(B * T, D).index_select(0, ctx.token_index), ctx.token_group)
         out = torch.zeros(B * T, D, dtype=y.dtype, device=y.device).index_copy(0, ctx.token_index, y)
         return out.view(B, T, D), bal
@@ -477,7 +511,24 @@ class Block(nn.Module):
 class BlockContext:
     """What every block of one forward pass shares (masks, rotary tables, routing inputs, cache)."""
 
-    def __init__(self, *, mask, cos, sin, positions, token_index, token_group, group, route_mask, features, cache):
+    def __init__(
+        self,
+        *,
+        mask,
+        cos,
+        sin,
+        positions,
+        token_index,
+        token_group,
+        group,
+        route_mask,
+        features,
+        cache,
+        token_valid=None,
+    ):
         self.mask, self.cos, self.sin, self.positions = mask, cos, sin, positions
-        self.token_index, self.token_group, self.group = token_index, token_group, group
+        # token MoE inputs: token_index [N] (the non-pad positions of the flattened [B*T]) and their
+        # groups [N]; or token_index None, token_group [B*T] and token_valid [B*T] (static shapes)
+        self.token_index, self.token_group, self.token_valid = token_index, token_group, token_valid
+        self.group = group
         self.route_mask, self.features, self.cache = route_mask, features, cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -42,6 +43,12 @@ def add_subcommands(sub) -> None:
     p.add_argument("--log-every", type=int, dest="log_every")
     p.add_argument("--max-minutes", type=float, dest="max_minutes")
     p.add_argument("--no-progress", action="store_false", dest="progress", default=None)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile(fullgraph=True) the forward (one process; slower to start: README.md, Demo recipe)",
+    )
     p.add_argument(
         "--resume",
         help="checkpoint or run directory to continue from ('auto': the --out directory; a run directory "
@@ -84,15 +91,21 @@ def add_subcommands(sub) -> None:
 
     d = sub.add_parser("demo", help="the main job: train tiny on the synthetic faces, generate, answer, report")
     d.add_argument("--out", default="results/demo")
-    d.add_argument("--steps", type=int, default=None)
     d.add_argument(
-        "--max-minutes",
-        type=float,
-        default=5.0,
-        dest="max_minutes",
-        help="training time budget; the step count is cut to fit it (measured speed)",
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps (default: the demo's fixed count; the figures are comparable only at that count)",
     )
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--no-benchmark",
+        action="store_false",
+        dest="benchmark",
+        default=True,
+        help="skip the quick kernel benchmark (its table in the report)",
+    )
+    d.add_argument("--setup-seconds", type=float, default=None, dest="setup_seconds", help=argparse.SUPPRESS)
     d.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     d.add_argument("--no-progress", action="store_false", dest="progress", default=True)
     d.add_argument(
@@ -128,6 +141,7 @@ def _train_config(args):
             "max_minutes",
             "progress",
             "fsdp",
+            "compile",
         )
     }
     flags = {k: v for k, v in flags.items() if v is not None}
@@ -250,10 +264,13 @@ def _answer(args) -> int:
 def _demo(args) -> int:
     from .demo import DEMO_STEPS, run_demo
 
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"demo: --steps must be >= 1, got {args.steps}")
     run_demo(
         args.out,
         steps=args.steps or DEMO_STEPS,
-        max_minutes=args.max_minutes,
+        benchmark=args.benchmark,
+        setup_seconds=args.setup_seconds,
         seed=args.seed,
         threads=args.threads,
         progress=args.progress,

@@ -90,11 +90,9 @@ def load_run(path: str, device="cpu", backend: str = "auto", log=None) -> Run:
 
         if isinstance(meta.get("tokenizer"), dict) and meta["tokenizer"].get("type") == "word":
             tok = WordTokenizer(meta["tokenizer"]["words"])
-        if meta.get("source") == "unif2ace synthetic faces":
-            from unif2ace.data.synthetic import SyntheticSpec, synthetic_vq
+        from unif2ace.data.synthetic import vq_from_meta
 
-            spec = SyntheticSpec(**meta["spec"])
-            vq = synthetic_vq(spec)
+        vq = vq_from_meta(meta)
     return Run(model, tok, vq)
 
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import fields
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -93,6 +94,36 @@ def make_batch(mcfg, samples, keys: List[int], device) -> Batch:
         have = next((v for v in vals if v is not None), None)  # optional features: zeros = missing
         out[f.name] = None if have is None else torch.cat([torch.zeros_like(have) if v is None else v for v in vals])
     return Batch(**out).to(device)
+
+
+def init_image_embeddings_from_codebook(model, dataset, seed: int) -> None:
+    """``TrainConfig.image_embedding_init = "codebook"``: each image code's input embedding and LM-head
+    row become a fixed random projection (seeded by ``seed``) of the code's patch pixels, centred over
+    the codebook and scaled to std 0.02 (the embedding's init scale); codes that look alike start
+    alike. Needs the data set's patch VQ (``dataset.meta``: the synthetic set carries one)."""
+    from unif2ace.data.synthetic import vq_from_meta
+
+    vq = vq_from_meta(getattr(dataset, "meta", None))
+    if vq is None:
+        raise ValueError(
+            "TrainConfig: field 'image_embedding_init' is 'codebook' but the data set carries no patch VQ "
+            "(only the synthetic set does); use 'random'"
+        )
+    cfg = model.cfg
+    if vq.num_codes != cfg.codebook_size:
+        raise ValueError(
+            f"TrainConfig: image_embedding_init='codebook': the data's VQ has {vq.num_codes} codes, "
+            f"the model's codebook_size is {cfg.codebook_size}"
+        )
+    x = torch.from_numpy(np.asarray(vq.codebook)).double().reshape(vq.num_codes, -1) / 255.0
+    x = x - x.mean(0)
+    g = torch.Generator().manual_seed(seed)
+    e = x @ torch.randn(x.shape[1], cfg.hidden_size, generator=g, dtype=torch.float64)
+    e = (e / e.std() * 0.02).float()
+    lo = cfg.image_token_offset
+    with torch.no_grad():
+        for w in (model.embed.weight, model.lm_head.weight):
+            w[lo : lo + vq.num_codes] = e.to(w.device, w.dtype)
 
 
 def _sample_key(seed: int, step: int, k: int) -> int:
@@ -194,9 +225,15 @@ class Trainer:
         # model and optimisation
         torch.manual_seed(cfg.seed)
         self.model = UniF2ace(self.mcfg).to(self.device)
+        if cfg.image_embedding_init == "codebook":
+            init_image_embeddings_from_codebook(self.model, self.data, cfg.seed)
         self.model.set_backend(cfg.backend)
         # parameter groups by name before sharding (FSDP2 keeps the names, the parameters become DTensors)
-        no_decay_names = {n for n, p in self.model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)}
+        no_decay_names = {
+            n
+            for n, p in self.model.named_parameters()
+            if not (p.dim() >= 2 and "embed" not in n and "image_pos" not in n)
+        }
         if cfg.fsdp:
             from .fsdp import shard_model
 
@@ -229,6 +266,13 @@ class Trainer:
                 find_unused_parameters=True,
             )
         self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+        self.forward = self.model
+        if cfg.compile:
+            if self.world > 1 or cfg.fsdp:
+                raise ValueError("train: compile=true runs in one process without --fsdp")
+            # one graph for the whole forward (the backward follows from it); batches are validated
+            # before the call (validation reads values: a host sync the graph must not hold)
+            self.forward = torch.compile(self.model, fullgraph=True)
 
     # -- collectives helpers
     def _collective(self) -> bool:
@@ -428,7 +472,10 @@ class Trainer:
             ctx = model.no_sync() if (self.ddp is not None and not last) else _null()
             with ctx:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                    out = model(batch)
+                    if self.ddp is None:
+                        out = self.forward(batch.validate(self.mcfg), validate=False)
+                    else:
+                        out = model(batch)
                 (out.loss / cfg.grad_accum).backward()
             sums += torch.tensor(
                 [
@@ -578,7 +625,11 @@ def write_loss_curve(metrics_path: str, png_path: str) -> None:
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
             recs = [json.loads(ln) for ln in f if ln.strip()]
-    plot_curves(png_path, {k: [r[k] for r in recs] for k in ("loss", "mmu_loss", "d3diff_loss", "mask_loss")})
+    plot_curves(
+        png_path,
+        {k: [r[k] for r in recs] for k in ("loss", "mmu_loss", "d3diff_loss", "mask_loss")},
+        x=[r["step"] for r in recs],
+    )
 
 
 def train(cfg: TrainConfig, resume: Optional[str] = None, log=print, *, overwrite: bool = False) -> Dict[str, Any]:
