@@ -19,7 +19,7 @@ from typing import Dict, List, Mapping, Optional, Union
 import torch
 from torch import Tensor
 
-from .config import UniF2aceConfig
+from .config import SPECIAL_TOKENS, UniF2aceConfig
 from .model import UniF2ace
 
 __all__ = [
@@ -97,18 +97,7 @@ def load_checkpoint(
 # ------------------------------------------------------------------------------------------------
 # Phi-1.5 / Show-o import
 
-SHOWO_SPECIAL_TOKENS = (
-    "[PAD]",
-    "<|soi|>",
-    "<|eoi|>",
-    "<|sov|>",
-    "<|eov|>",
-    "<|t2i|>",
-    "<|mmu|>",
-    "<|t2v|>",
-    "<|v2v|>",
-    "<|lvg|>",
-)
+SHOWO_SPECIAL_TOKENS = SPECIAL_TOKENS
 """Show-o's special tokens in its id order after the text vocabulary (``UniversalPrompting`` adds
 ``[PAD]`` as the pad token first, then the nine task/boundary tokens)."""
 
