@@ -100,6 +100,21 @@ def test_matrix_reaches_every_gpu_config_table_entry(recorded):
     assert {dict(c)["BLOCK_L"] for c, _ in _configs(recorded, "_remask_kernel")} == {2**i for i in range(4, 13)}
 
 
+def test_fp32_dots_follow_the_tf32_setting(recorded):
+    """Plain fp32 calls of the GEMM kernels (fused head, expert MLP) honour
+    torch.set_float32_matmul_precision("high") on the GPU as torch.mm does: TF32 dots when
+    ``torch.backends.cuda.matmul.allow_tf32`` is set, IEEE fp32 otherwise (issue 16 item 4)."""
+    seen = {}
+    for case, launches in recorded:
+        variant = dict(case.variant)
+        if case.stem not in ("d3diff_head", "moe_mlp") or case.dtype != "fp32":
+            continue
+        precs = {ln.constexprs[k] for ln in launches for k in ("PREC", "PRECISION") if k in ln.constexprs}
+        assert precs == {"tf32" if variant["tf32"] else "ieee"}, (case, precs)
+        seen.setdefault(case.stem, set()).add(variant["tf32"])
+    assert seen == {"d3diff_head": {False, True}, "moe_mlp": {False, True}}, seen
+
+
 def test_record_plans_for_the_gpu_even_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     m = lambda *s, dtype=torch.bfloat16: torch.empty(s, dtype=dtype, device="meta")  # noqa: E731

@@ -219,14 +219,19 @@ def moe_mlp_cases() -> List[Case]:
                         b2 = _m(E, D, dtype=dt) if bias else None
                         return x, w1, w2, ids, gates, b1, b2
 
-                    def fwd(inputs=inputs, act=act):
-                        k.moe_expert_mlp(*inputs(), act)
+                    for tf32 in (False, True) if dn == "fp32" else (False,):
+                        extra = dict(tf32=tf32) if dn == "fp32" else {}
 
-                    def bwd(inputs=inputs, act=act, T=T, D=D, dt=dt):
-                        k.moe_expert_mlp_backward(_m(T, D, dtype=dt), *inputs(), act)
+                        def fwd(inputs=inputs, act=act, tf32=tf32):
+                            with _tf32(tf32):
+                                k.moe_expert_mlp(*inputs(), act)
 
-                    out.append(_case("moe_mlp", "fwd", dn, shape, fwd, act=act, bias=bias))
-                    out.append(_case("moe_mlp", "bwd", dn, shape, bwd, act=act, bias=bias))
+                        def bwd(inputs=inputs, act=act, T=T, D=D, dt=dt, tf32=tf32):
+                            with _tf32(tf32):
+                                k.moe_expert_mlp_backward(_m(T, D, dtype=dt), *inputs(), act)
+
+                        out.append(_case("moe_mlp", "fwd", dn, shape, fwd, act=act, bias=bias, **extra))
+                        out.append(_case("moe_mlp", "bwd", dn, shape, bwd, act=act, bias=bias, **extra))
     return out
 
 

@@ -22,7 +22,9 @@ bias, no gate; ``w1[e]^T`` through its strides) and the same fixed-order k-way c
 
 Numerics: every load is converted to fp32, reductions and epilogues are fp32; bf16/fp16 appear
 only as ``tl.dot`` operands (x, w, and the stored h / dh). fp32 dots use ``input_precision="ieee"``
-(no TF32) so fp32 parity holds on GPUs. All address arithmetic is int64.
+(no TF32, so fp32 parity holds on GPUs) unless TF32 matmuls are allowed on the GPU
+(``torch.set_float32_matmul_precision("high")``, i.e. ``torch.backends.cuda.matmul.allow_tf32``), as
+``torch.mm`` and the fused head do. All address arithmetic is int64.
 
 Tile configurations live in a small table (``MLP_CONFIGS``) keyed by a shape class, to be tuned on
 a GPU; the interpreter gets large tiles (each program costs ~1 ms there).
@@ -37,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ..reference.moe_mlp import moe_expert_mlp_backward_ref, moe_expert_mlp_ref
-from ._launch import Launch, interpreting, launch
+from ._launch import Launch, interpreting, launch, on_gpu
 from .moe_routing import _pow2, moe_align
 
 __all__ = ["MLP_CONFIGS", "mlp_config", "moe_expert_mlp", "moe_expert_mlp_backward"]
@@ -449,8 +451,12 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float32
 
 
-def _prec(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _prec(dtype: torch.dtype, device: torch.device) -> str:
+    """``input_precision`` of the dots: fp32 operands in IEEE fp32 unless TF32 matmuls are allowed
+    on the GPU (as for ``torch.mm``); 16-bit operands ignore it."""
+    if dtype == torch.float32 and not (on_gpu(device) and torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    return "tf32"
 
 
 class _Routing:
@@ -478,7 +484,7 @@ class _Launch:
         self.k = expert_ids.shape[1]
         self.dev = x.device
         self.cdt = _compute_dtype(x, w1, w2)
-        self.prec = _prec(self.cdt)
+        self.prec = _prec(self.cdt, self.dev)
         cfg = dict(config or mlp_config(self.T * self.k, self.E, self.cdt))
         self.BM, self.BF, self.BD = cfg["BLOCK_M"], cfg["BLOCK_F"], cfg["BLOCK_D"]
         self.kw = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
