@@ -32,6 +32,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "common/op_schemas.h"
 #include "cpu/vec_math.h"
 
 #include <algorithm>
@@ -291,12 +292,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_gather_grad_inplace(at::Tenso
 }  // namespace unif2ace::cpu
 
 TORCH_LIBRARY_FRAGMENT(unif2ace_cpu, m) {
-  m.def("lse_gather(Tensor logits, Tensor target, int ignore_index) -> (Tensor, Tensor, Tensor)",
-        &unif2ace::cpu::lse_gather);
-  m.def(
-      "lse_gather_backward(Tensor logits, Tensor target, Tensor row_max, Tensor lse_rel, Tensor grad_lse, "
-      "Tensor grad_tgt, int ignore_index) -> Tensor",
-      &unif2ace::cpu::lse_gather_backward);
+  m.def(unif2ace::schema::lse_gather, &unif2ace::cpu::lse_gather);
+  m.def(unif2ace::schema::lse_gather_backward, &unif2ace::cpu::lse_gather_backward);
   m.def(
       "lse_gather_backward_(Tensor(a!) logits, Tensor target, Tensor row_max, Tensor lse_rel, Tensor grad_lse, "
       "Tensor grad_tgt, int ignore_index) -> ()",

@@ -42,6 +42,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/op_schemas.h"
 #include "cpu/vec_math.h"
 
 namespace unif2ace::cpu {
@@ -340,12 +341,6 @@ at::Tensor moe_gating_backward(const at::Tensor& grad_gates_in, const at::Tensor
 }  // namespace unif2ace::cpu
 
 TORCH_LIBRARY_FRAGMENT(unif2ace_cpu, m) {
-  m.def(
-      "moe_gating(Tensor router_logits, Tensor group_ids, int[] group_sizes, int top_k, str score, "
-      "bool renormalize, float balance_coef) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-      &unif2ace::cpu::moe_gating);
-  m.def(
-      "moe_gating_backward(Tensor grad_gates, Tensor grad_prob, Tensor grad_loss, Tensor router_logits, "
-      "Tensor group_ids, int[] group_sizes, int top_k, str score, bool renormalize, float balance_coef) -> Tensor",
-      &unif2ace::cpu::moe_gating_backward);
+  m.def(unif2ace::schema::moe_gating, &unif2ace::cpu::moe_gating);
+  m.def(unif2ace::schema::moe_gating_backward, &unif2ace::cpu::moe_gating_backward);
 }

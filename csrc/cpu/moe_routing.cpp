@@ -17,6 +17,8 @@
 #include <tuple>
 #include <vector>
 
+#include "common/op_schemas.h"
+
 namespace unif2ace::cpu {
 namespace {
 
@@ -176,7 +178,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::T
 }  // namespace unif2ace::cpu
 
 TORCH_LIBRARY_FRAGMENT(unif2ace_cpu, m) {
-  m.def("moe_expert_histogram(Tensor expert_ids, int num_experts) -> Tensor", &unif2ace::cpu::moe_expert_histogram);
-  m.def("moe_align(Tensor expert_ids, int num_experts, int block_size) -> (Tensor, Tensor, Tensor, Tensor)",
-        &unif2ace::cpu::moe_align);
+  m.def(unif2ace::schema::moe_expert_histogram, &unif2ace::cpu::moe_expert_histogram);
+  m.def(unif2ace::schema::moe_align, &unif2ace::cpu::moe_align);
 }

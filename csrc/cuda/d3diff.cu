@@ -10,6 +10,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/op_schemas.h"
 #include "cuda/d3diff.cuh"
 #include "cuda/dispatch.h"
 #include "cuda/launch.h"
@@ -128,10 +129,6 @@ at::Tensor lse_gather_backward(const at::Tensor& logits_in, const at::Tensor& ta
 }  // namespace unif2ace::cuda
 
 TORCH_LIBRARY_FRAGMENT(UNIF2ACE_CUDA_LIBRARY, m) {
-  m.def("lse_gather(Tensor logits, Tensor target, int ignore_index) -> (Tensor, Tensor, Tensor)",
-        &unif2ace::cuda::lse_gather);
-  m.def(
-      "lse_gather_backward(Tensor logits, Tensor target, Tensor row_max, Tensor lse_rel, Tensor grad_lse, "
-      "Tensor grad_tgt, int ignore_index) -> Tensor",
-      &unif2ace::cuda::lse_gather_backward);
+  m.def(unif2ace::schema::lse_gather, &unif2ace::cuda::lse_gather);
+  m.def(unif2ace::schema::lse_gather_backward, &unif2ace::cuda::lse_gather_backward);
 }

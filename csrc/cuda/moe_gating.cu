@@ -23,6 +23,7 @@
 #include <string>
 #include <tuple>
 
+#include "common/op_schemas.h"
 #include "cuda/dispatch.h"
 #include "cuda/launch.h"
 #include "cuda/moe_gating.cuh"
@@ -216,12 +217,6 @@ at::Tensor moe_gating_backward(const at::Tensor& grad_gates, const at::Tensor& g
 }  // namespace unif2ace::cuda
 
 TORCH_LIBRARY_FRAGMENT(UNIF2ACE_CUDA_LIBRARY, m) {
-  m.def(
-      "moe_gating(Tensor router_logits, Tensor group_ids, int[] group_sizes, int top_k, str score, "
-      "bool renormalize, float balance_coef) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-      &unif2ace::cuda::moe_gating);
-  m.def(
-      "moe_gating_backward(Tensor grad_gates, Tensor grad_prob, Tensor grad_loss, Tensor router_logits, "
-      "Tensor group_ids, int[] group_sizes, int top_k, str score, bool renormalize, float balance_coef) -> Tensor",
-      &unif2ace::cuda::moe_gating_backward);
+  m.def(unif2ace::schema::moe_gating, &unif2ace::cuda::moe_gating);
+  m.def(unif2ace::schema::moe_gating_backward, &unif2ace::cuda::moe_gating_backward);
 }

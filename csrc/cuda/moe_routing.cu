@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <tuple>
 
+#include "common/op_schemas.h"
 #include "cuda/launch.h"
 #include "cuda/moe_routing.cuh"
 
@@ -105,7 +106,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::T
 }  // namespace unif2ace::cuda
 
 TORCH_LIBRARY_FRAGMENT(UNIF2ACE_CUDA_LIBRARY, m) {
-  m.def("moe_expert_histogram(Tensor expert_ids, int num_experts) -> Tensor", &unif2ace::cuda::moe_expert_histogram);
-  m.def("moe_align(Tensor expert_ids, int num_experts, int block_size) -> (Tensor, Tensor, Tensor, Tensor)",
-        &unif2ace::cuda::moe_align);
+  m.def(unif2ace::schema::moe_expert_histogram, &unif2ace::cuda::moe_expert_histogram);
+  m.def(unif2ace::schema::moe_align, &unif2ace::cuda::moe_align);
 }
