@@ -1,5 +1,6 @@
-// Host-side helpers shared by the CUDA bindings (*.cu): the at:: scalar type -> device type map
-// and the float dtype dispatch (fp32/fp16/bf16; no double: the kernels compute in fp32).
+// Host-side helpers shared by the CUDA bindings (*.cu): the at:: scalar type -> device type map,
+// a dispatch over a list of scalar types, and the float dtype dispatch (fp32/fp16/bf16; no double:
+// the kernels compute in fp32).
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -22,6 +23,13 @@ template <>
 struct DevType<at::BFloat16> {
   using type = __nv_bfloat16;
 };
+
+// Calls f(T{}) with T the device type (DevType) of `st` when st is the scalar type of one of
+// S...; returns whether it did.
+template <typename... S, typename F>
+bool dispatch_types(at::ScalarType st, F&& f) {
+  return ((st == c10::CppTypeToScalarType<S>::value && (f(typename DevType<S>::type{}), true)) || ...);
+}
 
 }  // namespace unif2ace::cuda
 

@@ -11,6 +11,7 @@
 
 #include <tuple>
 
+#include "cuda/dispatch.h"
 #include "cuda/launch.h"
 #include "cuda/sampling.cuh"
 
@@ -77,19 +78,8 @@ struct FixedScale {
 
 template <typename F>
 void dispatch_float(at::ScalarType st, const char* op, F&& f) {
-  switch (st) {
-    case at::kFloat:
-      f(float{});
-      break;
-    case at::kHalf:
-      f(__half{});
-      break;
-    case at::kBFloat16:
-      f(__nv_bfloat16{});
-      break;
-    default:
-      TORCH_CHECK(false, op, " (cuda): logits must be fp32, fp16 or bf16, got ", st);
-  }
+  TORCH_CHECK((dispatch_types<float, at::Half, at::BFloat16>(st, f)), op,
+              " (cuda): logits must be fp32, fp16 or bf16, got ", st);
 }
 
 // cond (and unc) [rows, V] with unit column stride; tokens / is_masked [B, L]

@@ -201,28 +201,13 @@ std::string kernel_name(const void* kernel) {
 }
 
 const char* op_name(WarpOp op) {
-  switch (op) {
-    case WarpOp::kShflIdx:
-      return "__shfl_sync";
-    case WarpOp::kShflUp:
-      return "__shfl_up_sync";
-    case WarpOp::kShflDown:
-      return "__shfl_down_sync";
-    case WarpOp::kShflXor:
-      return "__shfl_xor_sync";
-    case WarpOp::kBallot:
-      return "__ballot_sync";
-    case WarpOp::kAny:
-      return "__any_sync";
-    case WarpOp::kAll:
-      return "__all_sync";
-    case WarpOp::kMatchAny:
-      return "__match_any_sync";
-    case WarpOp::kActivemask:
-      return "__activemask";
-    default:
-      return "__syncwarp";
-  }
+  // in the order of WarpOp (cuda_runtime.h)
+  static constexpr const char* kNames[] = {
+      "__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync", "__ballot_sync",
+      "__any_sync",  "__all_sync",     "__match_any_sync", "__syncwarp",      "__activemask",
+  };
+  static_assert(sizeof(kNames) / sizeof(kNames[0]) == static_cast<size_t>(WarpOp::kActivemask) + 1);
+  return kNames[static_cast<int>(op)];
 }
 
 std::string where(const Fiber& f) {

@@ -12,6 +12,8 @@
 #include <string>
 #include <tuple>
 
+#include "cuda/dispatch.h"
+
 namespace unif2ace::emu {
 namespace {
 
@@ -77,28 +79,8 @@ std::tuple<at::Tensor, at::Tensor> warp_op_test(const std::string& name, const a
            reinterpret_cast<const T*>(x.const_data_ptr()), vote.mutable_data_ptr<int64_t>(),
            reinterpret_cast<T*>(out.mutable_data_ptr()));
   };
-  switch (x.scalar_type()) {
-    case at::kInt:
-      run(int{});
-      break;
-    case at::kLong:
-      run(int64_t{});
-      break;
-    case at::kFloat:
-      run(float{});
-      break;
-    case at::kDouble:
-      run(double{});
-      break;
-    case at::kHalf:
-      run(__half{});
-      break;
-    case at::kBFloat16:
-      run(__nv_bfloat16{});
-      break;
-    default:
-      TORCH_CHECK(false, "unsupported dtype ", x.scalar_type());
-  }
+  TORCH_CHECK((cuda::dispatch_types<int, int64_t, float, double, at::Half, at::BFloat16>(x.scalar_type(), run)),
+              "unsupported dtype ", x.scalar_type());
   return {out, vote};
 }
 
