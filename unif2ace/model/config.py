@@ -77,6 +77,14 @@ def _choice(name, value, allowed):
         raise ValueError(f"UniF2aceConfig: field '{name}' must be one of {list(allowed)}, got {value!r}")
 
 
+def require_int_field(obj: object, owner: str, name: str, lo: int, note: str = "") -> None:
+    """Raises ValueError unless field ``name`` of config ``obj`` is an int (not a bool) ``>= lo``;
+    ``owner`` names the config in the message, ``note`` follows the bound."""
+    v = getattr(obj, name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{owner}: field '{name}' must be an int >= {lo}{note}, got {v!r}")
+
+
 @dataclass
 class UniF2aceConfig:
     # -- vocabulary (docs/model.md §1)
@@ -277,13 +285,9 @@ class UniF2aceConfig:
             "noise_dim",
             "gen_steps",
         ):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{c}: field '{f}' must be an int >= 1, got {v!r}")
+            require_int_field(self, c, f, 1)
         for f in ("routed_width", "shared_width"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{c}: field '{f}' must be an int >= 0 (0: derived from mlp_width), got {v!r}")
+            require_int_field(self, c, f, 0, " (0: derived from mlp_width)")
         if self.expert_width < 1 or self.shared_expert_width < 1:
             raise ValueError(
                 f"{c}: mlp_width={self.mlp_width} is too small for the derived expert widths (mlp_width // 16, "

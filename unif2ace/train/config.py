@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
+from unif2ace.model.config import require_int_field
+
 __all__ = ["TrainConfig", "DEMO_MODEL_OVERRIDES"]
 
 # The tiny preset with room for the synthetic set's captions (<= 25 words); 512 image codes, so the
@@ -73,13 +75,9 @@ class TrainConfig:
             "keep_checkpoints",
             "synthetic_images",
         ):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{c}: field '{f}' must be an int >= 1, got {v!r}")
+            require_int_field(self, c, f, 1)
         for f in ("warmup_steps", "seed", "threads"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{c}: field '{f}' must be an int >= 0, got {v!r}")
+            require_int_field(self, c, f, 0)
         for f, lo in (("lr", 0.0), ("grad_clip", 0.0)):
             v = getattr(self, f)
             if not isinstance(v, (int, float)) or not v > lo:
