@@ -468,15 +468,7 @@ def test_loss_parts_match_explicit_computation():
     b = make_batch()
     with use_backend("reference"):
         out = model(b)
-        span = bidirectional_span(b.image_positions, b.task, CFG.seq_len)
-        h, tb, sb = model.hidden(
-            b.input_ids,
-            b.valid,
-            b.task,
-            span=span,
-            route_mask=model.route_mask(b.valid, b.task, span, b.labels),
-            features=model.batch_features(b),
-        )
+        h, tb, sb = model.batch_hidden(b)
     assert_close(out.loss, out.mmu_loss + out.d3diff_loss + out.token_balance.sum() + out.seq_balance.sum())
     assert_close(out.d3diff_loss, out.mask_loss + CFG.alpha * out.score_loss)
     logits = model.lm_head(h).double()

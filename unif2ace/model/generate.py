@@ -170,33 +170,27 @@ def answer(
     out = torch.full((B, max_new_tokens), -1, dtype=torch.int64, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     V = cfg.text_vocab_size
+
+    def prefix_hidden(n: int, **kw) -> Tensor:
+        """The hidden states of the first n positions (kw: the cache to fill)."""
+        return model.hidden(
+            ids[:, :n],
+            valid[:, :n],
+            task,
+            span=span[:, :n],
+            route_mask=route_mask[:, :n],
+            features=features,
+            image_positions=img_pos,
+            **kw,
+        )[0]
+
     with model.backend_scope():
         if use_cache:
             cache = KVCache(cfg, B, cap, dev, model.embed.weight.dtype)
-            h, _, _ = model.hidden(
-                ids[:, :P],
-                valid[:, :P],
-                task,
-                span=span[:, :P],
-                route_mask=route_mask[:, :P],
-                features=features,
-                cache=cache,
-                image_positions=img_pos,
-            )
-            last = h[b, pos - 1]
+            last = prefix_hidden(P, cache=cache)[b, pos - 1]
         for i in range(max_new_tokens):
             if not use_cache:
-                T = int(pos.max())
-                h, _, _ = model.hidden(
-                    ids[:, :T],
-                    valid[:, :T],
-                    task,
-                    span=span[:, :T],
-                    route_mask=route_mask[:, :T],
-                    features=features,
-                    image_positions=img_pos,
-                )
-                last = h[b, pos - 1]
+                last = prefix_hidden(int(pos.max()))[b, pos - 1]
             logits = torch.addmm(model.lm_head.bias[:V], last, model.lm_head.weight[:V].t())
             tok = ar_sample(logits, seed=seed, position=i, temperature=temperature, top_k=top_k, top_p=top_p).tokens
             out[:, i] = torch.where(done, -1, tok)

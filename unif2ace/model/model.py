@@ -226,14 +226,11 @@ class UniF2ace(nn.Module):
     def batch_features(batch: Batch) -> Dict[str, Optional[Tensor]]:
         return {"clip": batch.clip_features, "face": batch.face_embeddings, "noise": batch.noise_features}
 
-    # -- training forward
-    def forward(self, batch: Batch, *, validate: bool = True) -> ModelOutput:
-        """Total loss and every part for a :class:`Batch` (see :class:`ModelOutput`)."""
-        cfg = self.cfg
-        if validate:
-            batch.validate(cfg)
-        span = bidirectional_span(batch.image_positions, batch.task, cfg.seq_len)
-        h, token_bal, seq_bal = self.hidden(
+    def batch_hidden(self, batch: Batch):
+        """:meth:`hidden` of a training :class:`Batch` (its span, route mask, features and image
+        positions): (h, token_balance, seq_balance)."""
+        span = bidirectional_span(batch.image_positions, batch.task, self.cfg.seq_len)
+        return self.hidden(
             batch.input_ids,
             batch.valid,
             batch.task,
@@ -242,6 +239,14 @@ class UniF2ace(nn.Module):
             features=self.batch_features(batch),
             image_positions=batch.image_positions,
         )
+
+    # -- training forward
+    def forward(self, batch: Batch, *, validate: bool = True) -> ModelOutput:
+        """Total loss and every part for a :class:`Batch` (see :class:`ModelOutput`)."""
+        cfg = self.cfg
+        if validate:
+            batch.validate(cfg)
+        h, token_bal, seq_bal = self.batch_hidden(batch)
         with self.backend_scope():
             mask_loss, score_loss = self._d3diff(h, batch)
             mmu = self._mmu(h, batch)
