@@ -201,36 +201,18 @@ def test_guidance_combine():
     B, L, V = 2, 9, 17
     cond, unc, tokens, is_masked, mid = make_inputs(B, L, V, guided=True, masked_frac=1.0)
     s = 2.5
-    out = masked_sample_step(
-        cond,
-        tokens,
-        is_masked,
-        step=0,
-        num_steps=4,
-        seed=3,
-        mask_token_id=mid,
-        uncond_logits=unc,
-        guidance_scale=s,
-        temperature=0.0,
-        confidence_noise=0.0,
-    )
+
+    def first_step(**kw):
+        return masked_sample_step(cond, tokens, is_masked, step=0, num_steps=4, seed=3, mask_token_id=mid, **kw)
+
+    out = first_step(uncond_logits=unc, guidance_scale=s, temperature=0.0, confidence_noise=0.0)
     comb = (1 + s) * cond.double() - s * unc.double()
     assert torch.equal(out.sampled, comb.argmax(-1))
     lp = torch.log_softmax(comb, -1).gather(-1, out.sampled[..., None])[..., 0]
     assert_close(out.confidence, lp, name="confidence")
     # guidance_scale 0 ignores uncond entirely
-    out0 = masked_sample_step(
-        cond,
-        tokens,
-        is_masked,
-        step=0,
-        num_steps=4,
-        seed=3,
-        mask_token_id=mid,
-        uncond_logits=unc * 100,
-        guidance_scale=0.0,
-    )
-    ref0 = masked_sample_step(cond, tokens, is_masked, step=0, num_steps=4, seed=3, mask_token_id=mid)
+    out0 = first_step(uncond_logits=unc * 100, guidance_scale=0.0)
+    ref0 = first_step()
     for a, b in zip(out0, ref0):
         assert torch.equal(a, b)
 

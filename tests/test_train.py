@@ -244,47 +244,10 @@ def test_cli_train_generate_answer(data, tmp_path):
     from unif2ace.__main__ import main
 
     out = tmp_path / "run"
-    model = json.dumps(SMALL)
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                data,
-                "--out",
-                str(out),
-                "--steps",
-                "3",
-                "--batch-size",
-                "4",
-                "--model",
-                model,
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                data,
-                "--out",
-                str(out),
-                "--steps",
-                "4",
-                "--batch-size",
-                "4",
-                "--model",
-                model,
-                "--no-progress",
-                "--resume",
-                "auto",
-            ]
-        )
-        != 0
-    )  # steps changed: incompatible, clear error, exit 2
+    train_argv = ["train", "--data", data, "--out", str(out), "--batch-size", "4", "--model", json.dumps(SMALL)]
+    assert main([*train_argv, "--steps", "3", "--no-progress"]) == 0
+    # steps changed: incompatible, clear error, exit 2
+    assert main([*train_argv, "--steps", "4", "--no-progress", "--resume", "auto"]) != 0
     assert (
         main(
             ["generate", str(out), "red hair blue eyes", "pale skin", "--out", str(tmp_path / "g.png"), "--steps", "2"]
@@ -322,14 +285,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_match_one_process(data, tmp_path):
-    """torchrun, gloo, 2 processes x batch 4 vs 1 process x batch 4 x accum 2: same global batch, same
-    samples (per-sample RNG), same per-micro-batch normalisation -> the same losses up to reduction order."""
-    common = [
+def _torchrun(nproc, out, data, *extra):
+    """`train` under torchrun (gloo, nproc processes) with the small model; its metrics records."""
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "unif2ace",
+        "train",
+        "--out",
+        str(out),
         "--data",
         data,
-        "--steps",
-        "4",
         "--batch-size",
         "4",
         "--model",
@@ -341,38 +313,24 @@ def test_ddp_two_processes_match_one_process(data, tmp_path):
         "2",
         "--log-every",
         "1",
+        *extra,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(_free_port()),
-            "-m",
-            "unif2ace",
-            "train",
-            "--out",
-            str(tmp_path / "ddp"),
-        ]
-        + common,
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ddp_two_processes_match_one_process(data, tmp_path):
+    """torchrun, gloo, 2 processes x batch 4 vs 1 process x batch 4 x accum 2: same global batch, same
+    samples (per-sample RNG), same per-micro-batch normalisation -> the same losses up to reduction order."""
+    recs = _torchrun(2, tmp_path / "ddp", data, "--steps", "4")
     single = losses(
         train(
             cfg_for(data, tmp_path / "one", model=CLI_SMALL, steps=4, batch_size=4, grad_accum=2, lr=3e-3),
             log=lambda *a: None,
         )
     )
-    recs = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([x["loss"] for x in recs], single, rtol=1e-3)
 
 
@@ -574,41 +532,6 @@ def test_latest_only_names_a_checkpoint_inside_the_run(data, tmp_path):
 
 
 # -- FSDP2 (issue 21, item 5) ------------------------------------------------------------------------
-
-
-def _torchrun(nproc, out, data, *extra):
-    argv = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "unif2ace",
-        "train",
-        "--out",
-        str(out),
-        "--data",
-        data,
-        "--batch-size",
-        "4",
-        "--model",
-        json.dumps(SMALL),
-        "--no-progress",
-        "--lr",
-        "3e-3",
-        "--warmup-steps",
-        "2",
-        "--log-every",
-        "1",
-        *extra,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def fsdp_cfg(data, out, **kw):
