@@ -59,6 +59,14 @@ def online_lse_step(m, s, tile_max, x, AXIS: tl.constexpr):
 
 
 @triton.jit
+def _row_target(T, ignore_index):
+    """The program's row, its target (int64) and whether the row counts (target != ignore_index)."""
+    row = tl.program_id(0)
+    t = tl.load(T + row).to(tl.int64)
+    return row, t, t != ignore_index
+
+
+@triton.jit
 def _lse_gather_fwd_kernel(
     X,
     T,
@@ -70,9 +78,7 @@ def _lse_gather_fwd_kernel(
     ignore_index,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    t = tl.load(T + row).to(tl.int64)
-    valid = t != ignore_index
+    row, t, valid = _row_target(T, ignore_index)
     x_row = X + row.to(tl.int64) * stride_x
     offs = tl.arange(0, BLOCK_V)
     n_cols = tl.where(valid, V, 0)  # ignored rows skip the sweep
@@ -107,9 +113,7 @@ def _lse_gather_bwd_kernel(
     ignore_index,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    t = tl.load(T + row).to(tl.int64)
-    valid = t != ignore_index
+    row, t, valid = _row_target(T, ignore_index)
     mx = tl.load(MAX + row).to(tl.float32)
     lse_rel = tl.load(LSE_REL + row).to(tl.float32)
     gl = tl.load(GL + row).to(tl.float32)

@@ -341,6 +341,18 @@ def _row_max(MAXV, MAXI, row, n_seg, BLOCK_S: tl.constexpr):
     return m, tl.min(tl.where(mv == m, mi, 2147483647), 0)
 
 
+@triton.jit
+def _ar_row(
+    X, THR, MAXV, MAXI, row, stride_x, n_seg, HAS_THR: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr
+):
+    """An AR row: its logits pointer, tile offsets, filter threshold (0.0 without) and max (value, code)."""
+    thr = 0.0
+    if HAS_THR:
+        thr = tl.load(THR + row)
+    m, pick = _row_max(MAXV, MAXI, row, n_seg, BLOCK_S)
+    return X + row * stride_x, tl.arange(0, BLOCK_V), thr, m, pick
+
+
 @triton.jit(do_not_specialize=["kbias"])
 def _ar_sum_kernel(
     X,
@@ -366,12 +378,7 @@ def _ar_sum_kernel(
     per tile (TSUM) and per segment (SSUM)."""
     row = tl.program_id(0).to(tl.int64)
     seg = tl.program_id(1)
-    thr = 0.0
-    if HAS_THR:
-        thr = tl.load(THR + row)
-    x_row = X + row * stride_x
-    offs = tl.arange(0, BLOCK_V)
-    m, _ = _row_max(MAXV, MAXI, row, n_seg, BLOCK_S)
+    x_row, offs, thr, m, _ = _ar_row(X, THR, MAXV, MAXI, row, stride_x, n_seg, HAS_THR, BLOCK_V, BLOCK_S)
     m0 = tl.where(m > float("-inf"), m, 0.0)
     mz = m0
     if TEMPERED:
@@ -422,12 +429,7 @@ def _ar_pick_kernel(
     """Per row: the segments' results combined, the draw (the tile holding it, then the code
     within), the logprob."""
     row = tl.program_id(0).to(tl.int64)
-    thr = 0.0
-    if HAS_THR:
-        thr = tl.load(THR + row)
-    x_row = X + row * stride_x
-    offs = tl.arange(0, BLOCK_V)
-    m, pick = _row_max(MAXV, MAXI, row, n_seg, BLOCK_S)
+    x_row, offs, thr, m, pick = _ar_row(X, THR, MAXV, MAXI, row, stride_x, n_seg, HAS_THR, BLOCK_V, BLOCK_S)
     segs = tl.arange(0, BLOCK_S)
     sums = SSUM + (row * n_seg + segs) * 2
     S = tl.sum(tl.load(sums, mask=segs < n_seg, other=0), 0)
