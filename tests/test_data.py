@@ -90,6 +90,7 @@ def test_render_batch_and_patch_alignment():
 def test_captions_and_vqa():
     rng = np.random.default_rng(1)
     tok = text_tokenizer()
+    out_of_order = 0
     for _ in range(200):
         a = faces.sample_attributes(rng)
         words, mentioned = faces.caption(a, rng)
@@ -100,6 +101,12 @@ def test_captions_and_vqa():
                 assert a[name] in words
         for name, q, ans in faces.vqa_pairs(a, rng, 3):
             assert ans == a[name] and 0 not in tok.encode(q + [ans])
+        order = [list(faces.ATTRIBUTES).index(n) for n in mentioned]
+        assert order == sorted(order)  # the canonical order by default
+        _, mentioned = faces.caption(a, rng, shuffle=True)
+        order = [list(faces.ATTRIBUTES).index(n) for n in mentioned]
+        out_of_order += order != sorted(order)
+    assert out_of_order > 150  # shuffle=True: random order (a sorted one is rare)
     full, mentioned = faces.caption(a, full=True)
     assert mentioned == list(faces.ATTRIBUTES)
     chunks = faces.caption_chunks(a)
@@ -283,9 +290,9 @@ def test_synthetic_set_is_deterministic_and_excludes_held_out(tmp_path, cache):
     for name in ("shard-00000.codes.npy", "shard-00000.records.npy", "shard-00000.text.npy"):
         assert np.array_equal(np.load(os.path.join(p1, name)), np.load(os.path.join(p2, name)))
     ds = TokenDataset(p1)
-    assert len(ds) == 40 * 4
-    tasks = [ds[i].task for i in range(8)]
-    assert tasks.count("t2i") == 4 and tasks.count("mmu") == 4
+    assert len(ds) == 40 * (spec.captions_per_image + spec.vqa_per_image)
+    tasks = [ds[i].task for i in range(10)]  # two images' records: 2 captions and 3 VQA pairs each
+    assert tasks.count("t2i") == 4 and tasks.count("mmu") == 6
     other = build_synthetic(SyntheticSpec(num_images=40, num_codes=64, seed=6), str(tmp_path / "c"), cache_dir=cache)
     assert not np.array_equal(
         np.load(os.path.join(p1, "shard-00000.codes.npy")), np.load(os.path.join(other, "shard-00000.codes.npy"))
@@ -299,6 +306,8 @@ def test_synthetic_set_is_deterministic_and_excludes_held_out(tmp_path, cache):
         assert tok.decode(s.answer) in {v for vals in faces.ATTRIBUTES.values() for v in vals}
     with pytest.raises(ValueError, match="num_images"):
         build_synthetic(SyntheticSpec(num_images=0), str(tmp_path / "x"), cache_dir=cache)
+    with pytest.raises(ValueError, match="field 'caption_order' must be 'canonical' or 'random', got 'sorted'"):
+        build_synthetic(SyntheticSpec(caption_order="sorted"), str(tmp_path / "x"), cache_dir=cache)
 
 
 # -- PNG ------------------------------------------------------------------------------------------

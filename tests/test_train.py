@@ -717,3 +717,17 @@ def test_codebook_image_embedding_init(data, tmp_path):
         Trainer(cfg_for(data, tmp_path / "b", image_embedding_init="codebook"), dataset=bare, log=lambda *a: None)
     with pytest.raises(ValueError, match="image_embedding_init"):
         TrainConfig(image_embedding_init="pixels").validate()
+
+
+def test_demo_cli_trains_with_the_same_thread_count_on_every_machine(monkeypatch):
+    """`python -m unif2ace demo` runs with DEMO_THREADS torch threads unless --threads says otherwise
+    (0: torch's default): the figures depend on the thread count (README.md, Demo recipe)."""
+    from unif2ace.__main__ import main
+    from unif2ace.train import demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda out, **kw: seen.append(kw["threads"]))
+    assert main(["demo", "--out", "unused"]) == 0
+    assert main(["demo", "--out", "unused", "--threads", "0"]) == 0
+    assert main(["demo", "--out", "unused", "--threads", "1"]) == 0
+    assert seen == [demo.DEMO_THREADS, 0, 1] and demo.DEMO_THREADS == 2

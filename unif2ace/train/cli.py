@@ -106,7 +106,13 @@ def add_subcommands(sub) -> None:
         help="skip the quick kernel benchmark (its table in the report)",
     )
     d.add_argument("--setup-seconds", type=float, default=None, dest="setup_seconds", help=argparse.SUPPRESS)
-    d.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    d.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: 2 on every machine, so the figures do not depend on its core count; "
+        "0: torch's default)",
+    )
     d.add_argument("--no-progress", action="store_false", dest="progress", default=True)
     d.add_argument(
         "--overwrite",
@@ -262,7 +268,7 @@ def _answer(args) -> int:
 
 
 def _demo(args) -> int:
-    from .demo import DEMO_STEPS, run_demo
+    from .demo import DEMO_STEPS, DEMO_THREADS, run_demo
 
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"demo: --steps must be >= 1, got {args.steps}")
@@ -272,7 +278,7 @@ def _demo(args) -> int:
         benchmark=args.benchmark,
         setup_seconds=args.setup_seconds,
         seed=args.seed,
-        threads=args.threads,
+        threads=DEMO_THREADS if args.threads is None else args.threads,
         progress=args.progress,
         overwrite=args.overwrite,
     )

@@ -38,9 +38,13 @@ from .checkpoint import RunDirectoryError, read_run_info
 from .config import TrainConfig
 from .trainer import Trainer
 
-__all__ = ["run_demo", "time_backends", "demo_config", "samples_picture", "DEMO_STEPS"]
+__all__ = ["run_demo", "time_backends", "demo_config", "samples_picture", "DEMO_STEPS", "DEMO_THREADS"]
 
 DEMO_STEPS = 1200  # about 4 min of training on a quiet 2-core CPU (~0.2 s/step); README.md, Demo recipe
+# torch threads of `python -m unif2ace demo` on every machine (--threads overrides): the reduction order
+# of the CPU kernels depends on the thread count, and training amplifies rounding differences into
+# different figures (README.md, Demo recipe), so the demo's figures are those of 2 threads everywhere
+DEMO_THREADS = 2
 N_GEN = 256  # generated faces (held-out captions)
 N_VQA_IMAGES = 250  # held-out faces asked about ...
 QUESTIONS_PER_IMAGE = 4  # ... this many distinct attributes each: 1000 questions
