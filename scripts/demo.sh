@@ -7,6 +7,10 @@
 # estimate after the first timed steps). Extra arguments go to the demo (e.g. --no-benchmark).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# OpenMP threads sleep instead of spinning while they wait: on a machine busy with other work the
+# spinning threads of a 2-thread run take turns with it (measured on the 2-core machine at load 4:
+# 5 s per training step spinning, 0.35 s passive); set OMP_WAIT_POLICY yourself to override
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 t0=$(date +%s.%N)
 bash scripts/bootstrap.sh
 setup=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$t0" "$(date +%s.%N)")
