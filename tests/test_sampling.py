@@ -843,6 +843,44 @@ def test_ar_top_p_large_nucleus_matches_reference(backend, top_p):
         assert_same_ar(out, ref)
 
 
+@pytest.mark.parametrize("backend", FAST_HEAVY)
+@pytest.mark.parametrize("temperature,kth_at", [(1.0, 2.0), (3.0, 3.5), (0.3, 1.5), (7.5, 7.75)])
+def test_ar_top_k_rounding_ties_match_reference(backend, temperature, kth_at):
+    """Top-k at a large vocabulary (the C++ kernel picks the candidates from its list of the codes
+    near the top instead of a pass over the row): codes whose logits sit a few floats below the k-th
+    largest tie with it once divided by the temperature (x / T rounds them to the same fp32 value;
+    the k-th largest is placed where that happens), so they are candidates too -- the same tokens
+    and logprobs as the reference, bit for bit."""
+    B, V, k = 16, 32000, 50
+    g = torch.Generator().manual_seed(7)
+    t = torch.tensor(temperature)  # x / t: the reference's IEEE fp32 division
+    down, up = torch.tensor(-math.inf), torch.tensor(math.inf)
+    x = torch.randn(B, V, generator=g) * 3
+    ties = 0
+    for b in range(B):
+        v = torch.tensor(kth_at * (1 + 0.02 * b / B))  # the k-th largest logit of the row ...
+        for _ in range(1000):  # ... moved up to where the float below it ties with it after x / t
+            if temperature == 1.0 or torch.nextafter(v, down) / t == v / t:
+                break
+            v = torch.nextafter(v, up)
+        codes = torch.randperm(V, generator=g)
+        x[b] = torch.minimum(x[b], v - 1)
+        x[b, codes[: k - 1]] = v + 0.5 + torch.rand(k - 1, generator=g) * 3  # the k - 1 above
+        x[b, codes[k - 1]] = v
+        below = v
+        for j in codes[k : k + 6].tolist():  # six codes, each one float lower
+            below = torch.nextafter(below, down)
+            x[b, j] = below
+            ties += bool(below / t == v / t)
+    assert (ties > 0) == (temperature != 1.0)  # the case under test occurs
+    x = x.to(device_for(backend))
+    for seed in (1, 2, 3):
+        kw = dict(seed=seed, position=11, temperature=temperature, top_k=k)
+        assert_same_ar(ar_sample(x, backend=backend, **kw), ar_sample(x, backend="reference", **kw))
+        kw["top_p"] = 0.9
+        assert_same_ar(ar_sample(x, backend=backend, **kw), ar_sample(x, backend="reference", **kw))
+
+
 def _groups_by_value(z: torch.Tensor):
     """The distinct values of a 1-D fp32 row (descending), the reference's top-p mass strictly above
     each (fp64) and each value's own mass, with p = the fp32 softmax of the row."""

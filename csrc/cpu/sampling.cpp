@@ -241,8 +241,8 @@ U2A_INLINE int64_t argmax_first(const float* x, int64_t V, float mx) {
 // is a lower bound of the answer (k chunks hold a value >= t), so only the chunks whose max is
 // >= t can hold the k largest values: their values >= t are gathered (with their codes into gi,
 // when given) and nth_element picks the k-th. Otherwise nth_element on a copy of the row. With
-// `listed`: whether the gathered codes are in gi[0, *listed_n) (ascending; a superset of the codes
-// holding the k largest values, all >= t).
+// `listed`: whether the gathered codes are in gi[0, *listed_n) (ascending; exactly the codes with a
+// value >= t, a superset of those holding the k largest values), and t in *listed_t.
 U2A_INLINE float kth_on_copy(const float* x, float* tmp, int64_t V, int64_t k) {
   std::memcpy(tmp, x, sizeof(float) * V);
   std::nth_element(tmp, tmp + (k - 1), tmp + V, std::greater<float>());
@@ -250,7 +250,7 @@ U2A_INLINE float kth_on_copy(const float* x, float* tmp, int64_t V, int64_t k) {
 }
 
 U2A_INLINE float kth_largest(const float* x, float* tmp, int64_t V, int64_t k, int64_t* gi = nullptr,
-                             int64_t* listed_n = nullptr) {
+                             int64_t* listed_n = nullptr, float* listed_t = nullptr) {
   constexpr int64_t CH = 64;
   const int64_t nch = (V + CH - 1) / CH;
   if (listed_n != nullptr) *listed_n = -1;
@@ -282,6 +282,7 @@ U2A_INLINE float kth_largest(const float* x, float* tmp, int64_t V, int64_t k, i
     }
   }
   if (listed_n != nullptr) *listed_n = m;
+  if (listed_t != nullptr) *listed_t = t;
   float* part = got + m;  // nth_element on a copy: got stays in code order
   std::memcpy(part, got, sizeof(float) * m);
   std::nth_element(part, part + (k - 1), part + m, std::greater<float>());
@@ -752,16 +753,29 @@ U2A_INLINE void ar_rows_impl(const ArArgs& a, int64_t begin, int64_t end, ArScra
       } else {
         float* z = s.z.data();
         if (do_k) {
-          // the k-th largest z is the score of the k-th largest x (the division is monotone)
+          // the k-th largest z is the score of the k-th largest x (the division is monotone), and
+          // z_v >= kth exactly when x_v >= x_lo, the least x with score(x) >= kth: kth_x itself, or a
+          // few floats below it when x / T rounds several x to kth. When every such code is among
+          // the listed ones (x_lo >= their threshold), they are picked from that list; otherwise
+          // (or when x_lo is not found within 64 floats) a pass over the row gathers them.
           int64_t listed = -1;
-          const float kth_x = kth_largest(x, s.tmp.data(), V, a.top_k, s.gi.data(), &listed);
+          float listed_t = kInf;
+          const float kth_x = kth_largest(x, s.tmp.data(), V, a.top_k, s.gi.data(), &listed, &listed_t);
           const float kth = score_of<true>(kth_x, a.t);
-          if (a.t == 1.0f && listed >= 0) {  // z = x: the codes >= kth are among those listed
+          float x_lo = kth_x;
+          bool from_list = listed >= 0 && kth > -kInf;
+          for (int i = 0; from_list && a.t != 1.0f; ++i) {
+            const float y = std::nextafter(x_lo, -kInf);
+            if (!(score_of<true>(y, a.t) >= kth)) break;
+            x_lo = y;
+            from_list = i < 64;
+          }
+          if (from_list && x_lo >= listed_t) {
             s.cand.clear();
             for (int64_t i = 0; i < listed; ++i) {
               const int64_t v = s.gi[i];
-              if (x[v] >= kth && x[v] > -kInf) {
-                z[v] = x[v];
+              if (x[v] >= x_lo) {
+                z[v] = score_of<true>(x[v], a.t);
                 s.cand.push_back(v);
               }
             }
