@@ -33,7 +33,6 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -42,7 +41,7 @@
 #include <tuple>
 #include <vector>
 
-#include "common/op_schemas.h"
+#include "cpu/ops.h"
 #include "cpu/vec_math.h"
 
 namespace unif2ace::cpu {
@@ -163,6 +162,8 @@ inline void for_chunk_tokens(const GatingArgs& a, const std::vector<int64_t>& gi
     fn(t, g, lo, n);
   }
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_gating(
     const at::Tensor& router_logits, const at::Tensor& group_ids, c10::IntArrayRef group_sizes, int64_t top_k,
@@ -336,11 +337,4 @@ at::Tensor moe_gating_backward(const at::Tensor& grad_gates_in, const at::Tensor
   });
   return dz;
 }
-
-}  // namespace
 }  // namespace unif2ace::cpu
-
-TORCH_LIBRARY_FRAGMENT(unif2ace_cpu, m) {
-  m.def(unif2ace::schema::moe_gating, &unif2ace::cpu::moe_gating);
-  m.def(unif2ace::schema::moe_gating_backward, &unif2ace::cpu::moe_gating_backward);
-}

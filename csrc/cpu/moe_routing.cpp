@@ -10,14 +10,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
 #include <vector>
 
-#include "common/op_schemas.h"
+#include "cpu/ops.h"
 
 namespace unif2ace::cpu {
 namespace {
@@ -87,6 +86,8 @@ void check_args(const at::Tensor& ids, int64_t E) {
               "moe routing (cpu): expert_ids must be int32 or int64, got ", ids.scalar_type());
   TORCH_CHECK(E >= 1, "moe routing (cpu): num_experts must be >= 1, got ", E);
 }
+
+}  // namespace
 
 at::Tensor moe_expert_histogram(const at::Tensor& expert_ids, int64_t num_experts) {
   check_args(expert_ids, num_experts);
@@ -173,11 +174,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::T
   });
   return {sorted, blocks, total, counts};
 }
-
-}  // namespace
 }  // namespace unif2ace::cpu
-
-TORCH_LIBRARY_FRAGMENT(unif2ace_cpu, m) {
-  m.def(unif2ace::schema::moe_expert_histogram, &unif2ace::cpu::moe_expert_histogram);
-  m.def(unif2ace::schema::moe_align, &unif2ace::cpu::moe_align);
-}

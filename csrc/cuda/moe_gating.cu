@@ -1,7 +1,7 @@
-// Launchers for the grouped MoE gating kernels (device code in moe_gating.cuh) and their
-// registration as torch.ops.unif2ace_cuda.moe_gating / moe_gating_backward (same schemas as the
-// cpu backend's unif2ace_cpu ops). No host syncs: every buffer is sized from host-known shapes
-// and the group table travels by value in the kernel parameters.
+// Launchers for the grouped MoE gating kernels (device code in moe_gating.cuh): the entry points of
+// torch.ops.unif2ace_cuda.moe_gating / moe_gating_backward (registered in module.cpp, with the same
+// schemas as the cpu backend's unif2ace_cpu ops). No host syncs: every buffer is sized from
+// host-known shapes and the group table travels by value in the kernel parameters.
 //
 //   moe_gating(router_logits [T, E] float/half/bf16 (unit column stride, else one copy),
 //              group_ids [T] int32/int64 (any stride), group_sizes int[G] (each <= 128, G <= 255,
@@ -17,16 +17,15 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <string>
 #include <tuple>
 
-#include "common/op_schemas.h"
 #include "cuda/dispatch.h"
 #include "cuda/launch.h"
 #include "cuda/moe_gating.cuh"
+#include "cuda/ops.h"
 
 namespace unif2ace::cuda {
 namespace {
@@ -135,6 +134,8 @@ void launch_tokens(const Setup& s, const at::Tensor& group_ids, at::Tensor* ids,
   });
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_gating(
     const at::Tensor& router_logits, const at::Tensor& group_ids, c10::IntArrayRef group_sizes, int64_t top_k,
     c10::string_view score, bool renormalize, double balance_coef) {
@@ -212,11 +213,4 @@ at::Tensor moe_gating_backward(const at::Tensor& grad_gates, const at::Tensor& g
   });
   return dz;
 }
-
-}  // namespace
 }  // namespace unif2ace::cuda
-
-TORCH_LIBRARY_FRAGMENT(UNIF2ACE_CUDA_LIBRARY, m) {
-  m.def(unif2ace::schema::moe_gating, &unif2ace::cuda::moe_gating);
-  m.def(unif2ace::schema::moe_gating_backward, &unif2ace::cuda::moe_gating_backward);
-}

@@ -1,19 +1,18 @@
-// Launchers for the MoE routing kernels (device code in moe_routing.cuh) and their registration
-// as torch.ops.unif2ace_cuda.moe_expert_histogram / moe_align. No host syncs: all outputs are
-// sized from host-known shapes; the padded total stays on the device.
+// Launchers for the MoE routing kernels (device code in moe_routing.cuh): the entry points of
+// torch.ops.unif2ace_cuda.moe_expert_histogram / moe_align (registered in module.cpp). No host
+// syncs: all outputs are sized from host-known shapes; the padded total stays on the device.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <tuple>
 
-#include "common/op_schemas.h"
 #include "cuda/launch.h"
 #include "cuda/moe_routing.cuh"
+#include "cuda/ops.h"
 
 namespace unif2ace::cuda {
 namespace {
@@ -35,6 +34,8 @@ void check_args(const at::Tensor& ids, int64_t E) {
 constexpr int kHistThreads = 256;
 constexpr int kHistMaxBlocks = 1024;
 constexpr int64_t kSmemLimit = 48 * 1024;
+
+}  // namespace
 
 at::Tensor moe_expert_histogram(const at::Tensor& expert_ids, int64_t num_experts) {
   check_args(expert_ids, num_experts);
@@ -101,11 +102,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::T
   });
   return {sorted, blocks, total, counts};
 }
-
-}  // namespace
 }  // namespace unif2ace::cuda
-
-TORCH_LIBRARY_FRAGMENT(UNIF2ACE_CUDA_LIBRARY, m) {
-  m.def(unif2ace::schema::moe_expert_histogram, &unif2ace::cuda::moe_expert_histogram);
-  m.def(unif2ace::schema::moe_align, &unif2ace::cuda::moe_align);
-}
