@@ -41,6 +41,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/moe_checks.h"
 #include "cpu/ops.h"
 #include "cpu/vec_math.h"
 
@@ -252,12 +253,7 @@ at::Tensor moe_gating_backward(const at::Tensor& grad_gates_in, const at::Tensor
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const GatingArgs a = make_args(op, router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef);
   const int64_t T = a.T, E = a.E, k = a.k, G = a.G;
-  TORCH_CHECK(grad_gates_in.dim() == 2 && grad_gates_in.size(0) == T && grad_gates_in.size(1) == k, op,
-              ": grad_gates must be [T, k] = [", T, ", ", k, "], got ", grad_gates_in.sizes());
-  TORCH_CHECK(grad_prob_in.dim() == 1 && grad_prob_in.size(0) == E, op, ": grad_prob must be [", E, "], got ",
-              grad_prob_in.sizes());
-  TORCH_CHECK(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == G, op, ": grad_loss must be [", G, "], got ",
-              grad_loss_in.sizes());
+  moe::check_gating_grads(op, grad_gates_in, grad_prob_in, grad_loss_in, T, k, E, G);
   const std::vector<int64_t> gid = read_groups(op, group_ids, G);
   const at::Tensor logits = router_logits.stride(1) == 1 ? router_logits : router_logits.contiguous();
   const at::Tensor gg = grad_gates_in.to(at::kFloat).contiguous();

@@ -16,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/moe_checks.h"
 #include "cpu/ops.h"
 
 namespace unif2ace::cpu {
@@ -115,10 +116,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::T
   TORCH_CHECK(block_size >= 1, "moe_align (cpu): block_size must be >= 1, got ", block_size);
   const IdView v = make_view(expert_ids);
   const int64_t E = num_experts, N = v.n, bs = block_size;
-  const int64_t max_len = N + E * (bs - 1);
-  const int64_t max_blocks = (max_len + bs - 1) / bs;
-  TORCH_CHECK(max_len < (int64_t(1) << 31), "moe_align (cpu): T*k + E*(block_size-1) = ", max_len,
-              " does not fit int32 indices");
+  const moe::AlignSizes sizes = moe::align_sizes("moe_align (cpu)", N, E, bs);
+  const int64_t max_len = sizes.max_len, max_blocks = sizes.max_blocks;
   const int64_t nchunks = num_chunks(N);
   const int64_t per = (N + nchunks - 1) / nchunks;
 

@@ -22,6 +22,7 @@
 #include <string>
 #include <tuple>
 
+#include "common/moe_checks.h"
 #include "cuda/dispatch.h"
 #include "cuda/launch.h"
 #include "cuda/moe_gating.cuh"
@@ -172,12 +173,7 @@ at::Tensor moe_gating_backward(const at::Tensor& grad_gates, const at::Tensor& g
   const Setup s = make_setup(op, router_logits, group_ids, group_sizes, top_k, score, renormalize);
   DeviceGuard guard(router_logits.device());
   const int64_t T = s.p.T, E = s.p.E, G = s.grp.G, k = top_k;
-  TORCH_CHECK(grad_gates.dim() == 2 && grad_gates.size(0) == T && grad_gates.size(1) == k, op,
-              ": grad_gates must be [T, k] = [", T, ", ", k, "], got ", grad_gates.sizes());
-  TORCH_CHECK(grad_prob.dim() == 1 && grad_prob.size(0) == E, op, ": grad_prob must be [", E, "], got ",
-              grad_prob.sizes());
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == G, op, ": grad_loss must be [", G, "], got ",
-              grad_loss.sizes());
+  moe::check_gating_grads(op, grad_gates, grad_prob, grad_loss, T, k, E, G);
   for (const at::Tensor* t : {&grad_gates, &grad_prob, &grad_loss}) {
     TORCH_CHECK(t->device() == router_logits.device(), op, ": gradients must be on ", router_logits.device(), ", got ",
                 t->device());

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <tuple>
 
+#include "common/moe_checks.h"
 #include "cuda/launch.h"
 #include "cuda/moe_routing.cuh"
 #include "cuda/ops.h"
@@ -69,10 +70,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::T
   DeviceGuard guard(expert_ids.device());
   const IdView v = make_view(expert_ids);
   const int64_t E = num_experts, N = v.n, bs = block_size;
-  const int64_t max_len = N + E * (bs - 1);
-  const int64_t max_blocks = (max_len + bs - 1) / bs;
-  TORCH_CHECK(max_len < (int64_t(1) << 31), "moe_align (cuda): T*k + E*(block_size-1) = ", max_len,
-              " does not fit int32 indices");
+  const moe::AlignSizes sizes = moe::align_sizes("moe_align (cuda)", N, E, bs);
+  const int64_t max_len = sizes.max_len, max_blocks = sizes.max_blocks;
   auto opts = expert_ids.options().dtype(at::kInt);
   at::Tensor sorted = at::full({max_len}, N, opts);
   at::Tensor blocks = at::empty({max_blocks}, opts);
