@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unif2ace.kernels._dispatch import backend_usable
-from unif2ace.testing import cuda_emu, poison_
+from unif2ace.testing import cuda_emu, poison_, randn
 
 # the cuda backend, twice: on the card (marked gpu: skipped without one) and through the CPU
 # emulator of the CUDA kernels (marked cuda_emu, id "cuda_emu"); the parameter value is "cuda" in both
@@ -77,3 +77,9 @@ def random_ids(T, k, E, dtype=torch.int64, device="cpu"):
     drop = torch.rand(T, k) < 0.1
     ids[drop] = torch.where(torch.rand(int(drop.sum())) < 0.5, -1, E)
     return ids.to(device=device, dtype=dtype)
+
+
+def mlp_args(T, D, E, F1, F):
+    """Positional inputs of moe_expert_mlp for T tokens of width D: random w1 ``[E, D, F1]`` and w2
+    ``[E, F, D]``, every token routed to expert 0 with gate 1 (k = 1)."""
+    return randn(T, D), randn(E, D, F1), randn(E, F, D), torch.zeros(T, 1, dtype=torch.long), torch.ones(T, 1)

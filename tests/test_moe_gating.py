@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from moe_testing import CUDA, backend_cases, device_fixture, poison_fixture
+from moe_testing import CUDA, backend_cases, device_fixture, mlp_args, poison_fixture
 
 from unif2ace.kernels import BackendUnavailableError, _ext, moe_align, moe_expert_mlp, moe_gating
 from unif2ace.kernels import moe as M
@@ -264,15 +264,7 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="group_sizes"):
         moe_gating(z, gid, [4, 5], 2, backend="triton")
     with pytest.raises(ValueError, match="w1"):
-        moe_expert_mlp(
-            randn(3, 8),
-            randn(2, 8, 6),
-            randn(2, 4, 8),
-            torch.zeros(3, 1, dtype=torch.long),
-            torch.ones(3, 1),
-            activation="swiglu",
-            backend="triton",
-        )
+        moe_expert_mlp(*mlp_args(3, 8, 2, 6, 4), activation="swiglu", backend="triton")
     with pytest.raises(ValueError, match="block_size"):
         moe_align(torch.zeros(3, 2, dtype=torch.int32), 4, 0, backend="triton")
 

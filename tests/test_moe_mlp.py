@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from moe_testing import poison_fixture, random_ids
+from moe_testing import mlp_args, poison_fixture, random_ids
 
 from unif2ace.kernels import BackendUnavailableError, _ext, moe_expert_mlp, moe_gating, moe_shared_expert
 from unif2ace.kernels._custom_ops import moe as C
@@ -150,14 +150,7 @@ def test_forcing_a_backend_without_a_kernel_is_a_clear_error():
     with pytest.raises(BackendUnavailableError, match="moe_gating: backend 'cuda'.*CUDA tensors"):
         moe_gating(logits, gid, [4], 2, backend="cuda")
     with pytest.raises(BackendUnavailableError, match="moe_expert_mlp: backend 'cuda'.*no 'cuda' kernel"):
-        moe_expert_mlp(
-            randn(2, 3),
-            randn(1, 3, 2),
-            randn(1, 2, 3),
-            torch.zeros(2, 1, dtype=torch.long),
-            torch.ones(2, 1),
-            backend="cuda",
-        )
+        moe_expert_mlp(*mlp_args(2, 3, 1, 2, 2), backend="cuda")
 
 
 def test_gating_and_mlp_compile_fullgraph():

@@ -24,6 +24,7 @@ import math
 
 import pytest
 import torch
+from sampling_testing import GREEDY, special_rows
 
 from unif2ace.kernels import _ext, ar_sample, masked_sample_step
 from unif2ace.kernels._custom_ops import sampling as custom_ops
@@ -116,8 +117,7 @@ def test_greedy_matches_reference(backend, guided, top_k):
             mask_token_id=mid,
             uncond_logits=unc,
             guidance_scale=1.75 if guided else 0.0,
-            temperature=0.0,
-            confidence_noise=0.0,
+            **GREEDY,
             top_k=top_k,
         )
         assert_same_step(out, ref)
@@ -184,8 +184,7 @@ def test_hand_computed_small_case(backend):
         num_steps=2,
         seed=1,
         mask_token_id=9,
-        temperature=0.0,
-        confidence_noise=0.0,
+        **GREEDY,
         backend=backend,
     )
     # n_raw = floor(4 cos(π/4)) = 2, masked 3 -> n = 2: positions 2 and 1 (lowest log p) re-masked
@@ -215,8 +214,7 @@ def test_confidence_ties_remask_lowest_positions_first(backend):
         num_steps=6,
         seed=1,
         mask_token_id=V,
-        temperature=0.0,
-        confidence_noise=0.0,
+        **GREEDY,
     )
     assert_same_step(out, ref)
     for b in range(2):
@@ -240,7 +238,7 @@ def test_permuted_rows_tie_exactly_on_every_backend(backend):
     unc = torch.randn(V, generator=g)[perms].view(B, L, V)  # guidance: permuted the same way
     is_masked = torch.rand(B, L, generator=g) < 0.8
     tokens = torch.where(is_masked, V, 5)
-    kw = dict(step=1, num_steps=5, seed=3, mask_token_id=V, temperature=0.0, confidence_noise=0.0)
+    kw = dict(step=1, num_steps=5, seed=3, mask_token_id=V, **GREEDY)
     for guided in (False, True):
         gkw = dict(uncond_logits=unc.to(dev), guidance_scale=1.5) if guided else {}
         out = masked_sample_step(cond.to(dev), tokens.to(dev), is_masked.to(dev), backend=backend, **kw, **gkw)
@@ -329,7 +327,7 @@ def test_last_step_and_ties_in_confidence(backend):
     tokens = torch.full((B, L), V, device=dev)
     is_masked = torch.ones(B, L, dtype=torch.bool, device=dev)
     kw = dict(seed=1, mask_token_id=V, num_steps=3)
-    out, ref = both_step(backend, cond, tokens, is_masked, step=0, temperature=0.0, confidence_noise=0.0, **kw)
+    out, ref = both_step(backend, cond, tokens, is_masked, step=0, **GREEDY, **kw)
     assert_same_step(out, ref)
     n = num_to_keep_masked(L, 0, 3)
     assert out.is_masked[0].tolist() == [i < n for i in range(L)]
@@ -444,11 +442,7 @@ def test_multi_tile_and_bf16(backend):
 def test_nan_inf_rows_match_reference(backend):
     dev = device_for(backend)
     L, V = 6, 9
-    c = torch.randn(2, L, V)
-    c[0, 1, ::2] = float("nan")  # partially NaN: NaN codes act as -inf
-    c[0, 2] = float("nan")  # all NaN
-    c[0, 4] = NEG_INF  # all -inf
-    c[0, 3, 5] = math.inf  # +inf acts as FLT_MAX: always drawn, log p = 0
+    c = special_rows(2, L, V)
     c[1, 0, 2] = c[1, 0, 7] = math.inf  # two +inf: a tie at FLT_MAX
     c[1, 5] = torch.finfo(torch.float32).max  # FLT_MAX / T overflows: clamped
     c = c.to(dev)
@@ -499,11 +493,7 @@ def test_nan_inf_rows_match_reference(backend):
 def test_edge_rows_nan_inf_and_no_masked_positions(backend):
     dev = device_for(backend)
     L, V = 6, 40
-    c = torch.randn(2, L, V)
-    c[0, 1, ::2] = float("nan")
-    c[0, 2] = float("nan")
-    c[0, 4] = NEG_INF
-    c[0, 3, 5] = math.inf
+    c = special_rows(2, L, V)
     tokens = torch.full((2, L), V)
     is_masked = torch.ones(2, L, dtype=torch.bool)
     is_masked[1] = False  # a row with nothing masked

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from sampling_testing import GREEDY, special_rows
 
 import unif2ace.kernels as K
 from unif2ace.kernels import BackendUnavailableError, ar_sample, masked_sample_step, use_backend
@@ -184,8 +185,7 @@ def test_greedy_matches_independent_implementation(guided, step):
         mask_token_id=mid,
         uncond_logits=unc,
         guidance_scale=s,
-        temperature=0.0,
-        confidence_noise=0.0,
+        **GREEDY,
     )
     check_output_contract(out, tokens, is_masked, mid, V)
     want = independent_greedy_step(cond, unc, s, tokens, is_masked, step, T, mid)
@@ -205,7 +205,7 @@ def test_guidance_combine():
     def first_step(**kw):
         return masked_sample_step(cond, tokens, is_masked, step=0, num_steps=4, seed=3, mask_token_id=mid, **kw)
 
-    out = first_step(uncond_logits=unc, guidance_scale=s, temperature=0.0, confidence_noise=0.0)
+    out = first_step(uncond_logits=unc, guidance_scale=s, **GREEDY)
     comb = (1 + s) * cond.double() - s * unc.double()
     assert torch.equal(out.sampled, comb.argmax(-1))
     lp = torch.log_softmax(comb, -1).gather(-1, out.sampled[..., None])[..., 0]
@@ -271,8 +271,7 @@ def test_confidence_uses_top_k_filtered_distribution():
         num_steps=3,
         seed=1,
         mask_token_id=mid,
-        temperature=0.0,
-        confidence_noise=0.0,
+        **GREEDY,
         top_k=k,
     )
     want = independent_greedy_step(cond, None, 0.0, tokens, is_masked, 0, 3, mid, top_k=k)
@@ -349,11 +348,7 @@ def test_last_step_unmasks_everything_and_unmasked_rows_unchanged():
 
 def test_nan_and_all_neg_inf_rows():
     L, V = 6, 9
-    c = torch.randn(1, L, V)
-    c[0, 1, ::2] = float("nan")  # partially NaN: NaN codes act as -inf
-    c[0, 2] = float("nan")  # all NaN
-    c[0, 4] = NEG_INF  # all -inf
-    c[0, 3, 5] = math.inf  # +inf acts as FLT_MAX: always drawn, log p = 0
+    c = special_rows(1, L, V)
     tokens = torch.full((1, L), V)
     is_masked = torch.ones(1, L, dtype=torch.bool)
     for temp in (0.0, 1.0, 0.3):

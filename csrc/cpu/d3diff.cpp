@@ -30,9 +30,8 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
 
-#include "common/op_schemas.h"
+#include "cpu/ops.h"
 #include "cpu/vec_math.h"
 
 #include <algorithm>
@@ -180,28 +179,6 @@ float target_logit(const T* row, int64_t ti, int64_t V) {
   return (ti >= 0 && ti < V) ? to_f32(row[ti]) : std::numeric_limits<float>::quiet_NaN();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_gather(const at::Tensor& logits_in, const at::Tensor& target_in,
-                                                          int64_t ignore_index) {
-  check_inputs("unif2ace_cpu::lse_gather", logits_in, target_in);
-  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
-  const at::Tensor target = target_in.contiguous();
-  auto stats = empty_stats(logits);
-  const int64_t V = logits.size(1);
-  float* mx = std::get<0>(stats).data_ptr<float>();
-  float* lrel = std::get<1>(stats).data_ptr<float>();
-  float* tgt = std::get<2>(stats).data_ptr<float>();
-  const Isa isa = cpu_isa();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "lse_gather", [&] {
-    for_rows<scalar_t>(
-        logits, target, ignore_index,
-        [&](int64_t i, const scalar_t* row, int64_t ti) {
-          write_stats(mx, lrel, tgt, i, row_lse(row, V, isa), target_logit(row, ti, V));
-        },
-        [&](int64_t i) { write_stats(mx, lrel, tgt, i, RowLse{0.0f, 0.0f}, 0.0f); });
-  });
-  return stats;
-}
-
 // grad rows into out (row stride ldo; out may alias logits when ldo == ld: each element is read
 // once, before it is written, by the same thread).
 void lse_gather_backward_into(const at::Tensor& logits, const at::Tensor& target, const std::vector<at::Tensor>& rv,
@@ -222,6 +199,30 @@ void lse_gather_backward_into(const at::Tensor& logits, const at::Tensor& target
         },
         [&](int64_t i) { std::memset(static_cast<void*>(g + i * ldo), 0, sizeof(scalar_t) * V); });
   });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_gather(const at::Tensor& logits_in, const at::Tensor& target_in,
+                                                          int64_t ignore_index) {
+  check_inputs("unif2ace_cpu::lse_gather", logits_in, target_in);
+  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  const at::Tensor target = target_in.contiguous();
+  auto stats = empty_stats(logits);
+  const int64_t V = logits.size(1);
+  float* mx = std::get<0>(stats).data_ptr<float>();
+  float* lrel = std::get<1>(stats).data_ptr<float>();
+  float* tgt = std::get<2>(stats).data_ptr<float>();
+  const Isa isa = cpu_isa();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "lse_gather", [&] {
+    for_rows<scalar_t>(
+        logits, target, ignore_index,
+        [&](int64_t i, const scalar_t* row, int64_t ti) {
+          write_stats(mx, lrel, tgt, i, row_lse(row, V, isa), target_logit(row, ti, V));
+        },
+        [&](int64_t i) { write_stats(mx, lrel, tgt, i, RowLse{0.0f, 0.0f}, 0.0f); });
+  });
+  return stats;
 }
 
 at::Tensor lse_gather_backward(const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& mx,
@@ -287,19 +288,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_gather_grad_inplace(at::Tenso
   });
   return stats;
 }
-
-}  // namespace
 }  // namespace unif2ace::cpu
-
-TORCH_LIBRARY_FRAGMENT(unif2ace_cpu, m) {
-  m.def(unif2ace::schema::lse_gather, &unif2ace::cpu::lse_gather);
-  m.def(unif2ace::schema::lse_gather_backward, &unif2ace::cpu::lse_gather_backward);
-  m.def(
-      "lse_gather_backward_(Tensor(a!) logits, Tensor target, Tensor row_max, Tensor lse_rel, Tensor grad_lse, "
-      "Tensor grad_tgt, int ignore_index) -> ()",
-      &unif2ace::cpu::lse_gather_backward_inplace);
-  m.def(
-      "lse_gather_grad_(Tensor(a!) logits, Tensor target, Tensor a, Tensor b, Tensor c, Tensor g, int ignore_index) "
-      "-> (Tensor, Tensor, Tensor)",
-      &unif2ace::cpu::lse_gather_grad_inplace);
-}

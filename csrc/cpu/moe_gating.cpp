@@ -33,7 +33,6 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -42,7 +41,8 @@
 #include <tuple>
 #include <vector>
 
-#include "common/op_schemas.h"
+#include "common/moe_checks.h"
+#include "cpu/ops.h"
 #include "cpu/vec_math.h"
 
 namespace unif2ace::cpu {
@@ -164,6 +164,8 @@ inline void for_chunk_tokens(const GatingArgs& a, const std::vector<int64_t>& gi
   }
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_gating(
     const at::Tensor& router_logits, const at::Tensor& group_ids, c10::IntArrayRef group_sizes, int64_t top_k,
     c10::string_view score, bool renormalize, double balance_coef) {
@@ -251,12 +253,7 @@ at::Tensor moe_gating_backward(const at::Tensor& grad_gates_in, const at::Tensor
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const GatingArgs a = make_args(op, router_logits, group_ids, group_sizes, top_k, score, renormalize, balance_coef);
   const int64_t T = a.T, E = a.E, k = a.k, G = a.G;
-  TORCH_CHECK(grad_gates_in.dim() == 2 && grad_gates_in.size(0) == T && grad_gates_in.size(1) == k, op,
-              ": grad_gates must be [T, k] = [", T, ", ", k, "], got ", grad_gates_in.sizes());
-  TORCH_CHECK(grad_prob_in.dim() == 1 && grad_prob_in.size(0) == E, op, ": grad_prob must be [", E, "], got ",
-              grad_prob_in.sizes());
-  TORCH_CHECK(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == G, op, ": grad_loss must be [", G, "], got ",
-              grad_loss_in.sizes());
+  moe::check_gating_grads(op, grad_gates_in, grad_prob_in, grad_loss_in, T, k, E, G);
   const std::vector<int64_t> gid = read_groups(op, group_ids, G);
   const at::Tensor logits = router_logits.stride(1) == 1 ? router_logits : router_logits.contiguous();
   const at::Tensor gg = grad_gates_in.to(at::kFloat).contiguous();
@@ -336,11 +333,4 @@ at::Tensor moe_gating_backward(const at::Tensor& grad_gates_in, const at::Tensor
   });
   return dz;
 }
-
-}  // namespace
 }  // namespace unif2ace::cpu
-
-TORCH_LIBRARY_FRAGMENT(unif2ace_cpu, m) {
-  m.def(unif2ace::schema::moe_gating, &unif2ace::cpu::moe_gating);
-  m.def(unif2ace::schema::moe_gating_backward, &unif2ace::cpu::moe_gating_backward);
-}

@@ -58,7 +58,6 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
@@ -79,6 +78,7 @@
 #pragma GCC optimize("no-trapping-math")
 
 #include "cpu/cpu_features.h"
+#include "cpu/ops.h"
 #include "cpu/vec_math.h"
 
 namespace unif2ace::cpu {
@@ -766,6 +766,8 @@ std::vector<at::Tensor> backward_impl(const Operands& o, const at::Tensor& grad_
   return {dx, dw1, dw2, dgates, db1, db2};
 }
 
+}  // namespace
+
 // ------------------------------------------------------------------------------------------------
 // ops
 
@@ -806,17 +808,4 @@ std::vector<at::Tensor> moe_expert_mlp_backward(const at::Tensor& grad_out_in, c
           b1_in ? cast_like(g[4], *b1_in) : at::Tensor(),
           b2_in ? cast_like(g[5], *b2_in) : at::Tensor()};
 }
-
-}  // namespace
 }  // namespace unif2ace::cpu
-
-TORCH_LIBRARY_FRAGMENT(unif2ace_cpu, m) {
-  m.def(
-      "moe_expert_mlp(Tensor x, Tensor w1, Tensor w2, Tensor expert_ids, Tensor gates, Tensor? b1, Tensor? b2, "
-      "str activation) -> Tensor[]",
-      &unif2ace::cpu::moe_expert_mlp);
-  m.def(
-      "moe_expert_mlp_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor expert_ids, Tensor gates, "
-      "Tensor? b1, Tensor? b2, str activation, Tensor? saved_h=None) -> Tensor[]",
-      &unif2ace::cpu::moe_expert_mlp_backward);
-}

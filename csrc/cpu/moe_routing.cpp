@@ -10,14 +10,14 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
 #include <vector>
 
-#include "common/op_schemas.h"
+#include "common/moe_checks.h"
+#include "cpu/ops.h"
 
 namespace unif2ace::cpu {
 namespace {
@@ -88,6 +88,8 @@ void check_args(const at::Tensor& ids, int64_t E) {
   TORCH_CHECK(E >= 1, "moe routing (cpu): num_experts must be >= 1, got ", E);
 }
 
+}  // namespace
+
 at::Tensor moe_expert_histogram(const at::Tensor& expert_ids, int64_t num_experts) {
   check_args(expert_ids, num_experts);
   const IdView v = make_view(expert_ids);
@@ -114,10 +116,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::T
   TORCH_CHECK(block_size >= 1, "moe_align (cpu): block_size must be >= 1, got ", block_size);
   const IdView v = make_view(expert_ids);
   const int64_t E = num_experts, N = v.n, bs = block_size;
-  const int64_t max_len = N + E * (bs - 1);
-  const int64_t max_blocks = (max_len + bs - 1) / bs;
-  TORCH_CHECK(max_len < (int64_t(1) << 31), "moe_align (cpu): T*k + E*(block_size-1) = ", max_len,
-              " does not fit int32 indices");
+  const moe::AlignSizes sizes = moe::align_sizes("moe_align (cpu)", N, E, bs);
+  const int64_t max_len = sizes.max_len, max_blocks = sizes.max_blocks;
   const int64_t nchunks = num_chunks(N);
   const int64_t per = (N + nchunks - 1) / nchunks;
 
@@ -173,11 +173,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::T
   });
   return {sorted, blocks, total, counts};
 }
-
-}  // namespace
 }  // namespace unif2ace::cpu
-
-TORCH_LIBRARY_FRAGMENT(unif2ace_cpu, m) {
-  m.def(unif2ace::schema::moe_expert_histogram, &unif2ace::cpu::moe_expert_histogram);
-  m.def(unif2ace::schema::moe_align, &unif2ace::cpu::moe_align);
-}

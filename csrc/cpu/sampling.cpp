@@ -55,7 +55,6 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -69,15 +68,13 @@
 #include <vector>
 
 #include "common/rng.h"
+#include "cpu/ops.h"
 #include "cpu/vec_math.h"
 
+namespace unif2ace::cpu {
 namespace {
 
 using namespace unif2ace::rng;
-using unif2ace::cpu::cpu_isa;
-using unif2ace::cpu::fast_exp;  // exp for x in [-87, 88]; callers map x < -87 to 0 themselves
-using unif2ace::cpu::Isa;
-using unif2ace::cpu::to_f32;
 
 #ifndef U2A_INLINE
 #define U2A_INLINE inline __attribute__((always_inline))
@@ -414,6 +411,8 @@ std::pair<KeyPair, KeyPair> stream_call_keys(int64_t seed_lo, int64_t seed_hi, i
   return {call_keys(a, b, c, d, STREAM_TOKEN), call_keys(a, b, c, d, STREAM_CONFIDENCE)};
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_sample_step(
     const at::Tensor& cond_in, const std::optional<at::Tensor>& uncond_opt, const at::Tensor& tokens_in,
     const at::Tensor& is_masked_in, const at::Tensor& sample_ids_in, int64_t seed_lo, int64_t seed_hi, int64_t step_lo,
@@ -525,6 +524,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_sample_step(
   });
   return {tok_out, mask_out, sampled, conf};
 }
+
+namespace {
 
 // ------------------------------------------------------------------------------ AR sampling
 
@@ -808,6 +809,8 @@ struct ArRows {
   }
 };
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> ar_sample(const at::Tensor& logits_in, const at::Tensor& sample_ids_in,
                                              const at::Tensor& position_in, int64_t seed_lo, int64_t seed_hi,
                                              double temperature, int64_t top_k, double top_p) {
@@ -939,22 +942,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sampling_f32_math(const at::Tenso
   return {lg, ex, lse};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(unif2ace_cpu, m) {
-  m.def(
-      "masked_sample_step(Tensor cond, Tensor? uncond, Tensor tokens, Tensor is_masked, Tensor sample_ids, "
-      "int seed_lo, int seed_hi, int step_lo, int step_hi, float guidance_scale, float temperature, float tau, "
-      "int top_k, int n_cap, int mask_token_id) -> (Tensor, Tensor, Tensor, Tensor)",
-      &masked_sample_step);
-  m.def(
-      "ar_sample(Tensor logits, Tensor sample_ids, Tensor position, int seed_lo, int seed_hi, float temperature, "
-      "int top_k, float top_p) -> (Tensor, Tensor)",
-      &ar_sample);
-  m.def(
-      "sampling_rng_words(Tensor sample, Tensor position, Tensor token, int seed_lo, int seed_hi, int step_lo, "
-      "int step_hi, int stream) -> (Tensor, Tensor)",
-      &sampling_rng_words);
-  m.def("sampling_gumbel_from_words(Tensor hi, Tensor lo) -> Tensor", &sampling_gumbel_from_words);
-  m.def("sampling_f32_math(Tensor x, Tensor rows) -> (Tensor, Tensor, Tensor)", &sampling_f32_math);
-}
+}  // namespace unif2ace::cpu

@@ -1,19 +1,18 @@
-// Launchers for the D3Diff row kernels (device code in d3diff.cuh) and their registration as
-// torch.ops.unif2ace_cuda.lse_gather / lse_gather_backward. No host syncs; outputs sized from
-// shapes. Geometry by V: one warp per row (4 rows per CTA) up to V = 2048, a 256-thread CTA per row
-// up to V = 32768, a 512-thread CTA beyond.
+// Launchers for the D3Diff row kernels (device code in d3diff.cuh): the entry points of
+// torch.ops.unif2ace_cuda.lse_gather / lse_gather_backward (registered in module.cpp). No host
+// syncs; outputs sized from shapes. Geometry by V: one warp per row (4 rows per CTA) up to
+// V = 2048, a 256-thread CTA per row up to V = 32768, a 512-thread CTA beyond.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <tuple>
 #include <type_traits>
 
-#include "common/op_schemas.h"
 #include "cuda/d3diff.cuh"
 #include "cuda/dispatch.h"
 #include "cuda/launch.h"
+#include "cuda/ops.h"
 
 namespace unif2ace::cuda {
 namespace {
@@ -58,6 +57,8 @@ void with_geometry(int64_t V, F&& f) {
       break;
   }
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_gather(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                           int64_t ignore_index) {
@@ -124,11 +125,4 @@ at::Tensor lse_gather_backward(const at::Tensor& logits_in, const at::Tensor& ta
   });
   return grad;
 }
-
-}  // namespace
 }  // namespace unif2ace::cuda
-
-TORCH_LIBRARY_FRAGMENT(UNIF2ACE_CUDA_LIBRARY, m) {
-  m.def(unif2ace::schema::lse_gather, &unif2ace::cuda::lse_gather);
-  m.def(unif2ace::schema::lse_gather_backward, &unif2ace::cuda::lse_gather_backward);
-}

@@ -4,7 +4,6 @@
 //   - with g++ and -DUNIF2ACE_CUDA_EMU into the test-only CPU emulation (csrc/cuda/emu,
 //     torch.ops.unif2ace_cuda_emu, CPU tensors standing in for CUDA ones; unif2ace/testing/cuda_emu.py).
 //
-//   UNIF2ACE_CUDA_LIBRARY        the torch library namespace of the ops (module.cpp declares it)
 //   on_device(t), kDeviceName    is t where the kernels run (a CUDA tensor; a CPU one when emulated)
 //   DeviceGuard, current_stream  c10::cuda's guard and current stream (no-ops when emulated)
 //   launch(kernel, grid, block, smem, stream, args...)
@@ -14,13 +13,10 @@
 #include <ATen/core/Tensor.h>
 #include <cuda_runtime.h>
 
-#ifdef UNIF2ACE_CUDA_EMU
-#define UNIF2ACE_CUDA_LIBRARY unif2ace_cuda_emu
-#else
+#ifndef UNIF2ACE_CUDA_EMU
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#define UNIF2ACE_CUDA_LIBRARY unif2ace_cuda
 #endif
 
 namespace unif2ace::cuda {

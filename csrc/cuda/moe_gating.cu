@@ -1,7 +1,7 @@
-// Launchers for the grouped MoE gating kernels (device code in moe_gating.cuh) and their
-// registration as torch.ops.unif2ace_cuda.moe_gating / moe_gating_backward (same schemas as the
-// cpu backend's unif2ace_cpu ops). No host syncs: every buffer is sized from host-known shapes
-// and the group table travels by value in the kernel parameters.
+// Launchers for the grouped MoE gating kernels (device code in moe_gating.cuh): the entry points of
+// torch.ops.unif2ace_cuda.moe_gating / moe_gating_backward (registered in module.cpp, with the same
+// schemas as the cpu backend's unif2ace_cpu ops). No host syncs: every buffer is sized from
+// host-known shapes and the group table travels by value in the kernel parameters.
 //
 //   moe_gating(router_logits [T, E] float/half/bf16 (unit column stride, else one copy),
 //              group_ids [T] int32/int64 (any stride), group_sizes int[G] (each <= 128, G <= 255,
@@ -17,16 +17,16 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <string>
 #include <tuple>
 
-#include "common/op_schemas.h"
+#include "common/moe_checks.h"
 #include "cuda/dispatch.h"
 #include "cuda/launch.h"
 #include "cuda/moe_gating.cuh"
+#include "cuda/ops.h"
 
 namespace unif2ace::cuda {
 namespace {
@@ -135,6 +135,8 @@ void launch_tokens(const Setup& s, const at::Tensor& group_ids, at::Tensor* ids,
   });
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_gating(
     const at::Tensor& router_logits, const at::Tensor& group_ids, c10::IntArrayRef group_sizes, int64_t top_k,
     c10::string_view score, bool renormalize, double balance_coef) {
@@ -171,12 +173,7 @@ at::Tensor moe_gating_backward(const at::Tensor& grad_gates, const at::Tensor& g
   const Setup s = make_setup(op, router_logits, group_ids, group_sizes, top_k, score, renormalize);
   DeviceGuard guard(router_logits.device());
   const int64_t T = s.p.T, E = s.p.E, G = s.grp.G, k = top_k;
-  TORCH_CHECK(grad_gates.dim() == 2 && grad_gates.size(0) == T && grad_gates.size(1) == k, op,
-              ": grad_gates must be [T, k] = [", T, ", ", k, "], got ", grad_gates.sizes());
-  TORCH_CHECK(grad_prob.dim() == 1 && grad_prob.size(0) == E, op, ": grad_prob must be [", E, "], got ",
-              grad_prob.sizes());
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == G, op, ": grad_loss must be [", G, "], got ",
-              grad_loss.sizes());
+  moe::check_gating_grads(op, grad_gates, grad_prob, grad_loss, T, k, E, G);
   for (const at::Tensor* t : {&grad_gates, &grad_prob, &grad_loss}) {
     TORCH_CHECK(t->device() == router_logits.device(), op, ": gradients must be on ", router_logits.device(), ", got ",
                 t->device());
@@ -212,11 +209,4 @@ at::Tensor moe_gating_backward(const at::Tensor& grad_gates, const at::Tensor& g
   });
   return dz;
 }
-
-}  // namespace
 }  // namespace unif2ace::cuda
-
-TORCH_LIBRARY_FRAGMENT(UNIF2ACE_CUDA_LIBRARY, m) {
-  m.def(unif2ace::schema::moe_gating, &unif2ace::cuda::moe_gating);
-  m.def(unif2ace::schema::moe_gating_backward, &unif2ace::cuda::moe_gating_backward);
-}

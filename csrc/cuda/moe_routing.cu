@@ -1,19 +1,19 @@
-// Launchers for the MoE routing kernels (device code in moe_routing.cuh) and their registration
-// as torch.ops.unif2ace_cuda.moe_expert_histogram / moe_align. No host syncs: all outputs are
-// sized from host-known shapes; the padded total stays on the device.
+// Launchers for the MoE routing kernels (device code in moe_routing.cuh): the entry points of
+// torch.ops.unif2ace_cuda.moe_expert_histogram / moe_align (registered in module.cpp). No host
+// syncs: all outputs are sized from host-known shapes; the padded total stays on the device.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <tuple>
 
-#include "common/op_schemas.h"
+#include "common/moe_checks.h"
 #include "cuda/launch.h"
 #include "cuda/moe_routing.cuh"
+#include "cuda/ops.h"
 
 namespace unif2ace::cuda {
 namespace {
@@ -35,6 +35,8 @@ void check_args(const at::Tensor& ids, int64_t E) {
 constexpr int kHistThreads = 256;
 constexpr int kHistMaxBlocks = 1024;
 constexpr int64_t kSmemLimit = 48 * 1024;
+
+}  // namespace
 
 at::Tensor moe_expert_histogram(const at::Tensor& expert_ids, int64_t num_experts) {
   check_args(expert_ids, num_experts);
@@ -68,10 +70,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::T
   DeviceGuard guard(expert_ids.device());
   const IdView v = make_view(expert_ids);
   const int64_t E = num_experts, N = v.n, bs = block_size;
-  const int64_t max_len = N + E * (bs - 1);
-  const int64_t max_blocks = (max_len + bs - 1) / bs;
-  TORCH_CHECK(max_len < (int64_t(1) << 31), "moe_align (cuda): T*k + E*(block_size-1) = ", max_len,
-              " does not fit int32 indices");
+  const moe::AlignSizes sizes = moe::align_sizes("moe_align (cuda)", N, E, bs);
+  const int64_t max_len = sizes.max_len, max_blocks = sizes.max_blocks;
   auto opts = expert_ids.options().dtype(at::kInt);
   at::Tensor sorted = at::full({max_len}, N, opts);
   at::Tensor blocks = at::empty({max_blocks}, opts);
@@ -101,11 +101,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_align(const at::T
   });
   return {sorted, blocks, total, counts};
 }
-
-}  // namespace
 }  // namespace unif2ace::cuda
-
-TORCH_LIBRARY_FRAGMENT(UNIF2ACE_CUDA_LIBRARY, m) {
-  m.def(unif2ace::schema::moe_expert_histogram, &unif2ace::cuda::moe_expert_histogram);
-  m.def(unif2ace::schema::moe_align, &unif2ace::cuda::moe_align);
-}

@@ -1,18 +1,18 @@
-// Launchers for the sampling kernels (device code in sampling.cuh) and their registration as
-// torch.ops.unif2ace_cuda.masked_step_sample / masked_step_remask / ar_sample. The host-side
-// pre-passes (RNG call keys, top-k / top-p thresholds, schedule count) are done in Python
-// (unif2ace/kernels/cuda/sampling.py, shared with the Triton backend); the call keys arrive as
-// scalar arguments (k_*: uint32 values), passed to the kernels by value. No host syncs, no
-// host-to-device copies.
+// Launchers for the sampling kernels (device code in sampling.cuh): the entry points of
+// torch.ops.unif2ace_cuda.masked_step_sample / masked_step_remask / ar_sample (registered in
+// module.cpp). The host-side pre-passes (RNG call keys, top-k / top-p thresholds, schedule count)
+// are done in Python (unif2ace/kernels/cuda/sampling.py, shared with the Triton backend); the call
+// keys arrive as scalar arguments (k_*: uint32 values), passed to the kernels by value. No host
+// syncs, no host-to-device copies.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Optional.h>
-#include <torch/library.h>
 
 #include <tuple>
 
 #include "cuda/dispatch.h"
 #include "cuda/launch.h"
+#include "cuda/ops.h"
 #include "cuda/sampling.cuh"
 
 namespace unif2ace::cuda {
@@ -81,6 +81,8 @@ void dispatch_float(at::ScalarType st, const char* op, F&& f) {
   TORCH_CHECK((dispatch_types<float, at::Half, at::BFloat16>(st, f)), op,
               " (cuda): logits must be fp32, fp16 or bf16, got ", st);
 }
+
+}  // namespace
 
 // cond (and unc) [rows, V] with unit column stride; tokens / is_masked [B, L]
 std::tuple<at::Tensor, at::Tensor> masked_step_sample(
@@ -188,22 +190,4 @@ std::tuple<at::Tensor, at::Tensor> ar_sample(const at::Tensor& logits, const at:
   });
   return {tokens, logprobs};
 }
-
-}  // namespace
 }  // namespace unif2ace::cuda
-
-TORCH_LIBRARY_FRAGMENT(UNIF2ACE_CUDA_LIBRARY, m) {
-  m.def(
-      "masked_step_sample(Tensor cond, Tensor? unc, Tensor tokens, Tensor is_masked, Tensor sample_ids, Tensor? thr, "
-      "float a, float s, float temperature, float tau, bool greedy, bool has_noise, int k_tok_hi, int k_tok_lo, "
-      "int k_conf_hi, int k_conf_lo) -> (Tensor, Tensor)",
-      &unif2ace::cuda::masked_step_sample);
-  m.def(
-      "masked_step_remask(Tensor conf, Tensor is_masked, Tensor tokens, Tensor sampled, int n_sched, bool last, "
-      "int mask_token_id) -> (Tensor, Tensor, Tensor)",
-      &unif2ace::cuda::masked_step_remask);
-  m.def(
-      "ar_sample(Tensor logits, Tensor sample_ids, Tensor position, Tensor? thr, float temperature, bool greedy, "
-      "int k_tok_hi, int k_tok_lo) -> (Tensor, Tensor)",
-      &unif2ace::cuda::ar_sample);
-}

@@ -11,7 +11,7 @@
 from .batch import IGNORE_INDEX, Batch, Sample, collate, mask_image_tokens, mmu_sequence, t2i_sequence, task_ids
 from .checkpoint import load_checkpoint, load_phi_state_dict, save_checkpoint
 from .config import PRESETS, SPECIAL_TOKENS, TASKS, UniF2aceConfig, preset
-from .generate import answer, generate_images
+from .generate import GenerationSettings, answer, generate_images
 from .model import ModelOutput, UniF2ace
 from .modules import attention_mask, bidirectional_span, image_span_mask, omni_attention_mask
 
@@ -32,6 +32,7 @@ __all__ = [
     "TASKS",
     "UniF2aceConfig",
     "preset",
+    "GenerationSettings",
     "answer",
     "generate_images",
     "ModelOutput",

@@ -14,6 +14,7 @@ uncached decoding compute the same thing. Decoding stops at <eos> or ``max_new_t
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence
 
 import torch
@@ -24,7 +25,7 @@ from unif2ace.kernels import ar_sample, masked_sample_step
 from .batch import mmu_sequence, t2i_sequence
 from .modules import KVCache, bidirectional_span, image_span_mask
 
-__all__ = ["generate_images", "answer"]
+__all__ = ["GenerationSettings", "generate_images", "answer"]
 
 
 def _noise(cfg, B: int, seed: int, device) -> Tensor:
@@ -32,26 +33,13 @@ def _noise(cfg, B: int, seed: int, device) -> Tensor:
     return torch.randn(B, cfg.noise_tokens, cfg.noise_dim, generator=g).to(device)
 
 
-@torch.no_grad()
-def generate_images(
-    model,
-    captions: Sequence[Sequence[int]],
-    *,
-    steps: Optional[int] = None,
-    guidance: Optional[float] = None,
-    temperature: Optional[float] = None,
-    seed: int = 0,
-    confidence_noise: Optional[float] = None,
-    confidence_schedule: Optional[str] = None,
-    schedule: Optional[str] = None,
-    top_k: Optional[int] = None,
-) -> Tensor:
-    """Image codes ``[B, L]`` int64 in [0, codebook_size) for ``B`` captions (text-token id lists).
+@dataclass(frozen=True)
+class GenerationSettings:
+    """The sampling settings of :func:`generate_images`, its keyword arguments besides ``seed``.
 
-    steps / guidance / temperature / confidence_noise / confidence_schedule / schedule default to
-    the config's generation fields (T = 18, s = 1.75, 1.0, τ0 = 1.0, "showo", cosine). Guidance
-    uses the empty caption as the unconditional branch. Deterministic for a given seed (the
-    sampling RNG is keyed by seed, step, row and position: every step draws fresh noise);
+    steps / guidance / temperature / confidence_noise / confidence_schedule / schedule left None
+    take the config's generation fields (T = 18, s = 1.75, 1.0, τ0 = 1.0, "showo", cosine);
+    top_k None keeps every code. Guidance uses the empty caption as the unconditional branch;
     temperature 0 is greedy.
 
     Confidence noise at step t (ratio r_t = (t+1)/T): "showo" τ_t = τ0·Π_{s<=t}(1 − r_s) (Show-o's
@@ -59,24 +47,52 @@ def generate_images(
     "maskgit" τ_t = τ0·(1 − r_t) (MaskGIT, whose τ0 is 4.5). The kernel anneals τ·(1 − r_t)
     itself, so "showo" passes τ0·Π_{s<t}(1 − r_s).
     """
-    cfg = model.cfg
-    steps = cfg.gen_steps if steps is None else steps
-    guidance = cfg.guidance_scale if guidance is None else guidance
-    temperature = cfg.temperature if temperature is None else temperature
-    confidence_noise = cfg.confidence_noise if confidence_noise is None else confidence_noise
-    confidence_schedule = confidence_schedule or cfg.confidence_schedule
-    if confidence_schedule not in ("showo", "maskgit"):
-        raise ValueError(
-            f"generate_images: argument 'confidence_schedule' must be 'showo' or 'maskgit', got {confidence_schedule!r}"
+
+    steps: Optional[int] = None
+    guidance: Optional[float] = None
+    temperature: Optional[float] = None
+    confidence_noise: Optional[float] = None
+    confidence_schedule: Optional[str] = None
+    schedule: Optional[str] = None
+    top_k: Optional[int] = None
+
+    def resolve(self, cfg) -> "GenerationSettings":
+        """These settings with the config's generation fields in place of the ones left None."""
+        out = replace(
+            self,
+            steps=cfg.gen_steps if self.steps is None else self.steps,
+            guidance=cfg.guidance_scale if self.guidance is None else self.guidance,
+            temperature=cfg.temperature if self.temperature is None else self.temperature,
+            confidence_noise=cfg.confidence_noise if self.confidence_noise is None else self.confidence_noise,
+            confidence_schedule=self.confidence_schedule or cfg.confidence_schedule,
+            schedule=self.schedule or cfg.gen_schedule,
         )
-    schedule = schedule or cfg.gen_schedule
+        if out.confidence_schedule not in ("showo", "maskgit"):
+            raise ValueError(
+                "generate_images: argument 'confidence_schedule' must be 'showo' or 'maskgit', "
+                f"got {out.confidence_schedule!r}"
+            )
+        return out
+
+
+@torch.no_grad()
+def generate_images(model, captions: Sequence[Sequence[int]], *, seed: int = 0, **settings) -> Tensor:
+    """Image codes ``[B, L]`` int64 in [0, codebook_size) for ``B`` captions (text-token id lists).
+
+    ``settings``: the fields of :class:`GenerationSettings` (steps, guidance, temperature,
+    confidence_noise, confidence_schedule, schedule, top_k), each defaulting to the config's.
+    Deterministic for a given seed (the sampling RNG is keyed by seed, step, row and position:
+    every step draws fresh noise).
+    """
+    cfg = model.cfg
+    gen = GenerationSettings(**settings).resolve(cfg)
     dev = model.embed.weight.device
     B, L = len(captions), cfg.image_tokens
     if B == 0:
         raise ValueError("generate_images: argument 'captions' is empty")
     masks = [cfg.mask_token_id] * L
     rows = [t2i_sequence(cfg, c, masks) for c in captions]
-    if guidance != 0:
+    if gen.guidance != 0:
         rows += [t2i_sequence(cfg, [], masks)] * B
     ids = torch.tensor([r[0] for r in rows], device=dev)
     valid = torch.tensor([r[1] for r in rows], device=dev)
@@ -89,9 +105,9 @@ def generate_images(
     w, b = model.code_head()
     tokens = torch.zeros(B, L, dtype=torch.int64, device=dev)
     is_masked = torch.ones(B, L, dtype=torch.bool, device=dev)
-    tau = float(confidence_noise)  # what the kernel multiplies by (1 - (step+1)/steps)
+    tau = float(gen.confidence_noise)  # what the kernel multiplies by (1 - (step+1)/steps)
     with model.backend_scope():
-        for step in range(steps):
+        for step in range(gen.steps):
             img = torch.where(is_masked, cfg.mask_token_id, tokens + cfg.image_token_offset)
             ids[:, img_pos] = img.repeat(R // B, 1)
             h, _, _ = model.hidden(ids, valid, task, span=span, features=features, image_positions=img_pos.expand(R, L))
@@ -101,19 +117,19 @@ def generate_images(
                 tokens,
                 is_masked,
                 step=step,
-                num_steps=steps,
+                num_steps=gen.steps,
                 seed=seed,
                 mask_token_id=cfg.mask_token_id,
-                uncond_logits=logits[B:] if guidance != 0 else None,
-                guidance_scale=guidance,
-                temperature=temperature,
+                uncond_logits=logits[B:] if gen.guidance != 0 else None,
+                guidance_scale=gen.guidance,
+                temperature=gen.temperature,
                 confidence_noise=tau,
-                schedule=schedule,
-                top_k=top_k,
+                schedule=gen.schedule,
+                top_k=gen.top_k,
             )
             tokens, is_masked = out.tokens, out.is_masked
-            if confidence_schedule == "showo":
-                tau *= 1.0 - (step + 1) / steps
+            if gen.confidence_schedule == "showo":
+                tau *= 1.0 - (step + 1) / gen.steps
     return tokens
 
 

@@ -122,34 +122,19 @@ def _model_from_sharded(path: str):
     return model
 
 
-def generate_faces(
-    run: Run,
-    captions: Sequence,
-    *,
-    seed: int = 0,
-    steps: Optional[int] = None,
-    guidance: Optional[float] = None,
-    temperature: Optional[float] = None,
-    batch: int = 32,
-    confidence_noise: Optional[float] = None,
-):
+def generate_faces(run: Run, captions: Sequence, *, seed: int = 0, batch: int = 32, **settings):
     """Captions (strings or id lists) -> (codes ``[N, L]``, images ``[N, H, W, 3]`` uint8 or None).
-    Sampling settings default to the model config's generation fields."""
+
+    ``settings``: the sampling settings of :func:`unif2ace.model.generate.generate_images` (the
+    fields of its ``GenerationSettings``: steps, guidance, temperature, confidence_noise, ...); a
+    setting left out or None defaults to the model config's generation field."""
+    steps = settings.get("steps")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"generate_faces: argument 'steps' must be an int >= 1, got {steps!r}")
     ids = [run.encode_text(c) for c in captions]
     out = []
     for i in range(0, len(ids), batch):
-        out.append(
-            run.model.generate_images(
-                ids[i : i + batch],
-                seed=seed + i,
-                steps=steps,
-                guidance=guidance,
-                temperature=temperature,
-                confidence_noise=confidence_noise,
-            ).cpu()
-        )
+        out.append(run.model.generate_images(ids[i : i + batch], seed=seed + i, **settings).cpu())
     codes = torch.cat(out).numpy()
     imgs = run.vq.decode(codes) if run.vq is not None else None
     return codes, imgs
@@ -161,16 +146,12 @@ def eval_generation(
     decoder: "faces.AttributeDecoder",
     *,
     seed: int = 0,
-    guidance: Optional[float] = None,
-    temperature: Optional[float] = None,
-    steps: Optional[int] = None,
-    confidence_noise: Optional[float] = None,
+    **settings,
 ) -> Dict:
-    """Generate from full held-out captions, read attributes back, compare with the caption."""
+    """Generate from full held-out captions, read attributes back, compare with the caption.
+    ``settings``: the sampling keywords of :func:`generate_faces`."""
     caps = [" ".join(faces.caption(a, full=True)[0]) for a in attrs]
-    codes, imgs = generate_faces(
-        run, caps, seed=seed, guidance=guidance, temperature=temperature, steps=steps, confidence_noise=confidence_noise
-    )
+    codes, imgs = generate_faces(run, caps, seed=seed, **settings)
     pred = decoder.predict(imgs)
     per = {a: float(np.mean([p[a] == t[a] for p, t in zip(pred, attrs)])) for a in faces.ATTRIBUTES}
     exact = float(np.mean([all(p[a] == t[a] for a in faces.ATTRIBUTES) for p, t in zip(pred, attrs)]))

@@ -8,23 +8,16 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstring>
 
 struct __nv_bfloat16 {
   unsigned short __x;
 };
 typedef __nv_bfloat16 nv_bfloat16;
 
-inline float __bfloat162float(__nv_bfloat16 h) {
-  const uint32_t u = static_cast<uint32_t>(h.__x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
+inline float __bfloat162float(__nv_bfloat16 h) { return __uint_as_float(static_cast<uint32_t>(h.__x) << 16); }
 
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
+  uint32_t u = __float_as_uint(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{0x7fff};
   u += 0x7fffu + ((u >> 16) & 1u);  // carries into the exponent: rounds up to the next binade / inf
   return __nv_bfloat16{static_cast<unsigned short>(u >> 16)};

@@ -8,7 +8,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstring>
 
 struct __half {
   unsigned short __x;
@@ -26,14 +25,11 @@ inline float __half2float(__half h) {
   } else {
     u = sign | ((exp + 112u) << 23) | (man << 13);
   }
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
+  return __uint_as_float(u);
 }
 
 inline __half __float2half_rn(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t u = __float_as_uint(f);
   const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
   if (a > 0x7f800000u) return __half{0x7fff};
   if (a >= 0x38800000u) {                // |f| >= 2^-14: normal half, or overflow
