@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # OpenMP threads sleep instead of spinning while they wait. Measured on the 2-core machine (s per
 # training step, 2 threads): quiet 0.216 spinning vs 0.248 passive; next to one busy process 0.877 vs
-# 0.354; at load 4, ~5 vs ~0.3. A few percent on a quiet machine buys a demo that stays within its
+# 0.354; at load 4, ~5 vs ~0.3. 15% on a quiet machine buys a demo that stays within its
 # time on a busy one; set OMP_WAIT_POLICY yourself to override.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 t0=$(date +%s.%N)
