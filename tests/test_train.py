@@ -236,8 +236,10 @@ def test_make_batch_keeps_features_of_a_mixed_batch():
 
 
 def test_grad_accumulation_runs_and_learns(data, tmp_path):
-    ls = losses(train(cfg_for(data, tmp_path / "b", steps=12, batch_size=4, grad_accum=2), log=lambda *a: None))
-    assert all(np.isfinite(ls)) and np.mean(ls[-3:]) < np.mean(ls[:3])
+    # micro-batches of 4 make single-step losses noisy (the mask rate and the task mix of each
+    # batch): compare the first and the last four of 20 steps
+    ls = losses(train(cfg_for(data, tmp_path / "b", steps=20, batch_size=4, grad_accum=2), log=lambda *a: None))
+    assert all(np.isfinite(ls)) and np.mean(ls[-4:]) < 0.8 * np.mean(ls[:4])
 
 
 def test_cli_train_generate_answer(data, tmp_path):
