@@ -871,6 +871,24 @@ def test_ar_top_k_rounding_ties_match_reference(backend, temperature, kth_at):
         assert_same_ar(ar_sample(x, backend=backend, **kw), ar_sample(x, backend="reference", **kw))
 
 
+@pytest.mark.parametrize("backend", FAST_HEAVY)
+def test_ar_top_k_when_the_sampled_chunks_mislead(backend):
+    """The C++ k-th-largest search first guesses its threshold from every 8th 64-code chunk's
+    maximum; rows where exactly those chunks hold the largest values make the guess too high
+    (fewer than k chunks reach it), and the exact selection over every chunk must take over -- the
+    same tokens and logprobs as the reference."""
+    B, V, k = 4, 64 * 400, 40
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(B, V, generator=g)
+    chunks = x.view(B, 400, 64)
+    chunks[:, ::8, 5] = 50 + torch.rand(B, 50, generator=g) * 0.5  # the sampled chunks hold the top 50
+    x = x.to(device_for(backend))
+    for kw in (dict(temperature=1.0, top_k=k), dict(temperature=0.7, top_k=k, top_p=0.8)):
+        for seed in (1, 2):
+            out = ar_sample(x, seed=seed, position=4, backend=backend, **kw)
+            assert_same_ar(out, ar_sample(x, seed=seed, position=4, backend="reference", **kw))
+
+
 def _groups_by_value(z: torch.Tensor):
     """The distinct values of a 1-D fp32 row (descending), the reference's top-p mass strictly above
     each (fp64) and each value's own mass, with p = the fp32 softmax of the row."""

@@ -234,10 +234,10 @@ U2A_INLINE int64_t argmax_first(const float* x, int64_t V, float mx) {
 }
 
 // The k-th largest value of x (counting duplicates), 0 < k < V; tmp holds V floats. Small k (at
-// most a quarter of the 64-wide chunks): the chunk maxima first (vectorised); their k-th largest t
-// is a lower bound of the answer (k chunks hold a value >= t), so only the chunks whose max is
-// >= t can hold the k largest values: their values >= t are gathered (with their codes into gi,
-// when given) and nth_element picks the k-th. Otherwise nth_element on a copy of the row. With
+// most a quarter of the 64-wide chunks): the chunk maxima first (vectorised); a value t that at
+// least k of them reach is a lower bound of the answer (k chunks hold a value >= t), so only the
+// chunks whose max is >= t can hold the k largest values: their values >= t are gathered (with
+// their codes into gi, when given) and nth_element picks the k-th. Otherwise nth_element on a copy of the row. With
 // `listed`: whether the gathered codes are in gi[0, *listed_n) (ascending; exactly the codes with a
 // value >= t, a superset of those holding the k largest values), and t in *listed_t.
 U2A_INLINE float kth_on_copy(const float* x, float* tmp, int64_t V, int64_t k) {
@@ -261,21 +261,42 @@ U2A_INLINE float kth_largest(const float* x, float* tmp, int64_t V, int64_t k, i
     for (int64_t j = 0; j < n; ++j) m = m > x[v0 + j] ? m : x[v0 + j];
     cmax[c] = m;
   }
-  std::memcpy(sel, cmax, sizeof(float) * nch);
-  std::nth_element(sel, sel + (k - 1), sel + nch, std::greater<float>());
-  const float t = sel[k - 1];
+  // t: a value that at least k chunk maxima reach, so at least k values are >= t and t <= the k-th
+  // largest value. First guess (no selection over all nch maxima): the r-th largest of every 8th
+  // chunk maximum, r = k / 8 + 4 (on average 8 r chunks reach it); when fewer than k reach it, the
+  // k-th largest chunk maximum itself.
+  const int64_t ns = (nch + 7) / 8, r = k / 8 + 4;
+  float t = -kInf;
   int64_t reach = 0;
-  for (int64_t c = 0; c < nch; ++c) reach += cmax[c] >= t;
+  if (r < ns) {
+    for (int64_t i = 0; i < ns; ++i) sel[i] = cmax[8 * i];
+    std::nth_element(sel, sel + (r - 1), sel + ns, std::greater<float>());
+    t = sel[r - 1];
+#pragma omp simd reduction(+ : reach)
+    for (int64_t c = 0; c < nch; ++c) reach += cmax[c] >= t;
+  }
+  if (reach < k) {
+    std::memcpy(sel, cmax, sizeof(float) * nch);
+    std::nth_element(sel, sel + (k - 1), sel + nch, std::greater<float>());
+    t = sel[k - 1];
+    reach = 0;
+#pragma omp simd reduction(+ : reach)
+    for (int64_t c = 0; c < nch; ++c) reach += cmax[c] >= t;
+  }
   if (2 * reach * CH > V - nch) return kth_on_copy(x, tmp, V, k);  // many ties at t: no room, no gain
   float* got = tmp + nch;                                          // the values >= t of the chunks that reach t
   int64_t m = 0;
   for (int64_t c = 0; c < nch; ++c) {
     if (!(cmax[c] >= t)) continue;
     const int64_t v0 = c * CH, n = std::min<int64_t>(CH, V - v0);
-    for (int64_t j = 0; j < n; ++j) {  // branch-free: write always, advance when kept
-      got[m] = x[v0 + j];
-      if (gi != nullptr) gi[m] = v0 + j;
-      m += x[v0 + j] >= t;
+    uint64_t bits = 0;  // bit j: x[v0 + j] >= t (a vectorised compare), then one step per set bit
+#pragma omp simd reduction(| : bits)
+    for (int64_t j = 0; j < n; ++j) bits |= static_cast<uint64_t>(x[v0 + j] >= t) << j;
+    for (; bits != 0; bits &= bits - 1) {
+      const int64_t v = v0 + __builtin_ctzll(bits);
+      got[m] = x[v];
+      if (gi != nullptr) gi[m] = v;
+      ++m;
     }
   }
   if (listed_n != nullptr) *listed_n = m;
