@@ -153,6 +153,7 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
         out.append(_step_case("(a)", device, 16, 256, 8192, dt))
         if not quick:
             out.append(_step_case("(b)", device, 64, 256, 126464, dt))
+            out.append(_ar_case("(c)", device, 64, 32000, dt, top_p=0.9))
         for B in (64,) if quick else (64, 256):
             out.append(_ar_case("(c)", device, B, 32000, dt, top_k=50))
             out.append(_ar_case("(c)", device, B, 32000, dt, temperature=0.8, top_k=50, top_p=0.9))
@@ -166,4 +167,5 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
         out.append(_step_case("(c)", device, 4, 256, 8192, dt))
         out.append(_ar_case("(c)", device, 64, 32000, dt, top_k=50))
         out.append(_ar_case("(c)", device, 64, 32000, dt, temperature=0.8, top_k=50, top_p=0.9))
+        out.append(_ar_case("(c)", device, 64, 32000, dt, top_p=0.9))  # a nucleus of most of the row
     return out

@@ -152,18 +152,41 @@ struct Prefetch {
 
 // S = sum_v exp_fixed(score_of(x_v) - m) (int64, exact, order-free) with m the max score; the sum
 // of each 64-code chunk into sums[] when given (the draw's index). The scores are z = min(x / t,
-// FLT_MAX) (DIV) or x.
+// FLT_MAX) (DIV) or x. Without sums[] the whole row is one vector reduction (a horizontal
+// reduction per chunk costs about a quarter of the loop); with it, full chunks run a fixed-count
+// loop and only the last one a remainder.
 template <bool DIV>
 U2A_INLINE int64_t sum_fixed(const float* __restrict__ x, int64_t V, float t, float m, const FixedScale& fs,
                              int64_t* __restrict__ sums, const Prefetch& pf = Prefetch()) {
+  const int32_t kb = fs.kbias;
+  if (sums == nullptr) {
+    int64_t total = 0;
+    for (int64_t c = 0, v0 = 0; v0 < V; ++c, v0 += 16 * kChunk) {
+      for (int64_t i = 0; i < 16; ++i) pf.chunk(16 * c + i);
+      const int64_t n = std::min(16 * kChunk, V - v0);
+#pragma omp simd reduction(+ : total)
+      for (int64_t j = 0; j < n; ++j) total += exp_fixed(fsub(score_of<DIV>(x[v0 + j], t), m), kb);
+    }
+    return total;
+  }
   int64_t total = 0;
-  for (int64_t c = 0, v0 = 0; v0 < V; ++c, v0 += kChunk) {
+  const int64_t full = V / kChunk;
+  for (int64_t c = 0; c < full; ++c) {
     pf.chunk(c);
-    const int64_t n = std::min(kChunk, V - v0);
+    const float* xc = x + c * kChunk;
     int64_t sc = 0;
 #pragma omp simd reduction(+ : sc)
-    for (int64_t j = 0; j < n; ++j) sc += exp_fixed(fsub(score_of<DIV>(x[v0 + j], t), m), fs.kbias);
-    if (sums != nullptr) sums[c] = sc;
+    for (int64_t j = 0; j < kChunk; ++j) sc += exp_fixed(fsub(score_of<DIV>(xc[j], t), m), kb);
+    sums[c] = sc;
+    total += sc;
+  }
+  if (full * kChunk < V) {
+    const float* xc = x + full * kChunk;
+    const int64_t n = V - full * kChunk;
+    int64_t sc = 0;
+#pragma omp simd reduction(+ : sc)
+    for (int64_t j = 0; j < n; ++j) sc += exp_fixed(fsub(score_of<DIV>(xc[j], t), m), kb);
+    sums[full] = sc;
     total += sc;
   }
   return total;
@@ -183,6 +206,45 @@ U2A_INLINE int64_t draw_fixed(const float* x, int64_t V, float t, float m, const
     const int64_t n = std::min(kChunk, V - v0);
     for (int64_t j = 0; j < n; ++j) {
       acc += exp_fixed(fsub(score_of<DIV>(x[v0 + j], t), m), fs.kbias);
+      if (acc > U) return v0 + j;
+    }
+  }
+  return V - 1;  // not reached: U < S
+}
+
+// The fixed-point softmax of a scored row z restricted to the codes with z_v >= thr (every other
+// code has q = 0, as in the reference, which sets them to -inf): its sum with the 64-code chunk
+// sums, and the draw of U < that sum -- the same code a draw over the list of those codes picks.
+U2A_INLINE int64_t sum_fixed_above(const float* __restrict__ z, int64_t V, float m, float thr, const FixedScale& fs,
+                                   int64_t* __restrict__ sums) {
+  const int32_t kb = fs.kbias;
+  int64_t total = 0;
+  for (int64_t c = 0, v0 = 0; v0 < V; ++c, v0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - v0);
+    int64_t sc = 0;
+#pragma omp simd reduction(+ : sc)
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t q = exp_fixed(fsub(z[v0 + j], m), kb);
+      sc += z[v0 + j] >= thr ? q : 0;
+    }
+    sums[c] = sc;
+    total += sc;
+  }
+  return total;
+}
+
+U2A_INLINE int64_t draw_fixed_above(const float* z, int64_t V, float m, float thr, const FixedScale& fs,
+                                    const int64_t* sums, int64_t U) {
+  int64_t acc = 0;
+  for (int64_t c = 0, v0 = 0; v0 < V; ++c, v0 += kChunk) {
+    if (acc + sums[c] <= U) {
+      acc += sums[c];
+      continue;
+    }
+    const int64_t n = std::min(kChunk, V - v0);
+    for (int64_t j = 0; j < n; ++j) {
+      if (!(z[v0 + j] >= thr)) continue;
+      acc += exp_fixed(fsub(z[v0 + j], m), fs.kbias);
       if (acc > U) return v0 + j;
     }
   }
@@ -373,7 +435,8 @@ U2A_INLINE void step_positions_impl(const StepArgs& p, int64_t begin, int64_t en
         pf.b = GUIDED ? reinterpret_cast<const char*>(unc + b1 * p.us0 + i1 * p.us1) : nullptr;
         pf.bpc = kChunk * static_cast<int64_t>(sizeof(T));
       }
-      const int64_t S = sum_fixed<false>(buf, V, 1.0f, mx, fs, sums, pf);
+      // the chunk sums are the draw's index only at temperature 1 (draw_row forms its own otherwise)
+      const int64_t S = sum_fixed<false>(buf, V, 1.0f, mx, fs, p.sample && p.t == 1.0f ? sums : nullptr, pf);
       pick =
           p.sample ? draw_row(buf, V, p.t, mx, fs, sums, S, row_keys(p.k_token, sid, pos)) : argmax_first(buf, V, mx);
       lp = log_p(buf[pick], mx, lse_rel_from_sum(S, fs.inv));
@@ -634,22 +697,44 @@ U2A_INLINE double mass_from(const float* __restrict__ z, const float* __restrict
   return g;
 }
 
+// The (z, p) of the codes with lo <= z < hi, in code order, into (oz, op); their number. 64 codes at
+// a time: a vectorised compare's bit mask, then one step per code copied. In place (oz == z) works:
+// each write lands at or before the code just read.
+U2A_INLINE int64_t copy_between(const float* z, const float* p, int64_t n, float lo, float hi, float* oz, float* op) {
+  int64_t m = 0;
+  for (int64_t v0 = 0; v0 < n; v0 += 64) {
+    const int64_t c = std::min<int64_t>(64, n - v0);
+    uint64_t bits = 0;
+#pragma omp simd reduction(| : bits)
+    for (int64_t j = 0; j < c; ++j) bits |= static_cast<uint64_t>((z[v0 + j] >= lo) & (z[v0 + j] < hi)) << j;
+    for (; bits != 0; bits &= bits - 1) {
+      const int64_t v = v0 + __builtin_ctzll(bits);
+      const float zv = z[v], pv = p[v];
+      oz[m] = zv;
+      op[m] = pv;
+      ++m;
+    }
+  }
+  return m;
+}
+
 // An fp32 p >= 2^-29 is a multiple of 2^-52, so any sum of such values below 2 is exact in fp64, in
 // any order.
 constexpr float kExactP = 0x1p-29f;
 
-// Top-p on a whole row z (max mz, ``sum`` = the row's sum of exp(z - mz)) without sorting it, into
-// s.kept (ascending); false when it cannot decide exactly (the caller then sorts). With g(w) = the
+// Top-p on a whole row z (max mz, ``sum`` = the row's sum of exp(z - mz)) without sorting it: the
+// kept codes are those with z >= *zstar; false when it cannot decide exactly (the caller then sorts). With g(w) = the
 // mass of the codes with z >= w, g grows as w falls, and top_p_keep keeps exactly the codes with
 // z >= z* = the largest value w with g(w) >= top_p, provided its running sums are exact -- true
 // when every code with z >= z* has p >= 2^-29 (checked at the end; then every sum below is exact
 // too, and equals top_p_keep's sorted fp64 prefix sums). Found by a bracket lo <= z* < hi: row
 // passes at thresholds p ~ 16^-j, then the codes in [lo, hi) copied out and the bracket bisected on
 // that copy until few remain, which are sorted and walked group by group from g(hi).
-U2A_INLINE bool top_p_select(ArScratch& s, const float* z, int64_t V, float mz, float sum, double top_p) {
-  float* p = s.p.data();
+U2A_INLINE bool top_p_select(ArScratch& s, const float* z, int64_t V, float mz, float sum, double top_p,
+                             float* zstar_out) {
+  float* p = s.p.data();  // holds exp_or_zero(z - mz) (top_p_row)
 #pragma omp simd
-  for (int64_t v = 0; v < V; ++v) p[v] = exp_or_zero(z[v] - mz) / sum;
+  for (int64_t v = 0; v < V; ++v) p[v] = p[v] / sum;
   float lo = -kInf, hi = kInf;  // g(lo) >= top_p > g(hi) (g(+inf) = 0)
   double g_hi = 0.0;
   const float base = mz + std::log(sum);  // the z of p = 1 (only a guess: any threshold is valid)
@@ -665,15 +750,13 @@ U2A_INLINE bool top_p_select(ArScratch& s, const float* z, int64_t V, float mz, 
     }
   }
   if (lo == -kInf) return false;  // the mass of p >~ 2^-32 is below top_p
-  gather_candidates<false>(s, z, V, 1.0f, lo, hi);
-  const int64_t m = static_cast<int64_t>(s.cand.size());
-  float* cz = s.tmp.data();  // the codes in [lo, hi): z, p
+  float* cz = s.tmp.data();       // the codes in [lo, hi): z, p
   float* cp = s.cp.data();
-  for (int64_t i = 0; i < m; ++i) {
-    cz[i] = z[s.cand[i]];
-    cp[i] = p[s.cand[i]];
-  }
-  const double g_top = g_hi;   // the mass >= hi before the bisection, outside the copy
+  int64_t m = copy_between(z, p, V, lo, hi, cz, cp);
+  // Bisection on the copy. It holds every code in [lo, hi) (and maybe codes of a former, wider
+  // bracket); g_top is the mass >= the bracket's top when it was last copied. When fewer than a
+  // quarter of the copy remain in the bracket, the copy is compacted to [lo, hi).
+  double g_top = g_hi;
   int64_t n_lo = m, n_hi = 0;  // counts in the copy
   for (int it = 0; it < 40 && hi < kInf && n_lo - n_hi > 64; ++it) {
     const float t = 0.5f * lo + 0.5f * hi;
@@ -688,12 +771,17 @@ U2A_INLINE bool top_p_select(ArScratch& s, const float* z, int64_t V, float mz, 
       g_hi = g;
       n_hi = n;
     }
+    if (4 * (n_lo - n_hi) < m) {
+      m = copy_between(cz, cp, m, lo, hi, cz, cp);
+      g_top = g_hi;
+      n_lo = m;
+      n_hi = 0;
+    }
   }
+  m = copy_between(cz, cp, m, lo, hi, cz, cp);
   std::vector<std::pair<float, float>>& zp = s.zp;  // (z, p) in [lo, hi), z descending
   zp.clear();
-  for (int64_t i = 0; i < m; ++i) {
-    if (cz[i] >= lo && cz[i] < hi) zp.emplace_back(cz[i], cp[i]);
-  }
+  for (int64_t i = 0; i < m; ++i) zp.emplace_back(cz[i], cp[i]);
   std::sort(zp.begin(), zp.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
   double g = g_hi;
   float zstar = kInf;
@@ -703,22 +791,31 @@ U2A_INLINE bool top_p_select(ArScratch& s, const float* z, int64_t V, float mz, 
     if (g >= top_p) zstar = w;
   }
   if (zstar == kInf) return false;
-  gather_candidates<false>(s, z, V, 1.0f, zstar);
-  bool exact = true;
-  for (const int64_t v : s.cand) exact &= p[v] >= kExactP;
-  if (!exact) return false;
-  s.kept.swap(s.cand);
+  float pmin = kInf;  // the least p of a kept code
+#pragma omp simd reduction(min : pmin)
+  for (int64_t v = 0; v < V; ++v) {
+    const float q = select_f32(z[v] >= zstar, p[v], kInf);
+    pmin = pmin < q ? pmin : q;
+  }
+  if (!(pmin >= kExactP)) return false;
+  *zstar_out = zstar;
   return true;
 }
 
-// Top-p on a whole row z (max mz) into s.kept: top_p_select, or top_p_keep on every finite code.
-U2A_INLINE void top_p_row(ArScratch& s, const float* z, int64_t V, float mz, double top_p) {
+// Top-p on a whole row z (max mz): true with the kept codes those with z >= *zstar (top_p_select),
+// else false with them in s.kept (top_p_keep on every finite code).
+U2A_INLINE bool top_p_row(ArScratch& s, const float* z, int64_t V, float mz, double top_p, float* zstar) {
+  float* e = s.p.data();
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t v = 0; v < V; ++v) sum += exp_or_zero(z[v] - mz);
-  if (top_p_select(s, z, V, mz, sum, top_p)) return;
+  for (int64_t v = 0; v < V; ++v) {
+    e[v] = exp_or_zero(z[v] - mz);
+    sum += e[v];
+  }
+  if (top_p_select(s, z, V, mz, sum, top_p, zstar)) return true;
   gather_candidates<false>(s, z, V, 1.0f, -kInf);
   top_p_keep(s, z, mz, sum, top_p);
+  return false;
 }
 
 struct ArArgs {
@@ -759,7 +856,9 @@ U2A_INLINE void ar_rows_impl(const ArArgs& a, int64_t begin, int64_t end, ArScra
       pf.a = reinterpret_cast<const char*>(row + a.ld);
       pf.bpc = kChunk * static_cast<int64_t>(sizeof(T));
     }
-    const int64_t S = sum_fixed<false>(x, V, 1.0f, mx, fs, sums, pf);
+    // the chunk sums are the draw's index only for an unfiltered draw at temperature 1
+    const bool row_draw = !a.greedy && !do_k && !do_p && a.t == 1.0f;
+    const int64_t S = sum_fixed<false>(x, V, 1.0f, mx, fs, row_draw ? sums : nullptr, pf);
     int64_t pick;
     if (a.greedy) {
       pick = argmax_first(x, V, mx);
@@ -811,11 +910,17 @@ U2A_INLINE void ar_rows_impl(const ArArgs& a, int64_t begin, int64_t end, ArScra
             for (const int64_t v : s.cand) sum += exp_or_zero(z[v] - mz);
             top_p_keep(s, z, mz, sum, a.top_p);
           }
+          pick = draw_list(z, do_p ? s.kept : s.cand, mz, fs, rk);
         } else {
           scale_row(x, z, V, a.t);
-          top_p_row(s, z, V, mz, a.top_p);
+          float zstar;
+          if (top_p_row(s, z, V, mz, a.top_p, &zstar)) {  // the kept codes: z >= zstar, often most of the row
+            pick = draw_fixed_above(z, V, mz, zstar, fs, sums,
+                                    draw_target(rk, sum_fixed_above(z, V, mz, zstar, fs, sums)));
+          } else {
+            pick = draw_list(z, s.kept, mz, fs, rk);
+          }
         }
-        pick = draw_list(z, do_p ? s.kept : s.cand, mz, fs, rk);
       }
     }
     a.tokens[b] = pick;
