@@ -18,10 +18,13 @@
 // Per position the logits are read from memory once (cond and uncond together): the combined,
 // sanitised fp32 row goes to a thread-local buffer of V floats (cache resident) with its max, and
 // the later passes -- top-k threshold (chunk maxima, then a selection among the few chunks that can
-// hold the k largest), the fixed-point sum of exponentials, the draw -- run over that buffer. AR top-k / top-p work on
-// the list of surviving codes; top-p without top-k finds its nucleus by mass passes over the row and
-// sorts only the few codes near the boundary (top_p_select), falling back to sorting every finite
-// code only when a probability below 2^-29 could sway the decision.
+// hold the k largest), the fixed-point sum of exponentials, the draw -- run over that buffer. An AR
+// row of fp32 logits with no NaN or infinity needs no sanitising: its passes read it in place (the
+// next row is prefetched during the sum). AR top-k / top-p work on the list of surviving codes;
+// top-p without top-k finds its nucleus by mass passes over the row and sorts only the few codes
+// near the boundary (top_p_select), falling back to sorting every finite code only when a
+// probability below 2^-29 could sway the decision; its kept codes (often most of the row) are then
+// drawn as the codes above a threshold, by a masked sum and draw over the row.
 //
 // Exactness. Every value the reference rounds is rounded the same way here, so sampled codes,
 // confidences and log-probabilities equal the reference's bit for bit: the guidance combine is two
@@ -64,6 +67,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -112,6 +116,20 @@ U2A_INLINE float load_row(const T* __restrict__ c, const T* __restrict__ u, floa
     mx = mx > x ? mx : x;
   }
   return mx;
+}
+
+// The max of an fp32 row read in place, when sanitising would change nothing: true with *mx set
+// when no value is NaN or +-inf (x - x is then 0 everywhere; a NaN or an infinity makes the sum
+// NaN), false otherwise (the caller then sanitises into a buffer: load_row).
+U2A_INLINE bool clean_max(const float* __restrict__ x, int64_t V, float* mx_out) {
+  float mx = -kInf, bad = 0.0f;
+#pragma omp simd reduction(max : mx) reduction(+ : bad)
+  for (int64_t v = 0; v < V; ++v) {
+    mx = mx > x[v] ? mx : x[v];
+    bad += x[v] - x[v];
+  }
+  *mx_out = mx;
+  return bad == 0.0f;
 }
 
 // min(x / t, FLT_MAX), IEEE division (-inf stays -inf); x itself when !DIV (t == 1).
@@ -839,13 +857,23 @@ template <typename T>
 U2A_INLINE void ar_rows_impl(const ArArgs& a, int64_t begin, int64_t end, ArScratch& s) {
   const int64_t V = a.V;
   const FixedScale fs(V);
-  float* x = s.x.data();
   int64_t* sums = s.sums.data();
   const bool do_k = a.top_k > 0 && a.top_k < V;
   const bool do_p = a.top_p < 1.0;
   for (int64_t b = begin; b < end; ++b) {
     const T* row = static_cast<const T*>(a.logits) + b * a.ld;
-    const float mx = load_row<T, false>(row, nullptr, 0.0f, 0.0f, x, V);
+    // x: the sanitised fp32 row -- the logits themselves when they are fp32 and finite (no copy)
+    const float* x = s.x.data();
+    float mx;
+    if constexpr (std::is_same_v<T, float>) {
+      if (clean_max(row, V, &mx)) {
+        x = row;
+      } else {
+        mx = load_row<T, false>(row, nullptr, 0.0f, 0.0f, s.x.data(), V);
+      }
+    } else {
+      mx = load_row<T, false>(row, nullptr, 0.0f, 0.0f, s.x.data(), V);
+    }
     if (!(mx > -kInf)) {
       a.tokens[b] = 0;
       a.logprobs[b] = -kInf;
