@@ -214,7 +214,7 @@ def test_custom_op_fake_strides_match_real(backend):
         args = _step_args(cond, tokens, is_masked, unc, backend)
         real = custom_ops.masked_sample_step_op(*args)
         assert [t.stride() for t in real] == _fake_strides(custom_ops.masked_sample_step_op, *args)
-        ar_args = (cond[:, 0], None, 3, None, 5, 0, 0.9, 4, 0.8, backend)
+        ar_args = (cond[:, 0], None, 3, None, 5, 0, 0.9, 4, 0.8, True, backend)
         real = custom_ops.ar_sample_op(*ar_args)
         assert [t.stride() for t in real] == _fake_strides(custom_ops.ar_sample_op, *ar_args)
 

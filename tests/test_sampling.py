@@ -818,6 +818,38 @@ def test_ar_rows_split_across_programs(backend, segments, monkeypatch):
         assert_same_ar(out, ar_sample(x, seed=3, position=5, backend="reference", **kw))
 
 
+@pytest.mark.parametrize("backend", FAST + ["reference"])
+def test_ar_tokens_without_logprobs(backend):
+    """``return_logprobs=False`` (text decoding): logprobs is None and the tokens are the
+    reference's, bit for bit, in every sampling mode -- the cpu kernel then skips the exact row
+    sum except where the draw itself needs it (unfiltered at temperature 1). fp32 rows read in
+    place, rows that need sanitising (NaN, +inf, nothing finite), bf16; V large enough for the
+    k-th-largest search's candidate list."""
+    x = torch.randn(6, 9000, generator=torch.Generator().manual_seed(11)) * 2
+    x[1] = NEG_INF
+    x[2, ::7] = float("nan")
+    x[3, 100] = float("inf")
+    x[4, :4000] = x[4, :4000] - 30.0  # far below the max: their fixed-point exponentials are 0
+    modes = (
+        dict(temperature=0.0),
+        dict(),
+        dict(temperature=0.7),
+        dict(top_k=50),
+        dict(top_k=50, top_p=0.9, temperature=0.8),
+        dict(top_p=0.9),
+        dict(top_p=0.5, temperature=1.3),
+    )
+    for dt in (torch.float32, torch.bfloat16):
+        xd = x.to(dt).to(device_for(backend))
+        for kw in modes:
+            out = ar_sample(xd, seed=21, position=4, return_logprobs=False, backend=backend, **kw)
+            ref = ar_sample(xd, seed=21, position=4, backend="reference", **kw)
+            assert out.logprobs is None, kw
+            assert torch.equal(out.tokens.cpu(), ref.tokens), (dt, kw)
+    with pytest.raises(TypeError, match="'return_logprobs' must be a bool, got int"):
+        ar_sample(x, seed=1, position=0, return_logprobs=1, backend="cpu")
+
+
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("top_p", [0.5, 0.95, 0.999])
 def test_ar_top_p_large_nucleus_matches_reference(backend, top_p):
@@ -1102,9 +1134,9 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(RuntimeError, match="tokens must be int64"):
         ops.masked_sample_step(cond, None, tokens.int(), is_masked, torch.arange(2), 0, 0, 0, 0, 0.0, 1.0, 0.0, 0, 1, 7)
     with pytest.raises(RuntimeError, match="position must be int64"):
-        ops.ar_sample(cond[0], torch.arange(5), torch.zeros(4, dtype=torch.long), 0, 0, 1.0, 0, 1.0)
+        ops.ar_sample(cond[0], torch.arange(5), torch.zeros(4, dtype=torch.long), 0, 0, 1.0, 0, 1.0, True)
     with pytest.raises(RuntimeError, match="seed_lo"):
-        ops.ar_sample(cond[0], torch.arange(5), torch.zeros(5, dtype=torch.long), 2**32, 0, 1.0, 0, 1.0)
+        ops.ar_sample(cond[0], torch.arange(5), torch.zeros(5, dtype=torch.long), 2**32, 0, 1.0, 0, 1.0, True)
 
 
 # ------------------------------------------------------------------ cuda backend only

@@ -117,25 +117,38 @@ def _step_case(tag: str, device, B: int, L: int, V: int, dtype) -> Case:
     )
 
 
-def _ar_case(tag: str, device, B: int, V: int, dtype, *, temperature=1.0, top_k=None, top_p=None) -> Case:
+def _ar_case(
+    tag: str, device, B: int, V: int, dtype, *, temperature=1.0, top_k=None, top_p=None, logprobs=True
+) -> Case:
+    """``logprobs=False``: tokens only (``return_logprobs=False``, how the model decodes text) --
+    what the peers compute too."""
+
     def setup():
         return {"logits": torch.randn(B, V, device=device, dtype=torch.float32).mul_(3).to(dtype)}
 
     def ours(be):
         return lambda inp: ar_sample(
-            inp["logits"], seed=SEED, position=7, temperature=temperature, top_k=top_k, top_p=top_p, backend=be
+            inp["logits"],
+            seed=SEED,
+            position=7,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            return_logprobs=logprobs,
+            backend=be,
         )
 
     impls = {be: ours(be) for be in ("reference", "cpu", "triton", "cuda")}
     if top_p is None:
         impls["showo-sampler"] = lambda inp: showo_ar(inp["logits"], temperature=temperature, top_k=top_k)
     filt = "".join([f" top_k={top_k}" if top_k else "", f" top_p={top_p}" if top_p else ""])
+    filt += "" if logprobs else " tokens only"
     esize = torch.finfo(dtype).bits // 8
     return Case(
         family="sampling",
         op="ar_sample",
         name=f"{tag} B={B} V={V} T={temperature}{filt}",
-        shape={"B": B, "V": V, "temperature": temperature, "top_k": top_k, "top_p": top_p},
+        shape={"B": B, "V": V, "temperature": temperature, "top_k": top_k, "top_p": top_p, "logprobs": logprobs},
         dtype=dtype,
         setup=setup,
         impls=impls,
@@ -168,4 +181,6 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
         out.append(_ar_case("(c)", device, 64, 32000, dt, top_k=50))
         out.append(_ar_case("(c)", device, 64, 32000, dt, temperature=0.8, top_k=50, top_p=0.9))
         out.append(_ar_case("(c)", device, 64, 32000, dt, top_p=0.9))  # a nucleus of most of the row
+        out.append(_ar_case("(c)", device, 64, 32000, dt, top_k=50, logprobs=False))
+        out.append(_ar_case("(c)", device, 64, 32000, dt, temperature=0.8, top_k=50, top_p=0.9, logprobs=False))
     return out

@@ -32,7 +32,7 @@ inline constexpr char lse_gather_grad_inplace[] = "lse_gather_grad_(Tensor(a!) l
 inline constexpr char moe_expert_mlp[] = "moe_expert_mlp(Tensor x, Tensor w1, Tensor w2, Tensor expert_ids, Tensor gates, Tensor? b1, Tensor? b2, str activation) -> Tensor[]";
 inline constexpr char moe_expert_mlp_backward[] = "moe_expert_mlp_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor expert_ids, Tensor gates, Tensor? b1, Tensor? b2, str activation, Tensor? saved_h=None) -> Tensor[]";
 inline constexpr char masked_sample_step[] = "masked_sample_step(Tensor cond, Tensor? uncond, Tensor tokens, Tensor is_masked, Tensor sample_ids, int seed_lo, int seed_hi, int step_lo, int step_hi, float guidance_scale, float temperature, float tau, int top_k, int n_cap, int mask_token_id) -> (Tensor, Tensor, Tensor, Tensor)";
-inline constexpr char cpu_ar_sample[] = "ar_sample(Tensor logits, Tensor sample_ids, Tensor position, int seed_lo, int seed_hi, float temperature, int top_k, float top_p) -> (Tensor, Tensor)";
+inline constexpr char cpu_ar_sample[] = "ar_sample(Tensor logits, Tensor sample_ids, Tensor position, int seed_lo, int seed_hi, float temperature, int top_k, float top_p, bool logprobs) -> (Tensor, Tensor)";
 inline constexpr char sampling_rng_words[] = "sampling_rng_words(Tensor sample, Tensor position, Tensor token, int seed_lo, int seed_hi, int step_lo, int step_hi, int stream) -> (Tensor, Tensor)";
 inline constexpr char sampling_gumbel_from_words[] = "sampling_gumbel_from_words(Tensor hi, Tensor lo) -> Tensor";
 inline constexpr char sampling_f32_math[] = "sampling_f32_math(Tensor x, Tensor rows) -> (Tensor, Tensor, Tensor)";

@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_sample_step(
     int64_t mask_token_id);
 std::tuple<at::Tensor, at::Tensor> ar_sample(const at::Tensor& logits, const at::Tensor& sample_ids,
                                              const at::Tensor& position, int64_t seed_lo, int64_t seed_hi,
-                                             double temperature, int64_t top_k, double top_p);
+                                             double temperature, int64_t top_k, double top_p, bool want_logprobs);
 std::tuple<at::Tensor, at::Tensor> sampling_rng_words(const at::Tensor& sample, const at::Tensor& position,
                                                       const at::Tensor& token, int64_t seed_lo, int64_t seed_hi,
                                                       int64_t step_lo, int64_t step_hi, int64_t stream);

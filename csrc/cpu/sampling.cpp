@@ -9,7 +9,8 @@
 //       uncond given = guided; tau = fp64 confidence-noise scale (0: none); n_cap = 0 at the last
 //       step, else max(n_raw, 1): a row re-masks n = max(0, min(n_cap, masked_count - 1)).
 //   ar_sample(logits [B, V], sample_ids [B] int64, position [B] int64, seed_lo, seed_hi,
-//             temperature, top_k (0: none), top_p (>= 1: none)) -> (tokens [B] int64, logprobs [B] fp32)
+//             temperature, top_k (0: none), top_p (>= 1: none), logprobs)
+//       -> (tokens [B] int64, logprobs [B] fp32; NaN when logprobs is false)
 //
 // Work split: masked step, phase 1 at::parallel_for over the B*L positions (only input-masked
 // ones do work), phase 2 over the B rows (selection of the n lowest confidences with nth_element
@@ -86,6 +87,7 @@ using namespace unif2ace::rng;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kFltMax = std::numeric_limits<float>::max();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // top-p's own softmax (not part of the bit-exact contract, see the header)
 U2A_INLINE float exp_or_zero(float d) {
   const float e = fast_exp(d);  // computed unconditionally: a select, not a branch, so it vectorises
@@ -843,7 +845,8 @@ struct ArArgs {
   bool greedy;
   int64_t top_k;
   double top_p;
-  KeyPair k;  // call keys of stream 0 (token), step 0
+  KeyPair k;     // call keys of stream 0 (token), step 0
+  bool want_lp;  // false: logprobs not asked for (NaN written; the exact row sum is formed only for a draw)
   const int64_t* ids;
   const int64_t* pos;
   int64_t* tokens;
@@ -876,7 +879,7 @@ U2A_INLINE void ar_rows_impl(const ArArgs& a, int64_t begin, int64_t end, ArScra
     }
     if (!(mx > -kInf)) {
       a.tokens[b] = 0;
-      a.logprobs[b] = -kInf;
+      a.logprobs[b] = a.want_lp ? -kInf : kNaN;
       continue;
     }
     Prefetch pf;  // the next row
@@ -886,7 +889,9 @@ U2A_INLINE void ar_rows_impl(const ArArgs& a, int64_t begin, int64_t end, ArScra
     }
     // the chunk sums are the draw's index only for an unfiltered draw at temperature 1
     const bool row_draw = !a.greedy && !do_k && !do_p && a.t == 1.0f;
-    const int64_t S = sum_fixed<false>(x, V, 1.0f, mx, fs, row_draw ? sums : nullptr, pf);
+    // the temperature-1 sum: the log-probability's, and the draw's when it is row_draw (without
+    // logprobs, greedy, top-k and top-p need no pass over every code's exponential)
+    const int64_t S = a.want_lp || row_draw ? sum_fixed<false>(x, V, 1.0f, mx, fs, row_draw ? sums : nullptr, pf) : 0;
     int64_t pick;
     if (a.greedy) {
       pick = argmax_first(x, V, mx);
@@ -952,7 +957,7 @@ U2A_INLINE void ar_rows_impl(const ArArgs& a, int64_t begin, int64_t end, ArScra
       }
     }
     a.tokens[b] = pick;
-    a.logprobs[b] = log_p(x[pick], mx, lse_rel_from_sum(S, fs.inv));
+    a.logprobs[b] = a.want_lp ? log_p(x[pick], mx, lse_rel_from_sum(S, fs.inv)) : kNaN;
   }
 }
 
@@ -967,7 +972,7 @@ struct ArRows {
 
 std::tuple<at::Tensor, at::Tensor> ar_sample(const at::Tensor& logits_in, const at::Tensor& sample_ids_in,
                                              const at::Tensor& position_in, int64_t seed_lo, int64_t seed_hi,
-                                             double temperature, int64_t top_k, double top_p) {
+                                             double temperature, int64_t top_k, double top_p, bool want_logprobs) {
   const char* op = "unif2ace_cpu::ar_sample";
   TORCH_CHECK(logits_in.device().is_cpu() && logits_in.dim() == 2, op, ": logits must be a 2-D CPU tensor [B, V], got ",
               logits_in.sizes(), " on ", logits_in.device());
@@ -997,6 +1002,7 @@ std::tuple<at::Tensor, at::Tensor> ar_sample(const at::Tensor& logits_in, const 
   a.top_k = top_k;
   a.top_p = top_p;
   a.k = stream_call_keys(seed_lo, seed_hi, 0, 0).first;  // ar_sample: step 0
+  a.want_lp = want_logprobs;
   a.ids = ids.const_data_ptr<int64_t>();
   a.pos = pos.const_data_ptr<int64_t>();
   a.tokens = tokens.data_ptr<int64_t>();

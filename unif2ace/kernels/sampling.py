@@ -241,6 +241,7 @@ def ar_sample(
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     sample_ids: Optional[Tensor] = None,
+    return_logprobs: bool = True,
     backend: Optional[str] = None,
 ) -> ARSample:
     """Sample one token per row from ``logits`` ``[B, V]`` (fp32/bf16/fp16) with temperature,
@@ -257,9 +258,13 @@ def ar_sample(
             than v is < top_p (on the tempered, top-k-filtered distribution; tie-symmetric, needs no
             sort); None or 1: all.
         sample_ids: ``[B]`` int RNG sample ids (default ``arange(B)``).
+        return_logprobs: False when only the tokens are wanted (decoding text): ``logprobs`` is then
+            None and the tokens are the same. The cpu backend then skips its costliest pass, the
+            exact sum of every code's exponential, for greedy, top-k and top-p sampling (an
+            unfiltered draw needs that sum anyway).
 
     Returns:
-        :class:`ARSample` ``(tokens [B] int64, logprobs [B] fp32)``; ``logprobs`` is
+        :class:`ARSample` ``(tokens [B] int64, logprobs [B] fp32 or None)``; ``logprobs`` is
         ``log_softmax(logits)[token]`` of the unfiltered, temperature-1 distribution. NaN logits act
         as -inf; a row with no finite logit gives token 0 and logprob -inf.
     """
@@ -282,16 +287,34 @@ def ar_sample(
     if top_p is not None:
         top_p = check_real(op, "top_p", top_p, low=0.0, low_open=True, high=1.0)
     sample_ids = _sample_ids_arg(op, sample_ids, B, device)
+    if not isinstance(return_logprobs, bool):
+        raise TypeError(f"{op}: argument 'return_logprobs' must be a bool, got {type(return_logprobs).__name__}")
 
     be = AR_SAMPLE.select(device, backend)
     if be != "reference":
         pos_t = position if isinstance(position, Tensor) else None
         pos_i = 0 if isinstance(position, Tensor) else position
         out = _ops.ar_sample_op(
-            logits, pos_t, pos_i, sample_ids, seed & 0xFFFFFFFF, seed >> 32, temperature, top_k, top_p, be
+            logits,
+            pos_t,
+            pos_i,
+            sample_ids,
+            seed & 0xFFFFFFFF,
+            seed >> 32,
+            temperature,
+            top_k,
+            top_p,
+            return_logprobs,
+            be,
         )
-        return ARSample(*out)
-    out = _ref.ar_sample_ref(
-        logits, seed=seed, position=position, temperature=temperature, top_k=top_k, top_p=top_p, sample_ids=sample_ids
-    )
-    return ARSample(*out)
+    else:
+        out = _ref.ar_sample_ref(
+            logits,
+            seed=seed,
+            position=position,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            sample_ids=sample_ids,
+        )
+    return ARSample(out[0], out[1] if return_logprobs else None)

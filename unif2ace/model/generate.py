@@ -208,7 +208,15 @@ def answer(
             if not use_cache:
                 last = prefix_hidden(int(pos.max()))[b, pos - 1]
             logits = torch.addmm(model.lm_head.bias[:V], last, model.lm_head.weight[:V].t())
-            tok = ar_sample(logits, seed=seed, position=i, temperature=temperature, top_k=top_k, top_p=top_p).tokens
+            tok = ar_sample(
+                logits,
+                seed=seed,
+                position=i,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                return_logprobs=False,
+            ).tokens
             out[:, i] = torch.where(done, -1, tok)
             done |= tok == cfg.eos_token_id
             if bool(done.all()) or i == max_new_tokens - 1:

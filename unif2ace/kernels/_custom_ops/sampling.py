@@ -69,9 +69,11 @@ def ar_sample_op(
     temperature: float,
     top_k: Optional[int],
     top_p: Optional[float],
+    logprobs: bool,
     backend: str,
 ) -> Tuple[Tensor, Tensor]:
-    """(tokens [B] int64, logprobs [B] fp32); ``position_t`` (a [B] tensor) wins over ``position``."""
+    """(tokens [B] int64, logprobs [B] fp32); ``position_t`` (a [B] tensor) wins over ``position``;
+    ``logprobs=False`` lets a backend skip them (its logprobs output is then unspecified)."""
     kernels = OPS["ar_sample"].kernels(backend)
     out = kernels.ar_sample(
         logits,
@@ -81,6 +83,7 @@ def ar_sample_op(
         top_k=top_k,
         top_p=top_p,
         sample_ids=sample_ids,
+        logprobs=logprobs,
     )
     return tuple(out)
 

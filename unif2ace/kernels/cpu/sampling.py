@@ -39,12 +39,15 @@ def masked_sample_step(cond_logits, tokens, is_masked, uncond_logits, sample_ids
     return _ref.MaskedStepOutput(*out)
 
 
-def ar_sample(logits, *, seed, position, temperature=1.0, top_k=None, top_p=None, sample_ids=None):
-    """One autoregressive sampling step (``ar_sample_ref`` semantics)."""
+def ar_sample(logits, *, seed, position, temperature=1.0, top_k=None, top_p=None, sample_ids=None, logprobs=True):
+    """One autoregressive sampling step (``ar_sample_ref`` semantics). ``logprobs=False``: the
+    log-probabilities are not formed (NaN in their place) -- greedy, top-k and top-p then skip the
+    pass that sums every code's exponential."""
     B = logits.shape[0]
     ids = _ref.row_sample_ids(sample_ids, B, logits.device)
     pos = _ref.row_positions(position, B, logits.device)
     seed_lo, seed_hi = _rng.split_seed(seed)
     top_p = 1.0 if top_p is None else float(top_p)
-    out = _ext.cpu_ops().ar_sample(logits, ids, pos, seed_lo, seed_hi, float(temperature), top_k or 0, top_p)
+    T = float(temperature)
+    out = _ext.cpu_ops().ar_sample(logits, ids, pos, seed_lo, seed_hi, T, top_k or 0, top_p, bool(logprobs))
     return _ref.ARSample(*out)

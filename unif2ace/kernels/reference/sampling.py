@@ -107,9 +107,10 @@ class ARSample(NamedTuple):
 
     tokens: Tensor
     """int64: the drawn token."""
-    logprobs: Tensor
+    logprobs: Optional[Tensor]
     """fp32: ``log_softmax(logits)[token]`` (:func:`log_prob`) of the model's own distribution
-    (temperature 1, no top-k/top-p filtering); -inf for a row with no finite logit."""
+    (temperature 1, no top-k/top-p filtering); -inf for a row with no finite logit. None when
+    :func:`unif2ace.kernels.ar_sample` was called with ``return_logprobs=False``."""
 
 
 # --------------------------------------------------------------------------------------------
