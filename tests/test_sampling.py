@@ -1257,6 +1257,6 @@ def test_custom_op_opcheck(backend):
     )
     torch.library.opcheck(
         custom_ops.ar_sample_op,
-        (cond[0], None, 3, None, 5, 0, 1.0, 3, 0.9, backend),
+        (cond[0], None, 3, None, 5, 0, 1.0, 3, 0.9, False, backend),
         test_utils=("test_schema", "test_faketensor"),
     )
