@@ -63,6 +63,8 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
     T = 256 if quick else 2048
     D = F = 128 if quick else 256
     out = [_mlp_case("(c)", device, T, D, F, 16, 4, torch.float32)]
+    if device.type == "cpu" and not quick:  # the bf16 GEMM path (oneDNN) against the fp32 one above
+        out.append(_mlp_case("(c)", device, T, D, F, 16, 4, torch.bfloat16))
     if device.type == "cuda":
         out.append(_mlp_case("(a)", device, 8 * 512, 2048, 1024, 16, 4, torch.bfloat16))
         if not quick:
