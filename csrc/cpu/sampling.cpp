@@ -52,6 +52,10 @@
 #elif defined(__GNUC__)
 #pragma GCC optimize("fp-contract=off")
 #endif
+// IEEE semantics throughout: the NaN / infinity contract and clean_max's x - x test need them.
+#if defined(__FAST_MATH__) || (defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__)
+#error "csrc/cpu/sampling.cpp must be compiled without -ffast-math / -ffinite-math-only"
+#endif
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -182,6 +186,7 @@ U2A_INLINE int64_t sum_fixed(const float* __restrict__ x, int64_t V, float t, fl
   if (sums == nullptr) {
     int64_t total = 0;
     for (int64_t c = 0, v0 = 0; v0 < V; ++c, v0 += 16 * kChunk) {
+      // the next row, 16 chunks at a time (the last block may prefetch past its end: harmless)
       for (int64_t i = 0; i < 16; ++i) pf.chunk(16 * c + i);
       const int64_t n = std::min(16 * kChunk, V - v0);
 #pragma omp simd reduction(+ : total)
@@ -381,6 +386,8 @@ U2A_INLINE float kth_largest(const float* x, float* tmp, int64_t V, int64_t k, i
       ++m;
     }
   }
+  // fewer than k: only if the row changed under us (an fp32 row is read in place, pass by pass)
+  if (m < k) return kth_on_copy(x, tmp, V, k);
   if (listed_n != nullptr) *listed_n = m;
   if (listed_t != nullptr) *listed_t = t;
   float* part = got + m;  // nth_element on a copy: got stays in code order

@@ -260,8 +260,8 @@ def ar_sample(
         sample_ids: ``[B]`` int RNG sample ids (default ``arange(B)``).
         return_logprobs: False when only the tokens are wanted (decoding text): ``logprobs`` is then
             None and the tokens are the same. The cpu backend then skips its costliest pass, the
-            exact sum of every code's exponential, for greedy, top-k and top-p sampling (an
-            unfiltered draw needs that sum anyway).
+            exact temperature-1 sum of every code's exponential, unless the draw itself is that
+            sum's (unfiltered at temperature 1); greedy and top-k gain the most.
 
     Returns:
         :class:`ARSample` ``(tokens [B] int64, logprobs [B] fp32 or None)``; ``logprobs`` is
