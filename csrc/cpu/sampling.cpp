@@ -174,14 +174,27 @@ struct Prefetch {
   }
 };
 
-// S = sum_v exp_fixed(score_of(x_v) - m) (int64, exact, order-free) with m the max score; the sum
-// of each 64-code chunk into sums[] when given (the draw's index). The scores are z = min(x / t,
-// FLT_MAX) (DIV) or x. Without sums[] the whole row is one vector reduction (a horizontal
-// reduction per chunk costs about a quarter of the loop); with it, full chunks run a fixed-count
-// loop and only the last one a remainder.
-template <bool DIV>
+// q of a code with logit x: exp_fixed(score - m), score z = min(x / t, FLT_MAX) (DIV) or x; with
+// ABOVE, 0 when z < thr -- the fixed-point softmax restricted to the codes with z >= thr (every
+// other code has q = 0, as in the reference, which sets them to -inf).
+template <bool DIV, bool ABOVE>
+U2A_INLINE int64_t q_fixed(float x, float t, float m, float thr, int32_t kb) {
+  const float z = score_of<DIV>(x, t);
+  const int64_t q = exp_fixed(fsub(z, m), kb);
+  if constexpr (ABOVE) {
+    return z >= thr ? q : 0;
+  } else {
+    return q;
+  }
+}
+
+// S = sum_v q_v (int64, exact, order-free) with m the max score; the sum of each 64-code chunk
+// into sums[] when given (the draw's index). Without sums[] the whole row is one vector reduction
+// (a horizontal reduction per chunk costs about a quarter of the loop); with it, full chunks run
+// a fixed-count loop and only the last one a remainder.
+template <bool DIV, bool ABOVE = false>
 U2A_INLINE int64_t sum_fixed(const float* __restrict__ x, int64_t V, float t, float m, const FixedScale& fs,
-                             int64_t* __restrict__ sums, const Prefetch& pf = Prefetch()) {
+                             int64_t* __restrict__ sums, const Prefetch& pf = Prefetch(), float thr = -kInf) {
   const int32_t kb = fs.kbias;
   if (sums == nullptr) {
     int64_t total = 0;
@@ -190,7 +203,7 @@ U2A_INLINE int64_t sum_fixed(const float* __restrict__ x, int64_t V, float t, fl
       for (int64_t i = 0; i < 16; ++i) pf.chunk(16 * c + i);
       const int64_t n = std::min(16 * kChunk, V - v0);
 #pragma omp simd reduction(+ : total)
-      for (int64_t j = 0; j < n; ++j) total += exp_fixed(fsub(score_of<DIV>(x[v0 + j], t), m), kb);
+      for (int64_t j = 0; j < n; ++j) total += q_fixed<DIV, ABOVE>(x[v0 + j], t, m, thr, kb);
     }
     return total;
   }
@@ -201,7 +214,7 @@ U2A_INLINE int64_t sum_fixed(const float* __restrict__ x, int64_t V, float t, fl
     const float* xc = x + c * kChunk;
     int64_t sc = 0;
 #pragma omp simd reduction(+ : sc)
-    for (int64_t j = 0; j < kChunk; ++j) sc += exp_fixed(fsub(score_of<DIV>(xc[j], t), m), kb);
+    for (int64_t j = 0; j < kChunk; ++j) sc += q_fixed<DIV, ABOVE>(xc[j], t, m, thr, kb);
     sums[c] = sc;
     total += sc;
   }
@@ -210,18 +223,19 @@ U2A_INLINE int64_t sum_fixed(const float* __restrict__ x, int64_t V, float t, fl
     const int64_t n = V - full * kChunk;
     int64_t sc = 0;
 #pragma omp simd reduction(+ : sc)
-    for (int64_t j = 0; j < n; ++j) sc += exp_fixed(fsub(score_of<DIV>(xc[j], t), m), kb);
+    for (int64_t j = 0; j < n; ++j) sc += q_fixed<DIV, ABOVE>(xc[j], t, m, thr, kb);
     sums[full] = sc;
     total += sc;
   }
   return total;
 }
 
-// The drawn code: the first v with q_0 + ... + q_v > U (U < S, the sum of sum_fixed, whose chunk
-// sums locate the chunk; the q of that chunk are recomputed).
-template <bool DIV>
+// The drawn code: the first v with q_0 + ... + q_v > U (U < S, the sum of sum_fixed with the same
+// template arguments, whose chunk sums locate the chunk; the q of that chunk are recomputed). A
+// draw restricted to the codes >= thr picks the code a draw over the list of those codes picks.
+template <bool DIV, bool ABOVE = false>
 U2A_INLINE int64_t draw_fixed(const float* x, int64_t V, float t, float m, const FixedScale& fs, const int64_t* sums,
-                              int64_t U) {
+                              int64_t U, float thr = -kInf) {
   int64_t acc = 0;
   for (int64_t c = 0, v0 = 0; v0 < V; ++c, v0 += kChunk) {
     if (acc + sums[c] <= U) {
@@ -230,46 +244,7 @@ U2A_INLINE int64_t draw_fixed(const float* x, int64_t V, float t, float m, const
     }
     const int64_t n = std::min(kChunk, V - v0);
     for (int64_t j = 0; j < n; ++j) {
-      acc += exp_fixed(fsub(score_of<DIV>(x[v0 + j], t), m), fs.kbias);
-      if (acc > U) return v0 + j;
-    }
-  }
-  return V - 1;  // not reached: U < S
-}
-
-// The fixed-point softmax of a scored row z restricted to the codes with z_v >= thr (every other
-// code has q = 0, as in the reference, which sets them to -inf): its sum with the 64-code chunk
-// sums, and the draw of U < that sum -- the same code a draw over the list of those codes picks.
-U2A_INLINE int64_t sum_fixed_above(const float* __restrict__ z, int64_t V, float m, float thr, const FixedScale& fs,
-                                   int64_t* __restrict__ sums) {
-  const int32_t kb = fs.kbias;
-  int64_t total = 0;
-  for (int64_t c = 0, v0 = 0; v0 < V; ++c, v0 += kChunk) {
-    const int64_t n = std::min(kChunk, V - v0);
-    int64_t sc = 0;
-#pragma omp simd reduction(+ : sc)
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t q = exp_fixed(fsub(z[v0 + j], m), kb);
-      sc += z[v0 + j] >= thr ? q : 0;
-    }
-    sums[c] = sc;
-    total += sc;
-  }
-  return total;
-}
-
-U2A_INLINE int64_t draw_fixed_above(const float* z, int64_t V, float m, float thr, const FixedScale& fs,
-                                    const int64_t* sums, int64_t U) {
-  int64_t acc = 0;
-  for (int64_t c = 0, v0 = 0; v0 < V; ++c, v0 += kChunk) {
-    if (acc + sums[c] <= U) {
-      acc += sums[c];
-      continue;
-    }
-    const int64_t n = std::min(kChunk, V - v0);
-    for (int64_t j = 0; j < n; ++j) {
-      if (!(z[v0 + j] >= thr)) continue;
-      acc += exp_fixed(fsub(z[v0 + j], m), fs.kbias);
+      acc += q_fixed<DIV, ABOVE>(x[v0 + j], t, m, thr, fs.kbias);
       if (acc > U) return v0 + j;
     }
   }
@@ -955,8 +930,8 @@ U2A_INLINE void ar_rows_impl(const ArArgs& a, int64_t begin, int64_t end, ArScra
           scale_row(x, z, V, a.t);
           float zstar;
           if (top_p_row(s, z, V, mz, a.top_p, &zstar)) {  // the kept codes: z >= zstar, often most of the row
-            pick = draw_fixed_above(z, V, mz, zstar, fs, sums,
-                                    draw_target(rk, sum_fixed_above(z, V, mz, zstar, fs, sums)));
+            const int64_t Sp = sum_fixed<false, true>(z, V, 1.0f, mz, fs, sums, Prefetch(), zstar);
+            pick = draw_fixed<false, true>(z, V, 1.0f, mz, fs, sums, draw_target(rk, Sp), zstar);
           } else {
             pick = draw_list(z, s.kept, mz, fs, rk);
           }
