@@ -41,8 +41,8 @@ def masked_sample_step(cond_logits, tokens, is_masked, uncond_logits, sample_ids
 
 def ar_sample(logits, *, seed, position, temperature=1.0, top_k=None, top_p=None, sample_ids=None, logprobs=True):
     """One autoregressive sampling step (``ar_sample_ref`` semantics). ``logprobs=False``: the
-    log-probabilities are not formed (NaN in their place) -- greedy, top-k and top-p then skip the
-    pass that sums every code's exponential."""
+    log-probabilities are not formed (NaN in their place) and the exact temperature-1 row sum is
+    skipped unless the draw is taken from it (unfiltered at temperature 1)."""
     B = logits.shape[0]
     ids = _ref.row_sample_ids(sample_ids, B, logits.device)
     pos = _ref.row_positions(position, B, logits.device)

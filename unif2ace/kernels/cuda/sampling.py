@@ -192,7 +192,7 @@ def masked_sample_step(cond_logits, tokens, is_masked, uncond_logits, sample_ids
 
 def ar_sample(logits, *, seed, position, temperature=1.0, top_k=None, top_p=None, sample_ids=None, logprobs=True):
     """One autoregressive sampling step (``ar_sample_ref`` semantics); the log-probabilities are
-    formed whatever ``logprobs`` says (the kernel's one pass needs the row sum anyway)."""
+    formed whatever ``logprobs`` says (the public op drops them when they were not asked for)."""
     if logits.shape[0] == 0:
         return _ref.ARSample(logits.new_empty(0, dtype=torch.int64), logits.new_empty(0, dtype=torch.float32))
     x = ar_inputs(logits, seed, position, temperature, top_k, top_p, sample_ids)

@@ -525,7 +525,7 @@ def masked_sample_step(cond_logits, tokens, is_masked, uncond_logits, sample_ids
 
 def ar_sample(logits, *, seed, position, temperature=1.0, top_k=None, top_p=None, sample_ids=None, logprobs=True):
     """One autoregressive sampling step (``ar_sample_ref`` semantics); the log-probabilities are
-    formed whatever ``logprobs`` says (the kernel's one pass needs the row sum anyway)."""
+    formed whatever ``logprobs`` says (the public op drops them when they were not asked for)."""
     B, V = logits.shape
     tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(B, dtype=torch.float32, device=logits.device)
